@@ -1,0 +1,110 @@
+"""In-context linear regression with GPT-2, as trained by Garg et al. 2022 and probed by Fu et al. 2023.
+
+  python -m icl_jax.main --config=configs/linreg.py --workdir=runs/paper     # the paper's run
+  python -m icl_jax.main --config=configs/linreg.py:quick --workdir=runs/q   # laptop size, minutes
+
+Every field below can be overridden on the command line, e.g. `--config.model.num_layers=4`.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config(variant: str = "paper") -> config_dict.ConfigDict:
+  """Returns the paper's configuration, or a named variant of it ("paper", "quick")."""
+  config = config_dict.ConfigDict()
+  # Seeds parameter initialisation and the data stream: the batch at step s on device i is a pure function of
+  # (seed, s, i), so a resumed run sees exactly the data an uninterrupted one would have.
+  config.seed = 0
+
+  config.task = task = config_dict.ConfigDict()
+  task.n_dims = 20  # d: dimension of x and w (Garg et al.: 20).
+  task.n_points = 41  # (x, y) pairs per prompt; the prediction for x_i uses the i-1 pairs before it (Garg: 41).
+  # Condition number of Cov(x); 1 is isotropic x ~ N(0, I) (the main setting of all three papers).
+  task.kappa = 1.0
+  task.noise_std = 0.0  # sigma in y = w.x + sigma * eps (Fu et al.'s noisy variant uses 0.1).
+  # Eigenvalues of Cov(x) when kappa > 1: "two_level" puts half at kappa*c and half at c (Fu et al. §4.3);
+  # "log_spaced" spreads d values geometrically from c to kappa*c.
+  task.spectrum = "two_level"
+  # Rescale the eigenvalues so that trace(Cov) = d, as Fu et al.'s code does: E|x|^2 stays d for every kappa,
+  # so the model's input scale and the zero predictor's error do not change with kappa.
+  task.normalize_trace = True
+  # Random eigenbasis of Cov(x): "per_prompt" as the paper describes it, or "per_batch" (one rotation shared
+  # by the global batch of a step) as Fu et al.'s code does it. Per prompt is the stated data distribution.
+  task.rotation = "per_prompt"
+
+  # Garg et al.'s curriculum: at step s the prompts have
+  #   dims(s)   = min(dims_start   + dims_increment   * (s // dims_interval),   n_dims)
+  #   points(s) = min(points_start + points_increment * (s // points_interval), n_points)
+  # Dimensions beyond dims(s) are zeroed; positions beyond points(s) are left out of the loss (with causal
+  # attention this equals training on the shorter prompt, and keeps one compiled shape for the whole run).
+  task.curriculum = curriculum = config_dict.ConfigDict()
+  curriculum.enabled = True  # False: d = n_dims and n_points from step 0.
+  curriculum.dims_start = 5
+  curriculum.dims_increment = 1
+  curriculum.dims_interval = 2000
+  curriculum.points_start = 11
+  curriculum.points_increment = 2
+  curriculum.points_interval = 2000
+
+  config.model = model = config_dict.ConfigDict()
+  model.family = "gpt2"  # A name in icl_jax.models.REGISTRY.
+  model.num_layers = 12  # Transformer blocks (Garg's "standard": 12).
+  model.num_heads = 8  # Attention heads; must divide width.
+  model.width = 256  # Residual-stream width D (n_embd).
+  model.mlp_ratio = 4  # MLP hidden width = mlp_ratio * width (GPT-2: 4).
+  # Learned position embeddings. Garg et al.'s GPT2Config has n_positions = 2 * 101 = 202; keeping it gives
+  # their 9.53M parameters and lets their released checkpoint load unchanged. Must be >= 2 * n_points.
+  model.n_positions = 202
+  model.layer_norm_epsilon = 1e-5  # GPT-2's value.
+  model.init_std = 0.02  # GPT-2's initialiser scale (output projections are scaled by 1/sqrt(2 * num_layers)).
+
+  config.train = train = config_dict.ConfigDict()
+  train.num_steps = 500_000  # Garg et al.: 500k steps.
+  train.batch_size = 64  # Global batch (prompts per step), split over all devices of all hosts.
+  train.learning_rate = 1e-4  # Adam's peak learning rate (Garg et al.: 1e-4, constant).
+  train.schedule = "constant"  # "constant", "cosine" (to 0 at num_steps) or "linear" (to 0 at num_steps).
+  train.warmup_steps = 0  # Linear warm-up from 0 before the schedule.
+  train.grad_clip_norm = 0.0  # Clip the global gradient norm to this; 0 disables clipping.
+  train.weight_decay = 0.0  # Decoupled weight decay (AdamW) when > 0; Garg et al. use plain Adam.
+  train.adam_b1 = 0.9  # torch.optim.Adam defaults, as in Garg et al.
+  train.adam_b2 = 0.999
+  train.adam_eps = 1e-8
+  train.log_every = 100  # Steps between metrics.jsonl / TensorBoard records.
+  train.checkpoint_every = 1000  # Steps between checkpoints (Garg et al.: save_every_steps 1000).
+  train.keep_checkpoints = 3  # Most recent checkpoints kept.
+  train.keep_period = 100_000  # Checkpoints at multiples of this are never deleted (Garg: keep_every_steps); 0: none.
+  # Training steps run inside one compiled call (a loop on device), so that small models are not bound by
+  # Python dispatch. Results do not depend on it.
+  train.steps_per_dispatch = 50
+
+  # Evaluation at the end of training: error/d at every context length on fresh prompts.
+  config.eval = evaluation = config_dict.ConfigDict()
+  evaluation.num_prompts = 1280  # Garg et al.: 20 batches of 64.
+  evaluation.batch_size = 256  # Prompts per evaluation call (memory, not results).
+
+  if variant == "quick":
+    _make_quick(config)
+  elif variant != "paper":
+    raise ValueError(f"configs/linreg.py: unknown variant {variant!r}; allowed: 'paper', 'quick'.")
+  return config
+
+
+def _make_quick(config: config_dict.ConfigDict) -> None:
+  """Laptop size: d = 5, 11 points, a 4-layer width-64 model; learns to well under 0.1x the zero predictor's
+  error in a few minutes on a 2-core CPU."""
+  config.task.n_dims = 5
+  config.task.n_points = 11
+  config.task.curriculum.enabled = False
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.width = 64
+  config.model.n_positions = 22
+  config.train.num_steps = 6000
+  config.train.batch_size = 128  # Less gradient noise per step: 64 reached only ~0.11x in the same time.
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 500
+  config.train.schedule = "cosine"
+  config.train.log_every = 200
+  config.train.checkpoint_every = 1000
+  config.train.keep_period = 0
+  config.train.steps_per_dispatch = 100

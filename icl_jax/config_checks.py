@@ -1,0 +1,115 @@
+"""Checks a whole configuration before anything is compiled, and reports every problem in one message."""
+
+import numbers
+
+import ml_collections
+
+from icl_jax import data
+from icl_jax import models
+from icl_jax import optim
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message names each offending field and its allowed values."""
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(errors, config, path, minimum):
+  value = _get(config, path)
+  if not _is_int(value) or value < minimum:
+    errors.append(f"config.{path} = {value!r}: must be an integer >= {minimum}")
+
+
+def _check_real(errors, config, path, minimum, strict=False):
+  value = _get(config, path)
+  ok = _is_real(value) and (value > minimum if strict else value >= minimum)
+  if not ok:
+    errors.append(f"config.{path} = {value!r}: must be a number {'>' if strict else '>='} {minimum}")
+
+
+def _check_choice(errors, config, path, allowed):
+  value = _get(config, path)
+  if value not in allowed:
+    errors.append(f"config.{path} = {value!r}: allowed values are {', '.join(map(repr, allowed))}")
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  return node
+
+
+def _task_errors(config) -> list[str]:
+  errors = []
+  _check_int(errors, config, "seed", 0)
+  _check_int(errors, config, "task.n_dims", 1)
+  _check_int(errors, config, "task.n_points", 1)
+  _check_real(errors, config, "task.kappa", 1.0)
+  _check_real(errors, config, "task.noise_std", 0.0)
+  _check_choice(errors, config, "task.spectrum", data.SPECTRA)
+  _check_choice(errors, config, "task.rotation", data.ROTATIONS)
+  _check_choice(errors, config, "task.normalize_trace", (True, False))
+  _check_choice(errors, config, "task.curriculum.enabled", (True, False))
+  if config.task.curriculum.enabled:
+    for prefix, end in (("dims", "n_dims"), ("points", "n_points")):
+      _check_int(errors, config, f"task.curriculum.{prefix}_start", 1)
+      _check_int(errors, config, f"task.curriculum.{prefix}_increment", 0)
+      _check_int(errors, config, f"task.curriculum.{prefix}_interval", 1)
+      start, stop = _get(config, f"task.curriculum.{prefix}_start"), _get(config, f"task.{end}")
+      if _is_int(start) and _is_int(stop) and start > stop:
+        errors.append(f"config.task.curriculum.{prefix}_start = {start} exceeds config.task.{end} = {stop}: "
+                      f"allowed values are 1..{stop}")
+  return errors
+
+
+def _train_errors(config, num_devices: int) -> list[str]:
+  errors = []
+  for field in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                "steps_per_dispatch"):
+    _check_int(errors, config, f"train.{field}", 1)
+  _check_int(errors, config, "train.keep_period", 0)
+  _check_int(errors, config, "train.warmup_steps", 0)
+  _check_real(errors, config, "train.learning_rate", 0.0, strict=True)
+  _check_real(errors, config, "train.grad_clip_norm", 0.0)
+  _check_real(errors, config, "train.weight_decay", 0.0)
+  _check_real(errors, config, "train.adam_eps", 0.0, strict=True)
+  for beta in ("adam_b1", "adam_b2"):
+    value = config.train.get(beta)
+    if not (_is_real(value) and 0 <= value < 1):
+      errors.append(f"config.train.{beta} = {value!r}: must be a number in [0, 1)")
+  _check_choice(errors, config, "train.schedule", optim.SCHEDULES)
+  batch = config.train.batch_size
+  if _is_int(batch) and batch >= 1 and batch % num_devices:
+    errors.append(f"config.train.batch_size = {batch} is not divisible by the {num_devices} devices: allowed "
+                  f"values are multiples of {num_devices}")
+  _check_int(errors, config, "eval.num_prompts", 1)
+  _check_int(errors, config, "eval.batch_size", 1)
+  prompts, eval_batch = config.eval.get("num_prompts"), config.eval.get("batch_size")
+  if _is_int(prompts) and _is_int(eval_batch) and eval_batch >= 1:
+    if prompts % eval_batch:
+      errors.append(f"config.eval.num_prompts = {prompts} is not a multiple of config.eval.batch_size = "
+                    f"{eval_batch}: allowed values are multiples of it")
+    if eval_batch % num_devices:
+      errors.append(f"config.eval.batch_size = {eval_batch} is not divisible by the {num_devices} devices: "
+                    f"allowed values are multiples of {num_devices}")
+  return errors
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError listing every invalid field of `config` for a run on `num_devices` devices."""
+  errors = _task_errors(config) + _train_errors(config, num_devices)
+  family = config.model.get("family")
+  if family not in models.REGISTRY:
+    errors.append(f"config.model.family = {family!r}: allowed values are {', '.join(map(repr, models.REGISTRY))}")
+  elif not any(e.startswith(("config.task.n_points", "config.task.n_dims")) for e in errors):
+    errors += models.REGISTRY[family].validate(config.model, config.task)
+  if errors:
+    raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

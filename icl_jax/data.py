@@ -1,0 +1,111 @@
+"""Prompts for in-context linear regression, generated on device by pure functions.
+
+A prompt is (x_1, y_1, ..., x_n, y_n) with x ~ N(0, Sigma), w ~ N(0, I_d), y = w.x + sigma * eps.
+Every example of a global batch has its own key, `fold_in(step_key, global_index)`, so a device that makes
+examples [i * B_local, (i + 1) * B_local) of the batch at step s depends only on (seed, s, i), and the global
+batch is the same for any number of devices or hosts: 8 devices reproduce 1 device's losses, and a run
+resumed on another device count sees exactly the data it would have seen.
+
+Shapes are static for the whole run: prompts always have `n_points` points and `n_dims` coordinates. The
+curriculum zeroes the coordinates beyond the current dimension and masks the loss beyond the current
+number of points (see `curriculum`), so no step ever recompiles.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+SPECTRA = ("two_level", "log_spaced")
+ROTATIONS = ("per_prompt", "per_batch")
+
+
+class Curriculum(NamedTuple):
+  """The prompt size at one step; scalars that may be traced."""
+
+  n_dims: jax.Array  # Active coordinates of x.
+  n_points: jax.Array  # Active (x, y) pairs; the loss covers positions [0, n_points).
+
+
+class Batch(NamedTuple):
+  xs_BxNxD: jax.Array
+  ys_BxN: jax.Array
+  ws_BxD: jax.Array
+
+
+def curriculum(step: jax.Array, task: ml_collections.ConfigDict) -> Curriculum:
+  """Garg et al.'s schedule as a pure function of the step: start + increment * (step // interval), capped."""
+  if not task.curriculum.enabled:
+    return Curriculum(jnp.asarray(task.n_dims, jnp.int32), jnp.asarray(task.n_points, jnp.int32))
+  c = task.curriculum
+  step = jnp.asarray(step, jnp.int32)
+  n_dims = jnp.minimum(c.dims_start + c.dims_increment * (step // c.dims_interval), task.n_dims)
+  n_points = jnp.minimum(c.points_start + c.points_increment * (step // c.points_interval), task.n_points)
+  return Curriculum(n_dims.astype(jnp.int32), n_points.astype(jnp.int32))
+
+
+def covariance_spectrum(task: ml_collections.ConfigDict) -> jax.Array:
+  """Eigenvalues of Cov(x), largest first, with ratio `kappa` between the extremes."""
+  d, kappa = task.n_dims, task.kappa
+  if task.spectrum == "two_level":
+    # Half the eigenvalues (rounded down, as in Fu et al.'s code) at kappa, the rest at 1.
+    eig_D = jnp.where(jnp.arange(d) < d // 2, kappa, 1.0)
+  elif task.spectrum == "log_spaced":
+    eig_D = jnp.logspace(jnp.log10(kappa), 0.0, d) if d > 1 else jnp.ones((1,))
+  else:
+    raise ValueError(f"config.task.spectrum = {task.spectrum!r}; allowed: {SPECTRA}")
+  if task.normalize_trace:
+    eig_D = eig_D * (d / jnp.sum(eig_D))
+  return eig_D.astype(jnp.float32)
+
+
+def random_rotation(key: jax.Array, d: int) -> jax.Array:
+  """A Haar-distributed orthogonal d x d matrix (QR of a Gaussian matrix with the signs fixed)."""
+  q_DxD, r_DxD = jnp.linalg.qr(jax.random.normal(key, (d, d)))
+  return q_DxD * jnp.sign(jnp.diagonal(r_DxD))[None, :]
+
+
+def _sample_prompt(key: jax.Array, rotation_DxD: jax.Array | None, task: ml_collections.ConfigDict,
+                   n_dims: jax.Array) -> Batch:
+  """One prompt: xs [N, D], ys [N], w [D]."""
+  key_x, key_w, key_noise, key_rot = jax.random.split(key, 4)
+  d, n = task.n_dims, task.n_points
+  zs_NxD = jax.random.normal(key_x, (n, d))
+  if task.kappa != 1.0:
+    if rotation_DxD is None:
+      rotation_DxD = random_rotation(key_rot, d)
+    # x = U diag(sqrt(lambda)) z has covariance U diag(lambda) U^T.
+    zs_NxD = (zs_NxD * jnp.sqrt(covariance_spectrum(task))[None, :]) @ rotation_DxD.T
+  xs_NxD = jnp.where(jnp.arange(d)[None, :] < n_dims, zs_NxD, 0.0)
+  w_D = jax.random.normal(key_w, (d,))
+  ys_N = xs_NxD @ w_D
+  if task.noise_std > 0:
+    ys_N = ys_N + task.noise_std * jax.random.normal(key_noise, (n,))
+  return Batch(xs_NxD, ys_N, w_D)
+
+
+def sample_batch(step_key: jax.Array, first_index: jax.Array, batch_size: int,
+                 task: ml_collections.ConfigDict, n_dims: jax.Array) -> Batch:
+  """Examples [first_index, first_index + batch_size) of the global batch whose key is `step_key`.
+
+  Args:
+    step_key: the key of one step's global batch (see `step_key`).
+    first_index: global index of this slice's first example (a device's offset in the global batch).
+    batch_size: number of examples in this slice.
+    task: config.task.
+    n_dims: active dimensions (coordinates beyond are zero); may be traced.
+  """
+  rotation_key, examples_key = jax.random.split(step_key)
+  rotation_DxD = None
+  if task.kappa != 1.0 and task.rotation == "per_batch":
+    # Fu et al.'s code: one eigenbasis for the whole (global) batch of the step.
+    rotation_DxD = random_rotation(rotation_key, task.n_dims)
+  indices_B = first_index + jnp.arange(batch_size)
+  keys_B = jax.vmap(lambda i: jax.random.fold_in(examples_key, i))(indices_B)
+  return jax.vmap(lambda k: _sample_prompt(k, rotation_DxD, task, n_dims))(keys_B)
+
+
+def step_key(data_key: jax.Array, step: jax.Array) -> jax.Array:
+  """The key of the global batch at `step`: a pure function of the run's data key and the step."""
+  return jax.random.fold_in(data_key, step)

@@ -1,0 +1,46 @@
+"""Command line: `python -m icl_jax.main --config=configs/linreg.py --workdir=DIR [--config.FIELD=VALUE ...]`.
+
+Kept short on purpose: the logic lives in library functions (`icl_jax.train.train_and_evaluate`) that tests
+and notebooks import.
+"""
+
+import logging as std_logging
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from icl_jax import config_checks
+from icl_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/linreg.py:quick.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even if its saved config differs from this one.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs dozens of INFO lines per checkpoint; keep its warnings and errors only."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except (config_checks.ConfigError, train.ConfigChangedError, FloatingPointError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

@@ -1,0 +1,30 @@
+"""Model families, chosen by `config.model.family`.
+
+Every family maps prompts to predictions with the same interface, so the trainer and the evaluator never
+look inside: `model.apply({"params": params}, xs [B, N, D], ys [B, N])` returns predictions [B, N] (the
+prediction for y_i uses (x_1, y_1, ..., x_i)), and `return_hidden=True` also returns each layer's hidden
+state [L + 1, B, T, width]. A new family registers a `Family` here; nothing else changes.
+"""
+
+from typing import Callable, NamedTuple
+
+import flax.linen as nn
+import ml_collections
+
+from icl_jax.models import gpt2
+
+
+class Family(NamedTuple):
+  build: Callable[[ml_collections.ConfigDict], nn.Module]  # config.model -> module.
+  # (config.model, config.task) -> errors, each naming its field and the allowed values.
+  validate: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], list[str]]
+
+
+REGISTRY: dict[str, Family] = {
+    "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
+}
+
+
+def build_model(model: ml_collections.ConfigDict) -> nn.Module:
+  """The module of `model.family` (validated beforehand by `icl_jax.config_checks.validate`)."""
+  return REGISTRY[model.family].build(model)

@@ -1,0 +1,87 @@
+"""What a run writes besides checkpoints: WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events.
+
+Only process 0 writes. metrics.jsonl holds one JSON object per logged step so that a run can be read without
+TensorBoard; when a run resumes from step s, records after s (from the interrupted attempt, which will be
+recomputed) are dropped so the file stays one clean curve.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs."""
+  saved, current = flatten(saved), flatten(current)
+  missing = object()
+  return [f"config.{key}: saved {saved.get(key, missing)!r}, now {current.get(key, missing)!r}".replace(
+      repr(missing), "(absent)") for key in sorted(saved.keys() | current.keys())
+          if saved.get(key, missing) != current.get(key, missing)]
+
+
+class MetricsLog:
+  """Appends records to metrics.jsonl and TensorBoard, and logs progress (steps/s, ETA) with absl."""
+
+  def __init__(self, workdir: pathlib.Path, start_step: int, num_steps: int):
+    self._path = workdir / "metrics.jsonl"
+    self._num_steps = num_steps
+    self._last = (start_step, time.perf_counter())
+    self._tensorboard = None
+    if not is_writer():
+      return
+    if self._path.exists():
+      kept = [line for line in self._path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+      self._path.write_text("".join(line + "\n" for line in kept))
+    import tensorboardX  # Deferred: only the writing process needs it.
+    self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    last_step, last_time = self._last
+    now = time.perf_counter()
+    steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+    self._last = (step, now)
+    record = {"step": step, **metrics, "steps_per_s": steps_per_s}
+    eta_min = (self._num_steps - step) / max(steps_per_s, 1e-9) / 60
+    logging.info("step %d/%d  loss %.5g  loss/d %.5g  |grad| %.3g  lr %.3g  dims %d  points %d  %.1f steps/s  "
+                 "ETA %.1f min", step, self._num_steps, metrics["loss"], metrics["loss_per_dim"],
+                 metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],
+                 steps_per_s, eta_min)
+    if not is_writer():
+      return
+    with self._path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step":
+        self._tensorboard.add_scalar(_TENSORBOARD_TAGS.get(name, name), value, step)
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+_TENSORBOARD_TAGS = {"loss_per_dim": "loss/d", "n_dims": "curriculum/n_dims", "n_points": "curriculum/n_points",
+                     "learning_rate": "optim/learning_rate", "grad_norm": "optim/grad_norm",
+                     "steps_per_s": "perf/steps_per_s"}

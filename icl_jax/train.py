@@ -1,0 +1,184 @@
+"""`train_and_evaluate(config, workdir)`: the training loop around the jitted steps of `train_step`.
+
+The loop only dispatches chunks of steps and handles what happens between them: metrics (fetched one chunk
+late, so the device never waits for the host), checkpoints, preemption and non-finite losses.
+"""
+
+import contextlib
+import json
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import parameter_overview
+from jax.sharding import Mesh
+
+from icl_jax import checkpointing
+from icl_jax import config_checks
+from icl_jax import models
+from icl_jax import optim
+from icl_jax import run_logs
+from icl_jax import train_step
+
+
+class ConfigChangedError(RuntimeError):
+  """The workdir holds a run with a different configuration."""
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+  """Yields a dict whose "set" becomes True on SIGTERM (Cloud TPU preemption); restores the old handler."""
+  flag = {"set": False}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def handler(signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    flag["set"] = True
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
+                        allow_config_change: bool) -> None:
+  """Refuses to resume a run whose saved config differs, unless allowed; then (re)writes config.json."""
+  path = workdir / "config.json"
+  current = run_logs.config_dict(config)
+  if resuming and path.exists():
+    differences = run_logs.config_differences(json.loads(path.read_text()), current)
+    if differences and not allow_config_change:
+      raise ConfigChangedError(
+          f"{workdir} holds a run with a different configuration; resuming it would mix two experiments. "
+          "Differing fields:\n  " + "\n  ".join(differences) +
+          "\nUse a new --workdir, or pass --allow_config_change to resume with the new values on purpose.")
+    if differences:
+      logging.warning("Resuming with a changed configuration:\n  %s", "\n  ".join(differences))
+  if run_logs.is_writer():
+    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _boundary(step: int, every: int) -> int:
+  """The first multiple of `every` after `step`."""
+  return (step // every + 1) * every
+
+
+class _Metrics:
+  """Turns a chunk's device metrics into log records, checking that every loss is finite."""
+
+  def __init__(self, log: run_logs.MetricsLog, train: ml_collections.ConfigDict):
+    self._log, self._train = log, train
+    self._pending = None
+    self.last = None
+
+  def push(self, first_step: int, num_steps: int, metrics: dict) -> None:
+    """Queues a dispatched chunk's metrics and processes the previous chunk's (already computed by now)."""
+    self.flush()
+    self._pending = (first_step, num_steps, metrics)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    first_step, num_steps, metrics = self._pending
+    self._pending = None
+    host = {name: np.asarray(values)[:num_steps] for name, values in jax.device_get(metrics).items()}
+    bad = np.flatnonzero(~np.isfinite(host["loss"]))
+    if bad.size:
+      raise FloatingPointError(
+          f"non-finite training loss {host['loss'][bad[0]]} at step {first_step + bad[0]}; stopping. The last "
+          "good checkpoint is kept; lower config.train.learning_rate or set config.train.grad_clip_norm.")
+    end = first_step + num_steps
+    record = {name: float(values[-1]) for name, values in host.items()}
+    record["loss_per_dim"] = record["loss"] / record["n_dims"]
+    self.last = {"step": end, **record}
+    if end % self._train.log_every == 0 or end == self._train.num_steps:
+      self._log.write(end, record)
+
+
+def _make_mesh(devices) -> Mesh:
+  return Mesh(np.asarray(devices), (train_step.AXIS,))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, devices=None,
+                       allow_config_change: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir` and returns its final metrics and error curve.
+
+  Args:
+    config: the experiment (see configs/linreg.py).
+    workdir: where checkpoints, config.json, metrics.jsonl, TensorBoard events and error_curve.json go.
+    devices: devices to train on (default: all devices of all processes).
+    allow_config_change: resume even if the saved config differs (the differences are logged).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  config_checks.validate(config, len(devices))
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  train = config.train
+  mesh = _make_mesh(devices)
+  model = models.build_model(config.model)
+  optimizer = optim.make_optimizer(train)
+  schedule = optim.learning_rate_schedule(train)
+  state = train_step.init_state(config, model, optimizer, mesh)
+  if run_logs.is_writer():
+    parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  logging.info("Model %s has %s parameters; training on %d devices (%d processes).", config.model.family,
+               f"{num_params:,}", len(devices), jax.process_count())
+
+  with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, _preemption_flag() as preempted:
+    latest = checkpoints.latest_step()
+    _check_saved_config(workdir, config, latest is not None, allow_config_change)
+    if latest is not None:
+      state = checkpoints.restore(latest, state)
+      logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
+    step = int(jax.device_get(state.step))
+    log = run_logs.MetricsLog(workdir, step, train.num_steps)
+    metrics = _Metrics(log, train)
+    run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
+    start_time = time.perf_counter()
+    try:
+      while step < train.num_steps and not preempted["set"]:
+        end = min(train.num_steps, step + train.steps_per_dispatch, _boundary(step, train.log_every),
+                  _boundary(step, train.checkpoint_every))
+        state, chunk_metrics = run_chunk(state, end - step)
+        metrics.push(step, end - step, chunk_metrics)
+        step = end
+        if step % train.checkpoint_every == 0 or step == train.num_steps or preempted["set"]:
+          metrics.flush()  # Never save a state whose losses have not been checked.
+          checkpoints.save(step, state)
+      metrics.flush()
+    finally:
+      log.close()
+  logging.info("Trained to step %d in %.1f s.", step, time.perf_counter() - start_time)
+  result = {"step": step, "num_params": num_params, "final": metrics.last, "preempted": preempted["set"]}
+  if step == train.num_steps:
+    result["error_curve"] = _write_error_curve(config, model, state.params, mesh, workdir)
+  return result
+
+
+def _write_error_curve(config, model, params, mesh, workdir: pathlib.Path) -> dict:
+  """Error/d at each context length on `config.eval.num_prompts` fresh prompts, vs predicting zero."""
+  curve = train_step.make_error_curve(config, model, mesh)(params)
+  summary = {
+      "num_prompts": config.eval.num_prompts,
+      "error_per_dim": curve["error_per_dim"].tolist(),
+      "zero_per_dim": curve["zero_per_dim"].tolist(),
+      "last_error_per_dim": float(curve["error_per_dim"][-1]),
+      "last_zero_per_dim": float(curve["zero_per_dim"][-1]),
+  }
+  summary["last_ratio_to_zero"] = summary["last_error_per_dim"] / summary["last_zero_per_dim"]
+  logging.info("error/d at the last context length (%d points): %.4g; predicting zero: %.4g; ratio %.4g.",
+               config.task.n_points, summary["last_error_per_dim"], summary["last_zero_per_dim"],
+               summary["last_ratio_to_zero"])
+  if run_logs.is_writer():
+    (workdir / "error_curve.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary

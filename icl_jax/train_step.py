@@ -1,0 +1,132 @@
+"""The pure, jitted parts of training: state initialisation, a chunk of training steps, the error curve.
+
+Data parallelism is written with `jax.shard_map` over a one-axis mesh ("data"): the state is replicated,
+every device makes its own slice of the global batch inside the step (`data.sample_batch`), and gradients
+are averaged by differentiating the `pmean` of the per-device loss. (With shard_map's default `check_vma`,
+the gradient of a replicated parameter is already summed over devices; differentiating the mean keeps it
+the gradient of the global-batch loss, ecosystem.md §5.)
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from icl_jax import data
+
+AXIS = "data"
+METRICS = ("loss", "grad_norm", "learning_rate", "n_dims", "n_points")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: steps completed.
+  params: Any
+  opt_state: Any
+  data_key: jax.Array  # Raw uint32 key data of the data stream (checkpointable as a plain array).
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+  """Independent keys for parameter initialisation, the training data stream and evaluation prompts."""
+  init, train_data, evaluation = jax.random.split(jax.random.key(seed), 3)
+  return {"init": init, "data": train_data, "eval": evaluation}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def init_state(config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation,
+               mesh: Mesh) -> TrainState:
+  """The step-0 state, created directly in its replicated sharding."""
+  task = config.task
+
+  def init():
+    keys = run_keys(config.seed)
+    xs_BxNxD = jnp.zeros((1, task.n_points, task.n_dims))
+    params = model.init(keys["init"], xs_BxNxD, jnp.zeros((1, task.n_points)))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      data_key=jax.random.key_data(keys["data"]))
+
+  return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+def masked_mse(preds_BxN: jax.Array, ys_BxN: jax.Array, n_points: jax.Array) -> jax.Array:
+  """Mean squared error over the batch and the first `n_points` positions (Garg et al.'s loss)."""
+  mask_N = jnp.arange(ys_BxN.shape[1]) < n_points
+  return jnp.sum(jnp.where(mask_N, jnp.square(preds_BxN - ys_BxN), 0.0)) / (ys_BxN.shape[0] * n_points)
+
+
+def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation,
+                     schedule: optax.Schedule, mesh: Mesh) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
+  """Returns `run(state, num_steps) -> (state, metrics)`: up to `steps_per_dispatch` steps in one call.
+
+  One compiled program serves every chunk length (the count is a traced loop bound), so changing it never
+  recompiles. `metrics[name]` has `steps_per_dispatch` entries, of which the first `num_steps` are filled.
+  """
+  task, max_steps = config.task, config.train.steps_per_dispatch
+  local_batch = config.train.batch_size // mesh.size
+
+  def one_step(state: TrainState) -> tuple[TrainState, dict]:
+    sizes = data.curriculum(state.step, task)
+    key = data.step_key(jax.random.wrap_key_data(state.data_key), state.step)
+    batch = data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, sizes.n_dims)
+
+    def loss_fn(params):
+      preds_BxN = model.apply({"params": params}, batch.xs_BxNxD, batch.ys_BxN)
+      return jax.lax.pmean(masked_mse(preds_BxN, batch.ys_BxN, sizes.n_points), AXIS)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": jnp.asarray(schedule(state.step)),
+               "n_dims": sizes.n_dims, "n_points": sizes.n_points}
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  def run(state: TrainState, num_steps: jax.Array):
+    buffers = {name: jnp.zeros((max_steps,), jnp.int32 if name.startswith("n_") else jnp.float32)
+               for name in METRICS}
+
+    def body(i, carry):
+      state, buffers = carry
+      state, metrics = one_step(state)
+      return state, {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
+
+    return jax.lax.fori_loop(0, num_steps, body, (state, buffers))
+
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def make_error_curve(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Callable[[Any], dict]:
+  """Returns `curve(params) -> {"error_per_dim": [N], "zero_per_dim": [N]}` on fresh full-size prompts.
+
+  Squared error divided by d at every context length, averaged over `config.eval.num_prompts` prompts, next
+  to the same for predicting zero (Garg et al.'s baseline of 1 for isotropic data).
+  """
+  task = config.task
+  batch, num_batches = config.eval.batch_size, config.eval.num_prompts // config.eval.batch_size
+  local_batch = batch // mesh.size
+  full = jnp.asarray(task.n_dims, jnp.int32)
+
+  def sums(params, batch_index):
+    key = data.step_key(run_keys(config.seed)["eval"], batch_index)
+    prompts = data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, full)
+    preds_BxN = model.apply({"params": params}, prompts.xs_BxNxD, prompts.ys_BxN)
+    return (jax.lax.psum(jnp.sum(jnp.square(preds_BxN - prompts.ys_BxN), axis=0), AXIS),
+            jax.lax.psum(jnp.sum(jnp.square(prompts.ys_BxN), axis=0), AXIS))
+
+  sharded = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P())))
+
+  def curve(params) -> dict:
+    totals = [sharded(params, jnp.asarray(i, jnp.int32)) for i in range(num_batches)]
+    scale = 1.0 / (config.eval.num_prompts * task.n_dims)
+    return {"error_per_dim": jax.device_get(sum(t[0] for t in totals)) * scale,
+            "zero_per_dim": jax.device_get(sum(t[1] for t in totals)) * scale}
+
+  return curve

@@ -1,0 +1,398 @@
+"""Tests of icl_jax.algorithms against numpy references and brute-force prefix loops, in float32 and float64."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_jax import algorithms
+
+# Relative tolerances of converged estimates against float64 references. Float32 ones allow for the squared
+# condition number that Newton's method and gradient descent work with (S = X^T X).
+RTOL = {np.float32: 1e-3, np.float64: 1e-9}
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def dtype(request):
+  """The dtype of a test's data; float64 runs with x64 enabled, float32 with whatever the environment sets."""
+  context = jax.enable_x64(True) if request.param == np.float64 else contextlib.nullcontext()
+  with context:
+    yield request.param
+
+
+def _prompts(seed, b, n, d, dtype, kappa=1.0, noise=0.0):
+  """xs [b, n, d] ~ N(0, Sigma) with cond(Sigma) = kappa, ys = xs w (+ noise); also Sigma's square root."""
+  rng = np.random.default_rng(seed)
+  rotation_DxD = np.linalg.qr(rng.normal(size=(d, d)))[0]
+  sqrt_sigma_DxD = rotation_DxD * np.sqrt(np.logspace(0, -np.log10(kappa), d))[None, :]
+  xs = rng.normal(size=(b, n, d)) @ sqrt_sigma_DxD.T
+  ys = np.einsum("bnd,bd->bn", xs, rng.normal(size=(b, d))) + noise * rng.normal(size=(b, n))
+  return xs.astype(dtype), ys.astype(dtype), sqrt_sigma_DxD
+
+
+def _lstsq(xs, ys):
+  """Minimum-norm least squares in float64, prompt by prompt."""
+  return np.stack([np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)[0]
+                   for x, y in zip(xs, ys)])
+
+
+def _to_numpy(array, dtype):
+  assert array.dtype == dtype, f"got {array.dtype}, expected {np.dtype(dtype)}"
+  return np.asarray(array, np.float64)
+
+
+def _max_relative_error(w, w_ref):
+  return np.max(np.linalg.norm(w - w_ref, axis=-1) / np.linalg.norm(w_ref, axis=-1))
+
+
+def _max_relative_prediction_error(w, w_ref, sqrt_sigma_DxD, seed=123):
+  """Relative error of predictions on fresh queries from the prompts' distribution: the error measure that
+  matters for regression, which weights each direction of w by the data's variance along it."""
+  queries_QxD = np.random.default_rng(seed).normal(size=(256, sqrt_sigma_DxD.shape[0])) @ sqrt_sigma_DxD.T
+  return _max_relative_error(w @ queries_QxD.T, w_ref @ queries_QxD.T)
+
+
+def _largest_eigenvalue(s_BxDxD):
+  return np.linalg.eigvalsh(s_BxDxD.astype(np.float64))[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Least squares.
+
+
+@pytest.mark.parametrize("n, d, kappa", [(30, 8, 1.0), (5, 8, 1.0), (30, 8, 1e4), (5, 8, 1e4)],
+                         ids=["overdetermined", "underdetermined", "ill_conditioned", "ill_conditioned_under"])
+def test_least_squares_matches_numpy_lstsq(dtype, n, d, kappa):
+  xs, ys, _ = _prompts(0, 4, n, d, dtype, kappa=kappa)
+  w = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  assert w.shape == (4, d)
+  # The SVD of X (not X^T X) keeps float32 at ~cond(X) eps, even with cond(Sigma) = 1e4.
+  assert _max_relative_error(w, _lstsq(xs, ys)) < RTOL[dtype] / 10
+
+
+def test_least_squares_rank_deficient_is_minimum_norm(dtype):
+  xs, ys, _ = _prompts(1, 4, 30, 8, dtype)
+  # A repeated column and a zero (padded) column: w is determined only up to the null space of X.
+  xs[:, :, 1] = xs[:, :, 0]
+  xs[:, :, -1] = 0
+  w = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  np.testing.assert_allclose(w, _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
+  np.testing.assert_allclose(w[:, 0], w[:, 1], rtol=RTOL[dtype])
+  assert np.all(w[:, -1] == 0)
+
+
+def test_least_squares_empty_prompt_is_zero(dtype):
+  w = algorithms.least_squares(jnp.zeros((2, 5, 3), dtype), jnp.zeros((2, 5), dtype))
+  assert np.all(_to_numpy(w, dtype) == 0)
+
+
+@pytest.mark.parametrize("n", [30, 5])
+def test_ridge_matches_closed_form(dtype, n):
+  xs, ys, _ = _prompts(2, 4, n, 8, dtype, noise=0.1)
+  ridge = 0.7
+  x64, y64 = xs.astype(np.float64), ys.astype(np.float64)
+  s = np.einsum("bni,bnj->bij", x64, x64) + ridge * np.eye(8)
+  expected = np.linalg.solve(s, np.einsum("bni,bn->bi", x64, y64)[..., None])[..., 0]
+  w = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys), ridge=ridge), dtype)
+  np.testing.assert_allclose(w, expected, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Iterative Newton.
+
+NEWTON_CASES = {
+    # name: (n, d, kappa of Sigma, steps). kappa(S) ~ kappa^2 needs log2(kappa(S)^2) steps before the quadratic
+    # phase; in float32, rank-deficient S (n < d) must stop before null-space rounding, which doubles each
+    # step, takes over (see `iterative_newton`).
+    "overdetermined": (40, 10, 1.0, 30),
+    "underdetermined": (6, 10, 1.0, 30),
+    "ill_conditioned": (40, 10, 1e4, 50),
+    "ill_conditioned_underdetermined": (6, 10, 1e4, 36),
+}
+
+
+@pytest.mark.parametrize("case", NEWTON_CASES)
+def test_newton_converges_to_least_squares(dtype, case):
+  n, d, kappa, num_steps = NEWTON_CASES[case]
+  xs, ys, sqrt_sigma = _prompts(3, 8, n, d, dtype, kappa=kappa)
+  ws = _to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), num_steps), dtype)
+  assert ws.shape == (8, num_steps + 1, d)
+  ols = _lstsq(xs, ys)
+  errors = [_max_relative_prediction_error(ws[:, k], ols, sqrt_sigma) for k in range(num_steps + 1)]
+  assert errors[-1] < RTOL[dtype]
+  assert errors[0] > 0.1  # It did have something to converge from.
+  if dtype == np.float64:
+    assert _max_relative_error(ws[:, -1], ols) < 1e-8
+
+
+def test_newton_initial_iterate_and_recursion(dtype):
+  xs, ys, _ = _prompts(4, 3, 12, 5, dtype)
+  ws = _to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 3), dtype)
+  x64, y64 = xs.astype(np.float64), ys.astype(np.float64)
+  for x, y, w in zip(x64, y64, ws):
+    s = x.T @ x
+    m = s / np.linalg.norm(s @ s.T)  # Fu et al.'s code: torch.linalg.norm, i.e. Frobenius.
+    for k in range(4):
+      np.testing.assert_allclose(w[k], m @ x.T @ y, rtol=RTOL[dtype] / 10)
+      m = 2 * m - m @ s @ m
+
+
+def test_newton_spectral_alpha_exact_arithmetic_loses_top_direction(dtype):
+  # S = diag(4, 1) is exact in binary: alpha = 2 / 16 and the top eigenvalue of alpha S^2 is exactly 2, so
+  # M_1 = M_0 (2 I - S M_0) has a 0 there and keeps it; the other direction converges.
+  xs = jnp.asarray([[[2.0, 0.0], [0.0, 1.0]]], dtype)
+  ys = jnp.asarray([[2.0, 3.0]], dtype)  # w_ols = (1, 3).
+  spectral = _to_numpy(algorithms.iterative_newton(xs, ys, 40, alpha="spectral"), dtype)
+  np.testing.assert_array_equal(spectral[0, 1:, 0], 0.0)
+  np.testing.assert_allclose(spectral[0, -1, 1], 3.0, rtol=RTOL[dtype] / 10)
+  frobenius = _to_numpy(algorithms.iterative_newton(xs, ys, 40), dtype)
+  np.testing.assert_allclose(frobenius[0, -1], [1.0, 3.0], rtol=RTOL[dtype] / 10)
+
+
+def test_newton_spectral_alpha_generic_data_stalls_in_top_direction(dtype):
+  # With rounding, 1 - alpha lambda_max^2 = -1 + O(eps), so the top direction stays (nearly) missing until that
+  # O(eps) has been squared up to O(1), ~log2(1/eps) steps (then it converges or diverges, by the sign of the
+  # rounding); all other directions converge as usual. 12 steps keep float32 (2^-23) well inside the stall.
+  xs, ys, _ = _prompts(5, 4, 40, 10, dtype)
+  ws = _to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 12, alpha="spectral"), dtype)
+  ols = _lstsq(xs, ys)
+  top_BxD = np.linalg.eigh(np.einsum("bni,bnj->bij", xs.astype(np.float64), xs.astype(np.float64)))[1][..., -1]
+  top_share = np.einsum("bkd,bd->bk", ws[:, 1:], top_BxD) / np.einsum("bd,bd->b", ols, top_BxD)[:, None]
+  assert np.max(np.abs(top_share)) < 0.05
+  rest = ws[:, -1] - ols
+  rest -= np.einsum("bd,bd->b", rest, top_BxD)[:, None] * top_BxD
+  assert np.max(np.linalg.norm(rest, axis=-1) / np.linalg.norm(ols, axis=-1)) < RTOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient descent.
+
+
+@pytest.mark.parametrize("gradient_scale", ["sum", "mean"])
+@pytest.mark.parametrize("n, d", [(30, 8), (5, 8)], ids=["overdetermined", "underdetermined"])
+def test_gradient_descent_converges_to_least_squares(dtype, gradient_scale, n, d):
+  xs, ys, _ = _prompts(6, 4, n, d, dtype)
+  lambda_max = np.max(_largest_eigenvalue(np.einsum("bni,bnj->bij", xs, xs)))
+  hessian_lambda_max = lambda_max if gradient_scale == "sum" else lambda_max / n
+  learning_rate = 1.0 / hessian_lambda_max  # Below 2 / lambda_max: converges.
+  ws = _to_numpy(algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), (4000,), learning_rate,
+                                                gradient_scale), dtype)
+  assert ws.shape == (4, 1, d)
+  np.testing.assert_allclose(ws[:, 0], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
+  # Above 2 / lambda_max it diverges.
+  diverged = algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), (200,), 2.5 / hessian_lambda_max,
+                                            gradient_scale)
+  assert np.max(np.abs(_to_numpy(diverged, dtype))) > 1e3
+
+
+def test_gradient_descent_iterates(dtype):
+  xs, ys, _ = _prompts(7, 3, 12, 5, dtype)
+  ws_sum = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 3, 0.01), dtype)
+  ws_mean = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 3, 0.12, "mean"), dtype)
+  assert ws_sum.shape == ws_mean.shape == (3, 4, 5)
+  for x, y, w_sum, w_mean in zip(xs.astype(np.float64), ys.astype(np.float64), ws_sum, ws_mean):
+    w = np.zeros(5)
+    for k in range(4):
+      np.testing.assert_allclose(w_sum[k], w, rtol=RTOL[dtype] / 10, atol=1e-12)
+      w = w - 0.01 * (x.T @ x @ w - x.T @ y)  # Fu et al.'s code: unnormalised gradient.
+    w = np.zeros(5)
+    for k in range(4):
+      np.testing.assert_allclose(w_mean[k], w, rtol=RTOL[dtype] / 10, atol=1e-12)
+      w = w - 0.12 * (x.T @ x @ w - x.T @ y) / 12
+
+
+@pytest.mark.parametrize("gradient_scale", ["sum", "mean"])
+def test_gradient_descent_at_equals_full_iterates(dtype, gradient_scale):
+  xs, ys, _ = _prompts(8, 4, 12, 6, dtype, kappa=30.0)
+  learning_rate = 0.01 if gradient_scale == "sum" else 0.15
+  steps = (300, 1, 37, 0, 64, 5, 64)  # Unsorted, with 0 and a repeat.
+  full = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 300, learning_rate,
+                                               gradient_scale), dtype)
+  at = _to_numpy(algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), steps, learning_rate,
+                                                gradient_scale), dtype)
+  assert at.shape == (4, len(steps), 6)
+  np.testing.assert_allclose(at, full[:, list(steps)], rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 100)
+
+
+def test_gradient_descent_at_long_run_equals_full_iterates(dtype):
+  # Fu et al.'s grid reaches 4096 steps; squaring the step map must not accumulate more rounding than stepping.
+  xs, ys, _ = _prompts(9, 2, 41, 20, dtype)
+  steps = tuple(2**i for i in range(13))
+  full = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 4096, 0.01), dtype)
+  at = _to_numpy(algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), steps, 0.01), dtype)
+  assert _max_relative_error(at, full[:, list(steps)]) < RTOL[dtype] / 10
+
+
+def test_float64_hyperparameters_keep_float32_data_float32():
+  xs, ys, _ = _prompts(16, 2, 10, 4, np.float32)
+  xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+  with jax.enable_x64(True):
+    learning_rate = np.float64(0.01)  # Strongly typed: would promote float32 data if used as is.
+    preconditioner = jnp.eye(4, dtype=jnp.float64)
+    for result in (algorithms.gradient_descent(xs, ys, 2, learning_rate),
+                   algorithms.gradient_descent_at(xs, ys, (3,), learning_rate),
+                   algorithms.prefix_gradient_descent_at(xs, ys, (3,), learning_rate),
+                   algorithms.preconditioned_gradient_descent(xs, ys, 2, preconditioner, learning_rate),
+                   algorithms.least_squares(xs, ys, ridge=np.float64(0.5)),
+                   algorithms.prefix_iterative_newton(xs, ys, 2),
+                   algorithms.prefix_online_gradient_descent(xs, ys)):
+      assert result.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online and preconditioned gradient descent.
+
+
+def test_online_gradient_descent_fits_each_new_point(dtype):
+  xs, ys, _ = _prompts(10, 3, 9, 5, dtype)
+  xs[:, 4] = 0  # A zero point must be skipped, not divided by.
+  ws = _to_numpy(algorithms.online_gradient_descent(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  assert ws.shape == (3, 10, 5)
+  assert np.all(ws[:, 0] == 0)
+  fitted = np.einsum("btd,btd->bt", ws[:, 1:], xs)  # x_t . w after point t.
+  keep = np.arange(9) != 4
+  np.testing.assert_allclose(fitted[:, keep], ys[:, keep], rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
+  np.testing.assert_array_equal(ws[:, 5], ws[:, 4])
+  # Each step is the projection onto {w : x_t . w = y_t}, a step along x_t.
+  x, y = xs.astype(np.float64), ys.astype(np.float64)
+  expected = ws[:, 2] + ((y[:, 2] - np.einsum("bd,bd->b", x[:, 2], ws[:, 2])) / np.sum(x[:, 2]**2, -1))[:, None] * x[:, 2]
+  np.testing.assert_allclose(ws[:, 3], expected, rtol=RTOL[dtype] / 10)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_prompt", "shared"])
+def test_preconditioned_gradient_descent_one_step_to_least_squares(dtype, shared):
+  xs, ys, _ = _prompts(11, 4, 30, 6, dtype, kappa=100.0)
+  if shared:
+    xs[:] = xs[:1]  # One X for all prompts, so one P fits all.
+  s_BxDxD = np.einsum("bni,bnj->bij", xs.astype(np.float64), xs.astype(np.float64))
+  preconditioner = np.linalg.inv(s_BxDxD / 30)
+  preconditioner = (preconditioner[0] if shared else preconditioner).astype(dtype)
+  ws = _to_numpy(algorithms.preconditioned_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 2,
+                                                            jnp.asarray(preconditioner)), dtype)
+  assert ws.shape == (4, 3, 6)
+  assert np.all(ws[:, 0] == 0)
+  np.testing.assert_allclose(ws[:, 1], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
+  np.testing.assert_allclose(ws[:, 2], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("gradient_scale", ["sum", "mean"])
+def test_preconditioned_gradient_descent_iterates(dtype, gradient_scale):
+  xs, ys, _ = _prompts(17, 3, 10, 4, dtype)
+  root = np.random.default_rng(17).normal(size=(3, 4, 4))
+  preconditioner = (root @ root.transpose(0, 2, 1) / 4 + np.eye(4)).astype(dtype)  # SPD, not commuting with S.
+  learning_rate = 0.02 if gradient_scale == "sum" else 0.2
+  ws = _to_numpy(algorithms.preconditioned_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 3,
+                                                            jnp.asarray(preconditioner), learning_rate,
+                                                            gradient_scale), dtype)
+  scale = 1 if gradient_scale == "sum" else 10
+  for x, y, p, w_k in zip(xs.astype(np.float64), ys.astype(np.float64), preconditioner.astype(np.float64), ws):
+    w = np.zeros(4)
+    for k in range(4):
+      np.testing.assert_allclose(w_k[k], w, rtol=RTOL[dtype] / 10, atol=1e-12)
+      w = w - learning_rate * p @ (x.T @ x @ w - x.T @ y) / scale
+
+
+def test_preconditioned_gradient_descent_with_identity_is_gradient_descent(dtype):
+  xs, ys, _ = _prompts(12, 3, 10, 4, dtype)
+  pgd = algorithms.preconditioned_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 5, jnp.eye(4, dtype=dtype),
+                                                   0.2, "mean")
+  gd = algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 5, 0.2, "mean")
+  np.testing.assert_allclose(_to_numpy(pgd, dtype), _to_numpy(gd, dtype), rtol=RTOL[dtype] / 100)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefix evaluation against a brute-force loop over (a few) prefixes.
+
+N_PREFIX, D_PREFIX = 7, 4
+PREFIXES = (1, 3, N_PREFIX - 1)  # 3 < d: rank-deficient; 6 > d: overdetermined.
+
+
+def _prefix_cases(dtype):
+  """name -> (prefix function, function of a whole prompt, stacked iterates on axis 1?)."""
+  preconditioner = jnp.asarray(np.diag([1.0, 0.5, 2.0, 1.5]), dtype)
+  lr = 0.05
+  return {
+      "least_squares": (algorithms.prefix_least_squares, algorithms.least_squares, False),
+      "ridge": (lambda x, y: algorithms.prefix_least_squares(x, y, ridge=0.3),
+                lambda x, y: algorithms.least_squares(x, y, ridge=0.3), False),
+      "newton": (lambda x, y: algorithms.prefix_iterative_newton(x, y, 6),
+                 lambda x, y: algorithms.iterative_newton(x, y, 6), True),
+      "newton_spectral": (lambda x, y: algorithms.prefix_iterative_newton(x, y, 3, "spectral"),
+                          lambda x, y: algorithms.iterative_newton(x, y, 3, "spectral"), True),
+      "gd_sum": (lambda x, y: algorithms.prefix_gradient_descent(x, y, 6, lr),
+                 lambda x, y: algorithms.gradient_descent(x, y, 6, lr), True),
+      "gd_mean": (lambda x, y: algorithms.prefix_gradient_descent(x, y, 6, 0.3, "mean"),
+                  lambda x, y: algorithms.gradient_descent(x, y, 6, 0.3, "mean"), True),
+      "gd_at_mean": (lambda x, y: algorithms.prefix_gradient_descent_at(x, y, (9, 0, 2), 0.3, "mean"),
+                     lambda x, y: algorithms.gradient_descent_at(x, y, (9, 0, 2), 0.3, "mean"), True),
+      "pgd": (lambda x, y: algorithms.prefix_preconditioned_gradient_descent(x, y, 4, preconditioner, 0.3),
+              lambda x, y: algorithms.preconditioned_gradient_descent(x, y, 4, preconditioner, 0.3), True),
+      "online_gd": (algorithms.prefix_online_gradient_descent,
+                    lambda x, y: algorithms.online_gradient_descent(x, y)[:, -1], False),
+  }
+
+
+@pytest.mark.parametrize("case", list(_prefix_cases(np.float32)))
+def test_prefix_predictions_equal_brute_force(dtype, case):
+  prefix_fn, whole_fn, has_iterates = _prefix_cases(dtype)[case]
+  xs, ys, _ = _prompts(13, 3, N_PREFIX, D_PREFIX, dtype, kappa=10.0)
+  predictions = _to_numpy(prefix_fn(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  if not has_iterates:
+    predictions = predictions[:, None]
+  assert predictions.shape[0] == 3 and predictions.shape[2] == N_PREFIX
+  assert np.all(predictions[:, :, 0] == 0)  # No points seen yet.
+  for t in PREFIXES:
+    w = _to_numpy(whole_fn(jnp.asarray(xs[:, :t]), jnp.asarray(ys[:, :t])), dtype)
+    w = w if has_iterates else w[:, None]
+    expected = np.einsum("bkd,bd->bk", w, xs[:, t].astype(np.float64))
+    np.testing.assert_allclose(predictions[:, :, t], expected, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
+
+
+def test_prefix_gradient_descent_at_equals_full_prefix_iterates(dtype):
+  xs, ys, _ = _prompts(14, 3, N_PREFIX, D_PREFIX, dtype)
+  steps = (40, 3, 17)
+  full = _to_numpy(algorithms.prefix_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 40, 0.05), dtype)
+  at = _to_numpy(algorithms.prefix_gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), steps, 0.05), dtype)
+  assert at.shape == (3, len(steps), N_PREFIX)
+  np.testing.assert_allclose(at, full[:, list(steps)], rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 100)
+
+
+def test_prefix_functions_are_finite_on_zero_padded_dimensions(dtype):
+  # The curriculum zeroes trailing coordinates; rank-deficient S must not produce NaNs anywhere.
+  xs, ys, _ = _prompts(15, 2, 9, 6, dtype)
+  xs[:, :, 3:] = 0
+  xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+  for predictions in (algorithms.prefix_least_squares(xs, ys), algorithms.prefix_iterative_newton(xs, ys, 23),
+                      algorithms.prefix_gradient_descent_at(xs, ys, (1, 4096), 0.01),
+                      algorithms.prefix_online_gradient_descent(xs, ys)):
+    assert np.all(np.isfinite(_to_numpy(predictions, dtype)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks.
+
+XS, YS = jnp.ones((2, 3, 4)), jnp.ones((2, 3))
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: algorithms.iterative_newton(XS, YS, 3, alpha="l2"), "alpha"),
+    (lambda: algorithms.prefix_iterative_newton(XS, YS, 3, alpha="l2"), "alpha"),
+    (lambda: algorithms.iterative_newton(XS, YS, -1), "num_steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, 3, 0.1, gradient_scale="avg"), "gradient_scale"),
+    (lambda: algorithms.prefix_gradient_descent(XS, YS, 3, 0.1, gradient_scale="avg"), "gradient_scale"),
+    (lambda: algorithms.gradient_descent_at(XS, YS, (1, 2), 0.1, gradient_scale="avg"), "gradient_scale"),
+    (lambda: algorithms.prefix_gradient_descent_at(XS, YS, (), 0.1), "steps"),
+    (lambda: algorithms.gradient_descent_at(XS, YS, (1, -2), 0.1), "steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, 2.5, 0.1), "num_steps"),
+    (lambda: algorithms.preconditioned_gradient_descent(XS, YS, 3, jnp.eye(4), gradient_scale="avg"),
+     "gradient_scale"),
+    (lambda: algorithms.preconditioned_gradient_descent(XS, YS, 3, jnp.eye(3)), "preconditioner"),
+    (lambda: algorithms.prefix_preconditioned_gradient_descent(XS, YS, 3, jnp.eye(3)), "preconditioner"),
+    (lambda: algorithms.least_squares(XS, YS, ridge=-1.0), "ridge"),
+    (lambda: algorithms.prefix_least_squares(XS, YS, ridge=-1.0), "ridge"),
+])
+def test_bad_arguments_raise_value_error_naming_them(call, argument):
+  with pytest.raises(ValueError, match=argument):
+    call()

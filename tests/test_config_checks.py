@@ -1,0 +1,65 @@
+"""Every invalid configuration stops before compilation with a message naming the field and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import linreg
+from icl_jax import config_checks
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("task.kappa", 0.5, "config.task.kappa = 0.5: must be a number >= 1.0"),
+    ("task.noise_std", -0.1, "config.task.noise_std = -0.1: must be a number >= 0.0"),
+    ("task.n_points", 150, "config.model.n_positions = 202: allowed n_points <= 101"),
+    ("task.spectrum", "flat", "config.task.spectrum = 'flat': allowed values are 'two_level', 'log_spaced'"),
+    ("task.rotation", "never", "config.task.rotation = 'never': allowed values are 'per_prompt', 'per_batch'"),
+    ("model.num_heads", 7, "config.model.num_heads = 7 does not divide config.model.width = 256"),
+    ("model.family", "rnn", "config.model.family = 'rnn': allowed values are 'gpt2'"),
+    ("model.num_layers", 0, "config.model.num_layers = 0: must be an integer >= 1"),
+    ("train.num_steps", 0, "config.train.num_steps = 0: must be an integer >= 1"),
+    ("train.num_steps", -5, "config.train.num_steps = -5: must be an integer >= 1"),
+    ("train.batch_size", 60, "config.train.batch_size = 60 is not divisible by the 8 devices"),
+    ("train.learning_rate", 0.0, "config.train.learning_rate = 0.0: must be a number > 0.0"),
+    ("train.schedule", "step", "config.train.schedule = 'step': allowed values are 'constant', 'cosine', 'linear'"),
+    ("train.adam_b2", 1.0, "config.train.adam_b2 = 1.0: must be a number in [0, 1)"),
+    ("train.log_every", 0, "config.train.log_every = 0: must be an integer >= 1"),
+    ("train.checkpoint_every", 0, "config.train.checkpoint_every = 0: must be an integer >= 1"),
+    ("task.curriculum.dims_start", 21, "config.task.curriculum.dims_start = 21 exceeds config.task.n_dims = 20"),
+    ("task.curriculum.points_interval", 0, "config.task.curriculum.points_interval = 0: must be an integer >= 1"),
+    ("eval.num_prompts", 1000, "config.eval.num_prompts = 1000 is not a multiple of config.eval.batch_size = 256"),
+])
+def test_invalid_field_is_named(field, value, expected):
+  config = linreg.get_config()
+  section, _, name = field.rpartition(".")
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  node[name] = value
+  with pytest.raises(config_checks.ConfigError) as info:
+    config_checks.validate(config, num_devices=8)
+  assert expected in str(info.value)
+
+
+def test_paper_and_quick_configs_are_valid():
+  for variant in ("paper", "quick"):
+    config_checks.validate(linreg.get_config(variant), num_devices=8)
+
+
+def test_all_errors_are_reported_together():
+  config = linreg.get_config()
+  config.task.kappa = 0.0
+  config.train.num_steps = 0
+  with pytest.raises(config_checks.ConfigError) as info:
+    config_checks.validate(config, num_devices=1)
+  assert "config.task.kappa" in str(info.value) and "config.train.num_steps" in str(info.value)
+
+
+def test_command_line_reports_bad_field_and_exits_before_compiling(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "icl_jax.main", "--config=configs/linreg.py:quick", f"--workdir={tmp_path}",
+       "--config.task.kappa=0.5"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert "config.task.kappa = 0.5: must be a number >= 1.0" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()

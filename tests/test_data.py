@@ -1,0 +1,104 @@
+"""Prompt sampler statistics, the curriculum, and the per-example determinism of the data stream."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import linreg
+from icl_jax import data
+
+
+def _task(**overrides):
+  task = linreg.get_config().task
+  task.curriculum.enabled = False
+  task.update(overrides)
+  return task
+
+
+def _batch(task, batch_size, seed=0, n_dims=None):
+  key = data.step_key(jax.random.key(seed), 0)
+  return data.sample_batch(key, 0, batch_size, task, task.n_dims if n_dims is None else n_dims)
+
+
+def _eigh_per_prompt(xs_BxNxD):
+  cov_BxDxD = np.einsum("bni,bnj->bij", xs_BxNxD, xs_BxNxD) / xs_BxNxD.shape[1]
+  return np.linalg.eigh(cov_BxDxD)  # Ascending eigenvalues.
+
+
+@pytest.mark.parametrize("spectrum", ["two_level", "log_spaced"])
+def test_ill_conditioned_covariance_has_the_requested_spectrum(spectrum):
+  task = _task(n_dims=6, n_points=40_000, kappa=100.0, spectrum=spectrum)
+  eigvals_BxD, _ = _eigh_per_prompt(np.asarray(_batch(task, 3).xs_BxNxD))
+  expected_D = np.sort(np.asarray(data.covariance_spectrum(task)))
+  np.testing.assert_allclose(eigvals_BxD, np.broadcast_to(expected_D, eigvals_BxD.shape), rtol=0.06)
+  kappas_B = eigvals_BxD[:, -1] / eigvals_BxD[:, 0]
+  np.testing.assert_allclose(kappas_B, 100.0, rtol=0.12)
+  np.testing.assert_allclose(eigvals_BxD.sum(axis=1), 6.0, rtol=0.03)  # Trace normalised to d.
+
+
+def test_spectra_values():
+  two = data.covariance_spectrum(_task(n_dims=4, kappa=100.0, normalize_trace=False))
+  np.testing.assert_allclose(two, [100, 100, 1, 1])
+  logs = data.covariance_spectrum(_task(n_dims=3, kappa=100.0, spectrum="log_spaced", normalize_trace=False))
+  np.testing.assert_allclose(logs, [100, 10, 1], rtol=1e-6)
+  normalised = data.covariance_spectrum(_task(n_dims=4, kappa=100.0))
+  np.testing.assert_allclose(normalised, [200 / 101 * 1, 200 / 101, 2 / 101, 2 / 101], rtol=1e-6)
+
+
+def _top_eigenvectors(task, batch_size):
+  _, eigvecs_BxDxD = _eigh_per_prompt(np.asarray(_batch(task, batch_size).xs_BxNxD))
+  return eigvecs_BxDxD[:, :, -(task.n_dims // 2):]  # Spans the kappa-eigenspace.
+
+
+@pytest.mark.parametrize("rotation, shared", [("per_prompt", False), ("per_batch", True)])
+def test_rotation_is_per_prompt_or_per_batch(rotation, shared):
+  task = _task(n_dims=4, n_points=20_000, kappa=100.0, rotation=rotation)
+  top_BxDx2 = _top_eigenvectors(task, 2)
+  projector_BxDxD = np.einsum("bik,bjk->bij", top_BxDx2, top_BxDx2)
+  same_subspace = np.allclose(projector_BxDxD[0], projector_BxDxD[1], atol=0.05)
+  assert same_subspace == shared
+
+
+def test_isotropic_x_and_w_and_noise_std():
+  task = _task(n_dims=5, n_points=2000, noise_std=0.1)
+  batch = _batch(task, 64)
+  xs = np.asarray(batch.xs_BxNxD).reshape(-1, 5)
+  np.testing.assert_allclose(np.cov(xs.T), np.eye(5), atol=0.03)
+  ws = np.asarray(batch.ws_BxD)
+  assert abs(ws.mean()) < 0.3 and abs(ws.var() - 1) < 0.3
+  residual = np.asarray(batch.ys_BxN) - np.einsum("bnd,bd->bn", batch.xs_BxNxD, batch.ws_BxD)
+  np.testing.assert_allclose(residual.std(), 0.1, rtol=0.02)
+  noiseless = _batch(_task(n_dims=5, n_points=50), 8)
+  np.testing.assert_allclose(noiseless.ys_BxN, np.einsum("bnd,bd->bn", noiseless.xs_BxNxD, noiseless.ws_BxD),
+                             atol=1e-5)
+
+
+def test_truncated_dimensions_are_zero():
+  task = _task(n_dims=20, n_points=41, kappa=10.0)
+  xs = np.asarray(_batch(task, 4, n_dims=jnp.asarray(7)).xs_BxNxD)
+  assert np.all(xs[:, :, 7:] == 0) and np.all(xs[:, :, :7] != 0)
+
+
+@pytest.mark.parametrize("step, expected", [(0, (5, 11)), (1999, (5, 11)), (2000, (6, 13)), (9999, (9, 19)),
+                                            (29_999, (19, 39)), (30_000, (20, 41)), (10**6, (20, 41))])
+def test_garg_curriculum(step, expected):
+  sizes = data.curriculum(jnp.asarray(step), linreg.get_config().task)
+  assert (int(sizes.n_dims), int(sizes.n_points)) == expected
+
+
+def test_curriculum_off_gives_full_size():
+  sizes = data.curriculum(jnp.asarray(0), _task())
+  assert (int(sizes.n_dims), int(sizes.n_points)) == (20, 41)
+
+
+@pytest.mark.parametrize("rotation", ["per_prompt", "per_batch"])
+def test_device_slices_assemble_the_same_global_batch(rotation):
+  task = _task(n_dims=4, n_points=6, kappa=10.0, rotation=rotation)
+  key = data.step_key(jax.random.key(3), 17)
+  whole = data.sample_batch(key, 0, 8, task, 4)
+  slices = [data.sample_batch(key, 2 * i, 2, task, 4) for i in range(4)]
+  for name in ("xs_BxNxD", "ys_BxN", "ws_BxD"):
+    np.testing.assert_array_equal(np.concatenate([getattr(s, name) for s in slices]), getattr(whole, name))
+  other_step = data.sample_batch(data.step_key(jax.random.key(3), 18), 0, 8, task, 4)
+  assert not np.allclose(other_step.xs_BxNxD, whole.xs_BxNxD)

@@ -1,0 +1,72 @@
+"""GPT-2 regressor: parameter count, shapes, causality and the Hugging Face hidden-state convention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import linreg
+from icl_jax import models
+from icl_jax.models import gpt2
+
+
+def _init(config, batch=2, seed=0):
+  model = models.build_model(config.model)
+  xs = jax.random.normal(jax.random.key(seed), (batch, config.task.n_points, config.task.n_dims))
+  ys = jax.random.normal(jax.random.key(seed + 1), (batch, config.task.n_points))
+  params = model.init(jax.random.key(2), xs, ys)["params"]
+  return model, params, xs, ys
+
+
+def test_paper_model_has_garg_et_al_parameter_count():
+  config = linreg.get_config()
+  model = models.build_model(config.model)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 41, 20)), jnp.zeros((1, 41)))
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
+  # 12 blocks x (12 D^2 + 13 D) + wpe 202 x 256 + ln_f + read-in 20 -> 256 + read-out 256 -> 1 (papers.md §1.2).
+  assert count == 12 * (12 * 256**2 + 13 * 256) + 202 * 256 + 2 * 256 + (20 * 256 + 256) + 257 == 9_534_977
+
+
+@pytest.fixture(scope="module")
+def quick():
+  config = linreg.get_config("quick")
+  return (config, *_init(config))
+
+
+def test_shapes_and_hidden_states(quick):
+  config, model, params, xs, ys = quick
+  preds, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
+  assert preds.shape == (2, 11)
+  assert hidden.shape == (config.model.num_layers + 1, 2, 22, config.model.width)
+  np.testing.assert_array_equal(preds, model.apply({"params": params}, xs, ys))
+
+
+def test_hugging_face_convention_only_last_hidden_state_is_normalised(quick):
+  _, model, params, xs, ys = quick
+  preds, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
+  # The last entry is the read-out's input: applying the read-out to it gives the predictions.
+  read_out = params["read_out"]
+  np.testing.assert_allclose(hidden[-1][:, ::2] @ read_out["kernel"][:, 0] + read_out["bias"][0], preds,
+                             rtol=1e-5, atol=1e-5)
+  # ln_f has scale 1 and bias 0 at initialisation: only the last entry has zero mean and unit variance per token.
+  assert np.allclose(hidden[-1].mean(-1), 0, atol=1e-5) and np.allclose(hidden[-1].var(-1), 1, atol=1e-3)
+  for layer in range(hidden.shape[0] - 1):
+    assert not np.allclose(hidden[layer].var(-1), 1, atol=1e-2)
+
+
+def test_predictions_are_causal(quick):
+  _, model, params, xs, ys = quick
+  preds = model.apply({"params": params}, xs, ys)
+  k = 4  # Changing x_{k+1} and y_k must leave the predictions for y_0..y_k unchanged, and change later ones.
+  preds2 = model.apply({"params": params}, xs.at[:, k + 1].add(1.0), ys.at[:, k].add(1.0))
+  np.testing.assert_array_equal(preds[:, :k + 1], preds2[:, :k + 1])
+  assert not np.allclose(preds[:, k + 1:], preds2[:, k + 1:])
+
+
+def test_tokens_interleave_x_and_padded_y():
+  xs = jnp.arange(12.0).reshape(1, 2, 6) + 1
+  tokens = gpt2.interleave(xs, jnp.asarray([[-1.0, -2.0]]))
+  np.testing.assert_array_equal(tokens[0, 0], xs[0, 0])
+  np.testing.assert_array_equal(tokens[0, 1], [-1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(tokens[0, 2], xs[0, 1])
+  np.testing.assert_array_equal(tokens[0, 3], [-2, 0, 0, 0, 0, 0])

@@ -1,0 +1,90 @@
+"""The training loop: multi-device equality, resume, config changes, non-finite losses, checkpoints."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from icl_jax import checkpointing
+from icl_jax import models
+from icl_jax import optim
+from icl_jax import train
+from icl_jax import train_step
+
+
+def _losses(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in records], np.asarray([r["loss"] for r in records])
+
+
+def _final_params(config, workdir, devices=None):
+  mesh = train._make_mesh(jax.devices() if devices is None else devices)
+  like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
+  with checkpointing.Checkpoints(workdir / "checkpoints", config.train) as checkpoints:
+    return checkpoints.restore(checkpoints.latest_step(), like)
+
+
+def test_eight_devices_give_the_losses_of_one(tiny, tmp_path):
+  assert jax.device_count() == 8
+  one = train.train_and_evaluate(tiny, tmp_path / "one", devices=jax.devices()[:1])
+  eight = train.train_and_evaluate(tiny, tmp_path / "eight")
+  steps1, losses1 = _losses(tmp_path / "one")
+  steps8, losses8 = _losses(tmp_path / "eight")
+  assert steps1 == steps8 == list(range(1, 9))
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
+  assert len(set(losses1.tolist())) == len(losses1)  # The data really changes every step.
+  np.testing.assert_allclose(eight["error_curve"]["error_per_dim"], one["error_curve"]["error_per_dim"], rtol=1e-4)
+
+
+def test_resume_is_bit_identical_and_works_on_another_device_count(tiny, tmp_path):
+  straight = train.train_and_evaluate(tiny, tmp_path / "straight")
+  tiny.train.num_steps = 8
+  # Interrupt after the step-4 checkpoint: a run to step 6 leaves its own step-6 checkpoint, so delete it to
+  # leave exactly what a kill after step 4 leaves (metrics past step 4 included).
+  short = tiny.copy_and_resolve_references()
+  short.train.num_steps = 6
+  train.train_and_evaluate(short, tmp_path / "resumed", allow_config_change=True)
+  _delete_checkpoint(tmp_path / "resumed", 6)
+  resumed = train.train_and_evaluate(tiny, tmp_path / "resumed", allow_config_change=True)
+  steps, losses = _losses(tmp_path / "resumed")
+  assert steps == list(range(1, 9))  # Records of the abandoned steps 5-6 were replaced, not duplicated.
+  np.testing.assert_array_equal(losses, _losses(tmp_path / "straight")[1])
+  assert resumed["final"] == straight["final"]
+  a, b = _final_params(tiny, tmp_path / "straight"), _final_params(tiny, tmp_path / "resumed")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+  # The 8-device checkpoint restores onto 2 devices, which continue with the same losses.
+  tiny.train.num_steps = 12
+  train.train_and_evaluate(tiny, tmp_path / "straight", devices=jax.devices()[:2], allow_config_change=True)
+  eight = tmp_path / "eight12"
+  train.train_and_evaluate(tiny, eight)
+  np.testing.assert_allclose(_losses(tmp_path / "straight")[1], _losses(eight)[1], rtol=1e-5, atol=1e-6)
+
+
+def _delete_checkpoint(workdir, step):
+  import shutil
+  shutil.rmtree(workdir / "checkpoints" / str(step))
+
+
+def test_resume_with_a_different_config_lists_the_fields(tiny, tmp_path):
+  train.train_and_evaluate(tiny, tmp_path)
+  tiny.model.num_layers = 3
+  tiny.train.learning_rate = 5e-4
+  with pytest.raises(train.ConfigChangedError) as info:
+    train.train_and_evaluate(tiny, tmp_path)
+  message = str(info.value)
+  assert "config.model.num_layers: saved 2, now 3" in message
+  assert "config.train.learning_rate: saved 0.001, now 0.0005" in message
+  assert "--allow_config_change" in message
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+  train.train_and_evaluate(tiny, tmp_path)  # Checkpoints at steps 4 and 8.
+  good = jax.device_get(_final_params(tiny, tmp_path))
+  tiny.train.num_steps = 16
+  tiny.train.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 9"):
+    train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
+  with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
+    assert checkpoints.latest_step() == 8
+  jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(_final_params(tiny, tmp_path)))
