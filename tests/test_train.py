@@ -88,3 +88,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
   with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
     assert checkpoints.latest_step() == 8
   jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(_final_params(tiny, tmp_path)))
+
+
+def test_checkpoint_retention_keeps_the_last_k_and_every_period(tiny, tmp_path):
+  tiny.train.update(num_steps=12, checkpoint_every=2, keep_checkpoints=2, keep_period=4, steps_per_dispatch=2)
+  train.train_and_evaluate(tiny, tmp_path, devices=jax.devices()[:1])
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [4, 8, 10, 12]
