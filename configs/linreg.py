@@ -77,10 +77,42 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   # Python dispatch. Results do not depend on it.
   train.steps_per_dispatch = 50
 
-  # Evaluation at the end of training: error/d at every context length on fresh prompts.
+  # Evaluation (`--mode=eval`, and error/d at the end of training): which algorithm each layer follows.
   config.eval = evaluation = config_dict.ConfigDict()
-  evaluation.num_prompts = 1280  # Garg et al.: 20 batches of 64.
-  evaluation.batch_size = 256  # Prompts per evaluation call (memory, not results).
+  evaluation.num_prompts = 1280  # Fresh full-size prompts for every curve and SimE (Garg et al.: 20 x 64).
+  evaluation.batch_size = 256  # Prompts per model call (memory, not results).
+  evaluation.after_training = False  # Also run the full evaluation when training finishes.
+  evaluation.bootstrap_samples = 1000  # Resamples of the prompts for the intervals (Garg et al.: 1000).
+  evaluation.confidence = 0.9  # Width of the bootstrap intervals (Garg et al.: 90%).
+  # Per-layer read-out (icl_jax/probes.py): "least_squares" (closed-form minimiser of Fu et al.'s probe loss),
+  # "trained" (Fu et al.'s Adam-trained probes) or "model" (the model's own read-out on every layer).
+  evaluation.readout = "least_squares"
+  evaluation.probe_prompts = 512  # Fresh prompts the least-squares probes are fit on (512 x 41 >> width + 1).
+  evaluation.probe_ridge = 1e-6  # Ridge of the least-squares probes, relative to the mean feature energy.
+  evaluation.probe_steps = 2000  # Adam steps of "trained" probes (Fu et al. ran up to 500k; unknown).
+  evaluation.probe_batch_size = 64  # Prompts per step of "trained" probes (Fu et al.: 64).
+  evaluation.probe_learning_rate = 1e-4  # Adam's rate for "trained" probes (Fu et al.: 1e-4).
+  # Start of "trained" probes: "read_out" (the pretrained read-out, what Fu et al.'s code ends up doing) or
+  # "normal" (N(0, 0.01^2) kernel, zero bias, what it intends).
+  evaluation.probe_init = "read_out"
+  evaluation.newton_steps = 23  # Newton iterations compared: 1..newton_steps (Fu et al.: 23).
+  # Newton's M_0 = alpha S: "frobenius" alpha = 1/||SS^T||_F (Fu et al.'s code) or "spectral" 2/||SS^T||_2 (their
+  # paper; on the edge of convergence, see icl_jax/algorithms.py).
+  evaluation.newton_alpha = "frobenius"
+  evaluation.gd_learning_rate = 0.01  # GD's step size (Fu et al.'s code: 0.01).
+  # GD's gradient: "sum" X^T(Xw - y) (Fu et al.'s code) or "mean" (divided by the number of points).
+  evaluation.gd_gradient_scale = "sum"
+  evaluation.gd_steps = (1,) + tuple(range(50, 1301, 50))  # Fu et al.'s GD grid {1, 50, ..., 1300}.
+  evaluation.gd_log_steps = tuple(2**k for k in range(13))  # Fu et al.'s log grid {2^0, ..., 2^12}.
+  evaluation.sim_e_include_first = True  # SimE counts position 0 (Fu et al.'s code) or not (their paper).
+  # SimW: induced weights fit by least squares to predictions on sim_w_queries fresh queries per prefix, on
+  # sim_w_prompts prompts. The model's predictions are near-linear in the query (Fu et al. Fig. 27), so ~3d
+  # queries pin the fit down; each query is a model token at every prefix, the evaluation's largest cost.
+  evaluation.sim_w_prompts = 32
+  evaluation.sim_w_queries = 64
+  # Layers (1-based, inclusive) over which best-matching steps are fit against the layer index: the linear
+  # stretch of Fu et al. §4.2 (layers 3-9 of 12).
+  evaluation.fit_layers = (3, 9)
 
   if variant == "quick":
     _make_quick(config)
@@ -108,3 +140,4 @@ def _make_quick(config: config_dict.ConfigDict) -> None:
   config.train.checkpoint_every = 1000
   config.train.keep_period = 0
   config.train.steps_per_dispatch = 100
+  config.eval.fit_layers = (1, 4)

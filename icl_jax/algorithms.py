@@ -6,14 +6,20 @@ Conventions:
   * Iterative algorithms return their iterates stacked on axis 1, all from one `lax.scan`: index k is the
     estimate after k updates, so index 0 is the initial estimate (w_0 = 0 for gradient descent, M_0 X^T y for
     Newton's method).
-  * Prefix evaluation (`prefix_*`) returns predictions: entry [b, k, t] is x_t . w_k(points 0..t-1 of prompt b),
-    i.e. the estimate sees only the points before its query, and position 0 (no points) predicts 0. Prefixes
-    are formed by weighting points >= t by 0 and vmapping over t. A zero-weighted point adds nothing to
-    X^T X or X^T y and leaves the set of least-squares solutions unchanged, so this equals running the
-    algorithm on the shorter prompt; "mean" gradients divide by the prefix length t.
+  * Prefix evaluation comes in two forms with the same arguments. `prefix_*_weights` returns the estimates:
+    entry [b, k, t] is w_k(points 0..t-1 of prompt b), [B, K, T, D] (K before T, and no K axis for least
+    squares and online gradient descent), i.e. the estimate sees only the points before position t, and
+    position 0 (no points) has w = 0. These are the "induced weights" that Fu et al. 2024 (eqs. 7-8) compare
+    with a Transformer's. `prefix_*` returns the predictions x_t . w_k(points 0..t-1), [B, K, T], computed from
+    the weights by `_predict_at_prefixes`, so position 0 predicts 0. Prefixes are formed by weighting points
+    >= t by 0 and vmapping over t. A zero-weighted point adds nothing to X^T X or X^T y and leaves the set of
+    least-squares solutions unchanged, so this equals running the algorithm on the shorter prompt; "mean"
+    gradients divide by the prefix length t.
   * The dtype follows xs: float32 by default, float64 under `jax_enable_x64`.
   * Public functions are jitted. String options, step counts and `ridge` are static (each value compiles once)
     and are checked with a ValueError naming the argument; learning rates and preconditioners are traced.
+    `steps` (the `*_at` functions) may be a tuple, list or 1-D integer numpy array: a thin unjitted wrapper
+    turns it into the hashable tuple of ints that a static argument must be.
   * Defaults follow Fu et al.'s released code (github.com/DeqingFu/transformers-icl-second-order) where it
     differs from their paper (Fu et al. 2024, §3.1): Newton starts from alpha = 1 / ||S S^T||_F and gradient
     descent uses the unnormalised gradient X^T X w - X^T y (their step size is 0.01).
@@ -39,11 +45,28 @@ def _check_step_count(name: str, value: int) -> None:
     raise ValueError(f"{name}={value!r}; must be a non-negative int")
 
 
-def _check_steps(steps: tuple[int, ...]) -> None:
-  if not isinstance(steps, tuple) or not steps:
-    raise ValueError(f"steps={steps!r}; must be a non-empty tuple of non-negative ints")
+def _steps_tuple(steps) -> tuple[int, ...]:
+  """`steps` as a tuple of Python ints (hashable, so usable as a static argument), checked."""
+  if isinstance(steps, np.ndarray) and steps.ndim == 1:
+    steps = steps.tolist()  # Python ints for an integer array; floats, which the check rejects, otherwise.
+  if not isinstance(steps, (tuple, list, range)) or not steps:
+    raise ValueError(f"steps={steps!r}; must be a non-empty tuple or list of non-negative ints (a static "
+                     "argument, so not a JAX array)")
   for step in steps:
     _check_step_count("steps", step)
+  return tuple(int(step) for step in steps)
+
+
+def _jit_with_steps(fn):
+  """jax.jit with `steps` and `gradient_scale` static, behind a thin unjitted wrapper that passes `steps` (the
+  third argument) through `_steps_tuple`, since jit rejects unhashable static arguments such as lists."""
+  jitted = jax.jit(fn, static_argnames=("steps", "gradient_scale"))
+
+  @functools.wraps(fn)
+  def with_steps_tuple(xs, ys, steps, *args, **kwargs):
+    return jitted(xs, ys, _steps_tuple(steps), *args, **kwargs)
+
+  return with_steps_tuple
 
 
 def _moments(xs_BxNxD: jax.Array, ys_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,9 +93,15 @@ def _prefix_moments(xs_BxNxD: jax.Array, ys_BxN: jax.Array) -> tuple[jax.Array, 
   return s_TxBxDxD, b_TxBxD
 
 
-def _predict_at_prefixes(ws_BxTxKxD: jax.Array, xs_BxNxD: jax.Array) -> jax.Array:
-  """Prediction of prefix t's k-th estimate for the query x_t: [B, K, T]."""
-  return jnp.einsum("btkd,btd->bkt", ws_BxTxKxD, xs_BxNxD)
+def _over_prefixes(estimate, xs_BxNxD: jax.Array, ys_BxN: jax.Array) -> jax.Array:
+  """Iterates of every prefix, [B, K, T, D], from estimate(S [B, D, D], b [B, D], t) -> [B, K, D]."""
+  s_TxBxDxD, b_TxBxD = _prefix_moments(xs_BxNxD, ys_BxN)
+  return jax.vmap(estimate, out_axes=2)(s_TxBxDxD, b_TxBxD, jnp.arange(xs_BxNxD.shape[1]))
+
+
+def _predict_at_prefixes(ws_BxKxTxD: jax.Array, xs_BxNxD: jax.Array) -> jax.Array:
+  """Prediction of prefix t's (k-th) estimate for the query x_t: [B, K, T], or [B, T] for weights [B, T, D]."""
+  return jnp.einsum("b...td,btd->b...t", ws_BxKxTxD, xs_BxNxD)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,14 +136,19 @@ def least_squares(xs: jax.Array, ys: jax.Array, ridge: float = 0.0) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("ridge",))
-def prefix_least_squares(xs: jax.Array, ys: jax.Array, ridge: float = 0.0) -> jax.Array:
-  """Prediction for x_t of least squares fit to the points before t, for every t: [B, N] (0 at t = 0)."""
+def prefix_least_squares_weights(xs: jax.Array, ys: jax.Array, ridge: float = 0.0) -> jax.Array:
+  """`least_squares` fit to the points before t, for every t: [B, N, D] (0 at t = 0)."""
   if not ridge >= 0:
     raise ValueError(f"ridge={ridge!r}; must be >= 0")
   mask_TxN = _prefix_mask(xs.shape[1], xs.dtype)
   fit_prefix = lambda m_N: _least_squares(xs * m_N[None, :, None], ys * m_N[None, :], ridge)
-  ws_BxTxD = jax.vmap(fit_prefix, out_axes=1)(mask_TxN)
-  return _predict_at_prefixes(ws_BxTxD[:, :, None], xs)[:, 0]
+  return jax.vmap(fit_prefix, out_axes=1)(mask_TxN)
+
+
+@functools.partial(jax.jit, static_argnames=("ridge",))
+def prefix_least_squares(xs: jax.Array, ys: jax.Array, ridge: float = 0.0) -> jax.Array:
+  """Prediction for x_t of least squares fit to the points before t, for every t: [B, N] (0 at t = 0)."""
+  return _predict_at_prefixes(prefix_least_squares_weights(xs, ys, ridge), xs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,12 +209,17 @@ def iterative_newton(xs: jax.Array, ys: jax.Array, num_steps: int, alpha: str = 
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "alpha"))
+def prefix_iterative_newton_weights(xs: jax.Array, ys: jax.Array, num_steps: int,
+                                    alpha: str = "frobenius") -> jax.Array:
+  """`iterative_newton` on every prefix: iterates [B, num_steps + 1, N, D] (see the module docstring)."""
+  _check_newton_args(num_steps, alpha)
+  return _over_prefixes(lambda s_BxDxD, b_BxD, _: _newton(s_BxDxD, b_BxD, num_steps, alpha), xs, ys)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "alpha"))
 def prefix_iterative_newton(xs: jax.Array, ys: jax.Array, num_steps: int, alpha: str = "frobenius") -> jax.Array:
   """`iterative_newton` on every prefix: predictions [B, num_steps + 1, N] (see the module docstring)."""
-  _check_newton_args(num_steps, alpha)
-  newton = lambda s_BxDxD, b_BxD: _newton(s_BxDxD, b_BxD, num_steps, alpha)
-  ws_BxTxKxD = jax.vmap(newton, out_axes=1)(*_prefix_moments(xs, ys))
-  return _predict_at_prefixes(ws_BxTxKxD, xs)
+  return _predict_at_prefixes(prefix_iterative_newton_weights(xs, ys, num_steps, alpha), xs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,50 +315,58 @@ def gradient_descent(xs: jax.Array, ys: jax.Array, num_steps: int, learning_rate
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "gradient_scale"))
-def prefix_gradient_descent(xs: jax.Array, ys: jax.Array, num_steps: int, learning_rate: float,
-                            gradient_scale: str = "sum") -> jax.Array:
-  """`gradient_descent` on every prefix: predictions [B, num_steps + 1, N]. For long runs see
-  `prefix_gradient_descent_at`."""
+def prefix_gradient_descent_weights(xs: jax.Array, ys: jax.Array, num_steps: int, learning_rate: float,
+                                    gradient_scale: str = "sum") -> jax.Array:
+  """`gradient_descent` on every prefix: iterates [B, num_steps + 1, N, D]. For long runs see
+  `prefix_gradient_descent_at_weights`."""
   _check_gradient_args(num_steps, gradient_scale)
 
   def descend(s_BxDxD, b_BxD, num_points):
     return _affine_iterates(*_gradient_map(s_BxDxD, b_BxD, num_points, learning_rate, gradient_scale, None),
                             num_steps)
 
-  s_TxBxDxD, b_TxBxD = _prefix_moments(xs, ys)
-  ws_BxTxKxD = jax.vmap(descend, out_axes=1)(s_TxBxDxD, b_TxBxD, jnp.arange(xs.shape[1]))
-  return _predict_at_prefixes(ws_BxTxKxD, xs)
+  return _over_prefixes(descend, xs, ys)
 
 
-def _check_gradient_at_args(steps: tuple[int, ...], gradient_scale: str) -> None:
-  _check_steps(steps)
-  _check_option("gradient_scale", gradient_scale, GRADIENT_SCALES)
+@functools.partial(jax.jit, static_argnames=("num_steps", "gradient_scale"))
+def prefix_gradient_descent(xs: jax.Array, ys: jax.Array, num_steps: int, learning_rate: float,
+                            gradient_scale: str = "sum") -> jax.Array:
+  """`gradient_descent` on every prefix: predictions [B, num_steps + 1, N]. For long runs see
+  `prefix_gradient_descent_at`."""
+  return _predict_at_prefixes(
+      prefix_gradient_descent_weights(xs, ys, num_steps, learning_rate, gradient_scale), xs)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "gradient_scale"))
+@_jit_with_steps
 def gradient_descent_at(xs: jax.Array, ys: jax.Array, steps: tuple[int, ...], learning_rate: float,
                         gradient_scale: str = "sum") -> jax.Array:
-  """`gradient_descent` iterates after each number of updates in `steps` (a tuple of ints, in any order):
+  """`gradient_descent` iterates after each number of updates in `steps` (a tuple or list of ints, in any order):
   [B, len(steps), D]. Costs O(log max(steps)) matrix products, so grids up to thousands of steps are cheap."""
-  _check_gradient_at_args(steps, gradient_scale)
+  _check_option("gradient_scale", gradient_scale, GRADIENT_SCALES)
   s_BxDxD, b_BxD = _moments(xs, ys)
   return _affine_iterates_at(*_gradient_map(s_BxDxD, b_BxD, xs.shape[1], learning_rate, gradient_scale, None),
                              steps)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "gradient_scale"))
-def prefix_gradient_descent_at(xs: jax.Array, ys: jax.Array, steps: tuple[int, ...], learning_rate: float,
-                               gradient_scale: str = "sum") -> jax.Array:
-  """`gradient_descent_at` on every prefix: predictions [B, len(steps), N]."""
-  _check_gradient_at_args(steps, gradient_scale)
+@_jit_with_steps
+def prefix_gradient_descent_at_weights(xs: jax.Array, ys: jax.Array, steps: tuple[int, ...], learning_rate: float,
+                                       gradient_scale: str = "sum") -> jax.Array:
+  """`gradient_descent_at` on every prefix: iterates [B, len(steps), N, D]."""
+  _check_option("gradient_scale", gradient_scale, GRADIENT_SCALES)
 
   def descend(s_BxDxD, b_BxD, num_points):
     return _affine_iterates_at(*_gradient_map(s_BxDxD, b_BxD, num_points, learning_rate, gradient_scale, None),
                                steps)
 
-  s_TxBxDxD, b_TxBxD = _prefix_moments(xs, ys)
-  ws_BxTxKxD = jax.vmap(descend, out_axes=1)(s_TxBxDxD, b_TxBxD, jnp.arange(xs.shape[1]))
-  return _predict_at_prefixes(ws_BxTxKxD, xs)
+  return _over_prefixes(descend, xs, ys)
+
+
+@_jit_with_steps
+def prefix_gradient_descent_at(xs: jax.Array, ys: jax.Array, steps: tuple[int, ...], learning_rate: float,
+                               gradient_scale: str = "sum") -> jax.Array:
+  """`gradient_descent_at` on every prefix: predictions [B, len(steps), N]."""
+  return _predict_at_prefixes(
+      prefix_gradient_descent_at_weights(xs, ys, steps, learning_rate, gradient_scale), xs)
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "gradient_scale"))
@@ -338,11 +385,11 @@ def preconditioned_gradient_descent(xs: jax.Array, ys: jax.Array, num_steps: int
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "gradient_scale"))
-def prefix_preconditioned_gradient_descent(xs: jax.Array, ys: jax.Array, num_steps: int,
-                                           preconditioner: jax.Array, learning_rate: float = 1.0,
-                                           gradient_scale: str = "mean") -> jax.Array:
+def prefix_preconditioned_gradient_descent_weights(xs: jax.Array, ys: jax.Array, num_steps: int,
+                                                   preconditioner: jax.Array, learning_rate: float = 1.0,
+                                                   gradient_scale: str = "mean") -> jax.Array:
   """`preconditioned_gradient_descent` on every prefix, with the same P for all prefixes of a prompt:
-  predictions [B, num_steps + 1, N]."""
+  iterates [B, num_steps + 1, N, D]."""
   _check_gradient_args(num_steps, gradient_scale)
   _check_preconditioner(preconditioner, xs)
 
@@ -350,9 +397,17 @@ def prefix_preconditioned_gradient_descent(xs: jax.Array, ys: jax.Array, num_ste
     return _affine_iterates(
         *_gradient_map(s_BxDxD, b_BxD, num_points, learning_rate, gradient_scale, preconditioner), num_steps)
 
-  s_TxBxDxD, b_TxBxD = _prefix_moments(xs, ys)
-  ws_BxTxKxD = jax.vmap(descend, out_axes=1)(s_TxBxDxD, b_TxBxD, jnp.arange(xs.shape[1]))
-  return _predict_at_prefixes(ws_BxTxKxD, xs)
+  return _over_prefixes(descend, xs, ys)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "gradient_scale"))
+def prefix_preconditioned_gradient_descent(xs: jax.Array, ys: jax.Array, num_steps: int,
+                                           preconditioner: jax.Array, learning_rate: float = 1.0,
+                                           gradient_scale: str = "mean") -> jax.Array:
+  """`preconditioned_gradient_descent` on every prefix, with the same P for all prefixes of a prompt:
+  predictions [B, num_steps + 1, N]."""
+  return _predict_at_prefixes(prefix_preconditioned_gradient_descent_weights(
+      xs, ys, num_steps, preconditioner, learning_rate, gradient_scale), xs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,8 +438,13 @@ def online_gradient_descent(xs: jax.Array, ys: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def prefix_online_gradient_descent_weights(xs: jax.Array, ys: jax.Array) -> jax.Array:
+  """Online gradient descent after the points before t, for every t: [B, N, D] (0 at t = 0). One pass already
+  visits every prefix, so no vmap is needed."""
+  return online_gradient_descent(xs, ys)[:, :-1]
+
+
+@jax.jit
 def prefix_online_gradient_descent(xs: jax.Array, ys: jax.Array) -> jax.Array:
-  """Prediction for x_t of online gradient descent after the points before t: [B, N] (0 at t = 0). One pass
-  already visits every prefix, so no vmap is needed."""
-  ws_BxTxD = online_gradient_descent(xs, ys)[:, :-1]
-  return jnp.einsum("btd,btd->bt", ws_BxTxD, xs)
+  """Prediction for x_t of online gradient descent after the points before t: [B, N] (0 at t = 0)."""
+  return _predict_at_prefixes(prefix_online_gradient_descent_weights(xs, ys), xs)

@@ -4,9 +4,11 @@ import numbers
 
 import ml_collections
 
+from icl_jax import algorithms
 from icl_jax import data
 from icl_jax import models
 from icl_jax import optim
+from icl_jax import probes
 
 
 class ConfigError(ValueError):
@@ -90,8 +92,6 @@ def _train_errors(config, num_devices: int) -> list[str]:
   if _is_int(batch) and batch >= 1 and batch % num_devices:
     errors.append(f"config.train.batch_size = {batch} is not divisible by the {num_devices} devices: allowed "
                   f"values are multiples of {num_devices}")
-  _check_int(errors, config, "eval.num_prompts", 1)
-  _check_int(errors, config, "eval.batch_size", 1)
   prompts, eval_batch = config.eval.get("num_prompts"), config.eval.get("batch_size")
   if _is_int(prompts) and _is_int(eval_batch) and eval_batch >= 1:
     if prompts % eval_batch:
@@ -103,9 +103,42 @@ def _train_errors(config, num_devices: int) -> list[str]:
   return errors
 
 
+def _eval_errors(config) -> list[str]:
+  errors = []
+  for field in ("num_prompts", "batch_size", "bootstrap_samples", "probe_prompts", "probe_steps", "probe_batch_size",
+                "newton_steps", "sim_w_prompts"):
+    _check_int(errors, config, f"eval.{field}", 1)
+  _check_real(errors, config, "eval.probe_ridge", 0.0)
+  _check_real(errors, config, "eval.probe_learning_rate", 0.0, strict=True)
+  _check_real(errors, config, "eval.gd_learning_rate", 0.0, strict=True)
+  confidence = config.eval.get("confidence")
+  if not (_is_real(confidence) and 0 < confidence < 1):
+    errors.append(f"config.eval.confidence = {confidence!r}: must be a number in (0, 1)")
+  _check_choice(errors, config, "eval.readout", probes.READOUTS)
+  _check_choice(errors, config, "eval.probe_init", probes.PROBE_INITS)
+  _check_choice(errors, config, "eval.newton_alpha", algorithms.NEWTON_ALPHAS)
+  _check_choice(errors, config, "eval.gd_gradient_scale", algorithms.GRADIENT_SCALES)
+  for flag in ("after_training", "sim_e_include_first"):
+    _check_choice(errors, config, f"eval.{flag}", (True, False))
+  for grid in ("gd_steps", "gd_log_steps"):
+    steps = config.eval.get(grid)
+    if not (isinstance(steps, (tuple, list)) and steps and all(_is_int(s) and s >= 1 for s in steps)):
+      errors.append(f"config.eval.{grid} = {steps!r}: must be a non-empty tuple of integers >= 1")
+  queries, n_dims = config.eval.get("sim_w_queries"), config.task.get("n_dims")
+  if _is_int(n_dims) and not (_is_int(queries) and queries >= n_dims):
+    errors.append(f"config.eval.sim_w_queries = {queries!r}: must be an integer >= config.task.n_dims = {n_dims} "
+                  "(the induced weights are a least-squares fit to the queries)")
+  layers, num_layers = config.eval.get("fit_layers"), config.model.get("num_layers")
+  if _is_int(num_layers) and not (isinstance(layers, (tuple, list)) and len(layers) == 2 and
+                                  all(_is_int(v) for v in layers) and 1 <= layers[0] <= layers[1] <= num_layers):
+    errors.append(f"config.eval.fit_layers = {layers!r}: must be (first, last) with 1 <= first <= last <= "
+                  f"config.model.num_layers = {num_layers}")
+  return errors
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError listing every invalid field of `config` for a run on `num_devices` devices."""
-  errors = _task_errors(config) + _train_errors(config, num_devices)
+  errors = _task_errors(config) + _train_errors(config, num_devices) + _eval_errors(config)
   family = config.model.get("family")
   if family not in models.REGISTRY:
     errors.append(f"config.model.family = {family!r}: allowed values are {', '.join(map(repr, models.REGISTRY))}")

@@ -14,11 +14,15 @@ from absl import logging
 from ml_collections import config_flags
 
 from icl_jax import config_checks
+from icl_jax import evaluate
 from icl_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/linreg.py:quick.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (or resume) the run in --workdir; eval: evaluate its latest checkpoint "
+                          "layer by layer, writing WORKDIR/eval/results.json and figures.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even if its saved config differs from this one.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -34,8 +38,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except (config_checks.ConfigError, train.ConfigChangedError, FloatingPointError) as e:
+    if _MODE.value == "train":
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    else:
+      config_checks.validate(_CONFIG.value, num_devices=1)  # Evaluation runs on one device.
+      evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_checks.ConfigError, train.ConfigChangedError, FloatingPointError, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

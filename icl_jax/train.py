@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
+from icl_jax import evaluate
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import run_logs
@@ -162,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   result = {"step": step, "num_params": num_params, "final": metrics.last, "preempted": preempted["set"]}
   if step == train.num_steps:
     result["error_curve"] = _write_error_curve(config, model, state.params, mesh, workdir)
+    if config.eval.after_training:
+      result["evaluation"] = evaluate.evaluate(config, workdir, params=state.params)
   return result
 
 

@@ -234,6 +234,9 @@ def test_float64_hyperparameters_keep_float32_data_float32():
     for result in (algorithms.gradient_descent(xs, ys, 2, learning_rate),
                    algorithms.gradient_descent_at(xs, ys, (3,), learning_rate),
                    algorithms.prefix_gradient_descent_at(xs, ys, (3,), learning_rate),
+                   algorithms.prefix_gradient_descent_at_weights(xs, ys, [3], learning_rate),
+                   algorithms.prefix_preconditioned_gradient_descent_weights(xs, ys, 2, preconditioner,
+                                                                             learning_rate),
                    algorithms.preconditioned_gradient_descent(xs, ys, 2, preconditioner, learning_rate),
                    algorithms.least_squares(xs, ys, ridge=np.float64(0.5)),
                    algorithms.prefix_iterative_newton(xs, ys, 2),
@@ -307,45 +310,54 @@ def test_preconditioned_gradient_descent_with_identity_is_gradient_descent(dtype
 
 N_PREFIX, D_PREFIX = 7, 4
 PREFIXES = (1, 3, N_PREFIX - 1)  # 3 < d: rank-deficient; 6 > d: overdetermined.
+# Predictions against x_t . (the prefix weights), computed in float64 here: only the rounding of one D-term dot.
+PREDICTION_RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def _prefix_case(name, *args, **kwargs):
+  """algorithms.prefix_<name>_weights, .prefix_<name> and .<name>, each as a function of (xs, ys) alone."""
+  bind = lambda fn: lambda x, y: fn(x, y, *args, **kwargs)
+  return tuple(bind(getattr(algorithms, f)) for f in (f"prefix_{name}_weights", f"prefix_{name}", name))
 
 
 def _prefix_cases(dtype):
-  """name -> (prefix function, function of a whole prompt, stacked iterates on axis 1?)."""
+  """name -> (prefix weights function, prefix prediction function, function of a whole prompt, stacked iterates
+  on axis 1?)."""
   preconditioner = jnp.asarray(np.diag([1.0, 0.5, 2.0, 1.5]), dtype)
-  lr = 0.05
   return {
-      "least_squares": (algorithms.prefix_least_squares, algorithms.least_squares, False),
-      "ridge": (lambda x, y: algorithms.prefix_least_squares(x, y, ridge=0.3),
-                lambda x, y: algorithms.least_squares(x, y, ridge=0.3), False),
-      "newton": (lambda x, y: algorithms.prefix_iterative_newton(x, y, 6),
-                 lambda x, y: algorithms.iterative_newton(x, y, 6), True),
-      "newton_spectral": (lambda x, y: algorithms.prefix_iterative_newton(x, y, 3, "spectral"),
-                          lambda x, y: algorithms.iterative_newton(x, y, 3, "spectral"), True),
-      "gd_sum": (lambda x, y: algorithms.prefix_gradient_descent(x, y, 6, lr),
-                 lambda x, y: algorithms.gradient_descent(x, y, 6, lr), True),
-      "gd_mean": (lambda x, y: algorithms.prefix_gradient_descent(x, y, 6, 0.3, "mean"),
-                  lambda x, y: algorithms.gradient_descent(x, y, 6, 0.3, "mean"), True),
-      "gd_at_mean": (lambda x, y: algorithms.prefix_gradient_descent_at(x, y, (9, 0, 2), 0.3, "mean"),
-                     lambda x, y: algorithms.gradient_descent_at(x, y, (9, 0, 2), 0.3, "mean"), True),
-      "pgd": (lambda x, y: algorithms.prefix_preconditioned_gradient_descent(x, y, 4, preconditioner, 0.3),
-              lambda x, y: algorithms.preconditioned_gradient_descent(x, y, 4, preconditioner, 0.3), True),
-      "online_gd": (algorithms.prefix_online_gradient_descent,
+      "least_squares": (*_prefix_case("least_squares"), False),
+      "ridge": (*_prefix_case("least_squares", ridge=0.3), False),
+      "newton": (*_prefix_case("iterative_newton", 6), True),
+      "newton_spectral": (*_prefix_case("iterative_newton", 3, "spectral"), True),
+      "gd_sum": (*_prefix_case("gradient_descent", 6, 0.05), True),
+      "gd_mean": (*_prefix_case("gradient_descent", 6, 0.3, "mean"), True),
+      "gd_at_mean": (*_prefix_case("gradient_descent_at", [9, 0, 2], 0.3, "mean"), True),  # steps as a list.
+      "pgd": (*_prefix_case("preconditioned_gradient_descent", 4, preconditioner, 0.3), True),
+      "online_gd": (algorithms.prefix_online_gradient_descent_weights, algorithms.prefix_online_gradient_descent,
                     lambda x, y: algorithms.online_gradient_descent(x, y)[:, -1], False),
   }
 
 
 @pytest.mark.parametrize("case", list(_prefix_cases(np.float32)))
-def test_prefix_predictions_equal_brute_force(dtype, case):
-  prefix_fn, whole_fn, has_iterates = _prefix_cases(dtype)[case]
+def test_prefix_weights_and_predictions_equal_brute_force(dtype, case):
+  weights_fn, prefix_fn, whole_fn, has_iterates = _prefix_cases(dtype)[case]
   xs, ys, _ = _prompts(13, 3, N_PREFIX, D_PREFIX, dtype, kappa=10.0)
+  weights = _to_numpy(weights_fn(jnp.asarray(xs), jnp.asarray(ys)), dtype)
   predictions = _to_numpy(prefix_fn(jnp.asarray(xs), jnp.asarray(ys)), dtype)
   if not has_iterates:
-    predictions = predictions[:, None]
-  assert predictions.shape[0] == 3 and predictions.shape[2] == N_PREFIX
-  assert np.all(predictions[:, :, 0] == 0)  # No points seen yet.
+    weights, predictions = weights[:, None], predictions[:, None]
+  num_iterates = weights.shape[1]
+  assert weights.shape == (3, num_iterates, N_PREFIX, D_PREFIX)  # Iterates before prefixes.
+  assert predictions.shape == (3, num_iterates, N_PREFIX)
+  assert np.all(weights[:, :, 0] == 0) and np.all(predictions[:, :, 0] == 0)  # No points seen yet.
+  # The predictions are the weights applied to each prefix's query.
+  from_weights = np.einsum("bktd,btd->bkt", weights, xs.astype(np.float64))
+  np.testing.assert_allclose(predictions, from_weights, rtol=PREDICTION_RTOL[dtype],
+                             atol=PREDICTION_RTOL[dtype] * np.max(np.abs(from_weights)))
   for t in PREFIXES:
     w = _to_numpy(whole_fn(jnp.asarray(xs[:, :t]), jnp.asarray(ys[:, :t])), dtype)
     w = w if has_iterates else w[:, None]
+    np.testing.assert_allclose(weights[:, :, t], w, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
     expected = np.einsum("bkd,bd->bk", w, xs[:, t].astype(np.float64))
     np.testing.assert_allclose(predictions[:, :, t], expected, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
 
@@ -353,21 +365,38 @@ def test_prefix_predictions_equal_brute_force(dtype, case):
 def test_prefix_gradient_descent_at_equals_full_prefix_iterates(dtype):
   xs, ys, _ = _prompts(14, 3, N_PREFIX, D_PREFIX, dtype)
   steps = (40, 3, 17)
-  full = _to_numpy(algorithms.prefix_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 40, 0.05), dtype)
-  at = _to_numpy(algorithms.prefix_gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), steps, 0.05), dtype)
-  assert at.shape == (3, len(steps), N_PREFIX)
+  full = _to_numpy(algorithms.prefix_gradient_descent_weights(jnp.asarray(xs), jnp.asarray(ys), 40, 0.05), dtype)
+  at = _to_numpy(algorithms.prefix_gradient_descent_at_weights(jnp.asarray(xs), jnp.asarray(ys), steps, 0.05),
+                 dtype)
+  assert at.shape == (3, len(steps), N_PREFIX, D_PREFIX)
   np.testing.assert_allclose(at, full[:, list(steps)], rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 100)
 
 
 def test_prefix_functions_are_finite_on_zero_padded_dimensions(dtype):
-  # The curriculum zeroes trailing coordinates; rank-deficient S must not produce NaNs anywhere.
+  # The curriculum zeroes trailing coordinates; rank-deficient S must not produce NaNs anywhere. Predictions are
+  # the weights applied to queries, so finite weights make them finite too.
   xs, ys, _ = _prompts(15, 2, 9, 6, dtype)
   xs[:, :, 3:] = 0
   xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  for predictions in (algorithms.prefix_least_squares(xs, ys), algorithms.prefix_iterative_newton(xs, ys, 23),
-                      algorithms.prefix_gradient_descent_at(xs, ys, (1, 4096), 0.01),
-                      algorithms.prefix_online_gradient_descent(xs, ys)):
-    assert np.all(np.isfinite(_to_numpy(predictions, dtype)))
+  for weights in (algorithms.prefix_least_squares_weights(xs, ys),
+                  algorithms.prefix_iterative_newton_weights(xs, ys, 23),
+                  algorithms.prefix_gradient_descent_at_weights(xs, ys, (1, 4096), 0.01),
+                  algorithms.prefix_online_gradient_descent_weights(xs, ys)):
+    weights = _to_numpy(weights, dtype)
+    assert np.all(np.isfinite(weights))
+    assert np.all(weights[..., 3:] == 0)  # Zero coordinates stay exactly zero.
+
+
+@pytest.mark.parametrize("function", ["gradient_descent_at", "prefix_gradient_descent_at",
+                                      "prefix_gradient_descent_at_weights"])
+def test_steps_may_be_a_list_range_or_numpy_array(function):
+  fn = getattr(algorithms, function)
+  xs, ys, _ = _prompts(18, 2, 5, 3, np.float32)
+  xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+  expected = np.asarray(fn(xs, ys, (3, 1), 0.1))
+  for steps in ([3, 1], np.array([3, 1]), range(3, 0, -2)):
+    np.testing.assert_array_equal(np.asarray(fn(xs, ys, steps, 0.1)), expected)
+  np.testing.assert_array_equal(np.asarray(fn(xs, ys, steps=[3, 1], learning_rate=0.1)), expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,6 +421,16 @@ XS, YS = jnp.ones((2, 3, 4)), jnp.ones((2, 3))
     (lambda: algorithms.prefix_preconditioned_gradient_descent(XS, YS, 3, jnp.eye(3)), "preconditioner"),
     (lambda: algorithms.least_squares(XS, YS, ridge=-1.0), "ridge"),
     (lambda: algorithms.prefix_least_squares(XS, YS, ridge=-1.0), "ridge"),
+    (lambda: algorithms.prefix_least_squares_weights(XS, YS, ridge=-1.0), "ridge"),
+    (lambda: algorithms.prefix_iterative_newton_weights(XS, YS, 3, alpha="l2"), "alpha"),
+    (lambda: algorithms.prefix_gradient_descent_weights(XS, YS, -1, 0.1), "num_steps"),
+    (lambda: algorithms.prefix_gradient_descent_at_weights(XS, YS, [1], 0.1, gradient_scale="avg"),
+     "gradient_scale"),
+    (lambda: algorithms.prefix_gradient_descent_at_weights(XS, YS, [], 0.1), "steps"),
+    (lambda: algorithms.gradient_descent_at(XS, YS, jnp.asarray([1, 2]), 0.1), "steps"),  # Not static.
+    (lambda: algorithms.gradient_descent_at(XS, YS, np.asarray([1.0, 2.0]), 0.1), "steps"),
+    (lambda: algorithms.gradient_descent_at(XS, YS, 3, 0.1), "steps"),
+    (lambda: algorithms.prefix_preconditioned_gradient_descent_weights(XS, YS, 3, jnp.eye(3)), "preconditioner"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(call, argument):
   with pytest.raises(ValueError, match=argument):

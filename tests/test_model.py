@@ -70,3 +70,18 @@ def test_tokens_interleave_x_and_padded_y():
   np.testing.assert_array_equal(tokens[0, 1], [-1, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(tokens[0, 2], xs[0, 1])
   np.testing.assert_array_equal(tokens[0, 3], [-2, 0, 0, 0, 0, 0])
+
+
+def test_query_stream_equals_putting_each_query_in_place_of_x_n(quick):
+  config, model, params, xs, ys = quick
+  queries = jax.random.normal(jax.random.key(7), (2, 11, 3, 5))
+  out = model.apply({"params": params}, xs, ys, queries=queries)
+  preds, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
+  np.testing.assert_allclose(out.preds_BxN, preds, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out.hidden_Lx, hidden, rtol=1e-5, atol=1e-5)
+  assert out.query_hidden_Lx.shape == (config.model.num_layers + 1, 2, 11, 3, config.model.width)
+  for n in (0, 4, 10):
+    for q in range(3):
+      replaced = model.apply({"params": params}, xs.at[:, n].set(queries[:, n, q]), ys, return_hidden=True)
+      np.testing.assert_allclose(out.query_preds_BxNxQ[:, n, q], replaced[0][:, n], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(out.query_hidden_Lx[:, :, n, q], replaced[1][:, :, 2 * n], rtol=1e-4, atol=1e-4)

@@ -13,5 +13,7 @@ def get_config():
   config.model.update(num_layers=2, num_heads=2, width=16, n_positions=12)
   config.train.update(num_steps=8, batch_size=16, learning_rate=1e-3, log_every=1, checkpoint_every=4,
                       steps_per_dispatch=3, keep_period=0)
-  config.eval.update(num_prompts=32, batch_size=16)
+  config.eval.update(num_prompts=32, batch_size=16, probe_prompts=32, sim_w_prompts=4, sim_w_queries=8,
+                     newton_steps=5, gd_steps=(1, 10, 20), gd_log_steps=(1, 2, 4, 8), bootstrap_samples=50,
+                     fit_layers=(1, 2))
   return config

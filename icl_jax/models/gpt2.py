@@ -12,6 +12,7 @@ read-out's input). Per-layer probes read these, so they need no second model.
 """
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,23 +36,43 @@ def _torch_linear(features: int, fan_in: int, name: str) -> nn.Dense:
 
 
 class CausalSelfAttention(nn.Module):
+  """Causal softmax attention over the prompt; query tokens (if any) each see the prompt's tokens before their
+  prefix and themselves, and are seen by nothing."""
+
   num_heads: int
   init_std: float
   proj_std: float
 
   @nn.compact
-  def __call__(self, h_BxTxD):
-    b, t, width = h_BxTxD.shape
+  def __call__(self, h_BxTxW, g_BxNxQxW=None):
+    width = h_BxTxW.shape[-1]
     head_dim = width // self.num_heads
-    qkv_BxTx3D = nn.Dense(3 * width, kernel_init=nn.initializers.normal(self.init_std), name="c_attn")(h_BxTxD)
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_BxTx3D.reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (a[:, :, 0] for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
-    logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK) / math.sqrt(head_dim)
-    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-    logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(logits_BxHxTxT.dtype).min)
+    c_attn = nn.Dense(3 * width, kernel_init=nn.initializers.normal(self.init_std), name="c_attn")
+    c_proj = nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), name="c_proj")
+    split_heads = lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], 3, self.num_heads, head_dim), -3, 0)
+    scale = 1.0 / math.sqrt(head_dim)
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = split_heads(c_attn(h_BxTxW))
+    t = h_BxTxW.shape[1]
+    logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK) * scale
+    logits_BxHxTxT = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool)), logits_BxHxTxT, _MASKED)
     probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1)
-    out_BxTxD = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxT, v_BxTxHxK).reshape(b, t, width)
-    return nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), name="c_proj")(out_BxTxD)
+    out_BxTxW = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxT, v_BxTxHxK).reshape(h_BxTxW.shape)
+    if g_BxNxQxW is None:
+      return c_proj(out_BxTxW), None
+    qg_BxNxQxHxK, kg_BxNxQxHxK, vg_BxNxQxHxK = split_heads(c_attn(g_BxNxQxW))
+    n = g_BxNxQxW.shape[1]
+    # The query of prefix n stands where x_n does: it sees the 2n tokens (x_0, y_0, ..., y_{n-1}) and itself.
+    sees_NxT = jnp.arange(t)[None, :] < 2 * jnp.arange(n)[:, None]
+    context_BxHxNxQxT = jnp.einsum("bnqhk,bshk->bhnqs", qg_BxNxQxHxK, k_BxTxHxK) * scale
+    context_BxHxNxQxT = jnp.where(sees_NxT[:, None, :], context_BxHxNxQxT, _MASKED)
+    self_BxHxNxQx1 = jnp.einsum("bnqhk,bnqhk->bhnq", qg_BxNxQxHxK, kg_BxNxQxHxK)[..., None] * scale
+    probs_BxHxNxQxS = jax.nn.softmax(jnp.concatenate([context_BxHxNxQxT, self_BxHxNxQx1], axis=-1), axis=-1)
+    out_BxNxQxHxK = (jnp.einsum("bhnqs,bshk->bnqhk", probs_BxHxNxQxS[..., :-1], v_BxTxHxK) +
+                     jnp.einsum("bhnq,bnqhk->bnqhk", probs_BxHxNxQxS[..., -1], vg_BxNxQxHxK))
+    return c_proj(out_BxTxW), c_proj(out_BxNxQxHxK.reshape(g_BxNxQxW.shape))
+
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class MLP(nn.Module):
@@ -60,25 +81,41 @@ class MLP(nn.Module):
   proj_std: float
 
   @nn.compact
-  def __call__(self, h_BxTxD):
-    width = h_BxTxD.shape[-1]
-    h_BxTxF = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), name="c_fc")(h_BxTxD)
+  def __call__(self, h_BxTxW):
+    width = h_BxTxW.shape[-1]
+    h_BxTxF = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), name="c_fc")(h_BxTxW)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new".
     return nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), name="c_proj")(h_BxTxF)
 
 
 class Block(nn.Module):
+  """A pre-LayerNorm block applied to the prompt's stream and, with the same weights, to the query stream."""
+
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, h_BxTxD):
+  def __call__(self, h_BxTxW, g_BxNxQxW=None):
     c = self.config
     # GPT-2 scales the residual projections' initialisation by 1/sqrt(2 L): two per block add to the stream.
     proj_std = c.init_std / math.sqrt(2 * c.num_layers)
-    h_BxTxD = h_BxTxD + CausalSelfAttention(c.num_heads, c.init_std, proj_std, name="attn")(
-        nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")(h_BxTxD))
-    return h_BxTxD + MLP(c.mlp_ratio * c.width, c.init_std, proj_std, name="mlp")(
-        nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")(h_BxTxD))
+    ln_1 = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")
+    ln_2 = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")
+    mlp = MLP(c.mlp_ratio * c.width, c.init_std, proj_std, name="mlp")
+    attn_h, attn_g = CausalSelfAttention(c.num_heads, c.init_std, proj_std, name="attn")(
+        ln_1(h_BxTxW), None if g_BxNxQxW is None else ln_1(g_BxNxQxW))
+    h_BxTxW = h_BxTxW + attn_h
+    h_BxTxW = h_BxTxW + mlp(ln_2(h_BxTxW))
+    if g_BxNxQxW is None:
+      return h_BxTxW, None
+    g_BxNxQxW = g_BxNxQxW + attn_g
+    return h_BxTxW, g_BxNxQxW + mlp(ln_2(g_BxNxQxW))
+
+
+class QueryOutputs(NamedTuple):
+  preds_BxN: jax.Array  # Predictions on the prompt, as without queries.
+  hidden_Lx: jax.Array  # [L + 1, B, 2N, width]: the prompt's hidden states.
+  query_preds_BxNxQ: jax.Array  # [B, N, Q]: prediction for query q given the points before prefix n.
+  query_hidden_Lx: jax.Array  # [L + 1, B, N, Q, width]: the queries' hidden states, same convention.
 
 
 class GPT2Regressor(nn.Module):
@@ -86,24 +123,35 @@ class GPT2Regressor(nn.Module):
 
   `__call__(xs [B, N, D], ys [B, N])` returns predictions [B, N]; with `return_hidden=True` it returns
   (predictions, hidden [L + 1, B, 2N, width]) with the Hugging Face convention of the module docstring.
+
+  With `queries` [B, N, Q, D] it also predicts, for every prefix n, Q fresh queries from the n points before
+  it (as if each stood in x_n's place), in one pass: returns `QueryOutputs`. This is what induced weights
+  (Fu et al.'s SimW) need, without one forward pass per prefix and query.
   """
 
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, xs_BxNxD, ys_BxN, return_hidden: bool = False):
+  def __call__(self, xs_BxNxD, ys_BxN, return_hidden: bool = False, queries=None):
     c = self.config
     tokens_BxTxD = interleave(xs_BxNxD, ys_BxN)
     t = tokens_BxTxD.shape[1]
     wpe_PxW = self.param("wpe", nn.initializers.normal(c.init_std), (c.n_positions, c.width))
-    h_BxTxW = _torch_linear(c.width, tokens_BxTxD.shape[-1], "read_in")(tokens_BxTxD) + wpe_PxW[None, :t]
-    hidden = [h_BxTxW]
+    read_in = _torch_linear(c.width, tokens_BxTxD.shape[-1], "read_in")
+    h_BxTxW = read_in(tokens_BxTxD) + wpe_PxW[None, :t]
+    g_BxNxQxW = None if queries is None else read_in(queries) + wpe_PxW[:t:2][None, :, None]
+    hidden, query_hidden = [h_BxTxW], [g_BxNxQxW]
     for layer in range(c.num_layers):
-      h_BxTxW = Block(c, name=f"h_{layer}")(h_BxTxW)
+      h_BxTxW, g_BxNxQxW = Block(c, name=f"h_{layer}")(h_BxTxW, g_BxNxQxW)
       hidden.append(h_BxTxW)
-    h_BxTxW = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")(h_BxTxW)
-    hidden[-1] = h_BxTxW
-    preds_BxN = _torch_linear(1, c.width, "read_out")(h_BxTxW)[:, ::2, 0]
+      query_hidden.append(g_BxNxQxW)
+    ln_f = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")
+    read_out = _torch_linear(1, c.width, "read_out")
+    hidden[-1] = ln_f(h_BxTxW)
+    preds_BxN = read_out(hidden[-1])[:, ::2, 0]
+    if queries is not None:
+      query_hidden[-1] = ln_f(g_BxNxQxW)
+      return QueryOutputs(preds_BxN, jnp.stack(hidden), read_out(query_hidden[-1])[..., 0], jnp.stack(query_hidden))
     if return_hidden:
       return preds_BxN, jnp.stack(hidden)
     return preds_BxN

@@ -1,0 +1,279 @@
+"""Fu et al. (2024)'s figures from `evaluate`'s results: error/d against layer and against context length,
+SimE and SimW heatmaps with each layer's best match, and the best-matching steps per layer with their fits.
+
+`write_all(results, out_dir)` takes the dict that icl_jax/evaluate.py writes as results.json (plain lists)
+and writes every figure as PNG and PDF. The figures are built with matplotlib's object API (`Figure`), which
+needs no backend and registers nothing with pyplot: a figure is freed once its last reference goes, so
+nothing stays open after saving, even in a long training process.
+"""
+
+import functools
+import pathlib
+
+import matplotlib
+import numpy as np
+from matplotlib import lines, patches, ticker
+from matplotlib.figure import Figure
+
+DPI = 150
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+         "ytick.labelsize": 10, "legend.fontsize": 9, "figure.titlesize": 12}
+PAPER_LENGTHS = (5, 10, 15, 20, 22, 25, 30, 35)  # Context lengths of Fu et al.'s Fig. 2 (d = 20, 41 points).
+NUM_LENGTHS = 6  # Context lengths drawn instead when fewer than MIN_PAPER_LENGTHS of Fu et al.'s exist.
+MIN_PAPER_LENGTHS = 4
+MAX_TICK_LABELS = 14  # Beyond this, grid labels such as 1300 overlap on a heatmap axis.
+# Error/d below this is float32 round-off of an exact fit (least squares, or converged Newton, once n >= d): its
+# size carries no information and would stretch the log axis over ten more decades.
+ERROR_FLOOR = 1e-8
+# Fu et al.'s best matches for their 12-layer model on d = 20, kappa = 1 (papers.md §1.6): Newton from the
+# legend of Fig. 7(b), GD's log grid read off Fig. 10.
+PAPER_BEST = {"newton": (1, 1, 3, 5, 8, 10, 14, 17, 20, 21, 21, 21),
+              "gd_log": (1, 1, 4, 8, 32, 64, 256, 512, 1024, 4096, 4096, 4096)}
+METRIC_NAMES = {"sim_e": "SimE (similarity of errors)", "sim_w": "SimW (similarity of induced weights)"}
+GRID_NAMES = {"newton": "Iterative Newton", "gd": "GD", "gd_log": "GD, log grid"}
+GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps"}
+GREY = "0.45"
+
+
+def write_all(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Writes every figure as `<stem>.png` and `<stem>.pdf` into `out_dir`; returns the paths written."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  makers = {"error_vs_layer": functools.partial(error_vs_layer, results),
+            "error_vs_context": functools.partial(error_vs_context, results),
+            "best_match": functools.partial(best_match, results)}
+  for metric in METRIC_NAMES:
+    for grid in results["grids"]:
+      makers[f"{metric}_{grid}_heatmap"] = functools.partial(similarity_heatmap, results, metric, grid)
+  paths = []
+  # The style must be in force both when the text is laid out and when it is drawn.
+  with matplotlib.rc_context(STYLE):
+    for stem, make in makers.items():
+      figure = make()
+      for suffix in (".png", ".pdf"):
+        paths.append(out_dir / f"{stem}{suffix}")
+        figure.savefig(paths[-1], dpi=DPI)
+  return paths
+
+
+def error_vs_layer(results: dict) -> Figure:
+  """Error/d of each layer's read-out against the layer, one line per context length (Fu et al.'s Fig. 2)."""
+  layers_L = np.asarray(results["layers"])
+  stats = _stats(results, "layers")
+  ols_N = np.asarray(results["error_per_dim"]["least_squares"]["mean"])[0]
+  lengths = _shown_lengths(results["context_lengths"])
+  column = {n: i for i, n in enumerate(results["context_lengths"])}
+  d = results["settings"]["task"]["n_dims"]
+  figure = Figure(figsize=(8, 5.5), layout="constrained")
+  ax = figure.add_subplot()
+  colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(lengths)))
+  for n, colour in zip(lengths, colours):
+    _band(ax, layers_L, stats, (slice(None), column[n]), color=colour, marker="o",
+          label=f"n = {n}" + (" = d" if n == d else ""))
+    ax.axhline(ols_N[column[n]], color=colour, ls="--", lw=1)
+  handles, _ = ax.get_legend_handles_labels()
+  handles.append(lines.Line2D([], [], color=GREY, ls="--", lw=1,
+                              label="least squares, same n\n(≈ 0 for n ≥ d: off the axis)"))
+  ax.legend(handles=handles, loc="upper right", title="examples in context")
+  _log_errors(ax, stats["low"][:, [column[n] for n in lengths]], stats["high"])
+  _integer_ticks(ax.xaxis, layers_L)
+  ax.set_xlabel("layer")
+  ax.set_ylabel("squared error / d")
+  ax.set_title("Error of each layer's read-out (Fu et al. Fig. 2); bands: 90% bootstrap interval")
+  figure.suptitle(_settings_line(results))
+  return figure
+
+
+def error_vs_context(results: dict) -> Figure:
+  """Error/d against the number of in-context examples: the model, its last layer and the algorithms."""
+  lengths_N = np.asarray(results["context_lengths"])
+  grids = results["grids"]
+  d = results["settings"]["task"]["n_dims"]
+  figure = Figure(figsize=(9, 5.5), layout="constrained")
+  ax = figure.add_subplot()
+  curves = [("model", 0, "model output", {"color": "black", "lw": 2.2}),
+            ("layers", -1, f"layer {results['layers'][-1]} read-out", {"color": "tab:blue", "ls": "--"}),
+            ("least_squares", 0, "least squares", {"color": "tab:red", "lw": 1.5}),
+            ("online_gd", 0, "online GD", {"color": "tab:purple"})]
+  for name, cmap, preferred in (("newton", "Greens", (1, 5, 23)), ("gd", "Oranges", ())):
+    shown = _pick(grids[name], preferred)
+    colours = matplotlib.colormaps[cmap](np.linspace(0.45, 0.95, len(shown)))
+    for step, colour in zip(shown, colours):
+      curves.append((name, grids[name].index(step), f"{GRID_NAMES[name]}, {step} steps",
+                     {"color": colour, "ls": "-."}))
+  curves.append(("zero", 0, "zero predictor", {"color": GREY, "ls": ":"}))
+  for name, row, label, style in curves:
+    _band(ax, lengths_N, _stats(results, name), (row, slice(None)), label=label, **style)
+  all_stats = [_stats(results, name) for name, *_ in curves]
+  _log_errors(ax, np.concatenate([s["low"].ravel() for s in all_stats]),
+              np.concatenate([s["high"].ravel() for s in all_stats]))
+  ax.axvline(d, color=GREY, lw=0.8, ls=":")
+  ax.annotate("n = d", (d, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
+              color=GREY)
+  ax.set_xlabel("in-context examples n")
+  ax.set_ylabel("squared error / d")
+  ax.set_title("Error against context length; bands: 90% bootstrap interval")
+  ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+  figure.suptitle(_settings_line(results))
+  return figure
+
+
+def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
+  """`metric` ("sim_e" or "sim_w") of every layer with every step count of `grid`, each layer's best match boxed
+  (Fu et al.'s Figs. 8-10)."""
+  sim_LxK = np.asarray(results[metric][grid])
+  steps_K = list(results["grids"][grid])
+  suffix = "" if metric == "sim_e" else "_sim_w"
+  best_steps_L = results["best_match" + suffix][grid]
+  best_sim_L = results["best_similarity" + suffix][grid]
+  num_layers, k = sim_LxK.shape
+  figure = Figure(figsize=(max(6.5, 3.5 + 0.3 * k), max(3.5, 1.8 + 0.36 * num_layers)), layout="constrained")
+  ax = figure.add_subplot()
+  # Layer 1 on top, as in Fu et al.: the best matches then run from top left to bottom right.
+  image = ax.imshow(sim_LxK, aspect="auto", cmap="viridis", interpolation="nearest")
+  for row, step in enumerate(best_steps_L):
+    ax.add_patch(patches.Rectangle((steps_K.index(step) - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2))
+  _index_ticks(ax.xaxis, steps_K)
+  _index_ticks(ax.yaxis, results["layers"])
+  best_axis = ax.secondary_yaxis("right")
+  best_axis.set_yticks(range(num_layers), [f"{s} ({v:.3f})" for s, v in zip(best_steps_L, best_sim_L)])
+  best_axis.set_ylabel("best match: steps (similarity)")
+  ax.set_xlabel(GRID_AXES.get(grid, grid) + _learning_rate(results, grid))
+  ax.set_ylabel("layer")
+  ax.set_title(f"{METRIC_NAMES[metric]}: layers vs {GRID_NAMES.get(grid, grid)}; red box: per-layer argmax")
+  figure.colorbar(image, ax=ax, label=metric.replace("sim_", "Sim").replace("e", "E").replace("w", "W"))
+  figure.suptitle(_settings_line(results))
+  return figure
+
+
+def best_match(results: dict) -> Figure:
+  """Best-matching steps per layer with the fits over `fits.layers`: Newton on a linear axis (Fu et al.'s Fig.
+  7b) and GD's log grid on a log2 axis (Fig. 10), where a straight line means a fixed number of doublings."""
+  layers_L = np.asarray(results["layers"])
+  fits = results["fits"]
+  first, last = fits["layers"]
+  fit_layers = np.linspace(first, last, 50)
+  on_paper = _is_paper_setting(results)
+  figure = Figure(figsize=(13, 5.2), layout="constrained")
+  newton_ax, gd_ax = figure.subplots(1, 2)
+
+  fit = fits["newton"]
+  newton_ax.plot(layers_L, results["best_match"]["newton"], "o-", color="tab:green", label="argmax of SimE")
+  _fit_line(newton_ax, fit_layers, fit["slope"] * fit_layers + fit["intercept"],
+            f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}", first, last)
+  if on_paper:
+    newton_ax.plot(layers_L, PAPER_BEST["newton"], "x:", color=GREY, label="Fu et al. (Fig. 7b legend)")
+  newton_ax.axhline(max(results["grids"]["newton"]), color=GREY, lw=0.8, ls=(0, (1, 3)),
+                    label="end of the Newton grid")
+  newton_ax.set_ylabel("best-matching Newton steps")
+  newton_ax.set_title("Iterative Newton: linear in depth")
+
+  fit = fits["gd_log"]
+  gd_ax.plot(layers_L, results["best_match"]["gd_log"], "o-", color="tab:orange", label="argmax of SimE, log grid")
+  gd_ax.plot(layers_L, results["best_match"]["gd"], "s", mfc="none", color="tab:brown",
+             label="argmax of SimE, linear grid")
+  _fit_line(gd_ax, fit_layers, np.exp2(fit["slope"] * fit_layers + fit["intercept"]),
+            f"{fit['doublings_per_layer']:.2f} doublings/layer, R² = {fit['r2']:.3f}", first, last)
+  if on_paper:
+    gd_ax.plot(layers_L, PAPER_BEST["gd_log"], "x:", color=GREY, label="Fu et al. (read off Fig. 10)")
+  gd_ax.axhline(max(results["grids"]["gd_log"]), color=GREY, lw=0.8, ls=(0, (1, 3)), label="end of the log grid")
+  gd_ax.set_yscale("log", base=2)
+  gd_ax.yaxis.set_major_locator(ticker.FixedLocator(results["grids"]["gd_log"]))
+  gd_ax.yaxis.set_minor_locator(ticker.NullLocator())
+  gd_ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  gd_ax.set_ylabel("best-matching GD steps (log₂ axis)")
+  gd_ax.set_title("Gradient descent" + _learning_rate(results, "gd") + ": exponential in depth")
+
+  for ax in (newton_ax, gd_ax):
+    ax.axvspan(first - 0.5, last + 0.5, color="tab:blue", alpha=0.07, lw=0)
+    _integer_ticks(ax.xaxis, layers_L)
+    ax.set_xlabel("layer (shaded: fit layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+  figure.suptitle(_settings_line(results))
+  return figure
+
+
+def _stats(results: dict, curve: str) -> dict[str, np.ndarray]:
+  """Mean, low and high error/d of `curve`, each [K, N]."""
+  return {s: np.asarray(v, dtype=np.float64) for s, v in results["error_per_dim"][curve].items()}
+
+
+def _band(ax, x, stats: dict, index: tuple, label: str, **style) -> None:
+  """The mean at `index` of `stats` as a line over its interval as a band of the same colour."""
+  (line,) = ax.plot(x, stats["mean"][index], label=label, **style)
+  ax.fill_between(x, stats["low"][index], stats["high"][index], color=line.get_color(), alpha=0.18, lw=0)
+
+
+def _log_errors(ax, low, high) -> None:
+  """Log y axis down to the lowest interval bound, but no lower than ERROR_FLOOR under the highest value."""
+  top = float(np.max(high))
+  positive = np.asarray(low)[np.asarray(low) > 0]
+  lowest = float(positive.min()) if positive.size else top
+  ax.set_yscale("log")
+  ax.set_ylim(max(lowest, min(ERROR_FLOOR, top * 1e-3)) / 2, top * 2)
+  ax.grid(which="major", alpha=0.3)
+
+
+def _shown_lengths(lengths) -> list[int]:
+  """Fu et al.'s context lengths, or NUM_LENGTHS spread evenly over the available ones when the task is too
+  short for them; length 0 (no examples: every algorithm predicts 0) is left out."""
+  paper = [n for n in PAPER_LENGTHS if n in lengths]
+  if len(paper) >= MIN_PAPER_LENGTHS:
+    return paper
+  candidates = [n for n in lengths if n > 0] or list(lengths)
+  picks = np.linspace(0, len(candidates) - 1, min(NUM_LENGTHS, len(candidates)))
+  return sorted({candidates[int(round(i))] for i in picks})
+
+
+def _pick(grid, preferred) -> list:
+  """The preferred step counts that `grid` has, else its first, middle and last."""
+  return [s for s in preferred if s in grid] or [grid[i] for i in sorted({0, len(grid) // 2, len(grid) - 1})]
+
+
+def _fit_line(ax, x, y, text: str, first: int, last: int) -> None:
+  if last > first:
+    ax.plot(x, y, "--", color="black", lw=1.2, label=f"fit, layers {first}–{last}: {text}")
+  else:
+    ax.plot([], [], " ", label=f"no fit: layers {first}–{last} is one layer")
+
+
+def _integer_ticks(axis, values) -> None:
+  """Ticks at the given integers, thinned to at most MAX_TICK_LABELS."""
+  values = list(values)
+  axis.set_ticks(values[::_stride(len(values))])
+
+
+def _index_ticks(axis, labels) -> None:
+  """Image axis (cell i at i) labelled with the grid values; every cell gets a tick, every stride-th a label."""
+  labels = list(labels)
+  stride = _stride(len(labels))
+  axis.set_ticks(range(len(labels)), [str(v) if i % stride == 0 else "" for i, v in enumerate(labels)])
+
+
+def _stride(count: int) -> int:
+  return -(-count // MAX_TICK_LABELS)
+
+
+def _learning_rate(results: dict, grid: str) -> str:
+  rate = results["settings"]["eval"].get("gd_learning_rate")
+  return f" (η = {rate:g})" if grid.startswith("gd") and rate is not None else ""
+
+
+def _is_paper_setting(results: dict) -> bool:
+  """Whether Fu et al.'s reported best matches apply: their 12-layer model, d = 20, kappa = 1, their grids."""
+  task, grids = results["settings"]["task"], results["grids"]
+  return (len(results["layers"]) == 12 and task["n_dims"] == 20 and task["kappa"] == 1 and
+          list(grids["newton"]) == list(range(1, 24)) and list(grids["gd_log"]) == [2**k for k in range(13)])
+
+
+def _settings_line(results: dict) -> str:
+  settings = results["settings"]
+  task = settings["task"]
+  parts = [f"d = {task['n_dims']}", f"κ = {task['kappa']:g}"]
+  if task["kappa"] != 1 and "spectrum" in task:
+    parts[-1] += f" ({task['spectrum']})"
+  parts += [f"{len(results['layers'])} layers", f"{len(results['context_lengths'])} points"]
+  if settings.get("checkpoint_step") is not None:
+    parts.append(f"checkpoint step {settings['checkpoint_step']}")
+  return "Fu et al. protocol: " + ", ".join(parts)
