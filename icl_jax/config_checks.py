@@ -92,14 +92,6 @@ def _train_errors(config, num_devices: int) -> list[str]:
   if _is_int(batch) and batch >= 1 and batch % num_devices:
     errors.append(f"config.train.batch_size = {batch} is not divisible by the {num_devices} devices: allowed "
                   f"values are multiples of {num_devices}")
-  prompts, eval_batch = config.eval.get("num_prompts"), config.eval.get("batch_size")
-  if _is_int(prompts) and _is_int(eval_batch) and eval_batch >= 1:
-    if prompts % eval_batch:
-      errors.append(f"config.eval.num_prompts = {prompts} is not a multiple of config.eval.batch_size = "
-                    f"{eval_batch}: allowed values are multiples of it")
-    if eval_batch % num_devices:
-      errors.append(f"config.eval.batch_size = {eval_batch} is not divisible by the {num_devices} devices: "
-                    f"allowed values are multiples of {num_devices}")
   return errors
 
 

@@ -37,8 +37,13 @@ def eval_keys(seed: int) -> dict[str, jax.Array]:
   return dict(zip(names, jax.random.split(train_step.run_keys(seed)["eval"], len(names))))
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int]:
-  """The parameters of the latest checkpoint in `workdir`, and its step."""
+def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int | None]:
+  """The parameters of the latest checkpoint in `workdir` and its step, or of a converted Garg et al.
+  checkpoint (`python -m icl_jax.garg_checkpoint`; step None)."""
+  if (workdir / "garg_params").exists():
+    from icl_jax import garg_checkpoint
+
+    return garg_checkpoint.load_params(workdir), None
   directory = workdir / "checkpoints"
   with checkpointing.Checkpoints(directory, config.train) as checkpoints:
     step = checkpoints.latest_step()

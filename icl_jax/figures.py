@@ -21,7 +21,7 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.lab
 PAPER_LENGTHS = (5, 10, 15, 20, 22, 25, 30, 35)  # Context lengths of Fu et al.'s Fig. 2 (d = 20, 41 points).
 NUM_LENGTHS = 6  # Context lengths drawn instead when fewer than MIN_PAPER_LENGTHS of Fu et al.'s exist.
 MIN_PAPER_LENGTHS = 4
-MAX_TICK_LABELS = 14  # Beyond this, grid labels such as 1300 overlap on a heatmap axis.
+MAX_TICK_LABELS = 20  # Layer ticks beyond this crowd an 8-inch axis (e.g. a 48-layer model).
 # Error/d below this is float32 round-off of an exact fit (least squares, or converged Newton, once n >= d): its
 # size carries no information and would stretch the log axis over ten more decades.
 ERROR_FLOOR = 1e-8
@@ -30,6 +30,7 @@ ERROR_FLOOR = 1e-8
 PAPER_BEST = {"newton": (1, 1, 3, 5, 8, 10, 14, 17, 20, 21, 21, 21),
               "gd_log": (1, 1, 4, 8, 32, 64, 256, 512, 1024, 4096, 4096, 4096)}
 METRIC_NAMES = {"sim_e": "SimE (similarity of errors)", "sim_w": "SimW (similarity of induced weights)"}
+METRIC_SHORT = {"sim_e": "SimE", "sim_w": "SimW"}
 GRID_NAMES = {"newton": "Iterative Newton", "gd": "GD", "gd_log": "GD, log grid"}
 GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps"}
 GREY = "0.45"
@@ -64,7 +65,7 @@ def error_vs_layer(results: dict) -> Figure:
   lengths = _shown_lengths(results["context_lengths"])
   column = {n: i for i, n in enumerate(results["context_lengths"])}
   d = results["settings"]["task"]["n_dims"]
-  figure = Figure(figsize=(8, 5.5), layout="constrained")
+  figure = Figure(figsize=(10, 5.5), layout="constrained")
   ax = figure.add_subplot()
   colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(lengths)))
   for n, colour in zip(lengths, colours):
@@ -74,12 +75,13 @@ def error_vs_layer(results: dict) -> Figure:
   handles, _ = ax.get_legend_handles_labels()
   handles.append(lines.Line2D([], [], color=GREY, ls="--", lw=1,
                               label="least squares, same n\n(≈ 0 for n ≥ d: off the axis)"))
-  ax.legend(handles=handles, loc="upper right", title="examples in context")
-  _log_errors(ax, stats["low"][:, [column[n] for n in lengths]], stats["high"])
+  ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), title="examples in context")
+  shown = [column[n] for n in lengths]
+  _log_errors(ax, stats["low"][:, shown], stats["high"][:, shown])
   _integer_ticks(ax.xaxis, layers_L)
   ax.set_xlabel("layer")
   ax.set_ylabel("squared error / d")
-  ax.set_title("Error of each layer's read-out (Fu et al. Fig. 2); bands: 90% bootstrap interval")
+  ax.set_title(f"Error of each layer's read-out (Fu et al. Fig. 2); bands: {_interval(results)}")
   figure.suptitle(_settings_line(results))
   return figure
 
@@ -99,7 +101,7 @@ def error_vs_context(results: dict) -> Figure:
     shown = _pick(grids[name], preferred)
     colours = matplotlib.colormaps[cmap](np.linspace(0.45, 0.95, len(shown)))
     for step, colour in zip(shown, colours):
-      curves.append((name, grids[name].index(step), f"{GRID_NAMES[name]}, {step} steps",
+      curves.append((name, grids[name].index(step), f"{GRID_NAMES[name]}, {step} step{'s' * (step != 1)}",
                      {"color": colour, "ls": "-."}))
   curves.append(("zero", 0, "zero predictor", {"color": GREY, "ls": ":"}))
   for name, row, label, style in curves:
@@ -107,12 +109,14 @@ def error_vs_context(results: dict) -> Figure:
   all_stats = [_stats(results, name) for name, *_ in curves]
   _log_errors(ax, np.concatenate([s["low"].ravel() for s in all_stats]),
               np.concatenate([s["high"].ravel() for s in all_stats]))
-  ax.axvline(d, color=GREY, lw=0.8, ls=":")
-  ax.annotate("n = d", (d, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
-              color=GREY)
+  if d <= lengths_N[-1]:
+    ax.axvline(d, color=GREY, lw=0.8, ls=":")
+    # On its own axis above the plot: inside it, the label would sit on some curve.
+    ax.secondary_xaxis("top").set_xticks([d], ["n = d"])
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   ax.set_xlabel("in-context examples n")
   ax.set_ylabel("squared error / d")
-  ax.set_title("Error against context length; bands: 90% bootstrap interval")
+  ax.set_title(f"Error against context length; bands: {_interval(results)}")
   ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
   figure.suptitle(_settings_line(results))
   return figure
@@ -127,21 +131,28 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   best_steps_L = results["best_match" + suffix][grid]
   best_sim_L = results["best_similarity" + suffix][grid]
   num_layers, k = sim_LxK.shape
-  figure = Figure(figsize=(max(6.5, 3.5 + 0.3 * k), max(3.5, 1.8 + 0.36 * num_layers)), layout="constrained")
+  # Cells as wide as the widest step label where that keeps the image near 9 inches; else label every
+  # stride-th cell (Fu et al.'s GD grid: 27 four-digit values).
+  label_in = 0.09 * max(len(str(s)) for s in steps_K) + 0.12
+  cell_in = max(0.3, min(9 / k, label_in))
+  stride = int(np.ceil(label_in / cell_in))
+  figure = Figure(figsize=(max(7.5, 4 + k * cell_in), 1.8 + 0.36 * max(num_layers, 4)), layout="constrained")
   ax = figure.add_subplot()
-  # Layer 1 on top, as in Fu et al.: the best matches then run from top left to bottom right.
+  # Layer 1 on top, rows in table order: the best matches then run from top left to bottom right.
   image = ax.imshow(sim_LxK, aspect="auto", cmap="viridis", interpolation="nearest")
   for row, step in enumerate(best_steps_L):
-    ax.add_patch(patches.Rectangle((steps_K.index(step) - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2))
-  _index_ticks(ax.xaxis, steps_K)
-  _index_ticks(ax.yaxis, results["layers"])
+    # Unclipped: a box on the edge column would lose half its outline under the axes frame.
+    ax.add_patch(patches.Rectangle((steps_K.index(step) - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2,
+                                   clip_on=False))
+  ax.set_xticks(range(k), [str(s) if i % stride == 0 else "" for i, s in enumerate(steps_K)])
+  ax.set_yticks(range(num_layers), results["layers"])
   best_axis = ax.secondary_yaxis("right")
   best_axis.set_yticks(range(num_layers), [f"{s} ({v:.3f})" for s, v in zip(best_steps_L, best_sim_L)])
   best_axis.set_ylabel("best match: steps (similarity)")
   ax.set_xlabel(GRID_AXES.get(grid, grid) + _learning_rate(results, grid))
   ax.set_ylabel("layer")
-  ax.set_title(f"{METRIC_NAMES[metric]}: layers vs {GRID_NAMES.get(grid, grid)}; red box: per-layer argmax")
-  figure.colorbar(image, ax=ax, label=metric.replace("sim_", "Sim").replace("e", "E").replace("w", "W"))
+  ax.set_title(f"{METRIC_NAMES[metric]} with {GRID_NAMES.get(grid, grid)}\nred box: each layer's best match")
+  figure.colorbar(image, ax=ax, label=METRIC_SHORT[metric])
   figure.suptitle(_settings_line(results))
   return figure
 
@@ -163,8 +174,10 @@ def best_match(results: dict) -> Figure:
             f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}", first, last)
   if on_paper:
     newton_ax.plot(layers_L, PAPER_BEST["newton"], "x:", color=GREY, label="Fu et al. (Fig. 7b legend)")
-  newton_ax.axhline(max(results["grids"]["newton"]), color=GREY, lw=0.8, ls=(0, (1, 3)),
-                    label="end of the Newton grid")
+  _grid_end(newton_ax, results, "newton")
+  # From 0, and at least 2 high: a flat best match of 1 step would otherwise get ticks like 0.995 and 1.005.
+  newton_ax.set_ylim(0, max(newton_ax.get_ylim()[1], 2))
+  newton_ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   newton_ax.set_ylabel("best-matching Newton steps")
   newton_ax.set_title("Iterative Newton: linear in depth")
 
@@ -176,7 +189,7 @@ def best_match(results: dict) -> Figure:
             f"{fit['doublings_per_layer']:.2f} doublings/layer, R² = {fit['r2']:.3f}", first, last)
   if on_paper:
     gd_ax.plot(layers_L, PAPER_BEST["gd_log"], "x:", color=GREY, label="Fu et al. (read off Fig. 10)")
-  gd_ax.axhline(max(results["grids"]["gd_log"]), color=GREY, lw=0.8, ls=(0, (1, 3)), label="end of the log grid")
+  _grid_end(gd_ax, results, "gd_log")
   gd_ax.set_yscale("log", base=2)
   gd_ax.yaxis.set_major_locator(ticker.FixedLocator(results["grids"]["gd_log"]))
   gd_ax.yaxis.set_minor_locator(ticker.NullLocator())
@@ -189,7 +202,8 @@ def best_match(results: dict) -> Figure:
     _integer_ticks(ax.xaxis, layers_L)
     ax.set_xlabel("layer (shaded: fit layers)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    # Below the axes: the curves may cross any corner.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2)
   figure.suptitle(_settings_line(results))
   return figure
 
@@ -235,24 +249,25 @@ def _fit_line(ax, x, y, text: str, first: int, last: int) -> None:
   if last > first:
     ax.plot(x, y, "--", color="black", lw=1.2, label=f"fit, layers {first}–{last}: {text}")
   else:
-    ax.plot([], [], " ", label=f"no fit: layers {first}–{last} is one layer")
+    ax.plot([], [], " ", label=f"no fit: one fit layer ({first})")
+
+
+def _grid_end(ax, results: dict, grid: str) -> None:
+  """Marks the grid's largest step count when some layer's best match is there, as the true match may lie
+  beyond it."""
+  end = max(results["grids"][grid])
+  if max(results["best_match"][grid]) == end:
+    ax.axhline(end, color=GREY, lw=0.8, ls=(0, (1, 3)), label=f"end of the grid ({end}): may lie beyond")
 
 
 def _integer_ticks(axis, values) -> None:
   """Ticks at the given integers, thinned to at most MAX_TICK_LABELS."""
   values = list(values)
-  axis.set_ticks(values[::_stride(len(values))])
+  axis.set_ticks(values[::-(-len(values) // MAX_TICK_LABELS)])
 
 
-def _index_ticks(axis, labels) -> None:
-  """Image axis (cell i at i) labelled with the grid values; every cell gets a tick, every stride-th a label."""
-  labels = list(labels)
-  stride = _stride(len(labels))
-  axis.set_ticks(range(len(labels)), [str(v) if i % stride == 0 else "" for i, v in enumerate(labels)])
-
-
-def _stride(count: int) -> int:
-  return -(-count // MAX_TICK_LABELS)
+def _interval(results: dict) -> str:
+  return f"{results['settings']['eval']['confidence']:.0%} bootstrap interval"
 
 
 def _learning_rate(results: dict, grid: str) -> str:
@@ -273,7 +288,8 @@ def _settings_line(results: dict) -> str:
   parts = [f"d = {task['n_dims']}", f"κ = {task['kappa']:g}"]
   if task["kappa"] != 1 and "spectrum" in task:
     parts[-1] += f" ({task['spectrum']})"
-  parts += [f"{len(results['layers'])} layers", f"{len(results['context_lengths'])} points"]
+  num_layers = len(results["layers"])
+  parts += [f"{num_layers} layer{'s' * (num_layers != 1)}", f"{len(results['context_lengths'])} points"]
   if settings.get("checkpoint_step") is not None:
     parts.append(f"checkpoint step {settings['checkpoint_step']}")
-  return "Fu et al. protocol: " + ", ".join(parts)
+  return ", ".join(parts)

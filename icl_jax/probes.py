@@ -74,7 +74,7 @@ def _least_squares_fitter(config: ml_collections.ConfigDict, model):
     return {"kernel": solution_LxF[:, :-1], "bias": solution_LxF[:, -1]}
 
   def fit(params, key):
-    totals = [normal_equations(params, key, i) for i in range(evaluation.probe_prompts // batch)]
+    totals = [normal_equations(params, key, i) for i in range(-(-evaluation.probe_prompts // batch))]
     return solve(sum(t[0] for t in totals), sum(t[1] for t in totals))
 
   return fit

@@ -28,7 +28,15 @@ from icl_jax import config_checks
     ("train.checkpoint_every", 0, "config.train.checkpoint_every = 0: must be an integer >= 1"),
     ("task.curriculum.dims_start", 21, "config.task.curriculum.dims_start = 21 exceeds config.task.n_dims = 20"),
     ("task.curriculum.points_interval", 0, "config.task.curriculum.points_interval = 0: must be an integer >= 1"),
-    ("eval.num_prompts", 1000, "config.eval.num_prompts = 1000 is not a multiple of config.eval.batch_size = 256"),
+    ("eval.num_prompts", 0, "config.eval.num_prompts = 0: must be an integer >= 1"),
+    ("eval.readout", "mlp", "config.eval.readout = 'mlp': allowed values are 'least_squares', 'trained', 'model'"),
+    ("eval.newton_alpha", "l2", "config.eval.newton_alpha = 'l2': allowed values are 'frobenius', 'spectral'"),
+    ("eval.gd_gradient_scale", "avg", "config.eval.gd_gradient_scale = 'avg': allowed values are 'sum', 'mean'"),
+    ("eval.gd_steps", (), "config.eval.gd_steps = (): must be a non-empty tuple of integers >= 1"),
+    ("eval.gd_log_steps", (0, 2), "config.eval.gd_log_steps = (0, 2): must be a non-empty tuple of integers >= 1"),
+    ("eval.sim_w_queries", 10, "config.eval.sim_w_queries = 10: must be an integer >= config.task.n_dims = 20"),
+    ("eval.fit_layers", (3, 13), "config.eval.fit_layers = (3, 13): must be (first, last) with 1 <= first <= last"),
+    ("eval.confidence", 1.0, "config.eval.confidence = 1.0: must be a number in (0, 1)"),
 ])
 def test_invalid_field_is_named(field, value, expected):
   config = linreg.get_config()
