@@ -84,8 +84,9 @@ class _Programs:
       task = self.config.task.copy_and_resolve_references()
       task.n_points = n_points
       self._samplers[batch, n_points] = jax.jit(
-          lambda key, i: data.sample_batch(data.step_key(key, i), 0, batch, task, task.n_dims))
-    parts = [self._samplers[batch, n_points](key, i) for i in range(-(-count // batch))]
+          lambda key, first: data.sample_batch(data.step_key(key, 0), first, batch, task, task.n_dims))
+    # Prompt j is example j of the stream of `key`, whatever the batch size.
+    parts = [self._samplers[batch, n_points](key, first) for first in range(0, count, batch)]
     return jax.tree.map(lambda *a: jnp.concatenate(a)[:count], *parts)
 
   def layer_predictions(self, params, readouts, prompts: data.Batch) -> tuple[np.ndarray, np.ndarray]:

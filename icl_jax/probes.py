@@ -40,8 +40,8 @@ def model_readout(params: dict, num_layers: int) -> dict:
 
 
 def _prompts(config: ml_collections.ConfigDict, key: jax.Array, index, batch_size: int) -> data.Batch:
-  """Full-size prompts (no curriculum) number `index` of a stream keyed by `key`."""
-  return data.sample_batch(data.step_key(key, index), 0, batch_size, config.task, config.task.n_dims)
+  """Full-size prompts (no curriculum) [index * batch_size, (index + 1) * batch_size) of the stream of `key`."""
+  return data.sample_batch(data.step_key(key, 0), index * batch_size, batch_size, config.task, config.task.n_dims)
 
 
 def _states(model, params, prompts: data.Batch) -> jax.Array:

@@ -115,12 +115,13 @@ def make_error_curve(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Ca
   full = jnp.asarray(task.n_dims, jnp.int32)
 
   def sums(params, batch_index):
-    key = data.step_key(run_keys(config.seed)["eval"], batch_index)
-    first = jax.lax.axis_index(AXIS) * local_batch
+    # Prompt j is example j of one stream whatever the device count and batch size.
+    key = data.step_key(run_keys(config.seed)["eval"], 0)
+    first = (batch_index * mesh.size + jax.lax.axis_index(AXIS)) * local_batch
     prompts = data.sample_batch(key, first, local_batch, task, full)
     preds_BxN = model.apply({"params": params}, prompts.xs_BxNxD, prompts.ys_BxN)
     # The last batch may run past num_prompts: those prompts get weight 0.
-    counted_B = (batch_index * local_batch * mesh.size + first + jnp.arange(local_batch)) < num_prompts
+    counted_B = (first + jnp.arange(local_batch)) < num_prompts
     total = lambda v_BxN: jax.lax.psum(jnp.sum(jnp.where(counted_B[:, None], v_BxN, 0.0), axis=0), AXIS)
     return total(jnp.square(preds_BxN - prompts.ys_BxN)), total(jnp.square(prompts.ys_BxN))
 

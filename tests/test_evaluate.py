@@ -165,3 +165,21 @@ def test_eval_without_a_checkpoint_says_so(tmp_path):
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   assert "no checkpoint to evaluate" in result.stderr
+
+
+def test_eval_benchmark_reports_its_time(tiny):
+  from icl_jax import bench
+
+  line = bench.bench_eval(tiny)
+  assert line["name"] == "eval" and line["seconds"] > 0 and line["first_call_with_compilation_s"] >= line["seconds"]
+  assert set(line["stages_s"]) == {"probes_s", "model_s", "algorithms_s", "metrics_s", "sim_w_s"}
+
+
+def test_evaluation_prompts_do_not_depend_on_the_batch_size(tiny):
+  model = models.build_model(tiny.model)
+  tiny.eval.batch_size = 8
+  small = evaluate._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
+  tiny.eval.batch_size = 32
+  large = evaluate._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
+  np.testing.assert_array_equal(small.xs_BxNxD, large.xs_BxNxD)
+  np.testing.assert_array_equal(small.ys_BxN, large.ys_BxN)
