@@ -11,7 +11,7 @@ curriculum zeroes the coordinates beyond the current dimension and masks the los
 number of points (see `curriculum`), so no step ever recompiles.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,23 @@ class Curriculum(NamedTuple):
 
   n_dims: jax.Array  # Active coordinates of x.
   n_points: jax.Array  # Active (x, y) pairs; the loss covers positions [0, n_points).
+
+
+class Hyper(NamedTuple):
+  """Task settings that may differ between models trained together in one program (`icl_jax.multi_train`).
+
+  Python floats (from the config: the sampler then skips what they switch off) or traced scalars (one per
+  vmapped model: both paths are computed and the value selects, so each model draws exactly the samples it
+  would draw alone).
+  """
+
+  kappa: Any
+  noise_std: Any
+
+
+def _is(value, constant: float) -> bool:
+  """Whether `value` is statically known to equal `constant` (a traced value never is)."""
+  return isinstance(value, (int, float)) and value == constant
 
 
 class Batch(NamedTuple):
@@ -45,9 +62,10 @@ def curriculum(step: jax.Array, task: ml_collections.ConfigDict) -> Curriculum:
   return Curriculum(n_dims.astype(jnp.int32), n_points.astype(jnp.int32))
 
 
-def covariance_spectrum(task: ml_collections.ConfigDict) -> jax.Array:
-  """Eigenvalues of Cov(x), largest first, with ratio `kappa` between the extremes."""
-  d, kappa = task.n_dims, task.kappa
+def covariance_spectrum(task: ml_collections.ConfigDict, kappa=None) -> jax.Array:
+  """Eigenvalues of Cov(x), largest first, with ratio `kappa` (default `task.kappa`) between the extremes."""
+  d = task.n_dims
+  kappa = task.kappa if kappa is None else kappa
   if task.spectrum == "two_level":
     # Half the eigenvalues (rounded down, as in Fu et al.'s code) at kappa, the rest at 1.
     eig_D = jnp.where(jnp.arange(d) < d // 2, kappa, 1.0)
@@ -67,26 +85,28 @@ def random_rotation(key: jax.Array, d: int) -> jax.Array:
 
 
 def _sample_prompt(key: jax.Array, rotation_DxD: jax.Array | None, task: ml_collections.ConfigDict,
-                   n_dims: jax.Array) -> Batch:
+                   n_dims: jax.Array, hyper: Hyper) -> Batch:
   """One prompt: xs [N, D], ys [N], w [D]."""
   key_x, key_w, key_noise, key_rot = jax.random.split(key, 4)
   d, n = task.n_dims, task.n_points
   zs_NxD = jax.random.normal(key_x, (n, d))
-  if task.kappa != 1.0:
+  if not _is(hyper.kappa, 1.0):
     if rotation_DxD is None:
       rotation_DxD = random_rotation(key_rot, d)
     # x = U diag(sqrt(lambda)) z has covariance U diag(lambda) U^T.
-    zs_NxD = (zs_NxD * jnp.sqrt(covariance_spectrum(task))[None, :]) @ rotation_DxD.T
+    rotated_NxD = (zs_NxD * jnp.sqrt(covariance_spectrum(task, hyper.kappa))[None, :]) @ rotation_DxD.T
+    static = isinstance(hyper.kappa, (int, float))
+    zs_NxD = rotated_NxD if static else jnp.where(hyper.kappa == 1.0, zs_NxD, rotated_NxD)
   xs_NxD = jnp.where(jnp.arange(d)[None, :] < n_dims, zs_NxD, 0.0)
   w_D = jax.random.normal(key_w, (d,))
   ys_N = xs_NxD @ w_D
-  if task.noise_std > 0:
-    ys_N = ys_N + task.noise_std * jax.random.normal(key_noise, (n,))
+  if not _is(hyper.noise_std, 0.0):
+    ys_N = ys_N + hyper.noise_std * jax.random.normal(key_noise, (n,))
   return Batch(xs_NxD, ys_N, w_D)
 
 
 def sample_batch(step_key: jax.Array, first_index: jax.Array, batch_size: int,
-                 task: ml_collections.ConfigDict, n_dims: jax.Array) -> Batch:
+                 task: ml_collections.ConfigDict, n_dims: jax.Array, hyper: Hyper | None = None) -> Batch:
   """Examples [first_index, first_index + batch_size) of the global batch whose key is `step_key`.
 
   Args:
@@ -95,15 +115,18 @@ def sample_batch(step_key: jax.Array, first_index: jax.Array, batch_size: int,
     batch_size: number of examples in this slice.
     task: config.task.
     n_dims: active dimensions (coordinates beyond are zero); may be traced.
+    hyper: kappa and noise_std, if not the task's (see `Hyper`).
   """
+  if hyper is None:
+    hyper = Hyper(task.kappa, task.noise_std)
   rotation_key, examples_key = jax.random.split(step_key)
   rotation_DxD = None
-  if task.kappa != 1.0 and task.rotation == "per_batch":
+  if not _is(hyper.kappa, 1.0) and task.rotation == "per_batch":
     # Fu et al.'s code: one eigenbasis for the whole (global) batch of the step.
     rotation_DxD = random_rotation(rotation_key, task.n_dims)
   indices_B = first_index + jnp.arange(batch_size)
   keys_B = jax.vmap(lambda i: jax.random.fold_in(examples_key, i))(indices_B)
-  return jax.vmap(lambda k: _sample_prompt(k, rotation_DxD, task, n_dims))(keys_B)
+  return jax.vmap(lambda k: _sample_prompt(k, rotation_DxD, task, n_dims, hyper))(keys_B)
 
 
 def step_key(data_key: jax.Array, step: jax.Array) -> jax.Array:

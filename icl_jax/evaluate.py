@@ -196,13 +196,17 @@ class Evaluator:
     bounds = np.cumsum([0] + [c.shape[0] for c in curves.values()])
     error = {name: {stat: v[bounds[i]:bounds[i + 1]] for stat, v in errors.items()} for i, name in enumerate(curves)}
     sim_e = {k: similarity.similarity_of_errors(layers_LxBxN, p, ys_BxN, e.sim_e_include_first) for k, p in algos.items()}
+    # How far the model's own predictions are from least squares', per context length.
+    distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
     clock.lap("metrics_s", sim_e)
 
     layer_weights, sim_w_prompts = programs.layer_induced_weights(params, readouts, keys["sim_w"])
     weights = algorithm_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
     sim_w = {k: similarity.similarity_of_weights(layer_weights, w) for k, w in weights.items()}
     clock.lap("sim_w_s", sim_w)
-    return _summarise(config, error, sim_e, sim_w, clock.laps)
+    results = _summarise(config, error, sim_e, sim_w, clock.laps)
+    results["distance_to_least_squares_per_dim"] = distance_N.tolist()
+    return results
 
 
 class _Clock:

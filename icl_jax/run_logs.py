@@ -6,12 +6,19 @@ recomputed) are dropped so the file stays one clean curve.
 """
 
 import json
+import logging as std_logging
 import pathlib
 import time
 
 import jax
 import ml_collections
 from absl import logging
+
+
+def quiet_orbax() -> None:
+  """Keeps only Orbax's warnings and errors in the absl log: it logs dozens of INFO lines per checkpoint."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
 
 
 def is_writer() -> bool:

@@ -32,7 +32,7 @@ class ConfigChangedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _preemption_flag():
+def preemption_flag():
   """Yields a dict whose "set" becomes True on SIGTERM (Cloud TPU preemption); restores the old handler."""
   flag = {"set": False}
   if threading.current_thread() is not threading.main_thread():
@@ -50,7 +50,7 @@ def _preemption_flag():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
+def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
                         allow_config_change: bool) -> None:
   """Refuses to resume a run whose saved config differs, unless allowed; then (re)writes config.json."""
   path = workdir / "config.json"
@@ -73,11 +73,14 @@ def _boundary(step: int, every: int) -> int:
   return (step // every + 1) * every
 
 
-class _Metrics:
-  """Turns a chunk's device metrics into log records, checking that every loss is finite."""
+class Metrics:
+  """Turns a chunk's device metrics into log records, checking that every loss is finite.
 
-  def __init__(self, log: run_logs.MetricsLog, train: ml_collections.ConfigDict):
-    self._log, self._train = log, train
+  `column` picks one model's metrics when several models train together (a trailing model axis).
+  """
+
+  def __init__(self, log: run_logs.MetricsLog, train: ml_collections.ConfigDict, column: int | None = None):
+    self._log, self._train, self._column = log, train, column
     self._pending = None
     self.last = None
 
@@ -92,6 +95,8 @@ class _Metrics:
     first_step, num_steps, metrics = self._pending
     self._pending = None
     host = {name: np.asarray(values)[:num_steps] for name, values in jax.device_get(metrics).items()}
+    if self._column is not None:
+      host = {name: values[:, self._column] for name, values in host.items()}
     bad = np.flatnonzero(~np.isfinite(host["loss"]))
     if bad.size:
       raise FloatingPointError(
@@ -105,7 +110,27 @@ class _Metrics:
       self._log.write(end, record)
 
 
-def _make_mesh(devices) -> Mesh:
+def run_steps(state, step: int, train: ml_collections.ConfigDict, run_chunk, metrics: list[Metrics], save,
+              preempted: dict):
+  """Dispatches chunks from `step` to `train.num_steps` (or a preemption), checkpointing with `save(step,
+  state)` at every `train.checkpoint_every` steps and at the end; returns (state, step)."""
+  while step < train.num_steps and not preempted["set"]:
+    end = min(train.num_steps, step + train.steps_per_dispatch, _boundary(step, train.log_every),
+              _boundary(step, train.checkpoint_every))
+    state, chunk_metrics = run_chunk(state, end - step)
+    for m in metrics:
+      m.push(step, end - step, chunk_metrics)
+    step = end
+    if step % train.checkpoint_every == 0 or step == train.num_steps or preempted["set"]:
+      for m in metrics:
+        m.flush()  # Never save a state whose losses have not been checked.
+      save(step, state)
+  for m in metrics:
+    m.flush()
+  return state, step
+
+
+def make_mesh(devices) -> Mesh:
   return Mesh(np.asarray(devices), (train_step.AXIS,))
 
 
@@ -124,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   train = config.train
-  mesh = _make_mesh(devices)
+  mesh = make_mesh(devices)
   model = models.build_model(config.model)
   optimizer = optim.make_optimizer(train)
   schedule = optim.learning_rate_schedule(train)
@@ -135,40 +160,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   logging.info("Model %s has %s parameters; training on %d devices (%d processes).", config.model.family,
                f"{num_params:,}", len(devices), jax.process_count())
 
-  with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, _preemption_flag() as preempted:
+  with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, preemption_flag() as preempted:
     latest = checkpoints.latest_step()
-    _check_saved_config(workdir, config, latest is not None, allow_config_change)
+    check_saved_config(workdir, config, latest is not None, allow_config_change)
     if latest is not None:
       state = checkpoints.restore(latest, state)
       logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
     step = int(jax.device_get(state.step))
     log = run_logs.MetricsLog(workdir, step, train.num_steps)
-    metrics = _Metrics(log, train)
+    metrics = Metrics(log, train)
     run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
     start_time = time.perf_counter()
     try:
-      while step < train.num_steps and not preempted["set"]:
-        end = min(train.num_steps, step + train.steps_per_dispatch, _boundary(step, train.log_every),
-                  _boundary(step, train.checkpoint_every))
-        state, chunk_metrics = run_chunk(state, end - step)
-        metrics.push(step, end - step, chunk_metrics)
-        step = end
-        if step % train.checkpoint_every == 0 or step == train.num_steps or preempted["set"]:
-          metrics.flush()  # Never save a state whose losses have not been checked.
-          checkpoints.save(step, state)
-      metrics.flush()
+      state, step = run_steps(state, step, train, run_chunk, [metrics], checkpoints.save, preempted)
     finally:
       log.close()
   logging.info("Trained to step %d in %.1f s.", step, time.perf_counter() - start_time)
   result = {"step": step, "num_params": num_params, "final": metrics.last, "preempted": preempted["set"]}
   if step == train.num_steps:
-    result["error_curve"] = _write_error_curve(config, model, state.params, mesh, workdir)
+    result["error_curve"] = write_error_curve(config, model, state.params, mesh, workdir)
     if config.eval.after_training:
       result["evaluation"] = evaluate.evaluate(config, workdir, params=state.params)
   return result
 
 
-def _write_error_curve(config, model, params, mesh, workdir: pathlib.Path) -> dict:
+def write_error_curve(config, model, params, mesh, workdir: pathlib.Path) -> dict:
   """Error/d at each context length on `config.eval.num_prompts` fresh prompts, vs predicting zero."""
   curve = train_step.make_error_curve(config, model, mesh)(params)
   summary = {

@@ -62,19 +62,24 @@ def masked_mse(preds_BxN: jax.Array, ys_BxN: jax.Array, n_points: jax.Array) -> 
 
 
 def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule, mesh: Mesh) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
+                     schedule: optax.Schedule, mesh: Mesh, hypers: data.Hyper | None = None
+                     ) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
   """Returns `run(state, num_steps) -> (state, metrics)`: up to `steps_per_dispatch` steps in one call.
 
   One compiled program serves every chunk length (the count is a traced loop bound), so changing it never
   recompiles. `metrics[name]` has `steps_per_dispatch` entries, of which the first `num_steps` are filled.
+
+  With `hypers` (kappa and noise_std as [M] arrays), `state` holds M models stacked on a leading axis that
+  share shapes and optimiser but not seeds or data settings; they train in one program, vmapped, and each
+  gets exactly the updates it would get alone. Metrics then have a trailing model axis.
   """
   task, max_steps = config.task, config.train.steps_per_dispatch
   local_batch = config.train.batch_size // mesh.size
 
-  def one_step(state: TrainState) -> tuple[TrainState, dict]:
+  def one_step(state: TrainState, hyper: data.Hyper) -> tuple[TrainState, dict]:
     sizes = data.curriculum(state.step, task)
     key = data.step_key(jax.random.wrap_key_data(state.data_key), state.step)
-    batch = data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, sizes.n_dims)
+    batch = data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, sizes.n_dims, hyper)
 
     def loss_fn(params):
       preds_BxN = model.apply({"params": params}, batch.xs_BxNxD, batch.ys_BxN)
@@ -88,13 +93,18 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
                               opt_state=opt_state)
     return new_state, metrics
 
+  if hypers is None:
+    step_fn, models_shape = (lambda state: one_step(state, data.Hyper(task.kappa, task.noise_std))), ()
+  else:
+    step_fn, models_shape = (lambda state: jax.vmap(one_step)(state, hypers)), hypers.kappa.shape
+
   def run(state: TrainState, num_steps: jax.Array):
-    buffers = {name: jnp.zeros((max_steps,), jnp.int32 if name.startswith("n_") else jnp.float32)
+    buffers = {name: jnp.zeros((max_steps,) + models_shape, jnp.int32 if name.startswith("n_") else jnp.float32)
                for name in METRICS}
 
     def body(i, carry):
       state, buffers = carry
-      state, metrics = one_step(state)
+      state, metrics = step_fn(state)
       return state, {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
 
     return jax.lax.fori_loop(0, num_steps, body, (state, buffers))

@@ -19,7 +19,7 @@ def _losses(workdir):
 
 
 def _final_params(config, workdir, devices=None):
-  mesh = train._make_mesh(jax.devices() if devices is None else devices)
+  mesh = train.make_mesh(jax.devices() if devices is None else devices)
   like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
   with checkpointing.Checkpoints(workdir / "checkpoints", config.train) as checkpoints:
     return checkpoints.restore(checkpoints.latest_step(), like)

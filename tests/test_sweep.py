@@ -1,0 +1,53 @@
+"""A sweep end to end at tiny size: grouped training, evaluation, report with intervals, and resumption."""
+
+import json
+
+import pytest
+
+from icl_jax import config_checks
+from icl_jax import sweep
+from icl_jax import sweep_report
+from tests import tiny_config
+
+
+def _sweep_config():
+  config = tiny_config.get_config()
+  config.sweep = dict(num_layers=(1, 2), kappa=(1.0, 100.0), seeds=(0, 1), evaluate=True)
+  return config
+
+
+def test_sweep_trains_evaluates_reports_and_resumes(tmp_path):
+  config = _sweep_config()
+  runs = sweep.validate(config)
+  assert len(runs) == 8 and {r.eval.fit_layers for r in runs} == {(1, 1), (1, 2)}
+  sweep.run_sweep(config, tmp_path)
+  names = [sweep.run_name(r) for r in runs]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+  entries = sweep_report.write(runs, tmp_path, names)
+  assert [(e["num_layers"], e["kappa"]) for e in entries] == [(1, 1.0), (1, 100.0), (2, 1.0), (2, 100.0)]
+  for e in entries:
+    assert e["final_error_per_dim"]["seeds"] == 2
+    assert e["final_error_per_dim"]["low"] <= e["final_error_per_dim"]["mean"] <= e["final_error_per_dim"]["high"]
+    assert len(e["newton_steps_per_layer"]["mean"]) == e["num_layers"]
+  report = tmp_path / "sweep"
+  assert json.loads((report / "results.json").read_text()) == entries
+  assert "| 2 | 100 | 2 |" in (report / "report.md").read_text()
+  for stem in ("final_error_vs_depth", "newton_steps_vs_layer", "newton_slope_depth_kappa"):
+    assert (report / f"{stem}.png").stat().st_size > 0 and (report / f"{stem}.pdf").stat().st_size > 0
+  # A second call finds everything done and neither trains nor evaluates again.
+  stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval/results.json")}
+  metrics = {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
+  sweep.run_sweep(config, tmp_path)
+  assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval/results.json")}
+  assert metrics == {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
+
+
+def test_bad_sweep_values_are_named():
+  config = _sweep_config()
+  config.sweep.kappa = ()
+  with pytest.raises(config_checks.ConfigError, match=r"config.sweep.kappa = \(\)"):
+    sweep.validate(config)
+  config = _sweep_config()
+  config.sweep.kappa = (0.5,)
+  with pytest.raises(config_checks.ConfigError, match=r"run L1_kappa0.5_seed0: (.|\n)*config.task.kappa = 0.5"):
+    sweep.validate(config)
