@@ -17,9 +17,14 @@ from icl_jax import config_checks
 from icl_jax import evaluate
 from icl_jax import models
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_BENCHMARKS = flags.DEFINE_multi_enum("benchmark", ["eval"], ["eval"], "Benchmarks to run.")
-flags.mark_flags_as_required(["config"])
+_FLAGS = {}
+
+
+def _define_flags() -> None:
+  """Flags exist only when this module is the program, so that importing it defines none."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  _FLAGS["benchmark"] = flags.DEFINE_multi_enum("benchmark", ["eval"], list(BENCHMARKS), "Benchmarks to run.")
+  flags.mark_flags_as_required(["config"])
 
 
 def bench_eval(config) -> dict:
@@ -40,13 +45,17 @@ def bench_eval(config) -> dict:
           "readout": e.readout, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
+BENCHMARKS = {"eval": bench_eval}
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = _FLAGS["config"].value
   config_checks.validate(config, num_devices=1)
-  for name in _BENCHMARKS.value:
-    print(json.dumps({"eval": bench_eval}[name](config)), flush=True)
+  for name in _FLAGS["benchmark"].value:
+    print(json.dumps(BENCHMARKS[name](config)), flush=True)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -273,9 +273,9 @@ def _log_summary(results: dict) -> None:
   t, fits = results["timing"], results["fits"]
   logging.info("Evaluation in %.1f s (incl. compilation): %s.", t["total_s"],
                ", ".join(f"{k[:-2]} {v:.1f}" for k, v in t.items() if k != "total_s"))
-  logging.info("Best-matching Newton steps per layer: %s (layers %s: %.2f steps/layer, R^2 %.3f).",
+  logging.info("Best-matching Newton steps per layer: %s (layers %s: %s steps/layer, R^2 %s).",
                results["best_match"]["newton"], fits["layers"], fits["newton"]["slope"], fits["newton"]["r2"])
-  logging.info("Best-matching GD steps (log grid) per layer: %s (%.2f doublings/layer, R^2 %.3f).",
+  logging.info("Best-matching GD steps (log grid) per layer: %s (%s doublings/layer, R^2 %s).",
                results["best_match"]["gd_log"], fits["gd_log"]["doublings_per_layer"], fits["gd_log"]["r2"])
   table = results["table1"]["sim_e"]
   logging.info("Final layer's best SimE: Newton %.3f, GD %.3f, online GD %.3f, OLS %.3f "

@@ -170,8 +170,8 @@ def best_match(results: dict) -> Figure:
 
   fit = fits["newton"]
   newton_ax.plot(layers_L, results["best_match"]["newton"], "o-", color="tab:green", label="argmax of SimE")
-  _fit_line(newton_ax, fit_layers, fit["slope"] * fit_layers + fit["intercept"],
-            f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}", first, last)
+  _fit_line(newton_ax, fit_layers, lambda: fit["slope"] * fit_layers + fit["intercept"],
+            lambda: f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}", first, last)
   if on_paper:
     newton_ax.plot(layers_L, PAPER_BEST["newton"], "x:", color=GREY, label="Fu et al. (Fig. 7b legend)")
   _grid_end(newton_ax, results, "newton")
@@ -185,8 +185,8 @@ def best_match(results: dict) -> Figure:
   gd_ax.plot(layers_L, results["best_match"]["gd_log"], "o-", color="tab:orange", label="argmax of SimE, log grid")
   gd_ax.plot(layers_L, results["best_match"]["gd"], "s", mfc="none", color="tab:brown",
              label="argmax of SimE, linear grid")
-  _fit_line(gd_ax, fit_layers, np.exp2(fit["slope"] * fit_layers + fit["intercept"]),
-            f"{fit['doublings_per_layer']:.2f} doublings/layer, R² = {fit['r2']:.3f}", first, last)
+  _fit_line(gd_ax, fit_layers, lambda: np.exp2(fit["slope"] * fit_layers + fit["intercept"]),
+            lambda: f"{fit['doublings_per_layer']:.2f} doublings/layer, R² = {fit['r2']:.3f}", first, last)
   if on_paper:
     gd_ax.plot(layers_L, PAPER_BEST["gd_log"], "x:", color=GREY, label="Fu et al. (read off Fig. 10)")
   _grid_end(gd_ax, results, "gd_log")
@@ -245,9 +245,10 @@ def _pick(grid, preferred) -> list:
   return [s for s in preferred if s in grid] or [grid[i] for i in sorted({0, len(grid) // 2, len(grid) - 1})]
 
 
-def _fit_line(ax, x, y, text: str, first: int, last: int) -> None:
+def _fit_line(ax, x, y, text, first: int, last: int) -> None:
+  """Draws the fit; `y` and `text` are callables, as a fit over one layer has no slope to evaluate."""
   if last > first:
-    ax.plot(x, y, "--", color="black", lw=1.2, label=f"fit, layers {first}–{last}: {text}")
+    ax.plot(x, y(), "--", color="black", lw=1.2, label=f"fit, layers {first}–{last}: {text()}")
   else:
     ax.plot([], [], " ", label=f"no fit: one fit layer ({first})")
 

@@ -81,8 +81,10 @@ def best_match(similarity_AxK: np.ndarray, steps_K) -> dict:
 
 
 def linear_fit(x, y) -> dict:
-  """Least-squares line y = slope * x + intercept and its R^2."""
+  """Least-squares line y = slope * x + intercept and its R^2; all None for fewer than two distinct x."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(np.unique(x)) < 2:
+    return {"slope": None, "intercept": None, "r2": None}
   slope, intercept = np.polyfit(x, y, 1)
   residual = y - (slope * x + intercept)
   total = np.sum(np.square(y - y.mean()))

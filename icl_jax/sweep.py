@@ -24,13 +24,21 @@ from icl_jax import evaluate
 from icl_jax import multi_train
 from icl_jax import run_logs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweep_depth_kappa.py:quick.",
-                                          lock_config=True)
-_ROOT = flags.DEFINE_string("root", None, "Directory of the sweep: one workdir per run, and sweep/ for the report.")
-_SHARD = flags.DEFINE_string("shard", "0/1", "i/N: this process trains and evaluates every N-th group, from the i-th.")
-_STAGE = flags.DEFINE_enum("stage", "all", ["all", "runs", "report"],
-                           "runs: train and evaluate; report: write ROOT/sweep from finished runs; all: both.")
-flags.mark_flags_as_required(["config", "root"])
+_FLAGS = {}
+
+
+def _define_flags() -> None:
+  """Flags exist only when this module is the program, so that importing it defines none."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", None, "Sweep config, e.g. configs/sweep_depth_kappa.py:quick.", lock_config=True)
+  _FLAGS["root"] = flags.DEFINE_string("root", None, "Directory of the sweep: one workdir per run, and sweep/ for "
+                                       "the report.")
+  _FLAGS["shard"] = flags.DEFINE_string("shard", "0/1", "i/N: this process trains and evaluates every N-th group, "
+                                        "from the i-th.")
+  _FLAGS["stage"] = flags.DEFINE_enum("stage", "all", ["all", "runs", "report"],
+                                      "runs: train and evaluate; report: write ROOT/sweep from finished runs; all: "
+                                      "both.")
+  flags.mark_flags_as_required(["config", "root"])
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
@@ -114,12 +122,13 @@ def main(argv):
   from icl_jax import sweep_report
 
   run_logs.quiet_orbax()
-  root = pathlib.Path(_ROOT.value)
+  config, stage = _FLAGS["config"].value, _FLAGS["stage"].value
+  root = pathlib.Path(_FLAGS["root"].value)
   try:
-    if _STAGE.value in ("all", "runs"):
-      run_sweep(_CONFIG.value, root, _parse_shard(_SHARD.value))
-    if _STAGE.value in ("all", "report"):
-      runs = validate(_CONFIG.value)
+    if stage in ("all", "runs"):
+      run_sweep(config, root, _parse_shard(_FLAGS["shard"].value))
+    if stage in ("all", "report"):
+      runs = validate(config)
       sweep_report.write(runs, root, [run_name(r) for r in runs])
   except config_checks.ConfigError as e:
     logging.error("%s", e)
@@ -128,5 +137,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   jax.config.config_with_absl()
   app.run(main)

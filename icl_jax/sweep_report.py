@@ -17,7 +17,10 @@ CONFIDENCE = 0.9
 
 
 def _interval(values) -> dict:
-  """Mean over seeds and its 90% t-interval (the interval is the mean itself with one seed)."""
+  """Mean over seeds and its 90% t-interval (the interval is the mean itself with one seed). None (an
+  undefined quantity, such as a fit over one layer) stays None."""
+  if any(v is None for v in values):
+    return {"mean": None, "low": None, "high": None, "seeds": len(values)}
   values = np.asarray(values, np.float64)
   mean = values.mean(axis=0)
   if len(values) < 2:
@@ -65,12 +68,13 @@ def collect(runs, root: pathlib.Path, names: list[str]) -> list[dict]:
 def _markdown(entries: list[dict]) -> str:
   lines = ["| depth | κ | seeds | final error/d | Newton steps per layer (best match) | Newton steps/layer (R²) | "
            "GD steps needed | distance to OLS (error/d) |", "|---|---|---|---|---|---|---|---|"]
-  fmt = lambda v: (f"{v['mean']:.3g} [{v['low']:.3g}, {v['high']:.3g}]" if v["seeds"] > 1 else f"{v['mean']:.3g}")
+  fmt = lambda v: ("n/a" if v["mean"] is None else
+                   f"{v['mean']:.3g} [{v['low']:.3g}, {v['high']:.3g}]" if v["seeds"] > 1 else f"{v['mean']:.3g}")
   for e in entries:
     steps = ", ".join(f"{s:.3g}" for s in e["newton_steps_per_layer"]["mean"])
     lines.append(f"| {e['num_layers']} | {e['kappa']:g} | {e['final_error_per_dim']['seeds']} | "
                  f"{fmt(e['final_error_per_dim'])} | {steps} | {fmt(e['newton_slope'])} "
-                 f"({e['newton_r2']['mean']:.2f}) | {fmt(e['gd_steps_needed'])} | "
+                 f"({fmt(e['newton_r2'])}) | {fmt(e['gd_steps_needed'])} | "
                  f"{fmt(e['distance_to_least_squares_per_dim'])} |")
   interval = "" if entries and entries[0]["final_error_per_dim"]["seeds"] < 2 else (
       f" Brackets: {CONFIDENCE:.0%} t-interval across seeds.")
@@ -117,7 +121,8 @@ def _figures(entries: list[dict], out: pathlib.Path) -> None:
   ax = fig.add_subplot()
   slope = np.full((len(depths), len(kappas)), np.nan)
   for e in entries:
-    slope[depths.index(e["num_layers"]), kappas.index(e["kappa"])] = e["newton_slope"]["mean"]
+    if e["newton_slope"]["mean"] is not None:
+      slope[depths.index(e["num_layers"]), kappas.index(e["kappa"])] = e["newton_slope"]["mean"]
   image = ax.imshow(slope, cmap="viridis", aspect="auto")
   for (i, j), value in np.ndenumerate(slope):
     ax.text(j, i, "" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", color="white")

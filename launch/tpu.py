@@ -142,13 +142,19 @@ def _is_plain_path(path: str) -> bool:
 
 def warnings(args: argparse.Namespace) -> list[str]:
   hosts = num_hosts(args.type) if args.type else None
-  job_dir = _job_dir(args) if hasattr(args, "sweep") else None
-  if hosts and hosts > 1 and job_dir and not job_dir.startswith("gs://"):
+  if not (hosts and hosts > 1 and hasattr(args, "sweep")):
+    return []
+  out = []
+  job_dir = _job_dir(args)
+  if not job_dir.startswith("gs://"):
     flag = "--root" if args.sweep else "--workdir"
-    return [f"warning: {args.type} has {hosts} hosts, each with its own disk, but {flag}={job_dir} is local: "
-            f"Orbax expects a checkpoint directory that every host reaches; give {flag}=gs://BUCKET/PATH "
-            "(see launch/README.md)."]
-  return []
+    out.append(f"warning: {args.type} has {hosts} hosts, each with its own disk, but {flag}={job_dir} is local: "
+               f"Orbax expects a checkpoint directory that every host reaches; give {flag}=gs://BUCKET/PATH "
+               "(see launch/README.md).")
+  if args.command in ("run", "all") and distributed_mode(args) in ("none", "off"):
+    out.append(f"warning: {args.type} has {hosts} hosts but the job gets no --distributed=auto, so they do not "
+               "join one JAX runtime (icl_jax.sweep has no such flag yet; pass --distributed=auto once it has).")
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +237,11 @@ def _job_dir(args: argparse.Namespace) -> str:
   return args.root if args.sweep else args.workdir
 
 
+def distributed_mode(args: argparse.Namespace) -> str:
+  """--distributed, by default auto for icl_jax.main and none (no such flag) for icl_jax.sweep, which has none."""
+  return args.distributed or ("none" if args.sweep else "auto")
+
+
 def job_argv(args: argparse.Namespace) -> list[str]:
   """The Python command every worker runs, from the remote repository directory."""
   if args.sweep:
@@ -238,8 +249,9 @@ def job_argv(args: argparse.Namespace) -> list[str]:
   else:
     argv = [".venv/bin/python", "-m", "icl_jax.main", f"--config={args.config or MAIN_CONFIG}",
             f"--workdir={args.workdir}"]
-  if args.distributed != "none":
-    argv.append(f"--distributed={args.distributed}")
+  mode = distributed_mode(args)
+  if mode != "none":
+    argv.append(f"--distributed={mode}")
   return argv + list(args.overrides)
 
 
@@ -442,8 +454,9 @@ def do_all(runner: Runner, args) -> int:
   failures = []
   try:
     do_create(runner, args)
-  except StepError as e:
-    runner.note(f"error: {e}. If a TPU VM was left behind, delete it with: {shlex.join(delete_command(args))}")
+  except (StepError, KeyboardInterrupt) as e:
+    runner.note(f"error: {e or 'interrupted'}. If a TPU VM was left behind, delete it with: "
+                f"{shlex.join(delete_command(args))}")
     return 1
   try:
     launched = False
@@ -516,9 +529,10 @@ def _parser() -> argparse.ArgumentParser:
 
   run = argparse.ArgumentParser(add_help=False)
   run.add_argument("--config", help=f"the config file (default {MAIN_CONFIG}, with --sweep {SWEEP_CONFIG})")
-  run.add_argument("--distributed", default="auto", choices=["auto", "detect", "off", "none"],
-                   help="passed as --distributed=...: auto starts JAX's multi-host runtime "
-                        "(jax.distributed.initialize()) on every worker; none passes no such flag")
+  run.add_argument("--distributed", choices=["auto", "detect", "off", "none"],
+                   help="passed to the job as --distributed=...: auto starts JAX's multi-host runtime "
+                        "(jax.distributed.initialize()) on every worker; none passes no such flag. Default: auto "
+                        "for icl_jax.main, none for icl_jax.sweep (it defines no --distributed flag yet)")
   run.add_argument("--poll", type=float, default=300.0, help="with --wait: seconds between status checks")
   run.add_argument("--max-unreachable", type=int, default=6,
                    help="with --wait: give up after this many failed status checks in a row")
@@ -584,6 +598,9 @@ def main(argv: list[str] | None = None, environ=None) -> int:
   except StepError as e:
     print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
