@@ -1,7 +1,10 @@
 """Benchmarks: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`.
 
-Prints one JSON line per benchmark. `eval` times the full default evaluation (icl_jax/evaluate.py) of a
-freshly initialised model of the config's size: once with compilation, then again after it.
+Prints one JSON line per benchmark:
+  eval: the full default evaluation (icl_jax/evaluate.py) of a freshly initialised model of the config's size,
+    once with compilation, then again after it.
+  multi_train: training 4 runs of the config's shape as one vmapped program (icl_jax/multi_train.py) against
+    training them one after another, in model-steps per second, on one device.
 """
 
 import json
@@ -14,8 +17,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import config_checks
+from icl_jax import data
 from icl_jax import evaluate
 from icl_jax import models
+from icl_jax import optim
+from icl_jax import train
+from icl_jax import train_step
 
 _FLAGS = {}
 
@@ -45,7 +52,43 @@ def bench_eval(config) -> dict:
           "readout": e.readout, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
-BENCHMARKS = {"eval": bench_eval}
+def _steps_per_second(run_chunk, state, steps: int, repeats: int = 3) -> float:
+  state, metrics = run_chunk(state, steps)  # Compiles.
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    state, metrics = run_chunk(state, steps)
+  jax.block_until_ready(metrics)
+  return repeats * steps / (time.perf_counter() - start)
+
+
+def bench_multi_train(config, num_models: int = 4) -> dict:
+  """Training `num_models` runs of the config's shape as one vmapped program against one after another.
+
+  The runs differ in kappa (the config's kappa must then be > 1 so that the separate run samples rotated
+  prompts too, as every vmapped model does).
+  """
+  config = config.copy_and_resolve_references()
+  config.task.kappa = max(config.task.kappa, 10.0)
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = models.build_model(config.model)
+  optimizer = optim.make_optimizer(config.train)
+  schedule = optim.learning_rate_schedule(config.train)
+  steps = config.train.steps_per_dispatch
+  single = _steps_per_second(train_step.make_train_chunk(config, model, optimizer, schedule, mesh),
+                             train_step.init_state(config, model, optimizer, mesh), steps)
+  state = train_step.init_state(config, model, optimizer, mesh)
+  stacked = jax.device_put(jax.tree.map(lambda a: jnp.stack([a] * num_models), state), train_step.replicated(mesh))
+  hypers = data.Hyper(jnp.linspace(config.task.kappa, 10 * config.task.kappa, num_models), jnp.zeros((num_models,)))
+  group = _steps_per_second(train_step.make_train_chunk(config, model, optimizer, schedule, mesh, hypers), stacked,
+                            steps)
+  return {"name": "multi_train", "num_models": num_models, "separate_model_steps_per_s": single,
+          "vmapped_model_steps_per_s": group * num_models, "speedup": group * num_models / single,
+          "num_layers": config.model.num_layers, "width": config.model.width, "batch_size": config.train.batch_size,
+          "device": jax.devices()[0].device_kind}
+
+
+BENCHMARKS = {"eval": bench_eval, "multi_train": bench_multi_train}
 
 
 def main(argv):

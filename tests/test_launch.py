@@ -386,3 +386,15 @@ def test_ctrl_c_in_all_still_fetches_and_deletes(fake):
   assert process.returncode == 130, stderr
   assert _ran(paths, "compute", "tpus", "tpu-vm", "delete")
   assert (paths["tmp"] / "runs" / "paper" / "launch.log").exists()
+
+
+def test_local_sweep_dry_run_prints_one_process_per_shard_then_the_report():
+  script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "local_sweep.sh"
+  result = subprocess.run(["bash", str(script), "-n", "3", "--dry-run", "configs/sweep_depth_kappa.py:quick", "r",
+                           "--config.train.num_steps=5"], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert [line.split("--shard=")[1].split()[0] for line in lines[:3]] == ["0/3", "1/3", "2/3"]
+  assert "--stage=report" in lines[3] and all("--config.train.num_steps=5" in line for line in lines)
+  bad = subprocess.run(["bash", str(script), "-n", "0", "c", "r"], capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "-n must be a positive integer" in bad.stderr

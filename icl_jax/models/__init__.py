@@ -12,6 +12,7 @@ import flax.linen as nn
 import ml_collections
 
 from icl_jax.models import gpt2
+from icl_jax.models import lstm
 
 
 class Family(NamedTuple):
@@ -22,6 +23,7 @@ class Family(NamedTuple):
 
 REGISTRY: dict[str, Family] = {
     "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
+    "lstm": Family(build=lambda model: lstm.LSTMRegressor(model), validate=lstm.validate),
 }
 
 
