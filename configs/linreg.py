@@ -115,6 +115,12 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   # Layers (1-based, inclusive) over which best-matching steps are fit against the layer index: the linear
   # stretch of Fu et al. §4.2 (layers 3-9 of 12).
   evaluation.fit_layers = (3, 9)
+  # Prompts from JAX's PRNG may change between JAX versions; for numbers to publish, evaluate on a frozen set
+  # (`python -m icl_jax.datasets.build --data_dir=DIR`): the first num_prompts prompts of setting
+  # dataset_setting ("isotropic", "kappa100" or "noisy"; d and n must be the task's) in dataset_dir. ""
+  # evaluates on fresh prompts. The probe-fitting and SimW prompts are fresh either way.
+  evaluation.dataset_dir = ""
+  evaluation.dataset_setting = "isotropic"
 
   if variant == "quick":
     _make_quick(config)

@@ -5,9 +5,15 @@ Prints one JSON line per benchmark:
     once with compilation, then again after it.
   multi_train: training 4 runs of the config's shape as one vmapped program (icl_jax/multi_train.py) against
     training them one after another, in model-steps per second, on one device.
+  train_step: the training step at the curriculum's final size on all devices: time per step, prompts/s,
+    model FLOPs, achieved FLOP/s and MFU (given --peak_flops, or known for the device), compile time and peak
+    memory; with --torch_python, the PyTorch reference (../shared/reference/torch_gpt2_linreg.py) at the
+    same shapes in that interpreter, and the ratio.
 """
 
 import json
+import resource
+import subprocess
 import time
 
 import jax
@@ -30,7 +36,15 @@ _FLAGS = {}
 def _define_flags() -> None:
   """Flags exist only when this module is the program, so that importing it defines none."""
   _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  _FLAGS["benchmark"] = flags.DEFINE_multi_enum("benchmark", ["eval"], list(BENCHMARKS), "Benchmarks to run.")
+  _FLAGS["benchmark"] = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], list(BENCHMARKS),
+                                                "Benchmarks to run.")
+  _FLAGS["peak_flops"] = flags.DEFINE_float("peak_flops", 0.0, "The device's peak FLOP/s for MFU; 0: known GPUs only.")
+  _FLAGS["torch_python"] = flags.DEFINE_string(
+      "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
+      "reference at the same shapes and print the ratio.")
+  _FLAGS["torch_reference"] = flags.DEFINE_string(
+      "torch_reference", "../shared/reference/torch_gpt2_linreg.py", "The PyTorch reference training step.")
+  _FLAGS["timed_steps"] = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -88,7 +102,89 @@ def bench_multi_train(config, num_models: int = 4) -> dict:
           "device": jax.devices()[0].device_kind}
 
 
-BENCHMARKS = {"eval": bench_eval, "multi_train": bench_multi_train}
+# Dense peak FLOP/s of known accelerators for float32 matmuls (TF32 tensor cores, JAX's default precision on
+# them) and bfloat16, from the vendors' data sheets.
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": {"float32": 494e12, "bfloat16": 989e12},
+              "NVIDIA H200": {"float32": 494e12, "bfloat16": 989e12}}
+
+
+def final_curriculum_step(task) -> int:
+  """The first step at which the curriculum reaches the full prompt size."""
+  if not task.curriculum.enabled:
+    return 0
+  c = task.curriculum
+  wait = lambda start, end, increment, interval: 0 if end <= start else -(-(end - start) // increment) * interval
+  return max(wait(c.dims_start, task.n_dims, c.dims_increment, c.dims_interval),
+             wait(c.points_start, task.n_points, c.points_increment, c.points_interval))
+
+
+def gpt2_flops_per_step(config) -> float:
+  """Model FLOPs of one GPT-2 training step at full size: 3x the forward's (backward = 2x forward).
+
+  Forward per token: 2 x (the blocks' matmul weights, (4 + 2 mlp_ratio) W^2 per layer, plus read-in and
+  read-out); attention adds 2 x 2 T^2 W per layer and sequence (QK^T and PV, counted in full as computed).
+  """
+  m, t, b = config.model, 2 * config.task.n_points, config.train.batch_size
+  per_token = 2 * (m.num_layers * (4 + 2 * m.mlp_ratio) * m.width**2 + config.task.n_dims * m.width + m.width)
+  attention = 4 * m.num_layers * t * t * m.width
+  return 3.0 * b * (t * per_token + attention)
+
+
+def _peak_memory_bytes() -> int:
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # The host's, on CPU.
+
+
+def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> dict:
+  """The jitted training step (`train_step.make_train_chunk`) at the curriculum's final size."""
+  devices = jax.devices()
+  mesh = train.make_mesh(devices)
+  model = models.build_model(config.model)
+  optimizer = optim.make_optimizer(config.train)
+  chunk = config.train.steps_per_dispatch
+  run_chunk = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
+  state = train_step.init_state(config, model, optimizer, mesh)
+  state = state.replace(step=jax.device_put(jnp.asarray(final_curriculum_step(config.task), jnp.int32),
+                                            train_step.replicated(mesh)))
+  start = time.perf_counter()
+  state, metrics = run_chunk(state, chunk)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  dispatches = max(1, -(-timed_steps // chunk)) if timed_steps else 3
+  start = time.perf_counter()
+  for _ in range(dispatches):
+    state, metrics = run_chunk(state, chunk)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - start) / (dispatches * chunk)
+  flops = gpt2_flops_per_step(config) if config.model.family == "gpt2" else None
+  device_kind = devices[0].device_kind
+  peak = peak_flops or PEAK_FLOPS.get(device_kind, {}).get("float32", 0.0) * len(devices)
+  return {"name": "train_step", "ms_per_step": 1e3 * seconds, "steps_per_s": 1 / seconds,
+          "prompts_per_s": config.train.batch_size / seconds, "model_flops_per_step": flops,
+          "achieved_flops_per_s": flops / seconds if flops else None,
+          "mfu": flops / seconds / peak if flops and peak else None, "peak_flops_per_s": peak or None,
+          "compile_s": max(first - chunk * seconds, 0.0), "peak_memory_bytes": _peak_memory_bytes(),
+          "steps_per_dispatch": chunk, "timed_steps": dispatches * chunk, "family": config.model.family,
+          "num_layers": config.model.num_layers, "width": config.model.width, "num_heads": config.model.num_heads,
+          "n_dims": config.task.n_dims, "n_points": config.task.n_points, "batch_size": config.train.batch_size,
+          "devices": len(devices), "device": device_kind, "jax": jax.__version__}
+
+
+def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
+  """The PyTorch reference training step at the config's shapes, run in `python` (torch + transformers)."""
+  m = config.model
+  command = [python, reference, "--layers", str(m.num_layers), "--embd", str(m.width), "--heads", str(m.num_heads),
+             "--dims", str(config.task.n_dims), "--points", str(config.task.n_points), "--batch",
+             str(config.train.batch_size), "--steps", str(steps)]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f"{reference} failed under {python}:\n{result.stderr[-2000:]}")
+  return {"name": "torch_train_step", **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+BENCHMARKS = {"train_step": bench_train_step, "eval": bench_eval, "multi_train": bench_multi_train}
 
 
 def main(argv):
@@ -96,7 +192,17 @@ def main(argv):
   config = _FLAGS["config"].value
   config_checks.validate(config, num_devices=1)
   for name in _FLAGS["benchmark"].value:
-    print(json.dumps(BENCHMARKS[name](config)), flush=True)
+    if name == "train_step":
+      line = bench_train_step(config, _FLAGS["peak_flops"].value, _FLAGS["timed_steps"].value)
+      print(json.dumps(line), flush=True)
+      if _FLAGS["torch_python"].value:
+        reference = bench_torch(config, _FLAGS["torch_python"].value, _FLAGS["torch_reference"].value)
+        print(json.dumps(reference), flush=True)
+        print(json.dumps({"name": "speedup_vs_torch", "ratio": reference["ms_per_step"] / line["ms_per_step"],
+                          "jax_ms_per_step": line["ms_per_step"], "torch_ms_per_step": reference["ms_per_step"]}),
+              flush=True)
+    else:
+      print(json.dumps(BENCHMARKS[name](config)), flush=True)
 
 
 if __name__ == "__main__":

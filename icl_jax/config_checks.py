@@ -9,6 +9,7 @@ from icl_jax import data
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import probes
+from icl_jax import train_step
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,42 @@ def _train_errors(config, num_devices: int) -> list[str]:
   return errors
 
 
+def _present(config, path) -> bool:
+  """Whether the field exists: the options below are optional, and absent means their default."""
+  section, _, name = path.rpartition(".")
+  node = _get(config, section)
+  return isinstance(node, ml_collections.ConfigDict) and name in node
+
+
+def _ahn_errors(config) -> list[str]:
+  """The options of Ahn et al.'s setting (configs/lsa.py): explicit spectrum, per-run eigenbasis, w ~ N(0,
+  Sigma^-1), batches resampled every k steps, last-position loss, per-matrix clipping, step-decay schedule."""
+  errors = []
+  if _present(config, "task.w_distribution"):
+    _check_choice(errors, config, "task.w_distribution", data.W_DISTRIBUTIONS)
+  if _present(config, "task.resample_every"):
+    _check_int(errors, config, "task.resample_every", 1)
+  if _get(config, "task.spectrum") == "explicit":
+    values, n_dims = _get(config, "task.eigenvalues"), _get(config, "task.n_dims")
+    if not (isinstance(values, (tuple, list)) and len(values) == n_dims and
+            all(_is_real(v) and v > 0 for v in values)):
+      errors.append(f"config.task.eigenvalues = {values!r}: with config.task.spectrum = 'explicit' must be a tuple "
+                    f"of config.task.n_dims = {n_dims!r} numbers > 0 (the eigenvalues of Cov(x))")
+  if _get(config, "task.rotation") == "per_run":
+    _check_int(errors, config, "task.rotation_seed", 0)
+  if _present(config, "train.loss_positions"):
+    _check_choice(errors, config, "train.loss_positions", train_step.LOSS_POSITIONS)
+  if _present(config, "train.clip_per_matrix"):
+    _check_real(errors, config, "train.clip_per_matrix", 0.0)
+  if _get(config, "train.schedule") == "step_decay":
+    _check_int(errors, config, "train.decay_every", 1)
+    factor = _get(config, "train.decay_factor")
+    if not (_is_real(factor) and 0 < factor <= 1):
+      errors.append(f"config.train.decay_factor = {factor!r}: with config.train.schedule = 'step_decay' must be "
+                    "a number in (0, 1]")
+  return errors
+
+
 def _eval_errors(config) -> list[str]:
   errors = []
   for field in ("num_prompts", "batch_size", "bootstrap_samples", "probe_prompts", "probe_steps", "probe_batch_size",
@@ -125,12 +162,42 @@ def _eval_errors(config) -> list[str]:
                                   all(_is_int(v) for v in layers) and 1 <= layers[0] <= layers[1] <= num_layers):
     errors.append(f"config.eval.fit_layers = {layers!r}: must be (first, last) with 1 <= first <= last <= "
                   f"config.model.num_layers = {num_layers}")
+  return errors + dataset_errors(config)
+
+
+def dataset_errors(config) -> list[str]:
+  """Problems with the frozen evaluation set named by config.eval.dataset_dir and dataset_setting: it must
+  be built, of the task's d and n, and hold at least eval.num_prompts prompts."""
+  directory, setting = config.eval.get("dataset_dir"), config.eval.get("dataset_setting")
+  if not isinstance(directory, str):
+    return [f"config.eval.dataset_dir = {directory!r}: must be a directory, or '' for fresh prompts"]
+  if not directory:
+    return []
+  from icl_jax import datasets  # TFDS is imported only when a frozen set is asked for.
+
+  if setting not in datasets.SETTINGS:
+    return [f"config.eval.dataset_setting = {setting!r}: allowed values are {', '.join(map(repr, datasets.SETTINGS))}"]
+  try:
+    info = datasets.describe(directory, setting)
+  except FileNotFoundError as e:
+    return [f"config.eval.dataset_dir = {directory!r}: {e}"]
+  errors = []
+  where = f"the set {setting!r} in {datasets.directory(directory, setting)} (config.eval.dataset_dir)"
+  for field in ("n_dims", "n_points"):
+    value = config.task.get(field)
+    if value != info[field]:
+      errors.append(f"config.task.{field} = {value!r} differs from the {field} = {info[field]} of {where}")
+  prompts = config.eval.get("num_prompts")
+  if _is_int(prompts) and prompts > info["num_prompts"]:
+    errors.append(f"config.eval.num_prompts = {prompts} exceeds the {info['num_prompts']} prompts of {where}: "
+                  f"allowed values are 1..{info['num_prompts']}")
   return errors
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError listing every invalid field of `config` for a run on `num_devices` devices."""
   errors = _task_errors(config) + _train_errors(config, num_devices) + _eval_errors(config)
+  errors += _ahn_errors(config)
   family = config.model.get("family")
   if family not in models.REGISTRY:
     errors.append(f"config.model.family = {family!r}: allowed values are {', '.join(map(repr, models.REGISTRY))}")

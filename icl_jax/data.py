@@ -9,6 +9,11 @@ resumed on another device count sees exactly the data it would have seen.
 Shapes are static for the whole run: prompts always have `n_points` points and `n_dims` coordinates. The
 curriculum zeroes the coordinates beyond the current dimension and masks the loss beyond the current
 number of points (see `curriculum`), so no step ever recompiles.
+
+Ahn et al. 2023 §4.3's distribution is also available: Sigma = U diag(task.eigenvalues) U^T
+(spectrum="explicit") with one eigenbasis U for the whole run (rotation="per_run", `run_rotation`), w ~ N(0,
+Sigma^-1) (w_distribution="inverse_covariance"), and one batch for resample_every consecutive steps
+(`data_step`).
 """
 
 from typing import Any, NamedTuple
@@ -17,8 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-SPECTRA = ("two_level", "log_spaced")
-ROTATIONS = ("per_prompt", "per_batch")
+SPECTRA = ("two_level", "log_spaced", "explicit")
+ROTATIONS = ("per_prompt", "per_batch", "per_run")
+W_DISTRIBUTIONS = ("identity", "inverse_covariance")
+# Folded into key(task.rotation_seed) for the eigenbasis of rotation="per_run", so that it is independent of the
+# run's other streams (train_step.run_keys splits key(seed)).
+_RUN_ROTATION_TAG = 0x5EED
 
 
 class Curriculum(NamedTuple):
@@ -63,7 +72,8 @@ def curriculum(step: jax.Array, task: ml_collections.ConfigDict) -> Curriculum:
 
 
 def covariance_spectrum(task: ml_collections.ConfigDict, kappa=None) -> jax.Array:
-  """Eigenvalues of Cov(x), largest first, with ratio `kappa` (default `task.kappa`) between the extremes."""
+  """Eigenvalues of Cov(x), largest first, with ratio `kappa` (default `task.kappa`) between the extremes; or,
+  for spectrum="explicit", `task.eigenvalues` in their order."""
   d = task.n_dims
   kappa = task.kappa if kappa is None else kappa
   if task.spectrum == "two_level":
@@ -71,6 +81,10 @@ def covariance_spectrum(task: ml_collections.ConfigDict, kappa=None) -> jax.Arra
     eig_D = jnp.where(jnp.arange(d) < d // 2, kappa, 1.0)
   elif task.spectrum == "log_spaced":
     eig_D = jnp.logspace(jnp.log10(kappa), 0.0, d) if d > 1 else jnp.ones((1,))
+  elif task.spectrum == "explicit":
+    # task.eigenvalues as given (d of them, in this order; kappa is not used), e.g. Ahn et al. §4.3's
+    # (1, 1, 0.25, 0.0625, 1).
+    eig_D = jnp.asarray(task.eigenvalues, jnp.float32)
   else:
     raise ValueError(f"config.task.spectrum = {task.spectrum!r}; allowed: {SPECTRA}")
   if task.normalize_trace:
@@ -90,15 +104,22 @@ def _sample_prompt(key: jax.Array, rotation_DxD: jax.Array | None, task: ml_coll
   key_x, key_w, key_noise, key_rot = jax.random.split(key, 4)
   d, n = task.n_dims, task.n_points
   zs_NxD = jax.random.normal(key_x, (n, d))
-  if not _is(hyper.kappa, 1.0):
+  explicit = task.spectrum == "explicit"  # Sigma from task.eigenvalues, whatever kappa is.
+  if explicit or not _is(hyper.kappa, 1.0):
     if rotation_DxD is None:
       rotation_DxD = random_rotation(key_rot, d)
     # x = U diag(sqrt(lambda)) z has covariance U diag(lambda) U^T.
-    rotated_NxD = (zs_NxD * jnp.sqrt(covariance_spectrum(task, hyper.kappa))[None, :]) @ rotation_DxD.T
-    static = isinstance(hyper.kappa, (int, float))
+    eig_D = covariance_spectrum(task, hyper.kappa)
+    rotated_NxD = (zs_NxD * jnp.sqrt(eig_D)[None, :]) @ rotation_DxD.T
+    static = explicit or isinstance(hyper.kappa, (int, float))
     zs_NxD = rotated_NxD if static else jnp.where(hyper.kappa == 1.0, zs_NxD, rotated_NxD)
   xs_NxD = jnp.where(jnp.arange(d)[None, :] < n_dims, zs_NxD, 0.0)
   w_D = jax.random.normal(key_w, (d,))
+  if task.get("w_distribution", "identity") == "inverse_covariance" and (explicit or not _is(hyper.kappa, 1.0)):
+    # w = U diag(lambda)^(-1/2) g has covariance U diag(1 / lambda) U^T = Sigma^-1 (Ahn et al.'s Theorem 3 and
+    # §4.3, and their code's W D^-1 U^T): then y = w.x = g.z is distributed as for isotropic data.
+    rotated_w_D = rotation_DxD @ (w_D / jnp.sqrt(eig_D))
+    w_D = rotated_w_D if static else jnp.where(hyper.kappa == 1.0, w_D, rotated_w_D)
   ys_N = xs_NxD @ w_D
   if not _is(hyper.noise_std, 0.0):
     ys_N = ys_N + hyper.noise_std * jax.random.normal(key_noise, (n,))
@@ -124,9 +145,38 @@ def sample_batch(step_key: jax.Array, first_index: jax.Array, batch_size: int,
   if not _is(hyper.kappa, 1.0) and task.rotation == "per_batch":
     # Fu et al.'s code: one eigenbasis for the whole (global) batch of the step.
     rotation_DxD = random_rotation(rotation_key, task.n_dims)
+  if task.rotation == "per_run":
+    # Ahn et al. §4.3: one eigenbasis for the whole run, training and evaluation alike.
+    rotation_DxD = run_rotation(task)
   indices_B = first_index + jnp.arange(batch_size)
   keys_B = jax.vmap(lambda i: jax.random.fold_in(examples_key, i))(indices_B)
   return jax.vmap(lambda k: _sample_prompt(k, rotation_DxD, task, n_dims, hyper))(keys_B)
+
+
+def run_rotation(task: ml_collections.ConfigDict) -> jax.Array:
+  """U of rotation="per_run": one Haar-distributed eigenbasis, a pure function of `task.rotation_seed` (which
+  configs/lsa.py ties to the run's `seed`), the same at every step and in every evaluation."""
+  key = jax.random.fold_in(jax.random.key(task.rotation_seed), _RUN_ROTATION_TAG)
+  return random_rotation(key, task.n_dims)
+
+
+def covariance_matrix(task: ml_collections.ConfigDict) -> jax.Array:
+  """Cov(x) [D, D] when it is the same for every prompt: U diag(lambda) U^T for rotation="per_run", diag(lambda)
+  = I for isotropic data (kappa = 1 and a spectrum other than "explicit"). Raises ValueError otherwise."""
+  if task.rotation == "per_run":
+    rotation_DxD = run_rotation(task)
+    return (rotation_DxD * covariance_spectrum(task)[None, :]) @ rotation_DxD.T
+  if task.spectrum != "explicit" and task.kappa == 1.0:
+    return jnp.eye(task.n_dims)
+  raise ValueError(f"config.task.rotation = {task.rotation!r} draws a new eigenbasis of Cov(x) per prompt or per "
+                   "batch, so no single covariance describes the data; use rotation='per_run' (or kappa = 1).")
+
+
+def data_step(step: jax.Array, task: ml_collections.ConfigDict) -> jax.Array:
+  """The step whose key makes the batch of `step`: step // task.resample_every (Ahn et al. resample their batch
+  every 100 steps); `step` itself for the default resample_every = 1."""
+  every = task.get("resample_every", 1)
+  return step if every == 1 else step // every
 
 
 def step_key(data_key: jax.Array, step: jax.Array) -> jax.Array:

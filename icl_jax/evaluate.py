@@ -19,6 +19,7 @@ from absl import logging
 
 from icl_jax import algorithms
 from icl_jax import checkpointing
+from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
 from icl_jax import optim
@@ -168,6 +169,18 @@ def _tolist(tree):
   return jax.tree.map(lambda a: np.asarray(a).tolist(), tree)
 
 
+def dataset_prompts(config: ml_collections.ConfigDict) -> data.Batch:
+  """The first `eval.num_prompts` prompts, by index, of the frozen set `eval.dataset_setting` in
+  `eval.dataset_dir` (icl_jax/datasets)."""
+  errors = config_checks.dataset_errors(config)
+  if errors:
+    raise config_checks.ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+  from icl_jax import datasets  # TFDS is only needed here.
+
+  arrays = datasets.load_prompts(config.eval.dataset_dir, config.eval.dataset_setting)
+  return data.Batch(*(jnp.asarray(a[:config.eval.num_prompts]) for a in arrays))
+
+
 class Evaluator:
   """Evaluates parameters of `config.model`; compiles on the first call only."""
 
@@ -175,6 +188,9 @@ class Evaluator:
     self.config = config
     self._programs = _Programs(config, models.build_model(config.model))
     self._keys = eval_keys(config.seed)
+    # A frozen set replaces only the main prompts: the probes are fit on prompts other than those they are
+    # scored on, and SimW needs query points per prefix that the set does not hold, so both stay fresh.
+    self._dataset_prompts = dataset_prompts(config) if config.eval.dataset_dir else None
 
   def __call__(self, params: dict) -> dict:
     config, programs, keys = self.config, self._programs, self._keys
@@ -182,7 +198,9 @@ class Evaluator:
     clock = _Clock()
     readouts = programs.fit_probes(params, keys["probes"])
     clock.lap("probes_s", readouts)
-    prompts = programs.prompts(keys["prompts"], e.num_prompts, config.task.n_points)
+    prompts = self._dataset_prompts
+    if prompts is None:
+      prompts = programs.prompts(keys["prompts"], e.num_prompts, config.task.n_points)
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
     clock.lap("model_s")
     algos = algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from icl_jax import checkpointing
@@ -33,8 +34,18 @@ class ConfigChangedError(RuntimeError):
 
 @contextlib.contextmanager
 def preemption_flag():
-  """Yields a dict whose "set" becomes True on SIGTERM (Cloud TPU preemption); restores the old handler."""
+  """Yields a dict whose "set" becomes True on SIGTERM (Cloud TPU preemption); restores the old handler.
+
+  With several processes, all must stop after the same chunk, or those still running wait forever in a
+  collective for the ones that stopped (SIGTERM reaches hosts at different times). There JAX's preemption sync
+  manager, started by `jax.distributed.initialize`, catches SIGTERM on any process and picks a common stopping
+  point, and "set" changes only in `poll_preemption`, which every process calls once per chunk.
+  """
   flag = {"set": False}
+  if jax.process_count() > 1 and jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
+    flag["sync_calls"] = 0  # Its own SIGTERM handler is installed: leave it in place.
+    yield flag
+    return
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
@@ -48,6 +59,17 @@ def preemption_flag():
     yield flag
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def poll_preemption(flag: dict) -> bool:
+  """`flag["set"]`; with several processes, first asks whether all of them agree to stop here. Every process
+  must call this once per chunk, at the same chunks."""
+  if "sync_calls" in flag and not flag["set"]:
+    flag["sync_calls"] += 1
+    if multihost_utils.reached_preemption_sync_point(flag["sync_calls"]):
+      logging.warning("SIGTERM received by a process: every process saves a checkpoint and stops.")
+      flag["set"] = True
+  return flag["set"]
 
 
 def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
@@ -121,7 +143,8 @@ def run_steps(state, step: int, train: ml_collections.ConfigDict, run_chunk, met
     for m in metrics:
       m.push(step, end - step, chunk_metrics)
     step = end
-    if step % train.checkpoint_every == 0 or step == train.num_steps or preempted["set"]:
+    stop = poll_preemption(preempted)  # On every process after every chunk (multi-process agreement).
+    if step % train.checkpoint_every == 0 or step == train.num_steps or stop:
       for m in metrics:
         m.flush()  # Never save a state whose losses have not been checked.
       save(step, state)

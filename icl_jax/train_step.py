@@ -20,6 +20,7 @@ from icl_jax import data
 
 AXIS = "data"
 METRICS = ("loss", "grad_norm", "learning_rate", "n_dims", "n_points")
+LOSS_POSITIONS = ("all", "last")  # config.train.loss_positions: Garg et al.'s loss, or Ahn et al.'s.
 
 
 @flax.struct.dataclass
@@ -61,6 +62,21 @@ def masked_mse(preds_BxN: jax.Array, ys_BxN: jax.Array, n_points: jax.Array) -> 
   return jnp.sum(jnp.where(mask_N, jnp.square(preds_BxN - ys_BxN), 0.0)) / (ys_BxN.shape[0] * n_points)
 
 
+def last_position_loss(model, params, batch: data.Batch, n_points: jax.Array) -> jax.Array:
+  """Mean squared error over the batch at the last active position, n_points - 1, only: Ahn et al.'s loss (one
+  query after n context points). A model whose class sets `predicts_one_position` computes just that position
+  (`__call__(xs, ys, position=t)` -> [B]); any other model's predictions at the other positions are masked out.
+  """
+  last = n_points - 1
+  ys_B = jax.lax.dynamic_index_in_dim(batch.ys_BxN, last, axis=1, keepdims=False)
+  if getattr(model, "predicts_one_position", False):
+    preds_B = model.apply({"params": params}, batch.xs_BxNxD, batch.ys_BxN, position=last)
+  else:
+    preds_BxN = model.apply({"params": params}, batch.xs_BxNxD, batch.ys_BxN)
+    preds_B = jax.lax.dynamic_index_in_dim(preds_BxN, last, axis=1, keepdims=False)
+  return jnp.mean(jnp.square(preds_B - ys_B))
+
+
 def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation,
                      schedule: optax.Schedule, mesh: Mesh, hypers: data.Hyper | None = None
                      ) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
@@ -75,13 +91,16 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
   """
   task, max_steps = config.task, config.train.steps_per_dispatch
   local_batch = config.train.batch_size // mesh.size
+  loss_positions = config.train.get("loss_positions", "all")
 
   def one_step(state: TrainState, hyper: data.Hyper) -> tuple[TrainState, dict]:
     sizes = data.curriculum(state.step, task)
-    key = data.step_key(jax.random.wrap_key_data(state.data_key), state.step)
+    key = data.step_key(jax.random.wrap_key_data(state.data_key), data.data_step(state.step, task))
     batch = data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, sizes.n_dims, hyper)
 
     def loss_fn(params):
+      if loss_positions == "last":
+        return jax.lax.pmean(last_position_loss(model, params, batch, sizes.n_points), AXIS)
       preds_BxN = model.apply({"params": params}, batch.xs_BxNxD, batch.ys_BxN)
       return jax.lax.pmean(masked_mse(preds_BxN, batch.ys_BxN, sizes.n_points), AXIS)
 

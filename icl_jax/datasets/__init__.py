@@ -1,0 +1,86 @@
+"""Frozen evaluation sets: TFDS datasets built with numpy and read without TensorFlow.
+
+  python -m icl_jax.datasets.build --data_dir=DIR   # DIR/linreg_eval/{isotropic,kappa100,noisy}/1.0.0
+
+`load_prompts(DIR, setting)` reads a setting back as numpy arrays in index order and checks its content hash;
+`tfds.data_source("linreg_eval/SETTING", data_dir=DIR, split="test")` gives the records themselves (in the
+files' hash-shuffled order, each with its `index`). The settings are described in
+linreg_eval/linreg_eval_dataset_builder.py.
+"""
+
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
+
+SETTINGS = tuple(config.name for config in linreg_eval.Builder.BUILDER_CONFIGS)
+VERSION = str(linreg_eval.Builder.VERSION)
+
+
+def directory(data_dir, setting: str) -> pathlib.Path:
+  """Where `setting` of the current version lives under `data_dir`."""
+  return pathlib.Path(data_dir) / linreg_eval.Builder.name / setting / VERSION
+
+
+def _check_setting(setting: str) -> None:
+  if setting not in SETTINGS:
+    raise ValueError(f"linreg_eval setting {setting!r}: allowed values are {', '.join(map(repr, SETTINGS))}")
+
+
+def build(data_dir, settings=SETTINGS) -> dict[str, str]:
+  """Builds each setting under `data_dir` (keeping one already built), reads it back and checks it against
+  the published hash (see `load_prompts`); returns the content hashes."""
+  for setting in settings:
+    _check_setting(setting)
+  hashes = {}
+  for setting in settings:
+    linreg_eval.Builder(config=setting, data_dir=data_dir).download_and_prepare()
+    hashes[setting] = linreg_eval.content_hash(*load_prompts(data_dir, setting))
+  return hashes
+
+
+def _builder(data_dir, setting: str):
+  _check_setting(setting)
+  path = directory(data_dir, setting)
+  if not (path / "dataset_info.json").is_file():
+    raise FileNotFoundError(f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with "
+                            f"`python -m icl_jax.datasets.build --data_dir={data_dir} --settings={setting}`")
+  # From the files alone, as any reader would: the builder code is not needed to read.
+  return tfds.builder_from_directory(path)
+
+
+def describe(data_dir, setting: str) -> dict:
+  """A built setting's metadata (n_dims, n_points, kappa, noise_std, seed, content_sha256, ...) and its size
+  `num_prompts`, without decoding any prompt."""
+  builder = _builder(data_dir, setting)
+  return {**builder.info.metadata, "num_prompts": builder.info.splits[linreg_eval.SPLIT].num_examples}
+
+
+def load_prompts(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The prompts of a built setting, prompt i at row i: xs [B, N, D], ys [B, N], ws [B, D], float32.
+
+  Raises ValueError, naming the file, when the decoded prompts do not hash to the content hash recorded in
+  metadata.json at build time (the files changed since), or to the hash published for this version in the
+  builder's source (not the published set, e.g. built where numpy draws other normals).
+  """
+  builder = _builder(data_dir, setting)
+  source = builder.as_data_source(linreg_eval.SPLIT)
+  records = source.__getitems__(list(range(len(source))))
+  # The files hold records in a hash-shuffled order; each carries its index.
+  order = np.argsort([record["index"] for record in records])
+  path = directory(data_dir, setting)
+  if [records[i]["index"] for i in order] != list(range(len(records))):
+    raise ValueError(f"{path}: the record indices are not 0..{len(records) - 1}")
+  xs_BxNxD, ys_BxN, ws_BxD = (np.stack([records[i][key] for i in order]) for key in ("xs", "ys", "w"))
+  actual = linreg_eval.content_hash(xs_BxNxD, ys_BxN, ws_BxD)
+  recorded = builder.info.metadata.get("content_sha256")
+  if actual != recorded:
+    raise ValueError(f"{path / 'metadata.json'} records content_sha256 {recorded}, but the prompts in {path} "
+                     f"hash to {actual}: the files changed after the build. Delete {path} and rebuild it.")
+  published = linreg_eval.PUBLISHED_SHA256[VERSION][setting]
+  if actual != published:
+    raise ValueError(f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
+                     f"published {published} ({linreg_eval.__file__}): this is not the published set.")
+  return xs_BxNxD, ys_BxN, ws_BxD
