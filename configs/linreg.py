@@ -31,6 +31,14 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   # Random eigenbasis of Cov(x): "per_prompt" as the paper describes it, or "per_batch" (one rotation shared
   # by the global batch of a step) as Fu et al.'s code does it. Per prompt is the stated data distribution.
   task.rotation = "per_prompt"
+  # (Ahn et al.'s setting, configs/lsa.py, also uses spectrum="explicit" with task.eigenvalues, and
+  # rotation="per_run" with task.rotation_seed: one eigenbasis for the whole run.)
+  # Distribution of w: "identity" N(0, I) (Garg et al., Fu et al.) or "inverse_covariance" N(0, Cov(x)^-1)
+  # (Ahn et al.'s Theorem 3 and §4.3).
+  task.w_distribution = "identity"
+  # A fresh batch every resample_every steps: the batch of step s is made from the key of step
+  # s // resample_every (Ahn et al.: 100). 1 is a new batch every step.
+  task.resample_every = 1
 
   # Garg et al.'s curriculum: at step s the prompts have
   #   dims(s)   = min(dims_start   + dims_increment   * (s // dims_interval),   n_dims)
@@ -62,9 +70,18 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   train.num_steps = 500_000  # Garg et al.: 500k steps.
   train.batch_size = 64  # Global batch (prompts per step), split over all devices of all hosts.
   train.learning_rate = 1e-4  # Adam's peak learning rate (Garg et al.: 1e-4, constant).
-  train.schedule = "constant"  # "constant", "cosine" (to 0 at num_steps) or "linear" (to 0 at num_steps).
+  # "constant", "cosine" (to 0 at num_steps), "linear" (to 0 at num_steps) or "step_decay" (see decay_every).
+  train.schedule = "constant"
   train.warmup_steps = 0  # Linear warm-up from 0 before the schedule.
   train.grad_clip_norm = 0.0  # Clip the global gradient norm to this; 0 disables clipping.
+  # Clip each parameter array's gradient to this Frobenius norm (Ahn et al.: 0.01 per matrix); 0 disables it.
+  train.clip_per_matrix = 0.0
+  # With schedule="step_decay": the learning rate is multiplied by decay_factor every decay_every steps.
+  train.decay_every = 2000
+  train.decay_factor = 0.5
+  # Positions in the loss: "all" (Garg et al.: mean squared error over every position) or "last" (Ahn et al.:
+  # only the prediction from all n_points - 1 pairs before the last point).
+  train.loss_positions = "all"
   train.weight_decay = 0.0  # Decoupled weight decay (AdamW) when > 0; Garg et al. use plain Adam.
   train.adam_b1 = 0.9  # torch.optim.Adam defaults, as in Garg et al.
   train.adam_b2 = 0.999

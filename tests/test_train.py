@@ -95,3 +95,19 @@ def test_checkpoint_retention_keeps_the_last_k_and_every_period(tiny, tmp_path):
   train.train_and_evaluate(tiny, tmp_path, devices=jax.devices()[:1])
   kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == [4, 8, 10, 12]
+
+
+def test_training_chunks_of_any_length_compile_once(tiny):
+  """The chunk length is a traced loop bound and the curriculum a function of the traced step: no step
+  recompiles, whatever the logging and checkpoint boundaries cut the run into."""
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = models.build_model(tiny.model)
+  optimizer = optim.make_optimizer(tiny.train)
+  run_chunk = train_step.make_train_chunk(tiny, model, optimizer, optim.learning_rate_schedule(tiny.train), mesh)
+  state = train_step.init_state(tiny, model, optimizer, mesh)
+  sizes = set()
+  for length in (3, 1, 2, 3, 3):  # Crosses curriculum changes at steps 3, 6, 9 and 12.
+    state, metrics = run_chunk(state, length)
+    sizes.update(zip(np.asarray(metrics["n_dims"])[:length].tolist(), np.asarray(metrics["n_points"])[:length].tolist()))
+  assert int(state.step) == 12 and len(sizes) > 1
+  assert run_chunk._cache_size() == 1
