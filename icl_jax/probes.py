@@ -1,7 +1,7 @@
 """Per-layer read-outs: a linear map from each layer's hidden state at the x positions to a prediction of y.
 
 Layer l (1..L) reads `hidden[l]` of the model's Hugging Face-style hidden states: the raw residual stream after
-block l for l < L, and after the final LayerNorm for l = L (the model's own read-out input). Three kinds:
+block l for l < L, and the read-out's input for l = L (after GPT-2's final LayerNorm). Three kinds:
   * "least_squares": for each layer, the linear map (with bias) that minimises the squared error over all
     positions of `probe_prompts` fresh prompts, in closed form. It is the minimiser of Fu et al.'s probe
     objective, which their Adam-trained probes approach.

@@ -1,8 +1,8 @@
 """What a run writes besides checkpoints: WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events.
 
-Only process 0 writes. metrics.jsonl holds one JSON object per logged step so that a run can be read without
-TensorBoard; when a run resumes from step s, records after s (from the interrupted attempt, which will be
-recomputed) are dropped so the file stays one clean curve.
+Only process 0 writes, and logs progress. metrics.jsonl holds one JSON object per logged step so that a run can
+be read without TensorBoard; when a run resumes from step s, records after s (from the interrupted attempt, which
+will be recomputed) are dropped so the file stays one clean curve.
 """
 
 import json
@@ -71,13 +71,13 @@ class MetricsLog:
     steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
     self._last = (step, now)
     record = {"step": step, **metrics, "steps_per_s": steps_per_s}
+    if not is_writer():
+      return
     eta_min = (self._num_steps - step) / max(steps_per_s, 1e-9) / 60
     logging.info("step %d/%d  loss %.5g  loss/d %.5g  |grad| %.3g  lr %.3g  dims %d  points %d  %.1f steps/s  "
                  "ETA %.1f min", step, self._num_steps, metrics["loss"], metrics["loss_per_dim"],
                  metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],
                  steps_per_s, eta_min)
-    if not is_writer():
-      return
     with self._path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in record.items():

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from icl_jax import checkpointing
@@ -32,27 +31,47 @@ class ConfigChangedError(RuntimeError):
   """The workdir holds a run with a different configuration."""
 
 
+class _PreemptionVote:
+  """With several processes: whether any process has received SIGTERM, the same answer on every process.
+
+  A process that stopped alone would leave the others waiting forever in a collective, and SIGTERM reaches
+  hosts at different times. Each chunk dispatches a tiny all-reduce of the processes' flags over every device;
+  its result is read one chunk later (like the metrics), so the host never waits for the device any longer.
+  """
+
+  def __init__(self):
+    mesh = Mesh(np.asarray(jax.devices()), ("processes",))
+    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+    self._num_local = len(mesh.local_devices)
+    self._any = jax.jit(jax.shard_map(lambda f: jax.lax.pmax(f, "processes"), mesh=mesh,
+                                      in_specs=jax.sharding.PartitionSpec("processes"),
+                                      out_specs=jax.sharding.PartitionSpec()))
+    self._pending = None
+
+  def poll(self, received: bool) -> bool:
+    """Dispatches this chunk's vote; returns the previous chunk's outcome."""
+    previous = self._pending
+    local = np.full((self._num_local,), int(received), np.int32)
+    self._pending = self._any(jax.make_array_from_process_local_data(self._sharding, local))
+    return previous is not None and bool(np.asarray(jax.device_get(previous)).any())
+
+
 @contextlib.contextmanager
 def preemption_flag():
   """Yields a dict whose "set" becomes True on SIGTERM (Cloud TPU preemption); restores the old handler.
 
-  With several processes, all must stop after the same chunk, or those still running wait forever in a
-  collective for the ones that stopped (SIGTERM reaches hosts at different times). There JAX's preemption sync
-  manager, started by `jax.distributed.initialize`, catches SIGTERM on any process and picks a common stopping
-  point, and "set" changes only in `poll_preemption`, which every process calls once per chunk.
+  With several processes, "set" changes only in `poll_preemption`, at the same chunk on every process.
   """
   flag = {"set": False}
-  if jax.process_count() > 1 and jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
-    flag["sync_calls"] = 0  # Its own SIGTERM handler is installed: leave it in place.
-    yield flag
-    return
+  if jax.process_count() > 1:
+    flag.update(received=False, vote=_PreemptionVote())
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
 
   def handler(signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    flag["set"] = True
+    flag["received" if "vote" in flag else "set"] = True
 
   previous = signal.signal(signal.SIGTERM, handler)
   try:
@@ -62,13 +81,11 @@ def preemption_flag():
 
 
 def poll_preemption(flag: dict) -> bool:
-  """`flag["set"]`; with several processes, first asks whether all of them agree to stop here. Every process
-  must call this once per chunk, at the same chunks."""
-  if "sync_calls" in flag and not flag["set"]:
-    flag["sync_calls"] += 1
-    if multihost_utils.reached_preemption_sync_point(flag["sync_calls"]):
-      logging.warning("SIGTERM received by a process: every process saves a checkpoint and stops.")
-      flag["set"] = True
+  """`flag["set"]`, first updated from the processes' vote when there are several. Every process must call
+  this once per chunk, at the same chunks."""
+  if "vote" in flag and flag["vote"].poll(flag["received"]) and not flag["set"]:
+    logging.warning("A process received SIGTERM: every process saves a checkpoint and stops.")
+    flag["set"] = True
   return flag["set"]
 
 
@@ -87,7 +104,10 @@ def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     if differences:
       logging.warning("Resuming with a changed configuration:\n  %s", "\n  ".join(differences))
   if run_logs.is_writer():
-    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    # Written whole, then renamed: other processes reading it at the same moment never see a partial file.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
 
 
 def _boundary(step: int, every: int) -> int:

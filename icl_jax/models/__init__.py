@@ -3,7 +3,13 @@
 Every family maps prompts to predictions with the same interface, so the trainer and the evaluator never
 look inside: `model.apply({"params": params}, xs [B, N, D], ys [B, N])` returns predictions [B, N] (the
 prediction for y_i uses (x_1, y_1, ..., x_i)), and `return_hidden=True` also returns each layer's hidden
-state [L + 1, B, T, width]. A new family registers a `Family` here; nothing else changes.
+state [L + 1, B, T, width]. For the evaluator's induced weights (SimW), `queries=` [B, N, Q, D] returns
+`gpt2.QueryOutputs`: each query predicted from the points before its prefix, as if it stood in x_n's place.
+A new family registers a `Family` here; nothing else changes.
+
+Exception: "lsa" (Ahn et al.'s linear self-attention, models/lsa.py) returns each prefix's matrix Z_l as its
+hidden states, [L + 1, B, N, d + 1, N], so the per-layer probes of the evaluator do not apply to it
+(`icl_jax.lsa_analysis` analyses it instead).
 """
 
 from typing import Callable, NamedTuple
@@ -13,6 +19,7 @@ import ml_collections
 
 from icl_jax.models import gpt2
 from icl_jax.models import lstm
+from icl_jax.models import lsa
 
 
 class Family(NamedTuple):
@@ -24,6 +31,7 @@ class Family(NamedTuple):
 REGISTRY: dict[str, Family] = {
     "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
     "lstm": Family(build=lambda model: lstm.LSTMRegressor(model), validate=lstm.validate),
+    "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate),
 }
 
 

@@ -1,0 +1,259 @@
+"""Two processes on one machine, joined by jax.distributed over loopback, train like one process.
+
+Each subprocess has 2 CPU devices (4 in all) and runs `python -m icl_jax.main` with explicit coordinator flags
+on 127.0.0.1. Every subprocess is killed if it outlives its deadline or if its partner fails, so a broken
+rendezvous fails the test in bounded time instead of hanging CI.
+"""
+
+import ipaddress
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from icl_jax import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=12", "--config.train.checkpoint_every=6"]
+DEVICES_PER_PROCESS = 2
+DEADLINE_S = 75  # Per phase; each takes 5-20 s on 2 CPU cores.
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int | None) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}  # Loopback only, no proxies.
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("XLA_FLAGS", None)  # conftest.py's 8 devices.
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _command(workdir, *extra):
+  return [sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}", *extra]
+
+
+def _start(command, devices=None):
+  log = tempfile.TemporaryFile("w+")  # Not a pipe: a full pipe would block a chatty process.
+  process = subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL, stderr=log, text=True)
+  process.log = log
+  return process
+
+
+def _stderr(process) -> str:
+  process.log.seek(0)
+  return process.log.read()
+
+
+def _kill(processes):
+  for p in processes:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+
+
+def _listening_sockets(pids) -> set[str]:
+  """Addresses on which the processes `pids` listen for TCP connections (Linux /proc); empty elsewhere."""
+  inodes = set()
+  for pid in pids:
+    try:
+      for fd in os.scandir(f"/proc/{pid}/fd"):
+        target = os.readlink(fd.path)
+        if target.startswith("socket:["):
+          inodes.add(target[8:-1])
+    except OSError:
+      continue
+  found = set()
+  for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+    try:
+      lines = pathlib.Path(table).read_text().splitlines()[1:]
+    except OSError:
+      continue
+    for line in lines:
+      fields = line.split()
+      if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN.
+        continue
+      address, port = fields[1].split(":")
+      raw = bytes.fromhex(address)
+      raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # Host-order 32-bit words.
+      ip = ipaddress.ip_address(raw)
+      ip = getattr(ip, "ipv4_mapped", None) or ip
+      found.add(f"{ip}:{int(port, 16)}")
+  return found
+
+
+def _run_together(processes, deadline_s=DEADLINE_S, on_poll=None) -> list[str]:
+  """Waits for all `processes`; kills all of them if one fails or the deadline passes. Returns their stderr."""
+  deadline = time.monotonic() + deadline_s
+  try:
+    while any(p.poll() is None for p in processes):
+      if any(p.returncode not in (None, 0) for p in processes):
+        break
+      if time.monotonic() > deadline:
+        break
+      if on_poll is not None:
+        on_poll()
+      time.sleep(0.1)
+  finally:
+    _kill(processes)
+  stderrs = [_stderr(p) for p in processes]
+  for i, (p, stderr) in enumerate(zip(processes, stderrs)):
+    assert p.returncode == 0, f"process {i} ended with {p.returncode} (deadline {deadline_s} s):\n{stderr[-4000:]}"
+  return stderrs
+
+
+def _start_pair(workdir, *extra):
+  address = f"127.0.0.1:{_free_port()}"
+  return [_start(_command(workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                          *extra), devices=DEVICES_PER_PROCESS) for i in range(2)]
+
+
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _committed_steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_same_curve(records, reference):
+  assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, 13))
+  for got, want in zip(records, reference):
+    for name in ("loss", "grad_norm", "loss_per_dim"):
+      assert got[name] == pytest.approx(want[name], abs=1e-5), (got["step"], name)
+    for name in ("learning_rate", "n_dims", "n_points"):
+      assert got[name] == want[name], (got["step"], name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One process on one device, and two processes on two devices each, same flags (global batch 16)."""
+  single, pair = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("pair")
+  times = {}
+  start = time.monotonic()
+  _run_together([_start(_command(single), devices=None)])
+  times["single"] = time.monotonic() - start
+
+  listening = set()
+  processes = _start_pair(pair)
+  start = time.monotonic()
+  stderrs = _run_together(processes, on_poll=lambda: listening.update(_listening_sockets([p.pid for p in processes])))
+  times["pair"] = time.monotonic() - start
+  print(f"\nwall times: {times}")
+  return {"single": single, "pair": pair, "stderrs": stderrs, "listening": listening}
+
+
+def test_two_processes_train_the_same_curve_as_one(runs):
+  p0, p1 = runs["stderrs"]
+  assert "process 0 of 2, 2 local / 4 global devices" in p0, p0[-3000:]
+  assert "process 1 of 2, 2 local / 4 global devices" in p1, p1[-3000:]
+  assert "training on 4 devices (2 processes)" in p0
+  _assert_same_curve(_records(runs["pair"]), _records(runs["single"]))
+  # Only process 0 logs and writes metrics.
+  assert "step 12/12" in p0 and "step 12/12" not in p1
+  pair_curve = json.loads((runs["pair"] / "error_curve.json").read_text())
+  single_curve = json.loads((runs["single"] / "error_curve.json").read_text())
+  assert pair_curve["error_per_dim"] == pytest.approx(single_curve["error_per_dim"], abs=1e-5)
+  assert json.loads((runs["pair"] / "config.json").read_text()) == json.loads(
+      (runs["single"] / "config.json").read_text())
+  assert _committed_steps(runs["pair"]) == [6, 12]
+  assert not list(runs["pair"].glob("**/*.orbax-checkpoint-tmp*"))
+
+
+def test_processes_listen_on_loopback_only(runs):
+  if not pathlib.Path("/proc/net/tcp").exists():
+    pytest.skip("no /proc/net/tcp to list listening sockets")
+  assert runs["listening"], "saw no listening socket (coordinator, gloo) while the processes ran"
+  for address in runs["listening"]:
+    host = address.rpartition(":")[0]
+    assert ipaddress.ip_address(host).is_loopback, f"a process listened on {address}: {runs['listening']}"
+
+
+def test_one_process_resumes_the_checkpoint_of_two(runs, tmp_path):
+  workdir = tmp_path / "resumed"
+  shutil.copytree(runs["pair"], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")  # Resume from step 6, written by the two processes.
+  [stderr] = _run_together([_start(_command(workdir), devices=None)])
+  assert "at step 6." in stderr, stderr[-3000:]
+  assert "training on 1 devices (1 processes)" in stderr
+  _assert_same_curve(_records(workdir), _records(runs["single"]))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
+  """Cloud TPU preemption: SIGTERM reaches the hosts at different times, here only one of them."""
+  processes = _start_pair(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=20",
+                          "--config.train.log_every=100", "--config.train.steps_per_dispatch=10")
+  checkpoints = tmp_path / "checkpoints"
+  deadline = time.monotonic() + DEADLINE_S
+  try:
+    while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+      assert all(p.poll() is None for p in processes), "a process ended before the first checkpoint"
+      assert time.monotonic() < deadline, "no checkpoint appeared"
+      time.sleep(0.05)
+  except BaseException:
+    _kill(processes)
+    raise
+  processes[1].send_signal(signal.SIGTERM)
+  p0, p1 = _run_together(processes, deadline_s=30)
+  assert "SIGTERM received" in p1 and "SIGTERM received" not in p0
+  for stderr in (p0, p1):
+    assert "A process received SIGTERM: every process saves a checkpoint and stops." in stderr
+  last = _committed_steps(tmp_path)[-1]
+  assert 20 <= last < 100000 and last % 10 == 0
+
+
+def test_flags_are_checked_before_anything_starts():
+  with pytest.raises(distributed.DistributedFlagError, match="--process_id=2 is out of range"):
+    distributed.plan("detect", "127.0.0.1:1234", 2, 2)
+  with pytest.raises(distributed.DistributedFlagError, match="missing: --coordinator_address"):
+    distributed.plan("explicit", None, 2, 0)
+  with pytest.raises(distributed.DistributedFlagError, match="missing: --num_processes, --process_id"):
+    distributed.plan("detect", "127.0.0.1:1234")
+  with pytest.raises(distributed.DistributedFlagError, match="--coordinator_address='127.0.0.1' must be HOST:PORT"):
+    distributed.plan("explicit", "127.0.0.1", 2, 0)
+  with pytest.raises(distributed.DistributedFlagError, match="port 'x'"):
+    distributed.plan("explicit", "127.0.0.1:x", 2, 0)
+  with pytest.raises(distributed.DistributedFlagError, match="wildcard"):
+    distributed.plan("explicit", "0.0.0.0:1234", 2, 0)
+  with pytest.raises(distributed.DistributedFlagError, match="--distributed=off runs one process"):
+    distributed.plan("off", "127.0.0.1:1234", 2, 0)
+  with pytest.raises(distributed.DistributedFlagError, match="--num_processes=0 must be at least 1"):
+    distributed.plan("explicit", "127.0.0.1:1234", 0, 0)
+
+
+def test_plans():
+  assert distributed.plan(environ={}).kwargs is None  # The default: one process, nothing initialised.
+  assert distributed.plan("off", environ={"TPU_WORKER_HOSTNAMES": "a,b"}).kwargs is None
+  pod = distributed.plan(environ={"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert (pod.mode, pod.kwargs) == ("auto", {})  # jax.distributed.initialize() with no arguments.
+  assert distributed.plan(environ={"TPU_WORKER_HOSTNAMES": "a"}).kwargs is None  # One host.
+  assert distributed.plan("auto", environ={}).kwargs == {}
+  explicit = distributed.plan("detect", "10.0.0.1:8476", 4, 3, environ={})
+  assert explicit.kwargs == {"coordinator_address": "10.0.0.1:8476", "coordinator_bind_address": "10.0.0.1:8476",
+                             "num_processes": 4, "process_id": 3, "cluster_detection_method": "deactivate"}
+  assert distributed.loopback_host("127.0.0.1:1") == "127.0.0.1"
+  assert distributed.loopback_host("[::1]:1") == "::1"
+  assert distributed.loopback_host("localhost:1") == "127.0.0.1"
+  assert distributed.loopback_host("10.0.0.1:1") is None
+
+
+def test_bad_flags_stop_the_command_line_with_a_message(tmp_path):
+  result = subprocess.run(_command(tmp_path, "--coordinator_address=127.0.0.1:1", "--num_processes=2",
+                                   "--process_id=5"), cwd=REPO, env=_env(None), capture_output=True, text=True,
+                          timeout=DEADLINE_S)
+  assert result.returncode == 1
+  assert "error: --process_id=5 is out of range for --num_processes=2" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
