@@ -57,12 +57,13 @@ if importlib.util.find_spec("icl_jax") is None:
 
 # %% tags=["parameters"]
 # Sizes. The defaults are for CI (about a minute on a 2-core CPU); the comments give the full size.
-num_steps = 300  # Training steps. Full: 6000 (configs/linreg.py:quick).
+num_steps = 800  # Training steps. Full: 6000 (configs/linreg.py:quick).
 eval_prompts = 256  # Fresh prompts the evaluation averages over. Full: 1280.
 workdir = ""  # Where the run goes; "" means runs/quickstart_<num_steps>. Rerunning the notebook resumes it.
 
 # %%
 import json
+import logging as std_logging
 
 import jax
 import matplotlib.pyplot as plt
@@ -70,11 +71,13 @@ from absl import logging
 from IPython.display import Image, Markdown, display
 
 from configs import linreg
-from icl_jax import evaluate, run_logs, train
+from icl_jax import evaluate, train
 
 print(f"JAX {jax.__version__}, backend {jax.default_backend()!r}: {jax.devices()}")
 logging.set_verbosity(logging.INFO)  # Training progress (loss, steps/s, ETA) goes to the cell's output.
-run_logs.quiet_orbax()
+# Orbax logs dozens of INFO lines per checkpoint. run_logs.quiet_orbax() filters them out of absl's handler,
+# which only absl.app.run installs (the command line); in a notebook the filter goes on absl's logger.
+logging.get_absl_logger().addFilter(lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
 workdir = pathlib.Path(workdir or f"runs/quickstart_{num_steps}")
 
 # %% [markdown]

@@ -182,7 +182,8 @@ def dataset_errors(config) -> list[str]:
   except FileNotFoundError as e:
     return [f"config.eval.dataset_dir = {directory!r}: {e}"]
   errors = []
-  where = f"the set {setting!r} in {datasets.directory(directory, setting)} (config.eval.dataset_dir)"
+  where = (f"the set {setting!r} in {datasets.directory(directory, setting)} (config.eval.dataset_setting, "
+           "dataset_dir)")
   for field in ("n_dims", "n_points"):
     value = config.task.get(field)
     if value != info[field]:

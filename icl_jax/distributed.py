@@ -84,8 +84,8 @@ def plan(mode: str = "detect", coordinator_address: str | None = None, num_proce
            if value is not None}
   if mode == "off":
     if given:
-      raise DistributedFlagError(f"--distributed=off runs one process, but {', '.join(given)} given; drop them or "
-                                 "use --distributed=explicit.")
+      raise DistributedFlagError(f"--distributed=off runs one process; drop {', '.join(given)}, or use "
+                                 "--distributed=explicit.")
     return Plan("single", None, "--distributed=off")
   if mode == "detect":
     if given:
@@ -188,8 +188,19 @@ def initialize(mode: str = "detect", coordinator_address: str | None = None, num
   decided = plan(mode, coordinator_address, num_processes, process_id)
   if local_device_count is not None:
     jax.config.update("jax_num_cpu_devices", local_device_count)
+  if decided.mode == "auto" and "coordinator_bind_address" not in decided.kwargs and not os.environ.get(
+      "JAX_COORDINATOR_BIND_ADDRESS"):
+    logging.info("--distributed=auto: process 0's coordinator will listen on every interface at the detected port "
+                 "(JAX's default); set JAX_COORDINATOR_BIND_ADDRESS=IP:PORT or --coordinator_address to restrict it.")
   if decided.kwargs is not None:
-    jax.distributed.initialize(**decided.kwargs)
+    try:
+      jax.distributed.initialize(**decided.kwargs)
+    except ValueError as e:
+      if decided.mode != "auto":
+        raise
+      raise DistributedFlagError(f"--distributed=auto: JAX detected no cluster (Cloud TPU, GKE, Slurm, Open MPI) "
+                                 f"that sets all of coordinator address, process count and id ({e}); give "
+                                 "--coordinator_address=HOST:PORT --num_processes=N --process_id=I instead.") from e
     if (host := loopback_host(decided.kwargs.get("coordinator_address", ""))) is not None:
       _bind_cpu_collectives_to(host)
   return decided

@@ -10,6 +10,7 @@ import pathlib
 import matplotlib
 import numpy as np
 from absl import logging
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -102,6 +103,7 @@ def _figures(entries: list[dict], out: pathlib.Path) -> None:
   ax.set(xscale="log", yscale="log", xlabel="depth (layers)", ylabel="error/d at the last context length",
          title="Final error against depth")
   ax.set_xticks(depths, [str(d) for d in depths])
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.legend()
   figures["final_error_vs_depth"] = fig
 
@@ -112,8 +114,10 @@ def _figures(entries: list[dict], out: pathlib.Path) -> None:
       cell = [e for e in entries if e["kappa"] == kappa and e["num_layers"] == depth]
       if cell:
         steps = cell[0]["newton_steps_per_layer"]["mean"]
-        ax.plot(range(1, len(steps) + 1), steps, marker="o", color=color, label=f"{depth} layers")
+        ax.plot(range(1, len(steps) + 1), steps, marker="o", color=color, label=f"{depth} layer{'s' * (depth > 1)}",
+                zorder=3 - depth / max(depths))  # Shallow models on top: their few points hide otherwise.
     ax.set(xlabel="layer", ylabel="best-matching Newton steps", title=f"κ = {kappa:g}")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.legend(fontsize="small")
   figures["newton_steps_vs_layer"] = fig
 

@@ -92,11 +92,22 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
   task, max_steps = config.task, config.train.steps_per_dispatch
   local_batch = config.train.batch_size // mesh.size
   loss_positions = config.train.get("loss_positions", "all")
+  resample_every = task.get("resample_every", 1)
+  # With resample_every > 1 a chunk keeps its batch in the loop and makes a new one only at multiples of
+  # resample_every: the same batches as sampling at every step (from the key of step // resample_every), made
+  # once instead of resample_every times. (Not with the curriculum, whose sizes can change within a window, nor
+  # for stacked models.)
+  cache_batches = resample_every > 1 and hypers is None and not task.curriculum.enabled
 
-  def one_step(state: TrainState, hyper: data.Hyper) -> tuple[TrainState, dict]:
+  def sample(state: TrainState, hyper: data.Hyper) -> data.Batch:
+    """This device's slice of the global batch of `state.step`."""
     sizes = data.curriculum(state.step, task)
     key = data.step_key(jax.random.wrap_key_data(state.data_key), data.data_step(state.step, task))
-    batch = data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, sizes.n_dims, hyper)
+    return data.sample_batch(key, jax.lax.axis_index(AXIS) * local_batch, local_batch, task, sizes.n_dims, hyper)
+
+  def one_step(state: TrainState, hyper: data.Hyper, cached: data.Batch | None = None) -> tuple[TrainState, dict]:
+    sizes = data.curriculum(state.step, task)
+    batch = sample(state, hyper) if cached is None else cached
 
     def loss_fn(params):
       if loss_positions == "last":
@@ -126,6 +137,20 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
       state, metrics = step_fn(state)
       return state, {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
 
+    if cache_batches:
+      hyper = data.Hyper(task.kappa, task.noise_std)
+
+      def cached_body(i, carry):
+        state, buffers, batch = carry
+        fresh = (i > 0) & (state.step % resample_every == 0)
+        batch = jax.lax.cond(fresh, lambda: sample(state, hyper), lambda: batch)
+        state, metrics = one_step(state, hyper, batch)
+        buffers = {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
+        return state, buffers, batch
+
+      # The chunk's first step samples outside the loop (its batch is then correctly typed as varying over
+      # devices for the loop's carry), whatever step the chunk starts at.
+      return jax.lax.fori_loop(0, num_steps, cached_body, (state, buffers, sample(state, hyper)))[:2]
     return jax.lax.fori_loop(0, num_steps, body, (state, buffers))
 
   sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))

@@ -151,6 +151,9 @@ def test_config_checks_name_the_field_and_the_directory(built, tmp_path):
   where = str(datasets.directory(data_dir, "noisy"))
   assert f"config.task.n_points = 11 differs from the n_points = 41 of the set 'noisy' in {where}" in message
   assert f"config.eval.num_prompts = {SIZE + 1} exceeds the {SIZE} prompts" in message
+  config.eval.dataset_setting = "kappa10"
+  with pytest.raises(config_checks.ConfigError, match="config.eval.dataset_setting = 'kappa10': allowed values"):
+    config_checks.validate(config, num_devices=1)
   with pytest.raises(config_checks.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*no linreg_eval"):
     evaluate.Evaluator(_config(tmp_path))
 

@@ -1,25 +1,24 @@
-"""`linreg_eval`: frozen evaluation prompts for in-context linear regression, one TFDS config per setting.
+"""`linreg_eval`: frozen evaluation prompts for in-context linear regression (icl_jax), one config per setting.
 
 Prompts made by JAX's PRNG may change between JAX versions; published numbers are measured on this set
-instead. Each setting has one split, "test", of 1280 prompts (Garg et al.'s evaluation size):
+instead. Each setting has one split, "test", of 1280 prompts (Garg et al.'s evaluation size), each with
+d = 20, n = 41 points, w ~ N(0, I_d) and y = w.x + noise_std * eps:
 
-| config      | Cov(x)                                                     | noise_std | seed |
-|-------------|------------------------------------------------------------|-----------|------|
-| `isotropic` | I                                                          | 0         | 1    |
-| `kappa100`  | U diag(lambda) U^T, U Haar per prompt, two-level lambda, k=100 | 0     | 2    |
-| `noisy`     | I                                                          | 0.1       | 3    |
+  isotropic  x ~ N(0, I), noise_std = 0 (seed 1)
+  kappa100   x ~ N(0, U diag(lambda) U^T), noise_std = 0 (seed 2)
+  noisy      x ~ N(0, I), noise_std = 0.1 (seed 3)
 
-all with d = 20 and n = 41 points, w ~ N(0, I_d) and y = w.x + noise_std * eps. kappa100 follows
-icl_jax.data with `spectrum="two_level"`, `normalize_trace=True`, `rotation="per_prompt"`: half the
-eigenvalues (d // 2) at 100 c and the rest at c, with c such that trace(Cov) = d, and a fresh Haar rotation
-for every prompt. Each setting's kappa and noise_std, and these choices, are in the dataset's metadata.
+kappa100 is icl_jax.data's kappa = 100 with spectrum "two_level", normalize_trace and rotation "per_prompt":
+d // 2 eigenvalues at 100 c and the rest at c, with c such that trace = d, and a fresh Haar rotation U for
+every prompt. Each setting's kappa and noise_std, and these choices, are in its metadata.json.
 
 Generation is plain numpy: prompt i of a setting depends only on (seed, i), through
 `np.random.default_rng([seed, i])`. Sums are written out in a fixed order rather than left to BLAS or LAPACK,
 whose kernels may add in another order on another machine, so a rebuild gives the same bits wherever numpy
-draws the same normals. TFDS stores records in a hash-shuffled order and the files are not byte-reproducible,
+draws the same normals. TFDS stores records in a hash-shuffled order and its files are not byte-reproducible,
 so every record carries its `index`, and a set is identified by `content_hash` of the decoded arrays in
-index order, recorded in metadata.json at build time and published below for each version.
+index order: recorded in metadata.json ("content_sha256") at build time, and published for each version in
+PUBLISHED_SHA256 of icl_jax/datasets/linreg_eval/linreg_eval_dataset_builder.py.
 """
 
 import dataclasses
@@ -133,6 +132,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     setting = self.builder_config
     n, d = setting.n_points, setting.n_dims
     return self.dataset_info_from_configs(
+        description=__doc__,
         features=tfds.features.FeaturesDict({
             "xs": tfds.features.Tensor(shape=(n, d), dtype=np.float32),
             "ys": tfds.features.Tensor(shape=(n,), dtype=np.float32),

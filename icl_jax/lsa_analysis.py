@@ -1,0 +1,332 @@
+"""Ahn et al. 2023's analysis of a trained linear self-attention (models/lsa.py): which preconditioner each
+layer learned, and how the model's test loss compares with the algorithms it should implement.
+
+  python -m icl_jax.main --config=configs/lsa.py:quick --workdir=DIR          # train
+  python -m icl_jax.lsa_analysis --config=configs/lsa.py:quick --workdir=DIR  # analyse its latest checkpoint
+
+writes DIR/lsa_analysis/results.json and the figures lsa_analysis.{png,pdf} (test loss against context
+length; a_i and Dist per layer next to the paper's) and lsa_matrices.{png,pdf} (each Sigma^1/2 A_i Sigma^1/2).
+
+**Reading off A_i.** Layer i of the LSA adds (1/n) P_i Z M Z^T Q_i Z. Its label row (row d + 1), the row the
+prediction is read from, receives (1/n) sum_j [P_i]_{d+1,:} z_j (z_j^T Q_i z_query); with P_i's last row
+(0, ..., 0, p_i) and Q_i's only non-zero block its top-left d x d block, this is (p_i/n) sum_j y_j x_j^T
+Q_i[:d, :d] x_query, i.e. a step of w <- w + A_i (1/n) sum_j y_j x_j ... with
+
+  A_i = p_i * Q_i[:d, :d]^T      (paper column convention; `read_off`),
+
+which for the LSA's parameterisation (p_i = 1 fixed, Q_i = [A^T 0; 0 0]) is exactly the trained matrix
+`params["layer_{i}"]["A"]`, Ahn et al.'s code's allparam[i, 0, 1]. In the sparse form the x rows never change and
+layer i is the step w <- w - (-A_i) grad R(w) of preconditioned GD (Lemma 1). In the full form P_i = [B_i 0; 0 1]
+also moves the x rows, so layer i's A_i acts on the x's as transformed by the B's of the layers before it (the
+paper reads A_i off the same way; the B_i are reported too).
+
+**Theorem 3** (x ~ N(0, Sigma), w ~ N(0, Sigma^-1)) says A_i = a_i Sigma^-1 are critical points, i.e.
+M_i = Sigma^1/2 A_i Sigma^1/2 = a_i I. For each layer this reports the best a_i = argmin_a ||M_i - a I||_F =
+tr(M_i)/d and Dist(M_i, I) = min_a ||M_i - a I||_F / ||M_i||_F (Ahn et al.'s metric and their code's
+`compute_dist_identity`), next to Dist(A_i, I) without the Sigma scaling for contrast. Signs: a_i is in the
+convention of the paper's Fig. 2 (a_i < 0), so -a_i is the step size of Sigma^-1-preconditioned GD.
+
+**Test loss** (Ahn et al.'s App. D): mean squared error of the prediction from t context points, t = 0..N-1, on
+fresh prompts of the run's distribution, for the trained model, L-step GD preconditioned by Sigma^-1 and plain
+L-step GD (gradient of R(w) = (1/2t) sum_j (w.x_j - y_j)^2; each with one step size, tuned by grid search for the
+lowest loss at the full context on separate tuning prompts), L-step Sigma^-1-preconditioned GD with the learned
+per-layer steps -a_i (the sparse LSA with A_i = a_i Sigma^-1 exactly), and least squares (minimum-norm for t < d).
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from matplotlib.figure import Figure
+from ml_collections import config_flags
+
+from icl_jax import algorithms
+from icl_jax import config_checks
+from icl_jax import data
+from icl_jax import evaluate
+from icl_jax import models
+from icl_jax import train_step
+from icl_jax.models import lsa
+
+# Ahn et al.'s Fig. 2 (§4.3, d = 5, n = 20, L = 3, Sigma = U^T diag(1, 1, 0.25, 0.0625, 1) U, sparse form).
+PAPER_A = (-0.69, -0.43, -1.71)
+# Step sizes searched for L-step (preconditioned) GD: the mean-gradient Hessian is ~ Sigma (~ I after Sigma^-1
+# preconditioning), so steps beyond ~2 / lambda_max diverge; the grid spans well past both ends.
+STEP_GRID = tuple(float(v) for v in np.geomspace(0.01, 4.0, 121))
+DPI = 150
+_FLAGS = {}
+
+
+def read_off(params: dict) -> list[np.ndarray]:
+  """A_i = P_i[d, d] * Q_i[:d, :d]^T for every layer (see the module docstring), [D, D] each."""
+  ps, qs = lsa.matrices(params)
+  return [np.asarray(p[-1, -1] * q[:-1, :-1].T) for p, q in zip(ps, qs)]
+
+
+def identity_fit(m_DxD: np.ndarray) -> tuple[float, float]:
+  """(alpha, Dist(M, I)): alpha = argmin_a ||M - a I||_F = tr(M)/d and min_a ||M - a I||_F / ||M||_F."""
+  m_DxD = np.asarray(m_DxD, np.float64)
+  alpha = float(np.trace(m_DxD) / m_DxD.shape[0])
+  norm = float(np.linalg.norm(m_DxD))
+  dist = float(np.linalg.norm(m_DxD - alpha * np.eye(m_DxD.shape[0])) / norm) if norm > 0 else 0.0
+  return alpha, dist
+
+
+def sqrtm_psd(sigma_DxD: np.ndarray) -> np.ndarray:
+  eig_D, vec_DxD = np.linalg.eigh(np.asarray(sigma_DxD, np.float64))
+  return (vec_DxD * np.sqrt(np.clip(eig_D, 0.0, None))) @ vec_DxD.T
+
+
+def layer_report(params: dict, sigma_DxD: np.ndarray) -> list[dict]:
+  """Per layer: a_i and Dist(Sigma^1/2 A_i Sigma^1/2, I), the step size -a_i, Dist(A_i, I), the matrix M_i, and
+  for the full form b_i and Dist(B_i, I)."""
+  root_DxD = sqrtm_psd(sigma_DxD)
+  report = []
+  for i, a_DxD in enumerate(read_off(params)):
+    m_DxD = root_DxD @ np.asarray(a_DxD, np.float64) @ root_DxD
+    alpha, dist = identity_fit(m_DxD)
+    entry = {"layer": i + 1, "a": alpha, "dist": dist, "step_size": -alpha,
+             "dist_unscaled": identity_fit(a_DxD)[1], "scaled_matrix": m_DxD.tolist(),
+             "A": np.asarray(a_DxD, np.float64).tolist()}
+    if "B" in params[f"layer_{i}"]:
+      b_DxD = np.asarray(params[f"layer_{i}"]["B"], np.float64)
+      entry["b"], entry["b_dist"] = identity_fit(b_DxD)
+    report.append(entry)
+  return report
+
+
+def _prompts(task: ml_collections.ConfigDict, key: jax.Array, count: int, batch: int = 1024) -> data.Batch:
+  sample = jax.jit(lambda first: data.sample_batch(data.step_key(key, 0), first, batch, task, task.n_dims))
+  parts = [sample(first) for first in range(0, count, batch)]
+  return jax.tree.map(lambda *a: jnp.concatenate(a)[:count], *parts)
+
+
+def _batched(fn, prompts: data.Batch, batch: int = 1024) -> np.ndarray:
+  """fn(xs, ys) -> [B, N] over the prompts in batches (bounded memory), [num_prompts, N]."""
+  return np.concatenate([np.asarray(fn(prompts.xs_BxNxD[i:i + batch], prompts.ys_BxN[i:i + batch]))
+                         for i in range(0, prompts.ys_BxN.shape[0], batch)])
+
+
+def _squared_errors(preds_BxN: np.ndarray, prompts: data.Batch) -> np.ndarray:
+  return np.square(np.asarray(preds_BxN, np.float64) - np.asarray(prompts.ys_BxN, np.float64))
+
+
+def _gd_predictions(num_steps: int, preconditioner_DxD):
+  """fn(xs, ys, learning_rate) -> predictions [B, N] of num_steps (preconditioned) GD steps on every prefix."""
+
+  @jax.jit
+  def predict(xs, ys, learning_rate):
+    return algorithms.prefix_preconditioned_gradient_descent(xs, ys, num_steps, preconditioner_DxD, learning_rate,
+                                                             "mean")[:, -1]
+
+  return predict
+
+
+def tune_step_size(predict, prompts: data.Batch, grid=STEP_GRID) -> tuple[float, np.ndarray]:
+  """The step size of `grid` with the lowest loss at the last position on `prompts`, and the loss of each."""
+  losses = []
+  for learning_rate in grid:
+    errors = _squared_errors(predict(prompts.xs_BxNxD, prompts.ys_BxN, learning_rate), prompts)[:, -1]
+    losses.append(float(np.mean(errors)) if np.all(np.isfinite(errors)) else np.inf)
+  losses = np.asarray(losses)
+  return float(grid[int(np.argmin(losses))]), losses
+
+
+def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 4096,
+            tune_prompts: int = 2048) -> dict:
+  """The whole analysis of `params` (an LSARegressor's) for the run `config`: a dict for results.json."""
+  task = config.task
+  if config.model.family != "lsa":
+    raise ValueError(f"config.model.family = {config.model.family!r}: the LSA analysis needs 'lsa'")
+  sigma_DxD = np.asarray(data.covariance_matrix(task), np.float64)
+  sigma_inv_DxD = jnp.asarray(np.linalg.inv(sigma_DxD), jnp.float32)
+  num_layers, n = config.model.num_layers, task.n_points
+  layers = layer_report(params, sigma_DxD)
+
+  eval_key = train_step.run_keys(config.seed)["eval"]
+  test = _prompts(task, jax.random.fold_in(eval_key, 1), num_prompts)
+  tune = _prompts(task, jax.random.fold_in(eval_key, 2), tune_prompts)
+  model = models.build_model(config.model)
+  model_fn = jax.jit(lambda xs, ys: model.apply({"params": params}, xs, ys))
+  errors = {"lsa": _squared_errors(_batched(model_fn, test), test)}
+  tuned = {}
+  for name, preconditioner in (("preconditioned_gd", sigma_inv_DxD), ("gd", jnp.eye(task.n_dims))):
+    predict = _gd_predictions(num_layers, preconditioner)
+    learning_rate, grid_losses = tune_step_size(predict, tune)
+    tuned[name] = {"learning_rate": learning_rate, "grid": list(STEP_GRID), "grid_loss": grid_losses.tolist()}
+    errors[name] = _squared_errors(_batched(lambda xs, ys: predict(xs, ys, learning_rate), test), test)
+  # Theorem 3's critical point with the learned scalars: the sparse LSA with A_i = a_i Sigma^-1 exactly.
+  sparse = models.build_model(ml_collections.ConfigDict(
+      {"family": "lsa", "num_layers": num_layers, "lsa_sparse": True, "lsa_init_std": 0.0}))
+  planted = lsa.params_from_preconditioners([-layer["a"] * sigma_inv_DxD for layer in layers])
+  errors["preconditioned_gd_learned_steps"] = _squared_errors(
+      _batched(jax.jit(lambda xs, ys: sparse.apply({"params": planted}, xs, ys)), test), test)
+  errors["least_squares"] = _squared_errors(_batched(algorithms.prefix_least_squares, test), test)
+  errors["zero"] = np.square(np.asarray(test.ys_BxN, np.float64))
+
+  test_loss = {name: {"mean": e.mean(0).tolist(), "standard_error": (e.std(0, ddof=1) / np.sqrt(len(e))).tolist()}
+               for name, e in errors.items()}
+  for name, extra in tuned.items():
+    test_loss[name].update(extra)
+  results = {
+      "settings": {"n_dims": task.n_dims, "n_points": n, "num_layers": num_layers,
+                   "lsa_sparse": bool(config.model.lsa_sparse), "seed": config.seed,
+                   "num_prompts": num_prompts, "tune_prompts": tune_prompts},
+      "sigma": sigma_DxD.tolist(),
+      "sigma_eigenvalues": np.linalg.eigvalsh(sigma_DxD).tolist(),
+      "layers": layers,
+      "a": [layer["a"] for layer in layers],
+      "dist": [layer["dist"] for layer in layers],
+      "context_lengths": list(range(n)),
+      "test_loss": test_loss,
+      "final_test_loss": {name: values["mean"][-1] for name, values in test_loss.items()},
+  }
+  if num_layers == len(PAPER_A):
+    results["paper"] = {"a": list(PAPER_A), "dist": "close to 0 (Fig. 2)",
+                        "source": "Ahn et al. 2023 Fig. 2 (§4.3: d = 5, n = 20, L = 3, sparse form)"}
+  return results
+
+
+_CURVES = (("lsa", "trained LSA", {"color": "black", "lw": 2.2}),
+           ("preconditioned_gd_learned_steps", "Σ⁻¹-preconditioned GD, learned steps −a_i",
+            {"color": "tab:green", "ls": "--"}),
+           ("preconditioned_gd", "Σ⁻¹-preconditioned GD, tuned step", {"color": "tab:blue", "ls": "-."}),
+           ("gd", "GD, tuned step", {"color": "tab:orange", "ls": "-."}),
+           ("least_squares", "least squares", {"color": "tab:red"}),
+           ("zero", "zero predictor", {"color": "0.45", "ls": ":"}))
+
+
+def figure_summary(results: dict) -> Figure:
+  """Test loss against context length, and a_i and Dist per layer next to the paper's."""
+  s = results["settings"]
+  figure = Figure(figsize=(15, 4.8), layout="constrained")
+  ax_loss, ax_a, ax_dist = figure.subplots(1, 3, width_ratios=(1.6, 1, 1))
+  lengths = np.asarray(results["context_lengths"])
+  for name, label, style in _CURVES:
+    curve = results["test_loss"][name]
+    if "learning_rate" in curve:
+      label += f" (η = {curve['learning_rate']:.3g})"
+    mean, se = np.asarray(curve["mean"]), np.asarray(curve["standard_error"])
+    shown = lengths >= 1
+    ax_loss.plot(lengths[shown], mean[shown], label=label, **style)
+    ax_loss.fill_between(lengths[shown], (mean - se)[shown], (mean + se)[shown], color=style["color"], alpha=0.15)
+  ax_loss.set_yscale("log")
+  ax_loss.set_xlabel("in-context examples t")
+  ax_loss.set_ylabel("test loss E(ŷ − y)²")
+  ax_loss.set_title(f"Test loss, {s['num_prompts']} prompts (± s.e.)")
+  ax_loss.legend(fontsize=8)
+  layers = np.arange(1, s["num_layers"] + 1)
+  ax_a.plot(layers, results["a"], "o-", color="black", label="trained")
+  if "paper" in results:
+    ax_a.plot(layers, results["paper"]["a"], "s--", color="tab:red", label="Ahn et al. Fig. 2")
+  ax_a.axhline(0, color="0.7", lw=0.8)
+  ax_a.set_xticks(layers)
+  ax_a.set_xlabel("layer i")
+  ax_a.set_ylabel("a_i = tr(Σ^½ A_i Σ^½) / d")
+  ax_a.set_title("Σ^½ A_i Σ^½ ≈ a_i I")
+  ax_a.legend()
+  width = 0.38
+  ax_dist.bar(layers - width / 2, results["dist"], width, color="black", label="Dist(Σ^½ A_i Σ^½, I)")
+  ax_dist.bar(layers + width / 2, [layer["dist_unscaled"] for layer in results["layers"]], width, color="0.7",
+              label="Dist(A_i, I)")
+  ax_dist.set_ylim(0, 1)
+  ax_dist.set_xticks(layers)
+  ax_dist.set_xlabel("layer i")
+  ax_dist.set_title("min_α ‖M − αI‖_F / ‖M‖_F")
+  ax_dist.legend()
+  form = "sparse" if s["lsa_sparse"] else "full"
+  figure.suptitle(f"Linear self-attention ({form} form), d = {s['n_dims']}, n = {s['n_points'] - 1}, "
+                  f"L = {s['num_layers']}, eigenvalues of Σ {np.round(results['sigma_eigenvalues'], 4).tolist()}")
+  return figure
+
+
+def figure_matrices(results: dict) -> Figure:
+  """Each layer's Sigma^1/2 A_i Sigma^1/2 as a heatmap with its entries (Ahn et al.'s code's imshow)."""
+  layers = results["layers"]
+  figure = Figure(figsize=(4.2 * len(layers), 4), layout="constrained")
+  for ax, layer in zip(np.atleast_1d(figure.subplots(1, len(layers))), layers):
+    m = np.asarray(layer["scaled_matrix"])
+    bound = max(float(np.abs(m).max()), 1e-12)
+    image = ax.imshow(m, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    for (i, j), value in np.ndenumerate(m):
+      ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"layer {layer['layer']}: a = {layer['a']:.3f}, Dist = {layer['dist']:.3f}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    figure.colorbar(image, ax=ax, shrink=0.8)
+  figure.suptitle("Σ^½ A_i Σ^½ per layer")
+  return figure
+
+
+def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """results.json and the figures (PNG and PDF) into `out_dir`; returns the paths written."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = [out_dir / "results.json"]
+  paths[0].write_text(json.dumps(results, indent=2) + "\n")
+  with matplotlib.rc_context({"font.size": 10}):
+    for stem, make in (("lsa_analysis", figure_summary), ("lsa_matrices", figure_matrices)):
+      figure = make(results)
+      for suffix in (".png", ".pdf"):
+        paths.append(out_dir / f"{stem}{suffix}")
+        figure.savefig(paths[-1], dpi=DPI)
+  return paths
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_prompts: int = 4096,
+        tune_prompts: int = 2048) -> dict:
+  """Analyses the latest checkpoint in `workdir`; writes workdir/lsa_analysis/ and returns the results."""
+  config_checks.validate(config, num_devices=1)
+  workdir = pathlib.Path(workdir)
+  params, step = evaluate.load_params(config, workdir)
+  results = analyse(config, jax.device_get(params), num_prompts, tune_prompts)
+  results["step"] = step
+  write(results, workdir / "lsa_analysis")
+  return results
+
+
+def summary_lines(results: dict) -> list[str]:
+  paper = results.get("paper", {}).get("a")
+  lines = []
+  for i, layer in enumerate(results["layers"]):
+    line = f"layer {layer['layer']}: a = {layer['a']:+.3f}  Dist(Σ^½AΣ^½, I) = {layer['dist']:.3f}"
+    line += f"  Dist(A, I) = {layer['dist_unscaled']:.3f}"
+    if "b" in layer:
+      line += f"  b = {layer['b']:+.3f}  Dist(B, I) = {layer['b_dist']:.3f}"
+    if paper:
+      line += f"  (paper a = {paper[i]:+.2f})"
+    lines.append(line)
+  final = results["final_test_loss"]
+  lines.append("test loss at t = {}: ".format(results["context_lengths"][-1]) +
+               ", ".join(f"{name} {value:.4g}" for name, value in final.items()))
+  return lines
+
+
+def _define_flags() -> None:
+  _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "The run's config, e.g. configs/lsa.py:quick.",
+                                                     lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "The run's directory (its latest checkpoint is read).")
+  _FLAGS["num_prompts"] = flags.DEFINE_integer("num_prompts", 4096, "Fresh test prompts for the loss curves.")
+  _FLAGS["tune_prompts"] = flags.DEFINE_integer("tune_prompts", 2048, "Other prompts for the step-size search.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  results = run(_FLAGS["config"].value, _FLAGS["workdir"].value, _FLAGS["num_prompts"].value,
+                _FLAGS["tune_prompts"].value)
+  for line in summary_lines(results):
+    logging.info("%s", line)
+    print(line)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
