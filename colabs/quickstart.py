@@ -77,7 +77,8 @@ print(f"JAX {jax.__version__}, backend {jax.default_backend()!r}: {jax.devices()
 logging.set_verbosity(logging.INFO)  # Training progress (loss, steps/s, ETA) goes to the cell's output.
 # Orbax logs dozens of INFO lines per checkpoint. run_logs.quiet_orbax() filters them out of absl's handler,
 # which only absl.app.run installs (the command line); in a notebook the filter goes on absl's logger.
-logging.get_absl_logger().addFilter(lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+logging.get_absl_logger().addFilter(
+    lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
 workdir = pathlib.Path(workdir or f"runs/quickstart_{num_steps}")
 
 # %% [markdown]

@@ -340,7 +340,9 @@ print(f"κ = {kappa:g}: error / d after {max_lsa_layers} layers: GD {gd_errors[-
 #   A = U diag(1 / ((n+1)/n λ_i + tr(Σ)/n)) Uᵀ, i.e. Σ⁻¹ for large n, with tr(Σ)/n acting as a regulariser.
 # * **L layers** (Theorem 3, w ~ N(0, Σ⁻¹)): A_i = a_i Σ⁻¹ are critical points, with scalar step sizes a_i that
 #   depend only on d, n and L, and training finds them: they report Σ^{1/2} A_i Σ^{1/2} ≈ 0.69 I, 0.43 I, 1.71 I
-#   for d = 5, n = 20 and three layers. Whitening makes the problem isotropic, so the a_i do not depend on Σ.
+#   for d = 5, n = 20 and three layers (−0.69, −0.43, −1.71 in their sign convention, Q = +[A 0; 0 0]; here A
+#   is the preconditioner of the step w ← w − A∇R). Whitening makes the problem isotropic, so the a_i do not
+#   depend on Σ.
 #
 # So a trained LSA model runs L steps of gradient descent preconditioned by the inverse covariance of the
 # *training distribution*, with learned step sizes. This differs from Fu et al.'s picture: a fixed preconditioner
@@ -351,7 +353,9 @@ print(f"κ = {kappa:g}: error / d after {max_lsa_layers} layers: GD {gd_errors[-
 # are trained with Adam on fresh prompts with w ~ N(0, Σ⁻¹), n = 20, and κ = `train_kappa`. Dist(M, I) =
 # min_c ‖M − cI‖_F / ‖M‖_F (Ahn et al.'s measure) is near 0 for the whitened Σ^{1/2} A_i Σ^{1/2} and far from 0
 # for the A_i themselves. (Short runs leave the last layer least converged; `train_steps = 5000` with
-# `train_batch = 1024` gets every Dist below about 0.1.)
+# `train_batch = 1024` gets every Dist below about 0.1.) The full experiment, with the LSA model family trained
+# like any other model of the project and its layers read off, is `configs/lsa.py` and `python -m
+# icl_jax.lsa_analysis`.
 
 # %%
 train_points = 20
@@ -398,8 +402,8 @@ rows = []
 for i, (a_DxD, m_DxD) in enumerate(zip(trained, whitened)):
   dist_m, a_i = dist_to_identity(m_DxD)
   rows.append((i + 1, f"{dist_to_identity(a_DxD)[0]:.3f}", f"{dist_m:.3f}", f"{a_i:.2f}"))
-display(markdown_table(["layer i", "Dist(A_i, I)", "Dist(Σ^½ A_i Σ^½, I)", "a_i (Ahn et al., 3 layers: .69, .43, 1.71)"],
-                       rows))
+header = ["layer i", "Dist(A_i, I)", "Dist(Σ^½ A_i Σ^½, I)", "a_i (Ahn et al., 3 layers: .69, .43, 1.71)"]
+display(markdown_table(header, rows))
 
 figure, axes = plt.subplots(2, train_layers + 1, figsize=(3.2 * (train_layers + 1), 6), layout="constrained",
                             squeeze=False)

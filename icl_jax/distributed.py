@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+from absl import flags
 from absl import logging
 
 MODES = ("detect", "auto", "explicit", "off")
@@ -204,3 +205,32 @@ def initialize(mode: str = "detect", coordinator_address: str | None = None, num
     if (host := loopback_host(decided.kwargs.get("coordinator_address", ""))) is not None:
       _bind_cpu_collectives_to(host)
   return decided
+
+
+def define_flags() -> dict:
+  """Defines --distributed and the coordinator flags (for icl_jax.main and icl_jax.sweep); returns them by name."""
+  return {
+      "distributed": flags.DEFINE_enum(
+          "distributed", "detect", list(MODES),
+          "Multi-process (multi-host) training. detect: explicit if --coordinator_address/--num_processes/"
+          "--process_id is given, auto on a multi-host TPU environment (TPU_WORKER_HOSTNAMES etc.), else one "
+          "process; auto: jax.distributed.initialize() with cluster auto-detection (Cloud TPU, GKE, Slurm, Open "
+          "MPI); explicit: the three coordinator flags, all required; off: one process."),
+      "coordinator_address": flags.DEFINE_string(
+          "coordinator_address", None, "HOST:PORT of process 0, where it runs the coordinator service, bound to "
+          "exactly this address (not to every interface). The same on every process."),
+      "num_processes": flags.DEFINE_integer("num_processes", None,
+                                            "Number of processes (with --coordinator_address)."),
+      "process_id": flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (with "
+                                         "--coordinator_address); process 0 writes the logs and files."),
+  }
+
+
+def initialize_from_flags(defined: dict) -> None:
+  """Starts JAX's distributed runtime if the flags of `define_flags` or the environment ask for it."""
+  started = initialize(defined["distributed"].value, defined["coordinator_address"].value,
+                       defined["num_processes"].value, defined["process_id"].value)
+  if started.kwargs is not None:
+    logging.info("JAX distributed runtime started (%s): process %d of %d, %d local / %d global devices.",
+                 started.reason, jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
+from icl_jax import distributed
 from icl_jax import evaluate
 from icl_jax import multi_train
 from icl_jax import run_logs
@@ -38,6 +39,7 @@ def _define_flags() -> None:
   _FLAGS["stage"] = flags.DEFINE_enum("stage", "all", ["all", "runs", "report"],
                                       "runs: train and evaluate; report: write ROOT/sweep from finished runs; all: "
                                       "both.")
+  _FLAGS["distributed"] = distributed.define_flags()
   flags.mark_flags_as_required(["config", "root"])
 
 
@@ -76,7 +78,7 @@ def validate(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDic
   for run in runs:
     try:
       config_checks.validate(run, jax.device_count())
-    except config_checks.ConfigError as e:
+    except (config_checks.ConfigError, distributed.DistributedFlagError) as e:
       raise config_checks.ConfigError(f"run {run_name(run)}: {e}") from e
   return runs
 
@@ -125,12 +127,13 @@ def main(argv):
   config, stage = _FLAGS["config"].value, _FLAGS["stage"].value
   root = pathlib.Path(_FLAGS["root"].value)
   try:
+    distributed.initialize_from_flags(_FLAGS["distributed"])
     if stage in ("all", "runs"):
       run_sweep(config, root, _parse_shard(_FLAGS["shard"].value))
     if stage in ("all", "report"):
       runs = validate(config)
       sweep_report.write(runs, root, [run_name(r) for r in runs])
-  except config_checks.ConfigError as e:
+  except (config_checks.ConfigError, distributed.DistributedFlagError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

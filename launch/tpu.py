@@ -153,7 +153,7 @@ def warnings(args: argparse.Namespace) -> list[str]:
                "(see launch/README.md).")
   if args.command in ("run", "all") and distributed_mode(args) in ("none", "off"):
     out.append(f"warning: {args.type} has {hosts} hosts but the job gets no --distributed=auto, so they do not "
-               "join one JAX runtime (icl_jax.sweep has no such flag yet; pass --distributed=auto once it has).")
+               "join one JAX runtime.")
   return out
 
 
@@ -238,8 +238,8 @@ def _job_dir(args: argparse.Namespace) -> str:
 
 
 def distributed_mode(args: argparse.Namespace) -> str:
-  """--distributed, by default auto for icl_jax.main and none (no such flag) for icl_jax.sweep, which has none."""
-  return args.distributed or ("none" if args.sweep else "auto")
+  """--distributed, by default auto (for icl_jax.main and icl_jax.sweep alike)."""
+  return args.distributed or "auto"
 
 
 def job_argv(args: argparse.Namespace) -> list[str]:
@@ -531,8 +531,7 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--config", help=f"the config file (default {MAIN_CONFIG}, with --sweep {SWEEP_CONFIG})")
   run.add_argument("--distributed", choices=["auto", "detect", "off", "none"],
                    help="passed to the job as --distributed=...: auto starts JAX's multi-host runtime "
-                        "(jax.distributed.initialize()) on every worker; none passes no such flag. Default: auto "
-                        "for icl_jax.main, none for icl_jax.sweep (it defines no --distributed flag yet)")
+                        "(jax.distributed.initialize()) on every worker; none passes no such flag. Default: auto")
   run.add_argument("--poll", type=float, default=300.0, help="with --wait: seconds between status checks")
   run.add_argument("--max-unreachable", type=int, default=6,
                    help="with --wait: give up after this many failed status checks in a row")

@@ -256,10 +256,10 @@ def test_sweep_command_and_multi_host_warning(fake):
   assert result.returncode == 0, result.stderr
   [run] = _commands(result.stdout)
   assert "--worker=all" in run
-  # icl_jax.sweep defines no --distributed flag (yet): none is passed unless asked for, with a warning on a pod.
+  # The sweep joins the hosts like the main job; a local root on a pod gets a warning.
   assert _job_argv(run) == [".venv/bin/python", "-m", "icl_jax.sweep", "--config=configs/sweep_depth_kappa.py",
-                            "--root=runs/depth", "--config.seed=1"]
-  assert "4 hosts" in result.stderr and "gs://" in result.stderr and "--distributed=auto" in result.stderr
+                            "--root=runs/depth", "--distributed=auto", "--config.seed=1"]
+  assert "4 hosts" in result.stderr and "gs://" in result.stderr
 
   result = _launch(["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth",
                     "--distributed=auto", "--config=configs/sweep_depth_kappa.py:quick"], env)

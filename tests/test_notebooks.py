@@ -1,10 +1,10 @@
 """The notebooks in colabs/: each runs headless from top to bottom, and its .ipynb matches its .py.
 
 The notebooks are kept as jupytext py:percent files (colabs/NAME.py, the source of truth, diff-friendly) and
-as NAME.ipynb (what Colab opens from GitHub), generated with `jupytext --to ipynb colabs/NAME.py`. Execution
-converts the .py in memory and runs it with nbclient on a python3 kernel of this interpreter (ipykernel's
-kernelspec; jupyter_client starts it with sys.executable), in a fresh temporary directory, with the notebook's
-own parameters: their defaults are the CI size. A cell that raises fails the test.
+as NAME.ipynb (what Colab opens from GitHub), generated with `jupytext --update --to ipynb colabs/NAME.py`.
+Execution converts the .py in memory and runs it with nbclient on a python3 kernel of this interpreter
+(ipykernel's kernelspec; jupyter_client starts it with sys.executable), in a fresh temporary directory, with the
+notebook's own parameters: their defaults are the CI size. A cell that raises fails the test.
 """
 
 import os
@@ -80,11 +80,11 @@ def test_ipynb_matches_py(path):
   """NAME.ipynb holds exactly jupytext's conversion of NAME.py (cells and their text; metadata aside), with
   no outputs."""
   ipynb = path.with_suffix(".ipynb")
-  assert ipynb.exists(), f"{ipynb} is missing: run `jupytext --to ipynb {path.relative_to(REPO)}`"
+  assert ipynb.exists(), f"{ipynb} is missing: run `jupytext --update --to ipynb {path.relative_to(REPO)}`"
   stored = nbformat.read(ipynb, as_version=4)
   nbformat.validate(stored)
   assert _cells(stored) == _cells(jupytext.read(path)), (
-      f"{ipynb.name} differs from {path.name}: run `jupytext --to ipynb {path.relative_to(REPO)}`")
+      f"{ipynb.name} differs from {path.name}: run `jupytext --update --to ipynb {path.relative_to(REPO)}`")
   for cell in stored.cells:
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None, f"{ipynb.name} has outputs: regenerate it"
