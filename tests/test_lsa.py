@@ -232,8 +232,8 @@ def test_clip_per_matrix():
   # Off by default: the same optimiser (and state) as before.
   default = linreg.get_config().train
   params = {"w": jnp.ones((3,))}
-  assert jax.tree.structure(optim.make_optimizer(default).init(params)) == jax.tree.structure(
-      optax.adam(1e-4).init(params))
+  before = optax.adam(optim.learning_rate_schedule(default), default.adam_b1, default.adam_b2, default.adam_eps)
+  assert jax.tree.structure(optim.make_optimizer(default).init(params)) == jax.tree.structure(before.init(params))
   default.clip_per_matrix = 0.01
   updates, _ = optim.make_optimizer(default).update({"w": jnp.full((3,), 5.0)},
                                                     optim.make_optimizer(default).init(params), params)
