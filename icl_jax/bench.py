@@ -14,6 +14,7 @@ Prints one JSON line per benchmark:
 import json
 import resource
 import subprocess
+import sys
 import time
 
 import jax
@@ -190,7 +191,10 @@ BENCHMARKS = {"train_step": bench_train_step, "eval": bench_eval, "multi_train":
 def main(argv):
   del argv
   config = _FLAGS["config"].value
-  config_checks.validate(config, num_devices=1)
+  try:
+    config_checks.validate(config, num_devices=1)
+  except config_checks.ConfigError as e:
+    sys.exit(f"error: {e}")
   for name in _FLAGS["benchmark"].value:
     if name == "train_step":
       line = bench_train_step(config, _FLAGS["peak_flops"].value, _FLAGS["timed_steps"].value)
