@@ -72,15 +72,16 @@ tiny_steps = 40  # Training steps of the stand-in (only with workdir = ""). It s
 out_dir = "paper_figures"  # results.json and the figures (PNG and PDF) go here; the run's workdir is not touched.
 
 # %%
+import io
 import json
 import logging as std_logging
 
 import jax
-import matplotlib.pyplot as plt
+import matplotlib
 import ml_collections
 import numpy as np
 from absl import logging
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
 from configs import linreg
 from icl_jax import evaluate, figures, similarity, train
@@ -101,6 +102,15 @@ PAPER = {
     # Table 1: the last layer's best SimE with each algorithm.
     "table1": {"newton": 0.991, "gd": 0.957, "online_gd": 0.806},
 }
+
+
+def show(make_figure, *args):
+  """Draws `make_figure(*args)`, one of icl_jax.figures' functions, as a PNG in the output. Those functions return
+  a matplotlib Figure that belongs to no pyplot backend, so the PNG is rendered here rather than left to one."""
+  with matplotlib.rc_context(figures.STYLE):  # The style must be in force when the text is laid out and drawn.
+    buffer = io.BytesIO()
+    make_figure(*args).savefig(buffer, format="png", dpi=100)
+  display(Image(data=buffer.getvalue()))
 
 # %% [markdown]
 # ## The model
@@ -230,16 +240,14 @@ display(Markdown("\n".join(rows)))
 # GD with a fixed step.
 
 # %%
-with plt.rc_context(figures.STYLE):
-  display(figures.error_vs_layer(results))
+show(figures.error_vs_layer, results)
 
 # %% [markdown]
 # **Fig. 7(b) and Fig. 10: best match against layer with the fits.** Newton on a linear axis, GD's log grid on a
 # log₂ axis.
 
 # %%
-with plt.rc_context(figures.STYLE):
-  display(figures.best_match(results))
+show(figures.best_match, results)
 
 # %% [markdown]
 # **Fig. 8: SimE heatmaps.** Every layer against every number of Newton steps and GD steps (η = 0.01, Fu et al.'s
@@ -247,9 +255,8 @@ with plt.rc_context(figures.STYLE):
 # its similarity plateaus below Newton's; Fig. 10 is the same with the log grid.
 
 # %%
-with plt.rc_context(figures.STYLE):
-  for grid in ("newton", "gd", "gd_log"):
-    display(figures.similarity_heatmap(results, "sim_e", grid))
+for grid in ("newton", "gd", "gd_log"):
+  show(figures.similarity_heatmap, results, "sim_e", grid)
 
 # %% [markdown]
 # All figures, SimW heatmaps and error against context length included, as PNG and PDF files:

@@ -32,7 +32,7 @@
 # It runs on whatever the runtime has (CPU, GPU or TPU). The defaults below are a shrunken run so that CI executes
 # the notebook in about a minute on a 2-core CPU; such a short run has not learned much, so its figures show the
 # *format*, not the result. Set the full-size values from the comments of the parameters cell (a few minutes on a
-# CPU, well under a minute of training on a GPU) to see the pattern described in the text.
+# 2-core CPU) to see the pattern described in the text.
 
 # %%
 # Setup: makes `icl_jax` importable. A no-op where it already is (CI, or a Python path that has the repository);

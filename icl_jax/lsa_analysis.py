@@ -7,30 +7,34 @@ layer learned, and how the model's test loss compares with the algorithms it sho
 writes DIR/lsa_analysis/results.json and the figures lsa_analysis.{png,pdf} (test loss against context
 length; a_i and Dist per layer next to the paper's) and lsa_matrices.{png,pdf} (each Sigma^1/2 A_i Sigma^1/2).
 
-**Reading off A_i.** Layer i of the LSA adds (1/n) P_i Z M Z^T Q_i Z. Its label row (row d + 1), the row the
-prediction is read from, receives (1/n) sum_j [P_i]_{d+1,:} z_j (z_j^T Q_i z_query); with P_i's last row
-(0, ..., 0, p_i) and Q_i's only non-zero block its top-left d x d block, this is (p_i/n) sum_j y_j x_j^T
-Q_i[:d, :d] x_query, i.e. a step of w <- w + A_i (1/n) sum_j y_j x_j ... with
+**Reading off A_i.** Layer i adds (1/n) P_i Z M Z^T Q_i Z. The prediction is read from the query's label entry
+(row d + 1, column n + 1), which receives (1/n) sum_j [P_i z_j]_{d+1} (z_j^T Q_i z_query) over the context columns
+j. P_i's last row is (0, ..., 0, p_i) and Q_i's only non-zero block is its top-left d x d block Q_i^xx, so this
+is (p_i/n) sum_j y_j x_j^T Q_i^xx x_query = x_query^T A_i ((1/n) sum_j y_j x_j) with
 
-  A_i = p_i * Q_i[:d, :d]^T      (paper column convention; `read_off`),
+  A_i = p_i * (Q_i^xx)^T      (paper column convention; `read_off`).
 
-which for the LSA's parameterisation (p_i = 1 fixed, Q_i = [A^T 0; 0 0]) is exactly the trained matrix
-`params["layer_{i}"]["A"]`, Ahn et al.'s code's allparam[i, 0, 1]. In the sparse form the x rows never change and
-layer i is the step w <- w - (-A_i) grad R(w) of preconditioned GD (Lemma 1). In the full form P_i = [B_i 0; 0 1]
-also moves the x rows, so layer i's A_i acts on the x's as transformed by the B's of the layers before it (the
-paper reads A_i off the same way; the B_i are reported too).
+For the LSA's parameterisation (p_i = 1 fixed, Q_i = [A^T 0; 0 0]) this is exactly the trained matrix
+`params["layer_{i}"]["A"]`, Ahn et al.'s code's allparam[i, 0, 1]. In the sparse form the x rows never change,
+the context labels hold the residuals y_j - w_i.x_j, and layer i is the step w <- w - (-A_i) grad R(w) of
+preconditioned GD (Lemma 1). In the full form P_i = [B_i 0; 0 1] also moves the x rows, so A_i acts on the x's as
+transformed by the B's of the earlier layers (the paper reads A_i off the same way; b_i = tr(B_i)/d and
+Dist(B_i, I) are reported too; the last layer's B never reaches the prediction and keeps its initial value).
 
 **Theorem 3** (x ~ N(0, Sigma), w ~ N(0, Sigma^-1)) says A_i = a_i Sigma^-1 are critical points, i.e.
 M_i = Sigma^1/2 A_i Sigma^1/2 = a_i I. For each layer this reports the best a_i = argmin_a ||M_i - a I||_F =
 tr(M_i)/d and Dist(M_i, I) = min_a ||M_i - a I||_F / ||M_i||_F (Ahn et al.'s metric and their code's
 `compute_dist_identity`), next to Dist(A_i, I) without the Sigma scaling for contrast. Signs: a_i is in the
-convention of the paper's Fig. 2 (a_i < 0), so -a_i is the step size of Sigma^-1-preconditioned GD.
+convention of the paper's Fig. 2 (a_i < 0), so -a_i is the step size of Sigma^-1-preconditioned GD. Order: the
+steps (I - eta_i Sigma^-1 S/n) commute, so any permutation of the a_i over the layers gives the same predictions,
+and training may land on another order than the paper's (e.g. -0.43, -0.69, -1.71); `a_sorted` compares the sets.
 
 **Test loss** (Ahn et al.'s App. D): mean squared error of the prediction from t context points, t = 0..N-1, on
 fresh prompts of the run's distribution, for the trained model, L-step GD preconditioned by Sigma^-1 and plain
 L-step GD (gradient of R(w) = (1/2t) sum_j (w.x_j - y_j)^2; each with one step size, tuned by grid search for the
 lowest loss at the full context on separate tuning prompts), L-step Sigma^-1-preconditioned GD with the learned
-per-layer steps -a_i (the sparse LSA with A_i = a_i Sigma^-1 exactly), and least squares (minimum-norm for t < d).
+per-layer steps -a_i (the sparse LSA with A_i = a_i Sigma^-1 exactly; sparse form only), and least squares
+(minimum-norm for t < d).
 """
 
 import json
@@ -39,6 +43,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import matplotlib
+import matplotlib.ticker
 import ml_collections
 import numpy as np
 from absl import app
@@ -162,12 +167,14 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
     learning_rate, grid_losses = tune_step_size(predict, tune)
     tuned[name] = {"learning_rate": learning_rate, "grid": list(STEP_GRID), "grid_loss": grid_losses.tolist()}
     errors[name] = _squared_errors(_batched(lambda xs, ys: predict(xs, ys, learning_rate), test), test)
-  # Theorem 3's critical point with the learned scalars: the sparse LSA with A_i = a_i Sigma^-1 exactly.
-  sparse = models.build_model(ml_collections.ConfigDict(
-      {"family": "lsa", "num_layers": num_layers, "lsa_sparse": True, "lsa_init_std": 0.0}))
-  planted = lsa.params_from_preconditioners([-layer["a"] * sigma_inv_DxD for layer in layers])
-  errors["preconditioned_gd_learned_steps"] = _squared_errors(
-      _batched(jax.jit(lambda xs, ys: sparse.apply({"params": planted}, xs, ys)), test), test)
+  if config.model.lsa_sparse:
+    # Theorem 3's critical point with the learned scalars: the sparse LSA with A_i = a_i Sigma^-1 exactly. (In
+    # the full form the A_i act on x's moved by the B's: these steps alone mean nothing there.)
+    sparse = models.build_model(ml_collections.ConfigDict(
+        {"family": "lsa", "num_layers": num_layers, "lsa_sparse": True, "lsa_init_std": 0.0}))
+    planted = lsa.params_from_preconditioners([-layer["a"] * sigma_inv_DxD for layer in layers])
+    errors["preconditioned_gd_learned_steps"] = _squared_errors(
+        _batched(jax.jit(lambda xs, ys: sparse.apply({"params": planted}, xs, ys)), test), test)
   errors["least_squares"] = _squared_errors(_batched(algorithms.prefix_least_squares, test), test)
   errors["zero"] = np.square(np.asarray(test.ys_BxN, np.float64))
 
@@ -184,12 +191,13 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
       "layers": layers,
       "a": [layer["a"] for layer in layers],
       "dist": [layer["dist"] for layer in layers],
+      "a_sorted": sorted(layer["a"] for layer in layers),
       "context_lengths": list(range(n)),
       "test_loss": test_loss,
       "final_test_loss": {name: values["mean"][-1] for name, values in test_loss.items()},
   }
   if num_layers == len(PAPER_A):
-    results["paper"] = {"a": list(PAPER_A), "dist": "close to 0 (Fig. 2)",
+    results["paper"] = {"a": list(PAPER_A), "a_sorted": sorted(PAPER_A), "dist": "close to 0 (Fig. 2)",
                         "source": "Ahn et al. 2023 Fig. 2 (§4.3: d = 5, n = 20, L = 3, sparse form)"}
   return results
 
@@ -199,7 +207,7 @@ _CURVES = (("lsa", "trained LSA", {"color": "black", "lw": 2.2}),
             {"color": "tab:green", "ls": "--"}),
            ("preconditioned_gd", "Σ⁻¹-preconditioned GD, tuned step", {"color": "tab:blue", "ls": "-."}),
            ("gd", "GD, tuned step", {"color": "tab:orange", "ls": "-."}),
-           ("least_squares", "least squares", {"color": "tab:red"}),
+           ("least_squares", "least squares (≈ 0 for t ≥ d)", {"color": "tab:red"}),
            ("zero", "zero predictor", {"color": "0.45", "ls": ":"}))
 
 
@@ -210,6 +218,8 @@ def figure_summary(results: dict) -> Figure:
   ax_loss, ax_a, ax_dist = figure.subplots(1, 3, width_ratios=(1.6, 1, 1))
   lengths = np.asarray(results["context_lengths"])
   for name, label, style in _CURVES:
+    if name not in results["test_loss"]:
+      continue
     curve = results["test_loss"][name]
     if "learning_rate" in curve:
       label += f" (η = {curve['learning_rate']:.3g})"
@@ -218,6 +228,14 @@ def figure_summary(results: dict) -> Figure:
     ax_loss.plot(lengths[shown], mean[shown], label=label, **style)
     ax_loss.fill_between(lengths[shown], (mean - se)[shown], (mean + se)[shown], color=style["color"], alpha=0.15)
   ax_loss.set_yscale("log")
+  # The axis spans the model and the GD variants, and stops at 30x the zero predictor's loss (all step-size
+  # methods blow up on a few points, as the steps are sized for n = 20); least squares is exact (~1e-12) once
+  # t >= d and leaves the axis there.
+  shown_means = [np.asarray(curve["mean"])[1:] for name, curve in results["test_loss"].items()
+                 if name not in ("least_squares", "zero")]
+  top = 30 * max(results["test_loss"]["zero"]["mean"])
+  ax_loss.set_ylim(0.3 * min(float(m[m > 0].min()) for m in shown_means), top)
+  ax_loss.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax_loss.set_xlabel("in-context examples t")
   ax_loss.set_ylabel("test loss E(ŷ − y)²")
   ax_loss.set_title(f"Test loss, {s['num_prompts']} prompts (± s.e.)")
@@ -256,7 +274,8 @@ def figure_matrices(results: dict) -> Figure:
     bound = max(float(np.abs(m).max()), 1e-12)
     image = ax.imshow(m, cmap="RdBu_r", vmin=-bound, vmax=bound)
     for (i, j), value in np.ndenumerate(m):
-      ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+      ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+              color="white" if abs(value) > 0.5 * bound else "black")
     ax.set_title(f"layer {layer['layer']}: a = {layer['a']:.3f}, Dist = {layer['dist']:.3f}")
     ax.set_xticks([])
     ax.set_yticks([])

@@ -16,8 +16,11 @@ from absl import logging
 
 
 def quiet_orbax() -> None:
-  """Keeps only Orbax's warnings and errors in the absl log: it logs dozens of INFO lines per checkpoint."""
-  logging.get_absl_handler().addFilter(
+  """Keeps only Orbax's warnings and errors in the absl log: it logs dozens of INFO lines per checkpoint.
+
+  The filter sits on absl's logger, not its handler, so it works in notebooks too (no `app.run`).
+  """
+  logging.get_absl_logger().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
 
 
@@ -41,8 +44,9 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs."""
-  saved, current = flatten(saved), flatten(current)
+  """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs, except `eval.*`:
+  evaluation settings do not change what training computes, so they may change between attempts."""
+  saved, current = ({k: v for k, v in flatten(c).items() if not k.startswith("eval.")} for c in (saved, current))
   missing = object()
   return [f"config.{key}: saved {saved.get(key, missing)!r}, now {current.get(key, missing)!r}".replace(
       repr(missing), "(absent)") for key in sorted(saved.keys() | current.keys())

@@ -69,13 +69,13 @@ def test_per_layer_preconditioners_match_the_construction():
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_every_prefix_equals_the_lsa_run_on_that_prefix_alone(sparse):
-  n, d, num_layers = 9, 3, 3
-  xs, ys = _prompts(2, 5, n, d)
+  n, d, num_layers = 6, 3, 2
+  xs, ys = _prompts(2, 4, n, d)
   model = _model(num_layers, sparse)
   params = model.init(jax.random.key(3), xs, ys)["params"]
   assert set(params["layer_0"]) == ({"A"} if sparse else {"A", "B"})
   preds_BxN, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
-  assert preds_BxN.shape == (5, n) and hidden.shape == (num_layers + 1, 5, n, d + 1, n)
+  assert preds_BxN.shape == (4, n) and hidden.shape == (num_layers + 1, 4, n, d + 1, n)
   np.testing.assert_array_equal(preds_BxN[:, 0], 0.0)  # No context: nothing is added.
   ps, qs = lsa.matrices(params)
   for t in range(1, n):
@@ -158,34 +158,36 @@ def test_default_sampler_is_unchanged():
 def _tiny_lsa(**train_overrides):
   config = lsa_config.get_config("quick")
   config.task.n_points = 8
-  config.train.update(num_steps=8, batch_size=16, log_every=1, checkpoint_every=8, steps_per_dispatch=3,
-                      decay_every=4, **train_overrides)
+  config.train.update({"num_steps": 8, "batch_size": 16, "log_every": 1, "checkpoint_every": 8,
+                       "steps_per_dispatch": 3, "decay_every": 4, **train_overrides})
   config.eval.update(num_prompts=32, batch_size=16)
   return config
 
 
-def _losses(workdir):
-  return np.asarray([json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()])
+def _chunk_losses(config, num_steps, num_devices=2):
+  """Losses of the first num_steps training steps, from the jitted chunk alone (no logs or checkpoints)."""
+  mesh = train.make_mesh(jax.devices()[:num_devices])
+  model = models.build_model(config.model)
+  optimizer = optim.make_optimizer(config.train)
+  state = train_step.init_state(config, model, optimizer, mesh)
+  run = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
+  initial = jax.device_get(state)  # The chunk donates (deletes) its input state.
+  _, metrics = run(state, num_steps)
+  return np.asarray(metrics["loss"])[:num_steps], model, initial
 
 
-def test_resample_every_keeps_one_batch_per_window(tmp_path):
-  config = _tiny_lsa(learning_rate=1e-12)  # Parameters barely move: equal losses mean equal batches.
-  config.task.resample_every = 3
+def test_resample_every_keeps_one_batch_per_window():
+  config = _tiny_lsa(learning_rate=1e-12, steps_per_dispatch=7)  # Parameters barely move: equal losses mean
+  config.task.resample_every = 3                                  # equal batches.
   assert [int(data.data_step(s, config.task)) for s in range(7)] == [0, 0, 0, 1, 1, 1, 2]
-  train.train_and_evaluate(config, tmp_path / "cached", devices=jax.devices()[:2])
-  losses = _losses(tmp_path / "cached")
+  losses, _, _ = _chunk_losses(config, 7)
   np.testing.assert_allclose(losses[0:3], losses[0], rtol=1e-6)
   np.testing.assert_allclose(losses[3:6], losses[3], rtol=1e-6)
   assert abs(losses[3] - losses[0]) > 1e-3 * losses[0] and abs(losses[6] - losses[3]) > 1e-3 * losses[3]
   # A constant curriculum disables the in-loop batch cache: the per-step sampler gives the same losses.
   config.task.curriculum.update(enabled=True, dims_start=5, points_start=8, dims_interval=1, points_interval=1,
                                 dims_increment=0, points_increment=0)
-  train.train_and_evaluate(config, tmp_path / "per_step", devices=jax.devices()[:2])
-  np.testing.assert_array_equal(_losses(tmp_path / "per_step"), losses)
-  config.task.resample_every = 1
-  train.train_and_evaluate(config, tmp_path / "every_step", devices=jax.devices()[:2])
-  fresh = _losses(tmp_path / "every_step")
-  assert fresh[0] == losses[0] and len(set(fresh.tolist())) == len(fresh)
+  np.testing.assert_array_equal(_chunk_losses(config, 7)[0], losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,16 +212,15 @@ def test_last_position_loss_is_the_masked_last_column():
                              train_step.last_position_loss(model, params, batch, jnp.int32(7)), rtol=1e-5)
 
 
-def test_loss_positions_all_is_the_default_masked_mse(tmp_path):
-  config = _tiny_lsa()
-  config.train.loss_positions = "all"
-  train.train_and_evaluate(config, tmp_path / "all", devices=jax.devices()[:1])
-  config.train.loss_positions = "last"
-  train.train_and_evaluate(config, tmp_path / "last", devices=jax.devices()[:1])
-  all_losses, last_losses = _losses(tmp_path / "all"), _losses(tmp_path / "last")
-  # At step 1 (same parameters and batch) the last position, which sees the most points, differs from the mean.
-  assert all_losses[0] != last_losses[0]
-  assert np.all(np.isfinite(all_losses)) and np.all(np.isfinite(last_losses))
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_training_loss_positions(positions):
+  config = _tiny_lsa(steps_per_dispatch=1)
+  config.train.loss_positions = positions
+  (loss,), model, state = _chunk_losses(config, 1, num_devices=1)
+  batch = data.sample_batch(data.step_key(jax.random.wrap_key_data(state.data_key), 0), 0, 16, config.task, 5)
+  preds_BxN = model.apply({"params": state.params}, batch.xs_BxNxD, batch.ys_BxN)
+  errors_BxN = np.square(np.asarray(preds_BxN - batch.ys_BxN, np.float64))
+  np.testing.assert_allclose(loss, errors_BxN.mean() if positions == "all" else errors_BxN[:, -1].mean(), rtol=1e-5)
 
 
 def test_clip_per_matrix():
@@ -269,7 +270,6 @@ def test_step_decay_schedule():
     ("train.decay_factor", 1.5, "config.train.decay_factor = 1.5: with config.train.schedule = 'step_decay' must be "
      "a number in (0, 1]"),
     ("train.schedule", "steps", "'constant', 'cosine', 'linear', 'step_decay'"),
-    ("model.lsa_sparse", "yes", "config.model.lsa_sparse = 'yes': allowed values are True"),
     ("model.lsa_init_std", -1.0, "config.model.lsa_init_std = -1.0: must be a number >= 0"),
 ])
 def test_invalid_field_is_named(field, value, expected):
@@ -282,6 +282,13 @@ def test_invalid_field_is_named(field, value, expected):
   with pytest.raises(config_checks.ConfigError) as info:
     config_checks.validate(config, num_devices=8)
   assert expected in str(info.value)
+
+
+def test_lsa_model_fields_are_checked():
+  model = ml_collections.ConfigDict({"family": "lsa", "num_layers": 0, "lsa_sparse": "yes", "lsa_init_std": 1e-4})
+  errors = lsa.validate(model, None)
+  assert "config.model.num_layers = 0: must be an integer >= 1" in errors[0]
+  assert "config.model.lsa_sparse = 'yes': allowed values are True" in errors[1]
 
 
 def test_configs_are_valid():
@@ -328,8 +335,7 @@ def test_read_off_recovers_planted_multiples_of_sigma_inverse():
 
 def test_quick_train_and_analysis_end_to_end(tmp_path):
   config = _tiny_lsa(learning_rate=0.05)
-  config.train.num_steps = 30
-  config.train.batch_size = 64
+  config.train.update(num_steps=30, batch_size=64, steps_per_dispatch=30, checkpoint_every=30)
   train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
   results = lsa_analysis.run(config, tmp_path, num_prompts=128, tune_prompts=64)
   out = tmp_path / "lsa_analysis"

@@ -24,6 +24,8 @@ NOTEBOOKS = sorted(COLABS.glob("*.py"))
 CELL_TIMEOUT_S = 300  # The notebooks take about a minute in all on a 2-core CPU; this only catches a hang.
 KERNEL_STARTUP_TIMEOUT_S = 120
 BADGE = "https://colab.research.google.com/github/GITHUB_ORG/icl_jax/blob/main/colabs/{name}.ipynb"
+# Images each notebook shows at least: a figure that silently renders as text ("<Figure size ...>") fails.
+MIN_IMAGES = {"quickstart": 10, "paper_figures": 5, "theory": 4}
 
 
 def kernel_env() -> dict[str, str]:
@@ -108,8 +110,9 @@ def test_notebook_runs(path, tmp_path, record_property):
   elapsed = time.perf_counter() - start
   record_property("wall_s", round(elapsed, 1))
   print(f"{path.name}: executed in {elapsed:.1f} s", file=sys.stderr)
-  errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-  assert not errors
+  outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert sum("image/png" in o.get("data", {}) for o in outputs) >= MIN_IMAGES[path.stem]
   assert not (tmp_path / "icl_jax_repo").exists(), "the install cell cloned the repository instead of a no-op"
 
 

@@ -111,3 +111,14 @@ def test_training_chunks_of_any_length_compile_once(tiny):
     sizes.update(zip(np.asarray(metrics["n_dims"])[:length].tolist(), np.asarray(metrics["n_points"])[:length].tolist()))
   assert int(state.step) == 12 and len(sizes) > 1
   assert run_chunk._cache_size() == 1
+
+
+def test_resume_accepts_changed_evaluation_settings(tiny, tmp_path):
+  train.train_and_evaluate(tiny, tmp_path)
+  tiny.eval.update(num_prompts=16, readout="model")
+  tiny.train.num_steps = 10
+  with pytest.raises(train.ConfigChangedError, match="config.train.num_steps: saved 8, now 10") as info:
+    train.train_and_evaluate(tiny, tmp_path)
+  assert "eval." not in str(info.value)
+  tiny.train.num_steps = 8
+  assert train.train_and_evaluate(tiny, tmp_path)["step"] == 8
