@@ -269,10 +269,14 @@ def _summarise(config, error, sim_e, sim_w, timings) -> dict:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir, params: dict | None = None) -> dict:
-  """Evaluates the latest checkpoint in `workdir` (or `params`); writes WORKDIR/eval/results.json and figures."""
+  """Evaluates the latest checkpoint in `workdir` (or `params`); writes WORKDIR/eval/results.json and figures.
+  A family with its own analysis (`models.Family.evaluate`, e.g. the LSA's) runs that instead."""
   from icl_jax import figures  # matplotlib is only needed here.
 
   workdir = pathlib.Path(workdir)
+  family_evaluation = models.REGISTRY[config.model.family].evaluate
+  if family_evaluation is not None:
+    return family_evaluation(config, workdir, params)
   step = None
   if params is None:
     params, step = load_params(config, workdir)

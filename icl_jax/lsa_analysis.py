@@ -57,6 +57,7 @@ from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import evaluate
 from icl_jax import models
+from icl_jax import run_logs
 from icl_jax import train_step
 from icl_jax.models import lsa
 
@@ -299,14 +300,20 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_prompts: int = 4096,
-        tune_prompts: int = 2048) -> dict:
-  """Analyses the latest checkpoint in `workdir`; writes workdir/lsa_analysis/ and returns the results."""
+        tune_prompts: int = 2048, params: dict | None = None) -> dict:
+  """Analyses the latest checkpoint in `workdir` (or `params`); writes workdir/lsa_analysis/ and returns the
+  results. Also what `--mode=eval` runs for this family (`models.Family.evaluate`)."""
   config_checks.validate(config, num_devices=1)
   workdir = pathlib.Path(workdir)
-  params, step = evaluate.load_params(config, workdir)
+  step = None
+  if params is None:
+    params, step = evaluate.load_params(config, workdir)
   results = analyse(config, jax.device_get(params), num_prompts, tune_prompts)
   results["step"] = step
-  write(results, workdir / "lsa_analysis")
+  if run_logs.is_writer():
+    write(results, workdir / "lsa_analysis")
+  for line in summary_lines(results):
+    logging.info("%s", line)
   return results
 
 
@@ -342,7 +349,6 @@ def main(argv):
   results = run(_FLAGS["config"].value, _FLAGS["workdir"].value, _FLAGS["num_prompts"].value,
                 _FLAGS["tune_prompts"].value)
   for line in summary_lines(results):
-    logging.info("%s", line)
     print(line)
 
 

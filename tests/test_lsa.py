@@ -15,6 +15,7 @@ from icl_jax import algorithms
 from icl_jax import config_checks
 from icl_jax import constructions
 from icl_jax import data
+from icl_jax import evaluate
 from icl_jax import lsa_analysis
 from icl_jax import models
 from icl_jax import optim
@@ -336,8 +337,10 @@ def test_read_off_recovers_planted_multiples_of_sigma_inverse():
 def test_quick_train_and_analysis_end_to_end(tmp_path):
   config = _tiny_lsa(learning_rate=0.05)
   config.train.update(num_steps=30, batch_size=64, steps_per_dispatch=30, checkpoint_every=30)
+  config.eval.num_prompts = 128
   train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
-  results = lsa_analysis.run(config, tmp_path, num_prompts=128, tune_prompts=64)
+  results = evaluate.evaluate(config, tmp_path)  # What --mode=eval runs: the family's own analysis.
+  assert not (tmp_path / "eval").exists()
   out = tmp_path / "lsa_analysis"
   for name in ("results.json", "lsa_analysis.png", "lsa_analysis.pdf", "lsa_matrices.png", "lsa_matrices.pdf"):
     assert (out / name).stat().st_size > 0

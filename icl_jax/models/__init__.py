@@ -8,8 +8,9 @@ state [L + 1, B, T, width]. For the evaluator's induced weights (SimW), `queries
 A new family registers a `Family` here; nothing else changes.
 
 Exception: "lsa" (Ahn et al.'s linear self-attention, models/lsa.py) returns each prefix's matrix Z_l as its
-hidden states, [L + 1, B, N, d + 1, N], so the per-layer probes of the evaluator do not apply to it
-(`icl_jax.lsa_analysis` analyses it instead).
+hidden states, [L + 1, B, N, d + 1, N], so the per-layer probes of the evaluator do not apply to it: its
+`Family.evaluate` is `icl_jax.lsa_analysis`, which reads the learned preconditioners off the weights, and
+`--mode=eval` runs that instead.
 """
 
 from typing import Callable, NamedTuple
@@ -26,12 +27,21 @@ class Family(NamedTuple):
   build: Callable[[ml_collections.ConfigDict], nn.Module]  # config.model -> module.
   # (config.model, config.task) -> errors, each naming its field and the allowed values.
   validate: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], list[str]]
+  # (config, workdir, params) -> results: the family's own evaluation, replacing the per-layer probes of
+  # `icl_jax.evaluate` (None: those probes apply).
+  evaluate: Callable | None = None
+
+
+def _lsa_analysis(config, workdir, params):
+  from icl_jax import lsa_analysis  # Imported on use: it imports the evaluator, which imports this module.
+
+  return lsa_analysis.run(config, workdir, num_prompts=config.eval.num_prompts, params=params)
 
 
 REGISTRY: dict[str, Family] = {
     "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
     "lstm": Family(build=lambda model: lstm.LSTMRegressor(model), validate=lstm.validate),
-    "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate),
+    "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate, evaluate=_lsa_analysis),
 }
 
 
