@@ -120,15 +120,17 @@ def final_curriculum_step(task) -> int:
 
 
 def gpt2_flops_per_step(config) -> float:
-  """Model FLOPs of one GPT-2 training step at full size: 3x the forward's (backward = 2x forward).
+  """Model FLOPs of one GPT-2 training step at full size, as computed: 3x the forward's (backward = 2x forward).
 
-  Forward per token: 2 x (the blocks' matmul weights, (4 + 2 mlp_ratio) W^2 per layer, plus read-in and
-  read-out); attention adds 2 x 2 T^2 W per layer and sequence (QK^T and PV, counted in full as computed).
+  The training forward (models/gpt2.py) runs T = 2N - 1 tokens (not y_N) through every block but the last,
+  whose attention queries, output projection and MLP see only the N x positions. Matmuls are 2 FLOPs per
+  multiply-add: per block (4 + 2 mlp_ratio) W^2 per token, and QK^T and PV 4 T W per query token.
   """
-  m, t, b = config.model, 2 * config.task.n_points, config.train.batch_size
-  per_token = 2 * (m.num_layers * (4 + 2 * m.mlp_ratio) * m.width**2 + config.task.n_dims * m.width + m.width)
-  attention = 4 * m.num_layers * t * t * m.width
-  return 3.0 * b * (t * per_token + attention)
+  m, n, b = config.model, config.task.n_points, config.train.batch_size
+  t, w = 2 * n - 1, m.width
+  block = lambda queries: 2 * (t * 3 * w * w + queries * (1 + 2 * m.mlp_ratio) * w * w) + 4 * queries * t * w
+  forward = (m.num_layers - 1) * block(t) + block(n) + 2 * t * config.task.n_dims * w + 2 * n * w
+  return 3.0 * b * forward
 
 
 def _peak_memory_bytes() -> int:

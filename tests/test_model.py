@@ -38,7 +38,13 @@ def test_shapes_and_hidden_states(quick):
   preds, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
   assert preds.shape == (2, 11)
   assert hidden.shape == (config.model.num_layers + 1, 2, 22, config.model.width)
-  np.testing.assert_array_equal(preds, model.apply({"params": params}, xs, ys))
+
+
+def test_predictions_alone_skip_unused_work_and_agree_with_the_full_pass(quick):
+  # Without hidden states the forward drops y_N and runs the last block at the x positions only.
+  _, model, params, xs, ys = quick
+  preds, _ = model.apply({"params": params}, xs, ys, return_hidden=True)
+  np.testing.assert_allclose(model.apply({"params": params}, xs, ys), preds, rtol=1e-5, atol=1e-6)
 
 
 def test_hugging_face_convention_only_last_hidden_state_is_normalised(quick):

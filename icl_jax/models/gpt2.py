@@ -44,7 +44,8 @@ class CausalSelfAttention(nn.Module):
   proj_std: float
 
   @nn.compact
-  def __call__(self, h_BxTxW, g_BxNxQxW=None):
+  def __call__(self, h_BxTxW, g_BxNxQxW=None, x_positions_only: bool = False):
+    """With `x_positions_only`, only the x tokens (even positions) query: returns [B, ceil(T / 2), W]."""
     width = h_BxTxW.shape[-1]
     head_dim = width // self.num_heads
     c_attn = nn.Dense(3 * width, kernel_init=nn.initializers.normal(self.init_std), name="c_attn")
@@ -53,13 +54,16 @@ class CausalSelfAttention(nn.Module):
     scale = 1.0 / math.sqrt(head_dim)
     q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = split_heads(c_attn(h_BxTxW))
     t = h_BxTxW.shape[1]
+    step = 2 if x_positions_only else 1
+    q_BxTxHxK = q_BxTxHxK[:, ::step]
     # Heads before positions for the two batched matmuls: on CPU this layout runs them ~1.7x faster than
     # einsums over [B, T, H, K].
     q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = (jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
     logits_BxHxTxT = (q_BxHxTxK @ jnp.swapaxes(k_BxHxTxK, -1, -2)) * scale
-    logits_BxHxTxT = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool)), logits_BxHxTxT, _MASKED)
+    causal_TxT = jnp.arange(0, t, step)[:, None] >= jnp.arange(t)[None, :]
+    logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, _MASKED)
     probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1)
-    out_BxTxW = jnp.swapaxes(probs_BxHxTxT @ v_BxHxTxK, 1, 2).reshape(h_BxTxW.shape)
+    out_BxTxW = jnp.swapaxes(probs_BxHxTxT @ v_BxHxTxK, 1, 2).reshape(*q_BxTxHxK.shape[:2], width)
     if g_BxNxQxW is None:
       return c_proj(out_BxTxW), None
     qg_BxNxQxHxK, kg_BxNxQxHxK, vg_BxNxQxHxK = split_heads(c_attn(g_BxNxQxW))
@@ -97,7 +101,7 @@ class Block(nn.Module):
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, h_BxTxW, g_BxNxQxW=None):
+  def __call__(self, h_BxTxW, g_BxNxQxW=None, x_positions_only: bool = False):
     c = self.config
     # GPT-2 scales the residual projections' initialisation by 1/sqrt(2 L): two per block add to the stream.
     proj_std = c.init_std / math.sqrt(2 * c.num_layers)
@@ -105,8 +109,8 @@ class Block(nn.Module):
     ln_2 = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")
     mlp = MLP(c.mlp_ratio * c.width, c.init_std, proj_std, name="mlp")
     attn_h, attn_g = CausalSelfAttention(c.num_heads, c.init_std, proj_std, name="attn")(
-        ln_1(h_BxTxW), None if g_BxNxQxW is None else ln_1(g_BxNxQxW))
-    h_BxTxW = h_BxTxW + attn_h
+        ln_1(h_BxTxW), None if g_BxNxQxW is None else ln_1(g_BxNxQxW), x_positions_only)
+    h_BxTxW = h_BxTxW[:, ::2 if x_positions_only else 1] + attn_h
     h_BxTxW = h_BxTxW + mlp(ln_2(h_BxTxW))
     if g_BxNxQxW is None:
       return h_BxTxW, None
@@ -138,6 +142,11 @@ class GPT2Regressor(nn.Module):
   def __call__(self, xs_BxNxD, ys_BxN, return_hidden: bool = False, queries=None):
     c = self.config
     tokens_BxTxD = interleave(xs_BxNxD, ys_BxN)
+    # Predictions alone (training's forward pass) need neither the last token, y_N, which no prediction sees,
+    # nor the last block at the y positions: the same predictions with ~5-15% fewer FLOPs.
+    predictions_only = queries is None and not return_hidden
+    if predictions_only:
+      tokens_BxTxD = tokens_BxTxD[:, :-1]
     t = tokens_BxTxD.shape[1]
     wpe_PxW = self.param("wpe", nn.initializers.normal(c.init_std), (c.n_positions, c.width))
     read_in = _torch_linear(c.width, tokens_BxTxD.shape[-1], "read_in")
@@ -145,11 +154,14 @@ class GPT2Regressor(nn.Module):
     g_BxNxQxW = None if queries is None else read_in(queries) + wpe_PxW[:t:2][None, :, None]
     hidden, query_hidden = [h_BxTxW], [g_BxNxQxW]
     for layer in range(c.num_layers):
-      h_BxTxW, g_BxNxQxW = Block(c, name=f"h_{layer}")(h_BxTxW, g_BxNxQxW)
+      x_positions_only = predictions_only and layer == c.num_layers - 1
+      h_BxTxW, g_BxNxQxW = Block(c, name=f"h_{layer}")(h_BxTxW, g_BxNxQxW, x_positions_only)
       hidden.append(h_BxTxW)
       query_hidden.append(g_BxNxQxW)
     ln_f = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")
     read_out = _torch_linear(1, c.width, "read_out")
+    if predictions_only:
+      return read_out(ln_f(h_BxTxW))[..., 0]
     hidden[-1] = ln_f(h_BxTxW)
     preds_BxN = read_out(hidden[-1])[:, ::2, 0]
     if queries is not None:
