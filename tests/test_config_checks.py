@@ -7,6 +7,7 @@ import pytest
 
 from configs import linreg
 from icl_jax import config_checks
+from tests.config_errors import assert_field_error
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -39,15 +40,7 @@ from icl_jax import config_checks
     ("eval.confidence", 1.0, "config.eval.confidence = 1.0: must be a number in (0, 1)"),
 ])
 def test_invalid_field_is_named(field, value, expected):
-  config = linreg.get_config()
-  section, _, name = field.rpartition(".")
-  node = config
-  for part in section.split("."):
-    node = node[part]
-  node[name] = value
-  with pytest.raises(config_checks.ConfigError) as info:
-    config_checks.validate(config, num_devices=8)
-  assert expected in str(info.value)
+  assert_field_error(linreg.get_config(), field, value, expected)
 
 
 def test_paper_and_quick_configs_are_valid():

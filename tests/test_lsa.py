@@ -22,6 +22,7 @@ from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
 from icl_jax.models import lsa
+from tests.config_errors import assert_field_error
 
 
 def _model(num_layers=3, sparse=False, init_std=0.1):
@@ -274,15 +275,7 @@ def test_step_decay_schedule():
     ("model.lsa_init_std", -1.0, "config.model.lsa_init_std = -1.0: must be a number >= 0"),
 ])
 def test_invalid_field_is_named(field, value, expected):
-  config = lsa_config.get_config()
-  section, _, name = field.rpartition(".")
-  node = config
-  for part in section.split("."):
-    node = node[part]
-  node[name] = value
-  with pytest.raises(config_checks.ConfigError) as info:
-    config_checks.validate(config, num_devices=8)
-  assert expected in str(info.value)
+  assert_field_error(lsa_config.get_config(), field, value, expected)
 
 
 def test_lsa_model_fields_are_checked():
