@@ -9,6 +9,9 @@ Prints one JSON line per benchmark:
     model FLOPs, achieved FLOP/s and MFU (given --peak_flops, or known for the device), compile time and peak
     memory; with --torch_python, the PyTorch reference (../shared/reference/torch_gpt2_linreg.py) at the
     same shapes in that interpreter, and the ratio.
+  matmul: FLOP/s of one jitted matmul, float32 and bfloat16 (float32 accumulation), at 2048^3 and at the shape
+    of the config's MLP (batch x (2N - 1) tokens, width -> mlp_ratio x width): what the device's matmuls can
+    reach, a peak to measure the training step against.
 """
 
 import json
@@ -187,7 +190,35 @@ def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
   return {"name": "torch_train_step", **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
-BENCHMARKS = {"train_step": bench_train_step, "eval": bench_eval, "multi_train": bench_multi_train}
+def _matmul_flops_per_s(m: int, k: int, n: int, dtype, repeats: int) -> float:
+  """One [m, k] x [k, n] product per iteration of a jitted loop; each iteration's left operand depends on the
+  previous result, so that XLA cannot hoist the product out of the loop."""
+  a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+
+  def body(_, carry):
+    return jnp.dot(a * carry.astype(dtype), b, preferred_element_type=jnp.float32)[0, 0] * 1e-9 + 1.0
+
+  loop = jax.jit(lambda: jax.lax.fori_loop(0, repeats, body, jnp.float32(1.0)))
+  jax.block_until_ready(loop())
+  start = time.perf_counter()
+  jax.block_until_ready(loop())
+  return 2.0 * m * k * n * repeats / (time.perf_counter() - start)
+
+
+def bench_matmul(config) -> dict:
+  """FLOP/s of isolated matmuls on the first device: large, and at the config's MLP shape."""
+  m, tokens = config.model, config.train.batch_size * (2 * config.task.n_points - 1)
+  shapes = {"2048x2048x2048": (2048, 2048, 2048), "mlp": (tokens, m.width, m.mlp_ratio * m.width)}
+  line = {"name": "matmul", "mlp_shape": list(shapes["mlp"]), "device": jax.devices()[0].device_kind}
+  for label, shape in shapes.items():
+    repeats = max(3, int(2e10 // (2 * shape[0] * shape[1] * shape[2])))  # ~20 GFLOP per measurement.
+    for dtype in (jnp.float32, jnp.bfloat16):
+      line[f"{label}_{jnp.dtype(dtype).name}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, repeats)
+  return line
+
+
+BENCHMARKS = {"train_step": bench_train_step, "eval": bench_eval, "multi_train": bench_multi_train,
+              "matmul": bench_matmul}
 
 
 def main(argv):

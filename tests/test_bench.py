@@ -23,3 +23,11 @@ def test_flop_count_matches_the_compiled_training_step(variant):
   cost = cost[0] if isinstance(cost, list) else cost
   # XLA also counts the element-wise work (softmax, LayerNorm, GELU, ...) that model FLOPs leave out.
   assert 0.0 < cost["flops"] - bench.gpt2_flops_per_step(config) < 0.06 * cost["flops"]
+
+
+def test_matmul_benchmark_times_every_product(tiny):
+  line = bench.bench_matmul(tiny)
+  rates = [v for k, v in line.items() if k.endswith("_flops_per_s")]
+  assert len(rates) == 4 and line["mlp_shape"] == [16 * 11, 16, 64]
+  # Two CPU cores do well under 5 TFLOP/s: a higher figure would mean XLA hoisted the product out of the loop.
+  assert all(0 < r < 5e12 for r in rates)
