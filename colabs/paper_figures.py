@@ -23,7 +23,7 @@
 # Fu et al. (2024), *Transformers learn to achieve second-order convergence rates for in-context linear
 # regression*, probe every layer of Garg et al.'s 12-layer GPT-2 (d = 20, 41 points) and find that the layers
 # follow **Iterative Newton** with about 3 more steps per layer, while matching **gradient descent** needs
-# exponentially many steps in depth. This notebook evaluates a model with `icl_jax.evaluate` and puts each of
+# exponentially many steps in depth. This notebook evaluates a model with `icl_jax.analysis.probing` and puts each of
 # their numbers next to ours: the best-matching steps per layer (Fig. 7b, Fig. 10), the linear fit, Table 1,
 # and the figures (Fig. 2, 7b, 8, 10).
 #
@@ -32,7 +32,8 @@
 # * a finished run of the paper's configuration: `python -m icl_jax.main --config=configs/linreg.py
 #   --workdir=runs/paper` (500k steps: about a day on one GPU);
 # * Garg et al.'s released checkpoint, the model Fu et al. probed, converted once with `python -m
-#   icl_jax.garg_checkpoint --checkpoint=models/linear_regression/pretrained/state.pt --workdir=runs/garg`
+#   icl_jax.garg_checkpoint --checkpoint=models/linear_regression/pretrained/state.pt --config=configs/linreg.py
+#   --workdir=runs/garg`
 #   (needs `pip install torch`; the notebook itself does not).
 #
 # With `workdir = ""` (the default, and what CI runs) the notebook trains a **tiny stand-in** of the paper's shape
@@ -84,7 +85,8 @@ from absl import logging
 from IPython.display import Image, Markdown, display
 
 from configs import linreg
-from icl_jax import evaluate, figures, similarity, train
+from icl_jax import checkpointing, train
+from icl_jax.analysis import figures, probing, similarity
 
 print(f"JAX {jax.__version__}, backend {jax.default_backend()!r}: {jax.devices()}")
 logging.set_verbosity(logging.INFO)
@@ -105,7 +107,7 @@ PAPER = {
 
 
 def show(make_figure, *args):
-  """Draws `make_figure(*args)`, one of icl_jax.figures' functions, as a PNG in the output. Those functions return
+  """Draws `make_figure(*args)`, one of icl_jax.analysis.figures' functions, as a PNG in the output. Those functions return
   a matplotlib Figure that belongs to no pyplot backend, so the PNG is rendered here rather than left to one."""
   with matplotlib.rc_context(figures.STYLE):  # The style must be in force when the text is laid out and drawn.
     buffer = io.BytesIO()
@@ -148,8 +150,8 @@ if stand_in:
 # `out_dir` instead, so that evaluating someone's finished run with other settings leaves it untouched.
 
 # %%
-params, step = evaluate.load_params(config, run_dir)
-results = evaluate.Evaluator(config)(params)
+params, step = checkpointing.load_params(config, run_dir)
+results = probing.Evaluator(config)(params)
 results["settings"]["checkpoint_step"] = step
 out = pathlib.Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +234,7 @@ display(Markdown("\n".join(rows)))
 # %% [markdown]
 # ## The figures
 #
-# The project's versions of Fu et al.'s figures (`icl_jax/figures.py`), drawn from `results`. On the paper's
+# The project's versions of Fu et al.'s figures (`icl_jax/analysis/figures.py`), drawn from `results`. On the paper's
 # setting (12 layers, d = 20, κ = 1, the paper's grids) the best-match figure also draws the paper's values.
 #
 # **Fig. 2: error against layer.** Each line is a context length n; dashed, least squares with the same n. For

@@ -25,7 +25,7 @@
 # in context*. This notebook
 #
 # 1. trains the laptop-size configuration `configs/linreg.py:quick` (d = 5, 11 points, 4 layers of width 64),
-# 2. runs the evaluator (`icl_jax.evaluate`): it reads out a prediction after every layer and compares it with
+# 2. runs the evaluator (`icl_jax.analysis.evaluate`): it reads out a prediction after every layer and compares it with
 #    Iterative Newton, gradient descent, online GD and least squares (Fu et al. 2024's protocol),
 # 3. shows the figures the evaluator writes, and what they mean.
 #
@@ -71,7 +71,8 @@ from absl import logging
 from IPython.display import Image, Markdown, display
 
 from configs import linreg
-from icl_jax import evaluate, train
+from icl_jax import train
+from icl_jax.analysis import evaluate
 
 print(f"JAX {jax.__version__}, backend {jax.default_backend()!r}: {jax.devices()}")
 logging.set_verbosity(logging.INFO)  # Training progress (loss, steps/s, ETA) goes to the cell's output.

@@ -21,8 +21,8 @@
 # (`GITHUB_ORG` in the links of these notebooks is a placeholder for the repository's owner; see `colabs/README.md`.)
 #
 # Two papers explain the in-context linear regression of trained transformers by showing weights that run an
-# algorithm exactly. This notebook builds both from `icl_jax.constructions` and checks them against
-# `icl_jax.algorithms`; nothing here is trained except the small linear-attention model of the last part.
+# algorithm exactly. This notebook builds both from `icl_jax.analysis.constructions` and checks them against
+# `icl_jax.analysis.algorithms`; nothing here is trained except the small linear-attention model of the last part.
 #
 # 1. **Iterative Newton** (Fu et al. 2024, Theorem 5.1): ReLU-attention blocks that compute k steps of the
 #    Newton–Schulz iteration for (XᵀX)⁻¹, one block per step, and predict with the result. Its error squares at
@@ -84,7 +84,8 @@ import numpy as np
 import optax
 from IPython.display import Markdown, display
 
-from icl_jax import algorithms, constructions, data
+from icl_jax import data
+from icl_jax.analysis import algorithms, constructions
 
 print(f"JAX {jax.__version__}, backend {jax.default_backend()!r}: {jax.devices()}")
 
@@ -131,8 +132,8 @@ ws = jax.random.normal(key_w, (num_prompts, d))
 ys = jnp.einsum("bnd,bd->bn", xs, ws)
 x_query = jax.random.normal(key_query, (num_prompts, d))
 
-newton_BxKxD = algorithms.iterative_newton(xs, ys, max_newton_steps)  # Iterates k = 0..K.
-ols_BxD = algorithms.least_squares(xs, ys)
+newton_BxKxD = algorithms.iterative_newton(xs, ys, max_newton_steps)[:, :, -1]  # Iterates k = 0..K, whole prompt.
+ols_BxD = algorithms.least_squares(xs, ys)[:, -1]
 transformer_w, transformer_pred = [], []
 for k in range(max_newton_steps + 1):
   w_BxD, prediction_B = constructions.newton_transformer(xs, ys, x_query, k)
@@ -169,8 +170,9 @@ s_BxDxD = jnp.einsum("bni,bnj->bij", xs, xs)
 eigenvalues_BxD = jnp.linalg.eigvalsh(s_BxDxD)
 # The best fixed step of GD on 1/2 |Xw - y|^2, per prompt: 2 / (lambda_min + lambda_max) of S.
 best_rate_B = 2 / (eigenvalues_BxD[:, 0] + eigenvalues_BxD[:, -1])
-gd_BxKxD = jax.vmap(lambda x, y, rate: algorithms.gradient_descent(x[None], y[None], max_newton_steps, rate)[0])(
-    xs, ys, best_rate_B)
+gd_BxKxD = jax.vmap(
+    lambda x, y, rate: algorithms.gradient_descent(x[None], y[None], range(max_newton_steps + 1), rate)[0, :, -1])(
+        xs, ys, best_rate_B)
 
 steps = np.arange(max_newton_steps + 1)
 figure, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
@@ -286,13 +288,13 @@ eta = 1 / (edge * jnp.linalg.eigvalsh(sigma_DxD)[-1])
 gd_errors, gd_prediction = lsa_errors(eta * jnp.eye(d), *prompts)
 preconditioned_errors, preconditioned_prediction = lsa_errors(jnp.linalg.inv(sigma_DxD) / edge, *prompts)
 
-# The same predictions from algorithms.preconditioned_gradient_descent (its R is the mean loss, as Ahn et al.'s).
+# The same predictions from algorithms.gradient_descent with a preconditioner (R is the mean loss, as Ahn et al.'s).
 xs_lsa, ys_lsa, xq_lsa, _ = prompts
 for name, a_DxD, lsa_prediction in (("A = ηI", eta * jnp.eye(d), gd_prediction),
                                     ("A = Σ⁻¹", jnp.linalg.inv(sigma_DxD) / edge, preconditioned_prediction)):
-  w_BxD = algorithms.preconditioned_gradient_descent(xs_lsa, ys_lsa, max_lsa_layers, a_DxD)[:, -1]
+  w_BxD = algorithms.gradient_descent(xs_lsa, ys_lsa, (max_lsa_layers,), 1.0, "mean", a_DxD)[:, 0, -1]
   gap = jnp.max(jnp.abs(jnp.einsum("bd,bd->b", w_BxD, xq_lsa) - lsa_prediction))
-  print(f"{name}: {max_lsa_layers} LSA layers vs {max_lsa_layers} steps of preconditioned_gradient_descent: "
+  print(f"{name}: {max_lsa_layers} LSA layers vs {max_lsa_layers} preconditioned gradient_descent steps: "
         f"max gap {gap:.1e}")
   assert gap < 1e-6
 
@@ -354,7 +356,7 @@ if ipywidgets is not None:  # On Colab: the same plot for any κ, starting from 
 # for the A_i themselves. (The CI-size run leaves the later layers less converged; with `train_steps = 5000` and
 # `train_batch = 1024` every whitened Dist is below 0.02 and a_i = 0.69, 0.42, 1.72.) The full experiment, with
 # the LSA model family trained like any other model of the project and its layers read off, is `configs/lsa.py`
-# and `python -m icl_jax.lsa_analysis`.
+# and `--mode=eval` on an LSA run.
 
 # %%
 train_points = 20

@@ -103,7 +103,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   evaluation.after_training = False  # Also run the full evaluation when training finishes.
   evaluation.bootstrap_samples = 1000  # Resamples of the prompts for the intervals (Garg et al.: 1000).
   evaluation.confidence = 0.9  # Width of the bootstrap intervals (Garg et al.: 90%).
-  # Per-layer read-out (icl_jax/probes.py): "least_squares" (closed-form minimiser of Fu et al.'s probe loss),
+  # Per-layer read-out (icl_jax/analysis/probes.py): "least_squares" (closed-form minimiser of Fu et al.'s probe loss),
   # "trained" (Fu et al.'s Adam-trained probes) or "model" (the model's own read-out on every layer).
   evaluation.readout = "least_squares"
   evaluation.probe_prompts = 256  # Fresh prompts the least-squares probes are fit on (256 x 41 >> width + 1).
@@ -116,7 +116,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   evaluation.probe_init = "read_out"
   evaluation.newton_steps = 23  # Newton iterations compared: 1..newton_steps (Fu et al.: 23).
   # Newton's M_0 = alpha S: "frobenius" alpha = 1/||SS^T||_F (Fu et al.'s code) or "spectral" 2/||SS^T||_2 (their
-  # paper; on the edge of convergence, see icl_jax/algorithms.py).
+  # paper; on the edge of convergence, see icl_jax/analysis/algorithms.py).
   evaluation.newton_alpha = "frobenius"
   evaluation.gd_learning_rate = 0.01  # GD's step size (Fu et al.'s code: 0.01).
   # GD's gradient: "sum" X^T(Xw - y) (Fu et al.'s code) or "mean" (divided by the number of points).

@@ -3,7 +3,7 @@ D = diag(1, 1, 0.25, 0.0625, 1), then its layers read off (Theorem 3: A_i ~ a_i 
 
   python -m icl_jax.main --config=configs/lsa.py --workdir=runs/lsa               # the paper's run
   python -m icl_jax.main --config=configs/lsa.py:quick --workdir=runs/lsa_quick   # laptop size, minutes
-  python -m icl_jax.lsa_analysis --config=configs/lsa.py:quick --workdir=runs/lsa_quick
+  python -m icl_jax.main --config=configs/lsa.py:quick --workdir=runs/lsa_quick --mode=eval   # read off A_i
 
 Sources, by tag (papers.md): [P2] the paper, [R2] its code, chengxiang/LinearTransformer at b6ddc35 and its
 notebooks. §4.3's runs are, by every detail [P2] gives (5 runs, 30,000 iterations, batch 20,000 resampled every
@@ -18,7 +18,7 @@ a_i = -0.690, -0.424, -1.717 (paper: -0.69, -0.43, -1.71) with Dist <= 0.02, whi
 GD++-like pattern of the paper's §5.1 (Fig. 5: -0.38, -2.40, -9.59), and a 30x lower loss.
 
 Everything not set here is configs/linreg.py's (checkpointing, logging, evaluation fields); the GPT-2 fields
-of config.model are replaced by the LSA's. `--mode=eval` (the GPT-2 probes) does not apply to this model.
+of config.model are replaced by the LSA's. `--mode=eval` runs Ahn et al.'s analysis (icl_jax/analysis/lsa_analysis.py), not the GPT-2 probes.
 """
 
 from ml_collections import config_dict

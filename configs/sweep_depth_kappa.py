@@ -4,7 +4,7 @@
   python -m icl_jax.sweep --config=configs/sweep_depth_kappa.py:quick --root=runs/sweep_q  # 2-core CPU
 
 Every field of configs/linreg.py applies to all runs; `sweep.*` lists the values each run takes. Runs that
-share a depth (and so every shape) train together as one vmapped program (icl_jax/multi_train.py).
+share a depth (and so every shape) train together as one vmapped program (icl_jax/sweeps/multi_train.py).
 """
 
 from ml_collections import config_dict

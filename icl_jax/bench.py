@@ -1,247 +1,52 @@
-"""Benchmarks: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`.
+"""Command line: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`.
 
-Prints one JSON line per benchmark:
-  eval: the full default evaluation (icl_jax/evaluate.py) of a freshly initialised model of the config's size,
-    once with compilation, then again after it.
-  multi_train: training 4 runs of the config's shape as one vmapped program (icl_jax/multi_train.py) against
-    training them one after another, in model-steps per second, on one device.
-  train_step: the training step at the curriculum's final size on all devices: time per step, prompts/s,
-    model FLOPs, achieved FLOP/s and MFU (given --peak_flops, or known for the device), compile time and peak
-    memory; with --torch_python, the PyTorch reference (../shared/reference/torch_gpt2_linreg.py) at the
-    same shapes in that interpreter, and the ratio.
-  matmul: FLOP/s of one jitted matmul, float32 and bfloat16 (float32 accumulation), at 2048^3 and at the shape
-    of the config's MLP (batch x (2N - 1) tokens, width -> mlp_ratio x width): what the device's matmuls can
-    reach, a peak to measure the training step against.
+Prints one JSON line per benchmark of `icl_jax.tools.benchmarks` (README, "Speed").
 """
 
 import json
-import resource
-import subprocess
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import config_checks
-from icl_jax import data
-from icl_jax import evaluate
-from icl_jax import models
-from icl_jax import optim
-from icl_jax import train
-from icl_jax import train_step
+from icl_jax.tools import benchmarks
 
-_FLAGS = {}
-
-
-def _define_flags() -> None:
-  """Flags exist only when this module is the program, so that importing it defines none."""
-  _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  _FLAGS["benchmark"] = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], list(BENCHMARKS),
-                                                "Benchmarks to run.")
-  _FLAGS["peak_flops"] = flags.DEFINE_float("peak_flops", 0.0, "The device's peak FLOP/s for MFU; 0: known GPUs only.")
-  _FLAGS["torch_python"] = flags.DEFINE_string(
-      "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
-      "reference at the same shapes and print the ratio.")
-  _FLAGS["torch_reference"] = flags.DEFINE_string(
-      "torch_reference", "../shared/reference/torch_gpt2_linreg.py", "The PyTorch reference training step.")
-  _FLAGS["timed_steps"] = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")
-  flags.mark_flags_as_required(["config"])
-
-
-def bench_eval(config) -> dict:
-  """Seconds for one evaluation after compilation, and the stages it spends them in."""
-  model = models.build_model(config.model)
-  xs = jnp.zeros((1, config.task.n_points, config.task.n_dims))
-  params = model.init(jax.random.key(config.seed), xs, xs[..., 0])["params"]
-  evaluator = evaluate.Evaluator(config)
-  start = time.perf_counter()
-  evaluator(params)
-  first = time.perf_counter() - start
-  timing = evaluator(params)["timing"]
-  e = config.eval
-  return {"name": "eval", "seconds": timing["total_s"], "first_call_with_compilation_s": first,
-          "stages_s": {k: v for k, v in timing.items() if k != "total_s"}, "num_prompts": e.num_prompts,
-          "num_layers": config.model.num_layers, "newton_steps": e.newton_steps, "gd_grids": [len(e.gd_steps),
-          len(e.gd_log_steps)], "sim_w_prompts": e.sim_w_prompts, "sim_w_queries": e.sim_w_queries,
-          "readout": e.readout, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-
-
-def _steps_per_second(run_chunk, state, steps: int, repeats: int = 3) -> float:
-  state, metrics = run_chunk(state, steps)  # Compiles.
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(repeats):
-    state, metrics = run_chunk(state, steps)
-  jax.block_until_ready(metrics)
-  return repeats * steps / (time.perf_counter() - start)
-
-
-def bench_multi_train(config, num_models: int = 4) -> dict:
-  """Training `num_models` runs of the config's shape as one vmapped program against one after another.
-
-  The runs differ in kappa (the config's kappa must then be > 1 so that the separate run samples rotated
-  prompts too, as every vmapped model does).
-  """
-  config = config.copy_and_resolve_references()
-  config.task.kappa = max(config.task.kappa, 10.0)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = models.build_model(config.model)
-  optimizer = optim.make_optimizer(config.train)
-  schedule = optim.learning_rate_schedule(config.train)
-  steps = config.train.steps_per_dispatch
-  single = _steps_per_second(train_step.make_train_chunk(config, model, optimizer, schedule, mesh),
-                             train_step.init_state(config, model, optimizer, mesh), steps)
-  state = train_step.init_state(config, model, optimizer, mesh)
-  stacked = jax.device_put(jax.tree.map(lambda a: jnp.stack([a] * num_models), state), train_step.replicated(mesh))
-  hypers = data.Hyper(jnp.linspace(config.task.kappa, 10 * config.task.kappa, num_models), jnp.zeros((num_models,)))
-  group = _steps_per_second(train_step.make_train_chunk(config, model, optimizer, schedule, mesh, hypers), stacked,
-                            steps)
-  return {"name": "multi_train", "num_models": num_models, "separate_model_steps_per_s": single,
-          "vmapped_model_steps_per_s": group * num_models, "speedup": group * num_models / single,
-          "num_layers": config.model.num_layers, "width": config.model.width, "batch_size": config.train.batch_size,
-          "device": jax.devices()[0].device_kind}
-
-
-# Dense peak FLOP/s of known accelerators for float32 matmuls (TF32 tensor cores, JAX's default precision on
-# them) and bfloat16, from the vendors' data sheets.
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": {"float32": 494e12, "bfloat16": 989e12},
-              "NVIDIA H200": {"float32": 494e12, "bfloat16": 989e12}}
-
-
-def final_curriculum_step(task) -> int:
-  """The first step at which the curriculum reaches the full prompt size."""
-  if not task.curriculum.enabled:
-    return 0
-  c = task.curriculum
-  wait = lambda start, end, increment, interval: 0 if end <= start else -(-(end - start) // increment) * interval
-  return max(wait(c.dims_start, task.n_dims, c.dims_increment, c.dims_interval),
-             wait(c.points_start, task.n_points, c.points_increment, c.points_interval))
-
-
-def gpt2_flops_per_step(config) -> float:
-  """Model FLOPs of one GPT-2 training step at full size, as computed: 3x the forward's (backward = 2x forward).
-
-  The training forward (models/gpt2.py) runs T = 2N - 1 tokens (not y_N) through every block but the last,
-  whose attention queries, output projection and MLP see only the N x positions. Matmuls are 2 FLOPs per
-  multiply-add: per block (4 + 2 mlp_ratio) W^2 per token, and QK^T and PV 4 T W per query token.
-  """
-  m, n, b = config.model, config.task.n_points, config.train.batch_size
-  t, w = 2 * n - 1, m.width
-  block = lambda queries: 2 * (t * 3 * w * w + queries * (1 + 2 * m.mlp_ratio) * w * w) + 4 * queries * t * w
-  forward = (m.num_layers - 1) * block(t) + block(n) + 2 * t * config.task.n_dims * w + 2 * n * w
-  return 3.0 * b * forward
-
-
-def _peak_memory_bytes() -> int:
-  stats = jax.devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"])
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # The host's, on CPU.
-
-
-def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> dict:
-  """The jitted training step (`train_step.make_train_chunk`) at the curriculum's final size."""
-  devices = jax.devices()
-  mesh = train.make_mesh(devices)
-  model = models.build_model(config.model)
-  optimizer = optim.make_optimizer(config.train)
-  chunk = config.train.steps_per_dispatch
-  run_chunk = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
-  state = train_step.init_state(config, model, optimizer, mesh)
-  state = state.replace(step=jax.device_put(jnp.asarray(final_curriculum_step(config.task), jnp.int32),
-                                            train_step.replicated(mesh)))
-  start = time.perf_counter()
-  state, metrics = run_chunk(state, chunk)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - start
-  dispatches = max(1, -(-timed_steps // chunk)) if timed_steps else 3
-  start = time.perf_counter()
-  for _ in range(dispatches):
-    state, metrics = run_chunk(state, chunk)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / (dispatches * chunk)
-  flops = gpt2_flops_per_step(config) if config.model.family == "gpt2" else None
-  device_kind = devices[0].device_kind
-  peak = peak_flops or PEAK_FLOPS.get(device_kind, {}).get("float32", 0.0) * len(devices)
-  return {"name": "train_step", "ms_per_step": 1e3 * seconds, "steps_per_s": 1 / seconds,
-          "prompts_per_s": config.train.batch_size / seconds, "model_flops_per_step": flops,
-          "achieved_flops_per_s": flops / seconds if flops else None,
-          "mfu": flops / seconds / peak if flops and peak else None, "peak_flops_per_s": peak or None,
-          "compile_s": max(first - chunk * seconds, 0.0), "peak_memory_bytes": _peak_memory_bytes(),
-          "steps_per_dispatch": chunk, "timed_steps": dispatches * chunk, "family": config.model.family,
-          "num_layers": config.model.num_layers, "width": config.model.width, "num_heads": config.model.num_heads,
-          "n_dims": config.task.n_dims, "n_points": config.task.n_points, "batch_size": config.train.batch_size,
-          "devices": len(devices), "device": device_kind, "jax": jax.__version__}
-
-
-def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
-  """The PyTorch reference training step at the config's shapes, run in `python` (torch + transformers)."""
-  m = config.model
-  command = [python, reference, "--layers", str(m.num_layers), "--embd", str(m.width), "--heads", str(m.num_heads),
-             "--dims", str(config.task.n_dims), "--points", str(config.task.n_points), "--batch",
-             str(config.train.batch_size), "--steps", str(steps)]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
-  if result.returncode:
-    raise RuntimeError(f"{reference} failed under {python}:\n{result.stderr[-2000:]}")
-  return {"name": "torch_train_step", **json.loads(result.stdout.strip().splitlines()[-1])}
-
-
-def _matmul_flops_per_s(m: int, k: int, n: int, dtype, repeats: int) -> float:
-  """One [m, k] x [k, n] product per iteration of a jitted loop; each iteration's left operand depends on the
-  previous result, so that XLA cannot hoist the product out of the loop."""
-  a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
-
-  def body(_, carry):
-    return jnp.dot(a * carry.astype(dtype), b, preferred_element_type=jnp.float32)[0, 0] * 1e-9 + 1.0
-
-  loop = jax.jit(lambda: jax.lax.fori_loop(0, repeats, body, jnp.float32(1.0)))
-  jax.block_until_ready(loop())
-  start = time.perf_counter()
-  jax.block_until_ready(loop())
-  return 2.0 * m * k * n * repeats / (time.perf_counter() - start)
-
-
-def bench_matmul(config) -> dict:
-  """FLOP/s of isolated matmuls on the first device: large, and at the config's MLP shape."""
-  m, tokens = config.model, config.train.batch_size * (2 * config.task.n_points - 1)
-  shapes = {"2048x2048x2048": (2048, 2048, 2048), "mlp": (tokens, m.width, m.mlp_ratio * m.width)}
-  line = {"name": "matmul", "mlp_shape": list(shapes["mlp"]), "device": jax.devices()[0].device_kind}
-  for label, shape in shapes.items():
-    repeats = max(3, int(2e10 // (2 * shape[0] * shape[1] * shape[2])))  # ~20 GFLOP per measurement.
-    for dtype in (jnp.float32, jnp.bfloat16):
-      line[f"{label}_{jnp.dtype(dtype).name}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, repeats)
-  return line
-
-
-BENCHMARKS = {"train_step": bench_train_step, "eval": bench_eval, "multi_train": bench_multi_train,
-              "matmul": bench_matmul}
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_BENCHMARK = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], list(benchmarks.BENCHMARKS),
+                                     "Benchmarks to run.")
+_PEAK_FLOPS = flags.DEFINE_float("peak_flops", 0.0, "The device's peak FLOP/s for MFU; 0: known GPUs only.")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
+    "reference at the same shapes and print the ratio.")
+_TORCH_REFERENCE = flags.DEFINE_string(
+    "torch_reference", "../shared/reference/torch_gpt2_linreg.py", "The PyTorch reference training step.")
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  del argv
-  config = _FLAGS["config"].value
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
   try:
     config_checks.validate(config, num_devices=1)
   except config_checks.ConfigError as e:
     sys.exit(f"error: {e}")
-  for name in _FLAGS["benchmark"].value:
+  for name in _BENCHMARK.value:
     if name == "train_step":
-      line = bench_train_step(config, _FLAGS["peak_flops"].value, _FLAGS["timed_steps"].value)
+      line = benchmarks.bench_train_step(config, _PEAK_FLOPS.value, _TIMED_STEPS.value)
       print(json.dumps(line), flush=True)
-      if _FLAGS["torch_python"].value:
-        reference = bench_torch(config, _FLAGS["torch_python"].value, _FLAGS["torch_reference"].value)
+      if _TORCH_PYTHON.value:
+        reference = benchmarks.bench_torch(config, _TORCH_PYTHON.value, _TORCH_REFERENCE.value)
         print(json.dumps(reference), flush=True)
         print(json.dumps({"name": "speedup_vs_torch", "ratio": reference["ms_per_step"] / line["ms_per_step"],
                           "jax_ms_per_step": line["ms_per_step"], "torch_ms_per_step": reference["ms_per_step"]}),
               flush=True)
     else:
-      print(json.dumps(BENCHMARKS[name](config)), flush=True)
+      print(json.dumps(benchmarks.BENCHMARKS[name](config)), flush=True)
 
 
 if __name__ == "__main__":
-  _define_flags()
   app.run(main)

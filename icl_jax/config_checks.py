@@ -4,12 +4,13 @@ import numbers
 
 import ml_collections
 
-from icl_jax import algorithms
 from icl_jax import data
+from icl_jax import datasets
 from icl_jax import models
 from icl_jax import optim
-from icl_jax import probes
 from icl_jax import train_step
+from icl_jax.analysis import algorithms
+from icl_jax.analysis import probes
 
 
 class ConfigError(ValueError):
@@ -173,8 +174,6 @@ def dataset_errors(config) -> list[str]:
     return [f"config.eval.dataset_dir = {directory!r}: must be a directory, or '' for fresh prompts"]
   if not directory:
     return []
-  from icl_jax import datasets  # TFDS is imported only when a frozen set is asked for.
-
   if setting not in datasets.SETTINGS:
     return [f"config.eval.dataset_setting = {setting!r}: allowed values are {', '.join(map(repr, datasets.SETTINGS))}"]
   try:

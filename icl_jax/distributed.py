@@ -14,7 +14,7 @@ Modes (`--distributed`):
   off       one process, no initialisation; coordinator flags are refused.
 
 The coordinator service (started by process 0) binds only to the address it is given: JAX's own default is
-every interface (`[::]:PORT`, ecosystem.md §6), so `coordinator_bind_address` is always passed when the
+every interface (`[::]:PORT`), so `coordinator_bind_address` is always passed when the
 address is known. When that address is a loopback one (all processes on one machine, as in the tests), the
 CPU collectives (gloo) are also bound to it; gloo would otherwise listen on whatever address the machine's
 hostname resolves to.
@@ -135,33 +135,45 @@ def loopback_host(address: str) -> str | None:
     return None
 
 
-def _bind_cpu_collectives_to(host: str) -> None:
-  """Makes the CPU backend's gloo collectives listen on `host` instead of the hostname's address.
+# JAX has no public option for the address gloo listens on (its CPU backend takes the hostname's), so
+# `_bind_cpu_collectives_to` re-registers the CPU backend through these private functions. Checked against jax
+# 0.10.2 (requirements.txt's lower bound); tests/test_distributed.py fails as soon as a JAX release changes them,
+# and at run time a changed JAX keeps its default binding, with a warning.
+PRIVATE_GLOO_API_CHECKED = "0.10.2"
 
-  JAX has no public option for this (ecosystem.md §6), so the CPU backend factory is re-registered with
-  `make_gloo_tcp_collectives(hostname=host)`; if these internals change, JAX's default is kept, with a warning.
-  """
+
+def gloo_internals():
+  """JAX's private (make_gloo_tcp_collectives, make_cpu_client, register_backend_factory, distributed state);
+  ImportError or AttributeError if a JAX release has moved them."""
+  from jax._src import distributed as jax_distributed
+  from jax._src import xla_bridge
+  from jax._src.lib import _jax
+
+  return (_jax.make_gloo_tcp_collectives, xla_bridge.make_cpu_client, xla_bridge.register_backend_factory,
+          jax_distributed.global_state)
+
+
+def _bind_cpu_collectives_to(host: str) -> None:
+  """Makes the CPU backend's gloo collectives listen on `host` instead of the hostname's address."""
   if jax.config.jax_cpu_collectives_implementation not in (None, "gloo"):
     return
   try:
-    from jax._src import distributed as jax_distributed
-    from jax._src import xla_bridge
-    from jax._src.lib import _jax
-    make_gloo, make_client = _jax.make_gloo_tcp_collectives, xla_bridge.make_cpu_client
+    make_gloo, make_client, register_backend_factory, global_state = gloo_internals()
   except (ImportError, AttributeError) as e:
-    logging.warning("cannot bind the CPU collectives to %s (%s); they use the hostname's address.", host, e)
+    logging.warning("cannot bind the CPU collectives to %s (%s; checked with jax %s); they use the hostname's "
+                    "address.", host, e, PRIVATE_GLOO_API_CHECKED)
     return
 
   def cpu_client():
     try:
-      collectives = make_gloo(distributed_client=jax_distributed.global_state.client, hostname=host)
+      collectives = make_gloo(distributed_client=global_state.client, hostname=host)
     except TypeError as e:
       logging.warning("cannot bind the CPU collectives to %s (%s); they use the hostname's address.", host, e)
       return make_client()
     return make_client(collectives=collectives)
 
   try:
-    xla_bridge.register_backend_factory("cpu", cpu_client, priority=0, fail_quietly=False)
+    register_backend_factory("cpu", cpu_client, priority=0, fail_quietly=False)
   except (RuntimeError, TypeError) as e:
     logging.warning("cannot bind the CPU collectives to %s (%s); they use the hostname's address.", host, e)
 

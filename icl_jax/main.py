@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from icl_jax import config_checks
 from icl_jax import distributed
-from icl_jax import evaluate
+from icl_jax.analysis import evaluate
 from icl_jax import run_logs
 from icl_jax import train
 

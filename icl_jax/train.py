@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
-from icl_jax import evaluate
+from icl_jax.analysis import evaluate
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import run_logs

@@ -4,7 +4,7 @@ Data parallelism is written with `jax.shard_map` over a one-axis mesh ("data"): 
 every device makes its own slice of the global batch inside the step (`data.sample_batch`), and gradients
 are averaged by differentiating the `pmean` of the per-device loss. (With shard_map's default `check_vma`,
 the gradient of a replicated parameter is already summed over devices; differentiating the mean keeps it
-the gradient of the global-batch loss, ecosystem.md §5.)
+the gradient of the global-batch loss.)
 """
 
 from typing import Any, Callable
@@ -124,34 +124,28 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
     return new_state, metrics
 
   if hypers is None:
-    step_fn, models_shape = (lambda state: one_step(state, data.Hyper(task.kappa, task.noise_std))), ()
+    hyper = data.Hyper(task.kappa, task.noise_std)
+    step_fn, models_shape = (lambda state, batch: one_step(state, hyper, batch)), ()
   else:
-    step_fn, models_shape = (lambda state: jax.vmap(one_step)(state, hypers)), hypers.kappa.shape
+    step_fn, models_shape = (lambda state, _: jax.vmap(one_step)(state, hypers)), hypers.kappa.shape
 
   def run(state: TrainState, num_steps: jax.Array):
     buffers = {name: jnp.zeros((max_steps,) + models_shape, jnp.int32 if name.startswith("n_") else jnp.float32)
                for name in METRICS}
 
     def body(i, carry):
-      state, buffers = carry
-      state, metrics = step_fn(state)
-      return state, {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
-
-    if cache_batches:
-      hyper = data.Hyper(task.kappa, task.noise_std)
-
-      def cached_body(i, carry):
-        state, buffers, batch = carry
+      state, buffers, batch = carry
+      if cache_batches:
         fresh = (i > 0) & (state.step % resample_every == 0)
         batch = jax.lax.cond(fresh, lambda: sample(state, hyper), lambda: batch)
-        state, metrics = one_step(state, hyper, batch)
-        buffers = {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
-        return state, buffers, batch
+      state, metrics = step_fn(state, batch)
+      buffers = {name: buffers[name].at[i].set(metrics[name].astype(buffers[name].dtype)) for name in METRICS}
+      return state, buffers, batch
 
-      # The chunk's first step samples outside the loop (its batch is then correctly typed as varying over
-      # devices for the loop's carry), whatever step the chunk starts at.
-      return jax.lax.fori_loop(0, num_steps, cached_body, (state, buffers, sample(state, hyper)))[:2]
-    return jax.lax.fori_loop(0, num_steps, body, (state, buffers))
+    # A cached batch is first sampled outside the loop (so that the carry is typed as varying over devices),
+    # whatever step the chunk starts at; without caching every step samples its own and the carry holds None.
+    first_batch = sample(state, hyper) if cache_batches else None
+    return jax.lax.fori_loop(0, num_steps, body, (state, buffers, first_batch))[:2]
 
   sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)

@@ -1,4 +1,6 @@
-"""Tests of icl_jax.algorithms against numpy references and brute-force prefix loops, in float32 and float64."""
+"""Tests of icl_jax.analysis.algorithms against numpy references and brute-force prefix loops, in float32 and
+float64. Every algorithm returns the estimates of every prefix t = 0..N; index -1 on the prefix axis is the whole
+prompt's."""
 
 import contextlib
 
@@ -7,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_jax import algorithms
+from icl_jax.analysis import algorithms
 
 # Relative tolerances of converged estimates against float64 references. Float32 ones allow for the squared
 # condition number that Newton's method and gradient descent work with (S = X^T X).
@@ -54,6 +56,21 @@ def _max_relative_prediction_error(w, w_ref, sqrt_sigma_DxD, seed=123):
   return _max_relative_error(w @ queries_QxD.T, w_ref @ queries_QxD.T)
 
 
+def _whole(ws):
+  """The whole prompt's estimates: prefix t = N, the last on the prefix axis (second to last)."""
+  return ws[..., -1, :]
+
+
+def _gd_loop(x, y, steps, learning_rate, scale=1.0, preconditioner=None):
+  """Float64 gradient descent on one prompt, one update at a time: the iterates after each of `steps`."""
+  p = np.eye(x.shape[1]) if preconditioner is None else preconditioner
+  w, iterates = np.zeros(x.shape[1]), {}
+  for k in range(max(steps) + 1):
+    iterates[k] = w
+    w = w - learning_rate * p @ (x.T @ x @ w - x.T @ y) / scale
+  return np.stack([iterates[k] for k in steps])
+
+
 def _largest_eigenvalue(s_BxDxD):
   return np.linalg.eigvalsh(s_BxDxD.astype(np.float64))[:, -1]
 
@@ -66,8 +83,9 @@ def _largest_eigenvalue(s_BxDxD):
                          ids=["overdetermined", "underdetermined", "ill_conditioned", "ill_conditioned_under"])
 def test_least_squares_matches_numpy_lstsq(dtype, n, d, kappa):
   xs, ys, _ = _prompts(0, 4, n, d, dtype, kappa=kappa)
-  w = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype)
-  assert w.shape == (4, d)
+  ws = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  assert ws.shape == (4, n + 1, d)
+  w = _whole(ws)
   # The SVD of X (not X^T X) keeps float32 at ~cond(X) eps, even with cond(Sigma) = 1e4.
   assert _max_relative_error(w, _lstsq(xs, ys)) < RTOL[dtype] / 10
 
@@ -77,7 +95,7 @@ def test_least_squares_rank_deficient_is_minimum_norm(dtype):
   # A repeated column and a zero (padded) column: w is determined only up to the null space of X.
   xs[:, :, 1] = xs[:, :, 0]
   xs[:, :, -1] = 0
-  w = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  w = _whole(_to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype))
   np.testing.assert_allclose(w, _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
   np.testing.assert_allclose(w[:, 0], w[:, 1], rtol=RTOL[dtype])
   assert np.all(w[:, -1] == 0)
@@ -95,7 +113,7 @@ def test_ridge_matches_closed_form(dtype, n):
   x64, y64 = xs.astype(np.float64), ys.astype(np.float64)
   s = np.einsum("bni,bnj->bij", x64, x64) + ridge * np.eye(8)
   expected = np.linalg.solve(s, np.einsum("bni,bn->bi", x64, y64)[..., None])[..., 0]
-  w = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys), ridge=ridge), dtype)
+  w = _whole(_to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys), ridge=ridge), dtype))
   np.testing.assert_allclose(w, expected, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
 
 
@@ -118,7 +136,8 @@ def test_newton_converges_to_least_squares(dtype, case):
   n, d, kappa, num_steps = NEWTON_CASES[case]
   xs, ys, sqrt_sigma = _prompts(3, 8, n, d, dtype, kappa=kappa)
   ws = _to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), num_steps), dtype)
-  assert ws.shape == (8, num_steps + 1, d)
+  assert ws.shape == (8, num_steps + 1, n + 1, d)
+  ws = _whole(ws)
   ols = _lstsq(xs, ys)
   errors = [_max_relative_prediction_error(ws[:, k], ols, sqrt_sigma) for k in range(num_steps + 1)]
   assert errors[-1] < RTOL[dtype]
@@ -129,7 +148,7 @@ def test_newton_converges_to_least_squares(dtype, case):
 
 def test_newton_initial_iterate_and_recursion(dtype):
   xs, ys, _ = _prompts(4, 3, 12, 5, dtype)
-  ws = _to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 3), dtype)
+  ws = _whole(_to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 3), dtype))
   x64, y64 = xs.astype(np.float64), ys.astype(np.float64)
   for x, y, w in zip(x64, y64, ws):
     s = x.T @ x
@@ -144,10 +163,10 @@ def test_newton_spectral_alpha_exact_arithmetic_loses_top_direction(dtype):
   # M_1 = M_0 (2 I - S M_0) has a 0 there and keeps it; the other direction converges.
   xs = jnp.asarray([[[2.0, 0.0], [0.0, 1.0]]], dtype)
   ys = jnp.asarray([[2.0, 3.0]], dtype)  # w_ols = (1, 3).
-  spectral = _to_numpy(algorithms.iterative_newton(xs, ys, 40, alpha="spectral"), dtype)
+  spectral = _whole(_to_numpy(algorithms.iterative_newton(xs, ys, 40, alpha="spectral"), dtype))
   np.testing.assert_array_equal(spectral[0, 1:, 0], 0.0)
   np.testing.assert_allclose(spectral[0, -1, 1], 3.0, rtol=RTOL[dtype] / 10)
-  frobenius = _to_numpy(algorithms.iterative_newton(xs, ys, 40), dtype)
+  frobenius = _whole(_to_numpy(algorithms.iterative_newton(xs, ys, 40), dtype))
   np.testing.assert_allclose(frobenius[0, -1], [1.0, 3.0], rtol=RTOL[dtype] / 10)
 
 
@@ -156,7 +175,8 @@ def test_newton_spectral_alpha_generic_data_stalls_in_top_direction(dtype):
   # O(eps) has been squared up to O(1), ~log2(1/eps) steps (then it converges or diverges, by the sign of the
   # rounding); all other directions converge as usual. 12 steps keep float32 (2^-23) well inside the stall.
   xs, ys, _ = _prompts(5, 4, 40, 10, dtype)
-  ws = _to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 12, alpha="spectral"), dtype)
+  ws = _whole(_to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 12, alpha="spectral"),
+                        dtype))
   ols = _lstsq(xs, ys)
   top_BxD = np.linalg.eigh(np.einsum("bni,bnj->bij", xs.astype(np.float64), xs.astype(np.float64)))[1][..., -1]
   top_share = np.einsum("bkd,bd->bk", ws[:, 1:], top_BxD) / np.einsum("bd,bd->b", ols, top_BxD)[:, None]
@@ -177,20 +197,22 @@ def test_gradient_descent_converges_to_least_squares(dtype, gradient_scale, n, d
   lambda_max = np.max(_largest_eigenvalue(np.einsum("bni,bnj->bij", xs, xs)))
   hessian_lambda_max = lambda_max if gradient_scale == "sum" else lambda_max / n
   learning_rate = 1.0 / hessian_lambda_max  # Below 2 / lambda_max: converges.
-  ws = _to_numpy(algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), (4000,), learning_rate,
-                                                gradient_scale), dtype)
-  assert ws.shape == (4, 1, d)
+  ws = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), (4000,), learning_rate,
+                                             gradient_scale), dtype)
+  assert ws.shape == (4, 1, n + 1, d)
+  ws = _whole(ws)
   np.testing.assert_allclose(ws[:, 0], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
   # Above 2 / lambda_max it diverges.
-  diverged = algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), (200,), 2.5 / hessian_lambda_max,
-                                            gradient_scale)
-  assert np.max(np.abs(_to_numpy(diverged, dtype))) > 1e3
+  diverged = algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), (200,), 2.5 / hessian_lambda_max,
+                                         gradient_scale)
+  assert np.max(np.abs(_whole(_to_numpy(diverged, dtype)))) > 1e3
 
 
 def test_gradient_descent_iterates(dtype):
   xs, ys, _ = _prompts(7, 3, 12, 5, dtype)
-  ws_sum = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 3, 0.01), dtype)
-  ws_mean = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 3, 0.12, "mean"), dtype)
+  ws_sum = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), 0.01), dtype))
+  ws_mean = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), 0.12, "mean"),
+                             dtype))
   assert ws_sum.shape == ws_mean.shape == (3, 4, 5)
   for x, y, w_sum, w_mean in zip(xs.astype(np.float64), ys.astype(np.float64), ws_sum, ws_mean):
     w = np.zeros(5)
@@ -204,25 +226,28 @@ def test_gradient_descent_iterates(dtype):
 
 
 @pytest.mark.parametrize("gradient_scale", ["sum", "mean"])
-def test_gradient_descent_at_equals_full_iterates(dtype, gradient_scale):
+def test_gradient_descent_unsorted_steps_match_a_loop_of_updates(dtype, gradient_scale):
   xs, ys, _ = _prompts(8, 4, 12, 6, dtype, kappa=30.0)
   learning_rate = 0.01 if gradient_scale == "sum" else 0.15
   steps = (300, 1, 37, 0, 64, 5, 64)  # Unsorted, with 0 and a repeat.
-  full = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 300, learning_rate,
-                                               gradient_scale), dtype)
-  at = _to_numpy(algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), steps, learning_rate,
-                                                gradient_scale), dtype)
+  at = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), steps, learning_rate,
+                                                    gradient_scale), dtype))
   assert at.shape == (4, len(steps), 6)
-  np.testing.assert_allclose(at, full[:, list(steps)], rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 100)
+  scale = 1.0 if gradient_scale == "sum" else 12.0
+  loop = np.stack([_gd_loop(x, y, steps, learning_rate, scale) for x, y in zip(xs.astype(np.float64),
+                                                                              ys.astype(np.float64))])
+  nonzero = [i for i, step in enumerate(steps) if step]
+  assert _max_relative_error(at[:, nonzero], loop[:, nonzero]) < RTOL[dtype] / 10
+  assert np.all(at[:, steps.index(0)] == 0)  # Zero steps: w_0 = 0 exactly.
 
 
-def test_gradient_descent_at_long_run_equals_full_iterates(dtype):
-  # Fu et al.'s grid reaches 4096 steps; squaring the step map must not accumulate more rounding than stepping.
+def test_gradient_descent_long_run_matches_a_loop_of_updates(dtype):
+  # Fu et al.'s grid reaches 4096 steps; squaring the step map must not accumulate rounding.
   xs, ys, _ = _prompts(9, 2, 41, 20, dtype)
   steps = tuple(2**i for i in range(13))
-  full = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 4096, 0.01), dtype)
-  at = _to_numpy(algorithms.gradient_descent_at(jnp.asarray(xs), jnp.asarray(ys), steps, 0.01), dtype)
-  assert _max_relative_error(at, full[:, list(steps)]) < RTOL[dtype] / 10
+  at = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), steps, 0.01), dtype))
+  loop = np.stack([_gd_loop(x, y, steps, 0.01) for x, y in zip(xs.astype(np.float64), ys.astype(np.float64))])
+  assert _max_relative_error(at, loop) < RTOL[dtype] / 10
 
 
 def test_float64_hyperparameters_keep_float32_data_float32():
@@ -231,16 +256,12 @@ def test_float64_hyperparameters_keep_float32_data_float32():
   with jax.enable_x64(True):
     learning_rate = np.float64(0.01)  # Strongly typed: would promote float32 data if used as is.
     preconditioner = jnp.eye(4, dtype=jnp.float64)
-    for result in (algorithms.gradient_descent(xs, ys, 2, learning_rate),
-                   algorithms.gradient_descent_at(xs, ys, (3,), learning_rate),
-                   algorithms.prefix_gradient_descent_at(xs, ys, (3,), learning_rate),
-                   algorithms.prefix_gradient_descent_at_weights(xs, ys, [3], learning_rate),
-                   algorithms.prefix_preconditioned_gradient_descent_weights(xs, ys, 2, preconditioner,
-                                                                             learning_rate),
-                   algorithms.preconditioned_gradient_descent(xs, ys, 2, preconditioner, learning_rate),
-                   algorithms.least_squares(xs, ys, ridge=np.float64(0.5)),
-                   algorithms.prefix_iterative_newton(xs, ys, 2),
-                   algorithms.prefix_online_gradient_descent(xs, ys)):
+    weights = (algorithms.gradient_descent(xs, ys, (3,), learning_rate),
+               algorithms.gradient_descent(xs, ys, [2], learning_rate, "mean", preconditioner),
+               algorithms.least_squares(xs, ys, ridge=np.float64(0.5)),
+               algorithms.iterative_newton(xs, ys, 2),
+               algorithms.online_gradient_descent(xs, ys))
+    for result in weights + tuple(algorithms.predict(ws, xs) for ws in weights):
       assert result.dtype == jnp.float32
 
 
@@ -272,8 +293,8 @@ def test_preconditioned_gradient_descent_one_step_to_least_squares(dtype, shared
   s_BxDxD = np.einsum("bni,bnj->bij", xs.astype(np.float64), xs.astype(np.float64))
   preconditioner = np.linalg.inv(s_BxDxD / 30)
   preconditioner = (preconditioner[0] if shared else preconditioner).astype(dtype)
-  ws = _to_numpy(algorithms.preconditioned_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 2,
-                                                            jnp.asarray(preconditioner)), dtype)
+  ws = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(3), 1.0, "mean",
+                                                     jnp.asarray(preconditioner)), dtype))
   assert ws.shape == (4, 3, 6)
   assert np.all(ws[:, 0] == 0)
   np.testing.assert_allclose(ws[:, 1], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
@@ -286,9 +307,8 @@ def test_preconditioned_gradient_descent_iterates(dtype, gradient_scale):
   root = np.random.default_rng(17).normal(size=(3, 4, 4))
   preconditioner = (root @ root.transpose(0, 2, 1) / 4 + np.eye(4)).astype(dtype)  # SPD, not commuting with S.
   learning_rate = 0.02 if gradient_scale == "sum" else 0.2
-  ws = _to_numpy(algorithms.preconditioned_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 3,
-                                                            jnp.asarray(preconditioner), learning_rate,
-                                                            gradient_scale), dtype)
+  ws = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), learning_rate,
+                                                     gradient_scale, jnp.asarray(preconditioner)), dtype))
   scale = 1 if gradient_scale == "sum" else 10
   for x, y, p, w_k in zip(xs.astype(np.float64), ys.astype(np.float64), preconditioner.astype(np.float64), ws):
     w = np.zeros(4)
@@ -299,9 +319,8 @@ def test_preconditioned_gradient_descent_iterates(dtype, gradient_scale):
 
 def test_preconditioned_gradient_descent_with_identity_is_gradient_descent(dtype):
   xs, ys, _ = _prompts(12, 3, 10, 4, dtype)
-  pgd = algorithms.preconditioned_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 5, jnp.eye(4, dtype=dtype),
-                                                   0.2, "mean")
-  gd = algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 5, 0.2, "mean")
+  pgd = algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(6), 0.2, "mean", jnp.eye(4, dtype=dtype))
+  gd = algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(6), 0.2, "mean")
   np.testing.assert_allclose(_to_numpy(pgd, dtype), _to_numpy(gd, dtype), rtol=RTOL[dtype] / 100)
 
 
@@ -314,62 +333,44 @@ PREFIXES = (1, 3, N_PREFIX - 1)  # 3 < d: rank-deficient; 6 > d: overdetermined.
 PREDICTION_RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
-def _prefix_case(name, *args, **kwargs):
-  """algorithms.prefix_<name>_weights, .prefix_<name> and .<name>, each as a function of (xs, ys) alone."""
-  bind = lambda fn: lambda x, y: fn(x, y, *args, **kwargs)
-  return tuple(bind(getattr(algorithms, f)) for f in (f"prefix_{name}_weights", f"prefix_{name}", name))
-
-
 def _prefix_cases(dtype):
-  """name -> (prefix weights function, prefix prediction function, function of a whole prompt, stacked iterates
-  on axis 1?)."""
+  """name -> (function of (xs, ys) returning every prefix's weights, stacked iterates on axis 1?)."""
   preconditioner = jnp.asarray(np.diag([1.0, 0.5, 2.0, 1.5]), dtype)
   return {
-      "least_squares": (*_prefix_case("least_squares"), False),
-      "ridge": (*_prefix_case("least_squares", ridge=0.3), False),
-      "newton": (*_prefix_case("iterative_newton", 6), True),
-      "newton_spectral": (*_prefix_case("iterative_newton", 3, "spectral"), True),
-      "gd_sum": (*_prefix_case("gradient_descent", 6, 0.05), True),
-      "gd_mean": (*_prefix_case("gradient_descent", 6, 0.3, "mean"), True),
-      "gd_at_mean": (*_prefix_case("gradient_descent_at", [9, 0, 2], 0.3, "mean"), True),  # steps as a list.
-      "pgd": (*_prefix_case("preconditioned_gradient_descent", 4, preconditioner, 0.3), True),
-      "online_gd": (algorithms.prefix_online_gradient_descent_weights, algorithms.prefix_online_gradient_descent,
-                    lambda x, y: algorithms.online_gradient_descent(x, y)[:, -1], False),
+      "least_squares": (algorithms.least_squares, False),
+      "ridge": (lambda x, y: algorithms.least_squares(x, y, ridge=0.3), False),
+      "newton": (lambda x, y: algorithms.iterative_newton(x, y, 6), True),
+      "newton_spectral": (lambda x, y: algorithms.iterative_newton(x, y, 3, "spectral"), True),
+      "gd_sum": (lambda x, y: algorithms.gradient_descent(x, y, range(7), 0.05), True),
+      "gd_mean": (lambda x, y: algorithms.gradient_descent(x, y, [9, 0, 2], 0.3, "mean"), True),
+      "pgd": (lambda x, y: algorithms.gradient_descent(x, y, range(5), 0.3, "mean", preconditioner), True),
+      "online_gd": (algorithms.online_gradient_descent, False),
   }
 
 
 @pytest.mark.parametrize("case", list(_prefix_cases(np.float32)))
 def test_prefix_weights_and_predictions_equal_brute_force(dtype, case):
-  weights_fn, prefix_fn, whole_fn, has_iterates = _prefix_cases(dtype)[case]
+  weights_fn, has_iterates = _prefix_cases(dtype)[case]
   xs, ys, _ = _prompts(13, 3, N_PREFIX, D_PREFIX, dtype, kappa=10.0)
-  weights = _to_numpy(weights_fn(jnp.asarray(xs), jnp.asarray(ys)), dtype)
-  predictions = _to_numpy(prefix_fn(jnp.asarray(xs), jnp.asarray(ys)), dtype)
+  weights = weights_fn(jnp.asarray(xs), jnp.asarray(ys))
+  predictions = _to_numpy(algorithms.predict(weights, jnp.asarray(xs)), dtype)
+  weights = _to_numpy(weights, dtype)
   if not has_iterates:
     weights, predictions = weights[:, None], predictions[:, None]
   num_iterates = weights.shape[1]
-  assert weights.shape == (3, num_iterates, N_PREFIX, D_PREFIX)  # Iterates before prefixes.
+  assert weights.shape == (3, num_iterates, N_PREFIX + 1, D_PREFIX)  # Iterates before prefixes.
   assert predictions.shape == (3, num_iterates, N_PREFIX)
   assert np.all(weights[:, :, 0] == 0) and np.all(predictions[:, :, 0] == 0)  # No points seen yet.
-  # The predictions are the weights applied to each prefix's query.
-  from_weights = np.einsum("bktd,btd->bkt", weights, xs.astype(np.float64))
+  # The predictions are the weights of the prefix before each query applied to it.
+  from_weights = np.einsum("bktd,btd->bkt", weights[:, :, :-1], xs.astype(np.float64))
   np.testing.assert_allclose(predictions, from_weights, rtol=PREDICTION_RTOL[dtype],
                              atol=PREDICTION_RTOL[dtype] * np.max(np.abs(from_weights)))
   for t in PREFIXES:
-    w = _to_numpy(whole_fn(jnp.asarray(xs[:, :t]), jnp.asarray(ys[:, :t])), dtype)
+    w = _whole(_to_numpy(weights_fn(jnp.asarray(xs[:, :t]), jnp.asarray(ys[:, :t])), dtype))
     w = w if has_iterates else w[:, None]
     np.testing.assert_allclose(weights[:, :, t], w, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
     expected = np.einsum("bkd,bd->bk", w, xs[:, t].astype(np.float64))
     np.testing.assert_allclose(predictions[:, :, t], expected, rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 10)
-
-
-def test_prefix_gradient_descent_at_equals_full_prefix_iterates(dtype):
-  xs, ys, _ = _prompts(14, 3, N_PREFIX, D_PREFIX, dtype)
-  steps = (40, 3, 17)
-  full = _to_numpy(algorithms.prefix_gradient_descent_weights(jnp.asarray(xs), jnp.asarray(ys), 40, 0.05), dtype)
-  at = _to_numpy(algorithms.prefix_gradient_descent_at_weights(jnp.asarray(xs), jnp.asarray(ys), steps, 0.05),
-                 dtype)
-  assert at.shape == (3, len(steps), N_PREFIX, D_PREFIX)
-  np.testing.assert_allclose(at, full[:, list(steps)], rtol=RTOL[dtype] / 10, atol=RTOL[dtype] / 100)
 
 
 def test_prefix_functions_are_finite_on_zero_padded_dimensions(dtype):
@@ -378,25 +379,23 @@ def test_prefix_functions_are_finite_on_zero_padded_dimensions(dtype):
   xs, ys, _ = _prompts(15, 2, 9, 6, dtype)
   xs[:, :, 3:] = 0
   xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  for weights in (algorithms.prefix_least_squares_weights(xs, ys),
-                  algorithms.prefix_iterative_newton_weights(xs, ys, 23),
-                  algorithms.prefix_gradient_descent_at_weights(xs, ys, (1, 4096), 0.01),
-                  algorithms.prefix_online_gradient_descent_weights(xs, ys)):
+  for weights in (algorithms.least_squares(xs, ys),
+                  algorithms.iterative_newton(xs, ys, 23),
+                  algorithms.gradient_descent(xs, ys, (1, 4096), 0.01),
+                  algorithms.online_gradient_descent(xs, ys)):
     weights = _to_numpy(weights, dtype)
     assert np.all(np.isfinite(weights))
     assert np.all(weights[..., 3:] == 0)  # Zero coordinates stay exactly zero.
 
 
-@pytest.mark.parametrize("function", ["gradient_descent_at", "prefix_gradient_descent_at",
-                                      "prefix_gradient_descent_at_weights"])
-def test_steps_may_be_a_list_range_or_numpy_array(function):
-  fn = getattr(algorithms, function)
+def test_steps_may_be_a_list_range_or_numpy_array():
   xs, ys, _ = _prompts(18, 2, 5, 3, np.float32)
   xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  expected = np.asarray(fn(xs, ys, (3, 1), 0.1))
+  expected = np.asarray(algorithms.gradient_descent(xs, ys, (3, 1), 0.1))
   for steps in ([3, 1], np.array([3, 1]), range(3, 0, -2)):
-    np.testing.assert_array_equal(np.asarray(fn(xs, ys, steps, 0.1)), expected)
-  np.testing.assert_array_equal(np.asarray(fn(xs, ys, steps=[3, 1], learning_rate=0.1)), expected)
+    np.testing.assert_array_equal(np.asarray(algorithms.gradient_descent(xs, ys, steps, 0.1)), expected)
+  np.testing.assert_array_equal(np.asarray(algorithms.gradient_descent(xs, ys, steps=[3, 1], learning_rate=0.1)),
+                                expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,30 +406,18 @@ XS, YS = jnp.ones((2, 3, 4)), jnp.ones((2, 3))
 
 @pytest.mark.parametrize("call, argument", [
     (lambda: algorithms.iterative_newton(XS, YS, 3, alpha="l2"), "alpha"),
-    (lambda: algorithms.prefix_iterative_newton(XS, YS, 3, alpha="l2"), "alpha"),
     (lambda: algorithms.iterative_newton(XS, YS, -1), "num_steps"),
-    (lambda: algorithms.gradient_descent(XS, YS, 3, 0.1, gradient_scale="avg"), "gradient_scale"),
-    (lambda: algorithms.prefix_gradient_descent(XS, YS, 3, 0.1, gradient_scale="avg"), "gradient_scale"),
-    (lambda: algorithms.gradient_descent_at(XS, YS, (1, 2), 0.1, gradient_scale="avg"), "gradient_scale"),
-    (lambda: algorithms.prefix_gradient_descent_at(XS, YS, (), 0.1), "steps"),
-    (lambda: algorithms.gradient_descent_at(XS, YS, (1, -2), 0.1), "steps"),
-    (lambda: algorithms.gradient_descent(XS, YS, 2.5, 0.1), "num_steps"),
-    (lambda: algorithms.preconditioned_gradient_descent(XS, YS, 3, jnp.eye(4), gradient_scale="avg"),
-     "gradient_scale"),
-    (lambda: algorithms.preconditioned_gradient_descent(XS, YS, 3, jnp.eye(3)), "preconditioner"),
-    (lambda: algorithms.prefix_preconditioned_gradient_descent(XS, YS, 3, jnp.eye(3)), "preconditioner"),
+    (lambda: algorithms.iterative_newton(XS, YS, 2.5), "num_steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, (1, 2), 0.1, gradient_scale="avg"), "gradient_scale"),
+    (lambda: algorithms.gradient_descent(XS, YS, (), 0.1), "steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, [], 0.1), "steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, (1, -2), 0.1), "steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, jnp.asarray([1, 2]), 0.1), "steps"),  # Not static.
+    (lambda: algorithms.gradient_descent(XS, YS, np.asarray([1.0, 2.0]), 0.1), "steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, 3, 0.1), "steps"),
+    (lambda: algorithms.gradient_descent(XS, YS, (3,), 0.1, "mean", jnp.eye(3)), "preconditioner"),
+    (lambda: algorithms.gradient_descent(XS, YS, (3,), 0.1, "mean", jnp.ones((3, 4, 4))), "preconditioner"),
     (lambda: algorithms.least_squares(XS, YS, ridge=-1.0), "ridge"),
-    (lambda: algorithms.prefix_least_squares(XS, YS, ridge=-1.0), "ridge"),
-    (lambda: algorithms.prefix_least_squares_weights(XS, YS, ridge=-1.0), "ridge"),
-    (lambda: algorithms.prefix_iterative_newton_weights(XS, YS, 3, alpha="l2"), "alpha"),
-    (lambda: algorithms.prefix_gradient_descent_weights(XS, YS, -1, 0.1), "num_steps"),
-    (lambda: algorithms.prefix_gradient_descent_at_weights(XS, YS, [1], 0.1, gradient_scale="avg"),
-     "gradient_scale"),
-    (lambda: algorithms.prefix_gradient_descent_at_weights(XS, YS, [], 0.1), "steps"),
-    (lambda: algorithms.gradient_descent_at(XS, YS, jnp.asarray([1, 2]), 0.1), "steps"),  # Not static.
-    (lambda: algorithms.gradient_descent_at(XS, YS, np.asarray([1.0, 2.0]), 0.1), "steps"),
-    (lambda: algorithms.gradient_descent_at(XS, YS, 3, 0.1), "steps"),
-    (lambda: algorithms.prefix_preconditioned_gradient_descent_weights(XS, YS, 3, jnp.eye(3)), "preconditioner"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(call, argument):
   with pytest.raises(ValueError, match=argument):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import linreg
-from icl_jax import bench
+from icl_jax.tools import benchmarks as bench
 from icl_jax import models
 
 

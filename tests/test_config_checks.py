@@ -7,7 +7,7 @@ import pytest
 
 from configs import linreg
 from icl_jax import config_checks
-from tests.config_errors import assert_field_error
+from tests.helpers import assert_field_error
 
 
 @pytest.mark.parametrize("field, value, expected", [

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_jax import algorithms, constructions
+from icl_jax.analysis import algorithms, constructions
 
 TOL = 1e-4
 MAX_NEWTON_STEPS = 8
@@ -42,7 +42,7 @@ def _assert_predictions_close(prediction_B, x_query_BxD, w_ref_BxD):
 @pytest.mark.parametrize("seed,n,d", [(0, 10, 4), (1, 16, 5), (2, 20, 6)])
 def test_newton_transformer_matches_iterative_newton(seed, n, d):
   xs, ys, x_query = _prompts(seed, 8, n, d)
-  ws_BxKxD = algorithms.iterative_newton(xs, ys, MAX_NEWTON_STEPS, alpha="frobenius")
+  ws_BxKxD = algorithms.iterative_newton(xs, ys, MAX_NEWTON_STEPS, alpha="frobenius")[:, :, -1]
   for k in range(MAX_NEWTON_STEPS + 1):
     w_BxD, prediction_B = constructions.newton_transformer(xs, ys, x_query, k)
     _assert_weights_close(w_BxD, ws_BxKxD[:, k])
@@ -78,7 +78,7 @@ def test_newton_layer_with_equal_value_matrices_computes_absolute_values():
   t_NxD = alpha * xs_NxD @ s_DxD  # Rows t_i = M_0 x_i.
   paper_t_NxD = 2 * t_NxD + np.abs(xs_NxD @ t_NxD.T) @ t_NxD
   _assert_weights_close(w_D[None], (paper_t_NxD.T @ ys_N)[None])
-  newton_w_D = algorithms.iterative_newton(xs, ys, 1)[0, 1]
+  newton_w_D = algorithms.iterative_newton(xs, ys, 1)[0, 1, -1]
   assert np.linalg.norm(w_D - newton_w_D) > 0.1 * np.linalg.norm(newton_w_D)
 
 
@@ -110,7 +110,7 @@ def test_lsa_with_scaled_identity_is_gradient_descent(num_layers):
   n, d, learning_rate = 12, 5, 0.15
   xs, ys, x_query = _prompts(10 + num_layers, 8, n, d)
   prediction_B, z_BxExT = _lsa(xs, ys, x_query, [learning_rate * jnp.eye(d)] * num_layers)
-  w_ref_BxD = algorithms.gradient_descent(xs, ys, num_layers, learning_rate, gradient_scale="mean")[:, -1]
+  w_ref_BxD = algorithms.gradient_descent(xs, ys, (num_layers,), learning_rate, gradient_scale="mean")[:, 0, -1]
   _assert_predictions_close(prediction_B, x_query, w_ref_BxD)
   _assert_residual_labels(z_BxExT, xs, ys, w_ref_BxD)
 
@@ -122,7 +122,7 @@ def test_lsa_with_one_preconditioner_is_preconditioned_gradient_descent(num_laye
   factor_DxD = np.random.default_rng(num_layers).normal(size=(d, d))
   a_DxD = jnp.asarray(0.05 * factor_DxD @ factor_DxD.T + 0.1 * np.eye(d), jnp.float32)
   prediction_B, z_BxExT = _lsa(xs, ys, x_query, [a_DxD] * num_layers)
-  w_ref_BxD = algorithms.preconditioned_gradient_descent(xs, ys, num_layers, a_DxD)[:, -1]
+  w_ref_BxD = algorithms.gradient_descent(xs, ys, (num_layers,), 1.0, "mean", a_DxD)[:, 0, -1]
   _assert_predictions_close(prediction_B, x_query, w_ref_BxD)
   _assert_residual_labels(z_BxExT, xs, ys, w_ref_BxD)
 

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import datasets
-from icl_jax import evaluate
+from icl_jax.analysis import probing
 from icl_jax import models
 from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 from tests import tiny_config
@@ -155,7 +155,7 @@ def test_config_checks_name_the_field_and_the_directory(built, tmp_path):
   with pytest.raises(config_checks.ConfigError, match="config.eval.dataset_setting = 'kappa10': allowed values"):
     config_checks.validate(config, num_devices=1)
   with pytest.raises(config_checks.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*no linreg_eval"):
-    evaluate.Evaluator(_config(tmp_path))
+    probing.Evaluator(_config(tmp_path))
 
 
 def test_evaluation_runs_on_the_first_prompts_of_the_set(built):
@@ -165,10 +165,10 @@ def test_evaluation_runs_on_the_first_prompts_of_the_set(built):
   xs_BxNxD, ys_BxN = xs_BxNxD[:32], ys_BxN[:32]
   model = models.build_model(config.model)
   params = model.init(jax.random.key(0), xs_BxNxD[:1], ys_BxN[:1])["params"]
-  results = evaluate.Evaluator(config)(params)
+  results = probing.Evaluator(config)(params)
   assert np.all(np.isfinite(results["error_per_dim"]["layers"]["mean"]))
   # The least-squares curve depends on the prompts alone: the set's first 32 ones.
-  squared_BxN = np.square(evaluate.algorithm_predictions(config, xs_BxNxD, ys_BxN)["least_squares"][0] - ys_BxN)
+  squared_BxN = np.square(probing.algorithm_predictions(config, xs_BxNxD, ys_BxN)["least_squares"][0] - ys_BxN)
   np.testing.assert_allclose(results["error_per_dim"]["least_squares"]["mean"][0], squared_BxN.mean(0) / 20,
                              rtol=1e-4, atol=1e-6)
 

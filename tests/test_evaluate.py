@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from icl_jax import evaluate
+from icl_jax.analysis import probing
+from icl_jax import checkpointing
 from icl_jax import models
-from icl_jax import probes
-from icl_jax import similarity
+from icl_jax.analysis import probes
+from icl_jax.analysis import similarity
 from icl_jax import train
 from tests import tiny_config
 
@@ -75,10 +76,10 @@ def test_a_predictor_that_is_newton_at_k_steps_best_matches_k(tiny):
   """The whole comparison pipeline on a known answer: Newton's own k-step predictions as the 'layer'."""
   tiny.eval.update(newton_steps=12)
   xs, ys = _prompts(b=256, n=tiny.task.n_points, d=tiny.task.n_dims)
-  algos = evaluate.algorithm_predictions(tiny, xs, ys)
+  algos = probing.algorithm_predictions(tiny, xs, ys)
   layers = algos["newton"][[1, 4, 7]]  # Steps 2, 5, 8.
   sim = similarity.similarity_of_errors(layers, algos["newton"], ys, include_first=True)
-  assert similarity.best_match(sim, evaluate._steps(tiny, "newton"))["steps"] == [2, 5, 8]
+  assert similarity.best_match(sim, probing._steps(tiny, "newton"))["steps"] == [2, 5, 8]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def trained(tmp_path_factory):
 
 def test_probes_model_readout_reproduces_the_output_and_least_squares_is_optimal(trained):
   config, workdir = trained
-  params, _ = evaluate.load_params(config, workdir)
+  params, _ = checkpointing.load_params(config, workdir)
   model = models.build_model(config.model)
   xs, ys = _prompts(b=32, n=config.task.n_points, d=config.task.n_dims, seed=3)
   preds, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
@@ -134,7 +135,8 @@ def test_least_squares_and_trained_probes_read_a_linearly_decodable_target(tiny)
   tiny.eval.update(readout="trained", probe_init="normal", probe_steps=400, probe_learning_rate=3e-2)
   trained = probes.make_fitter(tiny, oracle)(params, jax.random.key(1))
   prompts = probes._prompts(tiny, jax.random.key(2), 0, 64)
-  errors = np.mean(np.square(probes.apply(trained, probes._states(oracle, params, prompts)) - prompts.ys_BxN), (1, 2))
+  errors = np.mean(np.square(probes.apply(trained, probes._states(oracle, params, prompts)) - prompts.ys_BxN[None]),
+                   (1, 2))
   assert np.all(errors < 0.01 * np.mean(np.square(prompts.ys_BxN)))
 
 
@@ -168,7 +170,7 @@ def test_eval_without_a_checkpoint_says_so(tmp_path):
 
 
 def test_eval_benchmark_reports_its_time(tiny):
-  from icl_jax import bench
+  from icl_jax.tools import benchmarks as bench
 
   line = bench.bench_eval(tiny)
   assert line["name"] == "eval" and line["seconds"] > 0 and line["first_call_with_compilation_s"] >= line["seconds"]
@@ -178,8 +180,8 @@ def test_eval_benchmark_reports_its_time(tiny):
 def test_evaluation_prompts_do_not_depend_on_the_batch_size(tiny):
   model = models.build_model(tiny.model)
   tiny.eval.batch_size = 8
-  small = evaluate._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
+  small = probing._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
   tiny.eval.batch_size = 32
-  large = evaluate._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
+  large = probing._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
   np.testing.assert_array_equal(small.xs_BxNxD, large.xs_BxNxD)
   np.testing.assert_array_equal(small.ys_BxN, large.ys_BxN)

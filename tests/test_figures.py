@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from matplotlib import image, patches
 
-from icl_jax import figures
-from icl_jax import similarity
+from icl_jax.analysis import figures
+from icl_jax.analysis import similarity
 
 PAPER_GRIDS = {"newton": list(range(1, 24)), "gd": [1] + list(range(50, 1301, 50)),
                "gd_log": [2**k for k in range(13)]}

@@ -20,8 +20,9 @@ import transformers
 from torch import nn
 
 from configs import linreg
-from icl_jax import garg_checkpoint
+from icl_jax import checkpointing
 from icl_jax import models
+from icl_jax.tools import garg as garg_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_DIMS, N_POINTS, NUM_LAYERS = 20, 41, 12
@@ -85,7 +86,7 @@ def garg(tmp_path_factory):
 def test_the_released_structure_is_the_paper_config(garg):
   _, _, params, overrides = garg
   paper = linreg.get_config()
-  assert garg_checkpoint.garg_config(overrides).to_dict() == paper.to_dict()
+  assert garg_checkpoint.garg_config(overrides, linreg.get_config()).to_dict() == paper.to_dict()
   model = models.build_model(paper.model)
   like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, N_POINTS, N_DIMS)), np.zeros((1, N_POINTS)))
   assert jax.tree.structure(params) == jax.tree.structure(like["params"])
@@ -102,7 +103,7 @@ def test_converted_model_matches_pytorch_predictions_and_every_hidden_state(garg
   with torch.no_grad():
     torch_preds_BxN, torch_hidden_LxBxTxW = torch_model(torch.from_numpy(xs_BxNxD), torch.from_numpy(ys_BxN))
 
-  model = models.build_model(garg_checkpoint.garg_config(overrides).model)
+  model = models.build_model(garg_checkpoint.garg_config(overrides, linreg.get_config()).model)
   preds_BxN, hidden_LxBxTxW = model.apply({"params": params}, xs_BxNxD, ys_BxN, return_hidden=True)
   assert hidden_LxBxTxW.shape == torch_hidden_LxBxTxW.shape == (NUM_LAYERS + 1, 3, 2 * N_POINTS, 256)
   for layer in range(NUM_LAYERS + 1):
@@ -126,7 +127,7 @@ def test_bare_and_in_memory_state_dicts_convert_the_same(garg, tmp_path):
 def _command_line(*flags):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device is enough to convert.
-  return subprocess.run([sys.executable, "-m", "icl_jax.garg_checkpoint", *flags], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "icl_jax.garg_checkpoint", "--config=configs/linreg.py", *flags], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -135,7 +136,7 @@ def test_command_line_writes_a_workdir_that_load_params_restores(garg, tmp_path)
   result = _command_line(f"--checkpoint={path}", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads((tmp_path / "config.json").read_text()) == json.loads(linreg.get_config().to_json())
-  restored = garg_checkpoint.load_params(tmp_path)
+  restored = checkpointing.load_garg_params(tmp_path)
   assert jax.tree.structure(restored) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, restored, params)
 

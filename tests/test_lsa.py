@@ -11,18 +11,18 @@ import pytest
 
 from configs import linreg
 from configs import lsa as lsa_config
-from icl_jax import algorithms
+from icl_jax.analysis import algorithms
 from icl_jax import config_checks
-from icl_jax import constructions
+from icl_jax.analysis import constructions
 from icl_jax import data
-from icl_jax import evaluate
-from icl_jax import lsa_analysis
+from icl_jax.analysis import evaluate
+from icl_jax.analysis import lsa_analysis
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
 from icl_jax.models import lsa
-from tests.config_errors import assert_field_error
+from tests.helpers import assert_field_error
 
 
 def _model(num_layers=3, sparse=False, init_std=0.1):
@@ -51,10 +51,10 @@ def test_construction_weights_give_preconditioned_gd_at_the_last_position():
     for a, b in zip(mine, theirs):
       np.testing.assert_array_equal(a, b)
   preds_BxN = _model(num_layers, sparse=True).apply({"params": params}, xs, ys)
-  w_BxD = algorithms.preconditioned_gradient_descent(xs[:, :n], ys[:, :n], num_layers, g_DxD)[:, -1]
+  w_BxD = algorithms.gradient_descent(xs[:, :n], ys[:, :n], (num_layers,), 1.0, "mean", g_DxD)[:, 0, -1]
   np.testing.assert_allclose(preds_BxN[:, -1], jnp.einsum("bd,bd->b", w_BxD, xs[:, n]), rtol=1e-4, atol=1e-5)
   # Every prefix is preconditioned GD on its own points (1/t scaling = "mean" gradient over t points).
-  prefix_BxN = algorithms.prefix_preconditioned_gradient_descent(xs, ys, num_layers, g_DxD)[:, -1]
+  prefix_BxN = algorithms.predict(algorithms.gradient_descent(xs, ys, (num_layers,), 1.0, "mean", g_DxD), xs)[:, 0]
   np.testing.assert_allclose(preds_BxN, prefix_BxN, rtol=1e-4, atol=1e-5)
 
 
@@ -237,10 +237,23 @@ def test_clip_per_matrix():
   params = {"w": jnp.ones((3,))}
   before = optax.adam(optim.learning_rate_schedule(default), default.adam_b1, default.adam_b2, default.adam_eps)
   assert jax.tree.structure(optim.make_optimizer(default).init(params)) == jax.tree.structure(before.init(params))
+  # On: Adam sees the clipped gradients. Two steps, the first clipped (norm 8.7 > 0.01) and the second not
+  # (norm 1.7e-3): Adam's first update is the sign of any gradient, the second depends on the first's size.
   default.clip_per_matrix = 0.01
-  updates, _ = optim.make_optimizer(default).update({"w": jnp.full((3,), 5.0)},
-                                                    optim.make_optimizer(default).init(params), params)
-  assert np.all(np.isfinite(updates["w"]))
+  grads = [{"w": jnp.full((3,), 5.0)}, {"w": jnp.full((3,), 1e-3)}]
+  seen_by_adam = [{"w": jnp.full((3,), 5.0 * 0.01 / np.sqrt(75.0))}, grads[1]]
+
+  def updates_of(optimizer, sequence):
+    state, out = optimizer.init(params), []
+    for g in sequence:
+      update, state = optimizer.update(g, state, params)
+      out.append(np.asarray(update["w"]))
+    return out
+
+  clipped = updates_of(optim.make_optimizer(default), grads)
+  np.testing.assert_allclose(clipped[1], updates_of(before, seen_by_adam)[1], rtol=1e-5)
+  unclipped = updates_of(before, grads)[1]
+  assert np.all(np.abs(clipped[1] - unclipped) > 0.1 * np.abs(unclipped))  # Clipping changed the update (by 17%).
 
 
 def test_step_decay_schedule():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs import lstm as lstm_config
+from icl_jax import checkpointing
 from icl_jax import config_checks
-from icl_jax import evaluate
+from icl_jax.analysis import probing
 from icl_jax import models
 from icl_jax import train
 
@@ -45,7 +46,7 @@ def test_shapes_and_hidden_states(quick):
   # bounded by the tanh.
   read_in, read_out = params["read_in"], params["read_out"]
   tokens = jnp.stack([xs, jnp.zeros_like(xs).at[..., 0].set(ys)], axis=2).reshape(2, 22, -1)
-  np.testing.assert_allclose(hidden[0], tokens @ read_in["kernel"] + read_in["bias"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(hidden[0], tokens @ read_in["kernel"] + read_in["bias"][None, None], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(hidden[-1][:, ::2] @ read_out["kernel"][:, 0] + read_out["bias"][0], preds,
                              rtol=1e-5, atol=1e-6)
   assert np.all(np.abs(hidden[1:]) < 1)
@@ -105,10 +106,10 @@ def test_trains_through_the_shared_trainer(trained):
 
 def test_evaluator_matches_every_layer(trained):
   config, workdir, _ = trained
-  params, step = evaluate.load_params(config, workdir)
+  params, step = checkpointing.load_params(config, workdir)
   assert step == config.train.num_steps
-  results = evaluate.Evaluator(config)(params)
+  results = probing.Evaluator(config)(params)
   assert results["layers"] == [1, 2]
-  for grid in evaluate.GRIDS:
+  for grid in probing.GRIDS:
     assert len(results["best_match"][grid]) == len(results["best_match_sim_w"][grid]) == config.model.num_layers
   assert np.all(np.isfinite(np.asarray(results["sim_w"]["newton"])))

@@ -30,13 +30,15 @@ MIN_IMAGES = {"quickstart": 10, "paper_figures": 5, "theory": 4}
 
 def kernel_env() -> dict[str, str]:
   """This process's environment, with the repository on PYTHONPATH (so the notebooks' install cell is a no-op)
-  and without conftest.py's 8 fake CPU devices: a notebook sees the machine as a user's runtime would."""
+  and without conftest.py's 8 fake CPU devices and strict rank promotion: a notebook sees the machine as a user's
+  runtime would."""
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   if flags:
     env["XLA_FLAGS"] = " ".join(flags)
   else:
     env.pop("XLA_FLAGS", None)
+  env.pop("JAX_NUMPY_RANK_PROMOTION", None)  # conftest.py's strict broadcasting is for the package's code.
   env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from icl_jax import config_checks
-from icl_jax import sweep
-from icl_jax import sweep_report
+from icl_jax.sweeps import grid as sweep
+from icl_jax.sweeps import report as sweep_report
 from tests import tiny_config
 
 

@@ -1,6 +1,5 @@
 """The training loop: multi-device equality, resume, config changes, non-finite losses, checkpoints."""
 
-import json
 
 import jax
 import numpy as np
@@ -11,26 +10,15 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
-
-
-def _losses(workdir):
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [r["step"] for r in records], np.asarray([r["loss"] for r in records])
-
-
-def _final_params(config, workdir, devices=None):
-  mesh = train.make_mesh(jax.devices() if devices is None else devices)
-  like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
-  with checkpointing.Checkpoints(workdir / "checkpoints", config.train) as checkpoints:
-    return checkpoints.restore(checkpoints.latest_step(), like)
+from tests import helpers
 
 
 def test_eight_devices_give_the_losses_of_one(tiny, tmp_path):
   assert jax.device_count() == 8
   one = train.train_and_evaluate(tiny, tmp_path / "one", devices=jax.devices()[:1])
   eight = train.train_and_evaluate(tiny, tmp_path / "eight")
-  steps1, losses1 = _losses(tmp_path / "one")
-  steps8, losses8 = _losses(tmp_path / "eight")
+  steps1, losses1 = helpers.losses(tmp_path / "one")
+  steps8, losses8 = helpers.losses(tmp_path / "eight")
   assert steps1 == steps8 == list(range(1, 9))
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
   assert len(set(losses1.tolist())) == len(losses1)  # The data really changes every step.
@@ -47,18 +35,18 @@ def test_resume_is_bit_identical_and_works_on_another_device_count(tiny, tmp_pat
   train.train_and_evaluate(short, tmp_path / "resumed", allow_config_change=True)
   _delete_checkpoint(tmp_path / "resumed", 6)
   resumed = train.train_and_evaluate(tiny, tmp_path / "resumed", allow_config_change=True)
-  steps, losses = _losses(tmp_path / "resumed")
+  steps, losses = helpers.losses(tmp_path / "resumed")
   assert steps == list(range(1, 9))  # Records of the abandoned steps 5-6 were replaced, not duplicated.
-  np.testing.assert_array_equal(losses, _losses(tmp_path / "straight")[1])
+  np.testing.assert_array_equal(losses, helpers.losses(tmp_path / "straight")[1])
   assert resumed["final"] == straight["final"]
-  a, b = _final_params(tiny, tmp_path / "straight"), _final_params(tiny, tmp_path / "resumed")
+  a, b = helpers.final_state(tiny, tmp_path / "straight"), helpers.final_state(tiny, tmp_path / "resumed")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
   # The 8-device checkpoint restores onto 2 devices, which continue with the same losses.
   tiny.train.num_steps = 12
   train.train_and_evaluate(tiny, tmp_path / "straight", devices=jax.devices()[:2], allow_config_change=True)
   eight = tmp_path / "eight12"
   train.train_and_evaluate(tiny, eight)
-  np.testing.assert_allclose(_losses(tmp_path / "straight")[1], _losses(eight)[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(helpers.losses(tmp_path / "straight")[1], helpers.losses(eight)[1], rtol=1e-5, atol=1e-6)
 
 
 def _delete_checkpoint(workdir, step):
@@ -80,14 +68,14 @@ def test_resume_with_a_different_config_lists_the_fields(tiny, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
   train.train_and_evaluate(tiny, tmp_path)  # Checkpoints at steps 4 and 8.
-  good = jax.device_get(_final_params(tiny, tmp_path))
+  good = jax.device_get(helpers.final_state(tiny, tmp_path))
   tiny.train.num_steps = 16
   tiny.train.learning_rate = 1e30
   with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 9"):
     train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
   with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
     assert checkpoints.latest_step() == 8
-  jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(_final_params(tiny, tmp_path)))
+  jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(helpers.final_state(tiny, tmp_path)))
 
 
 def test_checkpoint_retention_keeps_the_last_k_and_every_period(tiny, tmp_path):
@@ -122,3 +110,24 @@ def test_resume_accepts_changed_evaluation_settings(tiny, tmp_path):
   assert "eval." not in str(info.value)
   tiny.train.num_steps = 8
   assert train.train_and_evaluate(tiny, tmp_path)["step"] == 8
+
+
+# One step of tests/tiny_config.py on one CPU device, recorded with jax 0.10.2 (float32). The model, the data
+# stream, the loss and the optimiser each move these; a different XLA reduction order moves them by ~1e-7.
+PINNED_FIRST_STEP = {"loss": 2.114107131958008, "grad_norm": 3.3256278038024902, "param_change_l1": 6.731855222955346}
+
+
+def test_first_training_step_is_pinned(tiny):
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = models.build_model(tiny.model)
+  optimizer = optim.make_optimizer(tiny.train)
+  run_chunk = train_step.make_train_chunk(tiny, model, optimizer, optim.learning_rate_schedule(tiny.train), mesh)
+  initial = jax.device_get(train_step.init_state(tiny, model, optimizer, mesh).params)
+  state, metrics = run_chunk(train_step.init_state(tiny, model, optimizer, mesh), 1)
+  change = sum(float(np.sum(np.abs(a - b))) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                                                             jax.tree.leaves(initial)))
+  measured = {"loss": float(metrics["loss"][0]), "grad_norm": float(metrics["grad_norm"][0]),
+              "param_change_l1": change}
+  for name, value in PINNED_FIRST_STEP.items():
+    np.testing.assert_allclose(measured[name], value, rtol=1e-5, err_msg=name)
+  assert (int(metrics["n_dims"][0]), int(metrics["n_points"][0])) == (2, 4)  # The curriculum's first sizes.

@@ -5,12 +5,11 @@ look inside: `model.apply({"params": params}, xs [B, N, D], ys [B, N])` returns 
 prediction for y_i uses (x_1, y_1, ..., x_i)), and `return_hidden=True` also returns each layer's hidden
 state [L + 1, B, T, width]. For the evaluator's induced weights (SimW), `queries=` [B, N, Q, D] returns
 `gpt2.QueryOutputs`: each query predicted from the points before its prefix, as if it stood in x_n's place.
-A new family registers a `Family` here; nothing else changes.
+A new family registers a `Family` here, and its evaluation in `icl_jax.analysis.evaluate.EVALUATIONS`.
 
 Exception: "lsa" (Ahn et al.'s linear self-attention, models/lsa.py) returns each prefix's matrix Z_l as its
-hidden states, [L + 1, B, N, d + 1, N], so the per-layer probes of the evaluator do not apply to it: its
-`Family.evaluate` is `icl_jax.lsa_analysis`, which reads the learned preconditioners off the weights, and
-`--mode=eval` runs that instead.
+hidden states, [L + 1, B, N, d + 1, N], so the per-layer probes do not apply to it; the analysis package
+evaluates it by its own protocol. This package imports nothing of icl_jax outside itself.
 """
 
 from typing import Callable, NamedTuple
@@ -27,21 +26,12 @@ class Family(NamedTuple):
   build: Callable[[ml_collections.ConfigDict], nn.Module]  # config.model -> module.
   # (config.model, config.task) -> errors, each naming its field and the allowed values.
   validate: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], list[str]]
-  # (config, workdir, params) -> results: the family's own evaluation, replacing the per-layer probes of
-  # `icl_jax.evaluate` (None: those probes apply).
-  evaluate: Callable | None = None
-
-
-def _lsa_analysis(config, workdir, params):
-  from icl_jax import lsa_analysis  # Imported on use: it imports the evaluator, which imports this module.
-
-  return lsa_analysis.run(config, workdir, num_prompts=config.eval.num_prompts, params=params)
 
 
 REGISTRY: dict[str, Family] = {
     "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
     "lstm": Family(build=lambda model: lstm.LSTMRegressor(model), validate=lstm.validate),
-    "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate, evaluate=_lsa_analysis),
+    "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate),
 }
 
 

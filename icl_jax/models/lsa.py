@@ -1,45 +1,21 @@
-"""Ahn et al. 2023's linear self-attention (LSA) for in-context linear regression, with the project's interface.
+"""Ahn et al. 2023's linear self-attention (LSA), with the project's interface (README, "Other model families").
 
-The network (Ahn et al. §2, and `icl_jax.constructions.lsa_forward`, whose conventions this follows exactly):
-a prompt of n points and a query is the matrix Z_0 = [x_1 ... x_n x_query; y_1 ... y_n 0] of d + 1 rows and
-n + 1 columns (a token is a column), and each of the L layers adds
+Z_0 = [x_1 ... x_n x_query; y_1 ... y_n 0] ((d + 1) x (n + 1), a token is a column) and each of the L layers
+adds Z_{l+1} = Z_l + (1/n) P_l Z_l M (Z_l^T Q_l Z_l), M = diag(I_n, 0) (the query's unknown label never feeds
+back); the prediction is -[Z_L]_{d+1,n+1}. The conventions are those of `analysis.constructions.lsa_forward`.
 
-  Z_{l+1} = Z_l + (1/n) P_l Z_l M (Z_l^T Q_l Z_l),    M = diag(I_n, 0),
+Parameters: per layer the d x d matrices `A` and `B` of Ahn et al.'s code (allparam[l, 0, 1] and [l, 0, 0]),
+embedded as P_l = [B_l 0; 0 1] and Q_l = [A_l^T 0; 0 0] (the code keeps tokens as rows, so its Q is the
+transpose). `model.lsa_sparse=True` (their Theorem 3's form) has P_l = [0 0; 0 1] and only A trained; layer l
+is then the step w <- w - (-A_l) grad R(w) of preconditioned GD. Entries start N(0, lsa_init_std^2) (the code's
+`normal_(0, 1e-4)` takes 1e-4 as the standard deviation).
 
-where the mask M keeps the query's column (whose label is unknown) out of the values. The prediction for the
-query's label is -[Z_L]_{d+1,n+1}: minus the last row of the query's column.
-
-Parameters (Ahn et al.'s code, chengxiang/LinearTransformer `attention`/`Transformer_F`): per layer two d x d
-matrices, `A` and `B`, embedded as
-
-  P_l = [B_l 0; 0 1],    Q_l = [A_l^T 0; 0 0]    (both (d + 1) x (d + 1)).
-
-The code keeps tokens as rows and computes Z Q_code Z^T, so its Q_code = [A 0; 0 0] is the transpose of the
-paper's column-convention Q above: `A` and `B` here are exactly its allparam[l, 0, 1] and allparam[l, 0, 0], and
-A is what Ahn et al.'s figures show (Fig. 2: Sigma^1/2 A_i Sigma^1/2 ~ a_i I with a_i < 0). The "full"
-parameterisation (the paper's eq. 11) trains A and B; `model.lsa_sparse=True` is the sparse form (eq. 8),
-P_l = [0 0; 0 1] and Q_l = [A_l^T 0; 0 0], with only A trained (B is not a parameter at all, where the code
-zeroes it after every step). In the sparse form layer l is one step of preconditioned gradient descent
-w <- w - (-A_l) grad R(w), R(w) = (1/2n) sum_i (w.x_i - y_i)^2 (Ahn et al.'s Lemma 1), so the preconditioner is
--A_l: `constructions.preconditioned_gd_lsa_weights([G])` is A = -G, and a negative a_i is a positive step.
-Initialisation: N(0, init_std^2) entries with `model.lsa_init_std` (the code's `normal_(0, var)` with var = 1e-4
-takes var as the standard deviation, so 1e-4 is the std).
-
-The project's interface (`icl_jax.models`): `apply({"params": p}, xs [B, N, D], ys [B, N])` returns predictions
-[B, N] where position t is predicted from the t points before it. Here position t is the LSA run on the prefix
-of t context points with x_t as the query: keys and values are columns 0..t-1, the query is column t with label
-0, columns after t are zero, and 1/n is 1/t (no context at t = 0, where the prediction is 0). All prefixes are
-evaluated at once, vmapped over t with masks. `position=t` (a possibly traced scalar) computes only prefix t
-and returns [B]: the trainer's last-position loss (`train.loss_positions="last"`) uses it, through the class
-attribute `predicts_one_position`, and skips the N - 1 other prefixes.
-
-`return_hidden=True` returns (predictions [B, N], hidden [L + 1, B, N, D + 1, N]): hidden[l, b, t] is Z_l of
-prompt b's prefix t (rows x, y; columns 0..t-1 the context, column t the query, later columns zero). These are
-not GPT-2's token states [L + 1, B, 2N, width], so the per-layer probes of `icl_jax.evaluate`/`icl_jax.probes`
-(and `--mode=eval`) do not apply to this family; `icl_jax.lsa_analysis` reads the weights instead.
-
-Cost: the layers are computed in blocks (`prefix_forward`): O(d N) per layer and prefix in the sparse form, O(d^2 N)
-in the full form, instead of the O(d N^2) of forming Z^T Q Z.
+Interface: position t of `apply(..., xs [B, N, D], ys [B, N])` -> [B, N] is the LSA on the prefix of t context
+points with x_t as the query (1/n is 1/t; t = 0 predicts 0), all prefixes at once, vmapped over t with masks.
+`position=t` computes prefix t only ([B]; the last-position loss uses it via `predicts_one_position`).
+`return_hidden=True` also returns hidden [L + 1, B, N, D + 1, N], Z_l of every prefix, which the per-layer
+probes do not apply to: this family is evaluated by `analysis.lsa_analysis`. `prefix_forward` computes the
+layers in blocks, O(d N) per layer and prefix in the sparse form (O(d^2 N) in the full form).
 """
 
 from typing import ClassVar
@@ -79,13 +55,13 @@ def prefix_forward(xs_BxDxN: jax.Array, ys_BxN: jax.Array, t: jax.Array,
   n = xs_BxDxN.shape[-1]
   columns_N = jnp.arange(n)
   context_N = (columns_N < t).astype(xs_BxDxN.dtype)
-  x_BxDxN = xs_BxDxN * (columns_N <= t).astype(xs_BxDxN.dtype)
-  y_BxN = ys_BxN * context_N
+  x_BxDxN = xs_BxDxN * (columns_N <= t).astype(xs_BxDxN.dtype)[None, None]
+  y_BxN = ys_BxN * context_N[None]
   scale = 1.0 / jnp.maximum(t, 1).astype(xs_BxDxN.dtype)
   stack = lambda x_BxDxN, y_BxN: jnp.concatenate([x_BxDxN, y_BxN[:, None]], axis=1)
   zs = [stack(x_BxDxN, y_BxN)]
   for a_DxD, b_DxD in layers:
-    xc_BxDxN = x_BxDxN * context_N
+    xc_BxDxN = x_BxDxN * context_N[None, None]
     u_BxD = jnp.einsum("bdn,bn->bd", xc_BxDxN, y_BxN) @ a_DxD.T  # A X_c y_c.
     new_y_BxN = y_BxN + jnp.einsum("bd,bdn->bn", u_BxD, x_BxDxN) * scale
     if b_DxD is not None:

@@ -9,7 +9,7 @@ The cell is torch.nn.LSTM's, which Fu et al.'s baseline presumably used (their c
 gates (input, forget, cell, output) = W_ih h_below + b_ih + W_hh h_prev + b_hh, every weight and bias
 initialised U(+-1/sqrt(W)), no forget-gate bias offset. It keeps torch's two bias vectors per layer, so a layer
 has 4 (W_in W + W^2 + 2 W) parameters and the paper-size model (d = 20, 10 layers, W = 256) has torch's
-5,268,993, the 5.27M of papers.md §1.4. (Flax's LSTMCell has one bias: 10,240 fewer at that size, the same
+5,268,993, the 5.27M of Fu et al.'s App. A.1. (Flax's LSTMCell has one bias: 10,240 fewer at that size, the same
 function class.) `kernel_ih` and `kernel_hh` are torch's `weight_ih_l{k}` and `weight_hh_l{k}` transposed, with
 the gates in torch's order i, f, g, o.
 
@@ -50,7 +50,7 @@ class LSTMLayer(nn.Module):
     bias_4W = self.param("bias_ih", init, (4 * w,)) + self.param("bias_hh", init, (4 * w,))
     # The input projections of all tokens in one large matmul, outside the recurrence: only h @ kernel_hh is
     # sequential.
-    inputs_TxBx4W = jnp.einsum("bti,ig->tbg", h_BxTxI, kernel_ih) + bias_4W
+    inputs_TxBx4W = jnp.einsum("bti,ig->tbg", h_BxTxI, kernel_ih) + bias_4W[None, None]
 
     def step(carry, inputs_Bx4W):
       h_BxW, c_BxW = _cell(inputs_Bx4W + carry[0] @ kernel_hh, carry[1])
@@ -68,7 +68,7 @@ class LSTMLayer(nn.Module):
     h_NxBxW = jnp.concatenate([zeros_BxW[None], h_TxBxW[1:-1:2]])
     c_NxBxW = jnp.concatenate([zeros_BxW[None], c_TxBxW[1:-1:2]])
     recurrent_BxNx1x4W = jnp.einsum("nbw,wg->bng", h_NxBxW, kernel_hh)[:, :, None]
-    g_BxNxQxW, _ = _cell(g_BxNxQxI @ kernel_ih + bias_4W + recurrent_BxNx1x4W,
+    g_BxNxQxW, _ = _cell(g_BxNxQxI @ kernel_ih + bias_4W[None, None, None] + recurrent_BxNx1x4W,
                          jnp.swapaxes(c_NxBxW, 0, 1)[:, :, None])
     return out_BxTxW, g_BxNxQxW
 

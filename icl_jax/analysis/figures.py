@@ -1,7 +1,7 @@
 """Fu et al. (2024)'s figures from `evaluate`'s results: error/d against layer and against context length,
 SimE and SimW heatmaps with each layer's best match, and the best-matching steps per layer with their fits.
 
-`write_all(results, out_dir)` takes the dict that icl_jax/evaluate.py writes as results.json (plain lists)
+`write_all(results, out_dir)` takes the dict that `probing.evaluate` writes as results.json (plain lists)
 and writes every figure as PNG and PDF. The figures are built with matplotlib's object API (`Figure`), which
 needs no backend and registers nothing with pyplot: a figure is freed once its last reference goes, so
 nothing stays open after saving, even in a long training process.

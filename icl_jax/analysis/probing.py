@@ -1,10 +1,8 @@
-"""`evaluate(config, workdir)`: which algorithm each layer's predictions follow (Fu et al. 2024's protocol).
+"""Fu et al. 2024's per-layer protocol: which algorithm each layer's predictions follow (README, "Evaluation").
 
-On `eval.num_prompts` fresh full-size prompts: each layer's read-out (icl_jax/probes.py) and each algorithm
-setting (OLS, Iterative Newton 1..23 steps, GD on Fu et al.'s linear and log grids, online GD) predict every
-position from the points before it. The results are error/d against context length with bootstrap intervals,
-SimE and SimW for every layer x setting, the best-matching steps per layer with their fits, and a Table-1
-summary. Everything goes to WORKDIR/eval/results.json, and the figures next to it.
+Each layer's read-out (`probes`) and each algorithm setting (`algorithm_weights`) predict every position of
+`eval.num_prompts` fresh prompts from the points before it; `Evaluator` compares them (error/d, SimE, SimW, best
+matches and their fits) and `evaluate` writes WORKDIR/eval/results.json and the figures.
 """
 
 import json
@@ -17,16 +15,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from icl_jax import algorithms
 from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import data
+from icl_jax import datasets
 from icl_jax import models
-from icl_jax import optim
-from icl_jax import probes
 from icl_jax import run_logs
-from icl_jax import similarity
 from icl_jax import train_step
+from icl_jax.analysis import algorithms
+from icl_jax.analysis import figures
+from icl_jax.analysis import probes
+from icl_jax.analysis import similarity
 
 GRIDS = ("newton", "gd", "gd_log")  # Algorithm families with a grid of steps; each layer gets a best match.
 SINGLE = ("least_squares", "online_gd")  # Algorithms without steps.
@@ -36,24 +35,6 @@ def eval_keys(seed: int) -> dict[str, jax.Array]:
   """Independent streams: evaluation prompts, probe-fitting prompts, SimW prompts, bootstrap draws."""
   names = ("prompts", "probes", "sim_w", "bootstrap")
   return dict(zip(names, jax.random.split(train_step.run_keys(seed)["eval"], len(names))))
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int | None]:
-  """The parameters of the latest checkpoint in `workdir` and its step, or of a converted Garg et al.
-  checkpoint (`python -m icl_jax.garg_checkpoint`; step None)."""
-  if (workdir / "garg_params").exists():
-    from icl_jax import garg_checkpoint
-
-    return garg_checkpoint.load_params(workdir), None
-  directory = workdir / "checkpoints"
-  with checkpointing.Checkpoints(directory, config.train) as checkpoints:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first, or convert Garg et al.'s "
-                              "checkpoint with `python -m icl_jax.garg_checkpoint`.")
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train_step.AXIS,))
-    like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
-    return checkpoints.restore(step, like).params, step
 
 
 class _Programs:
@@ -116,36 +97,31 @@ class _Programs:
     return np.concatenate([np.asarray(p) for p in parts], axis=1), prompts
 
 
-def algorithm_predictions(config, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
-  """Predictions [K, B, N] of every algorithm setting (K = 1 for those without steps)."""
+def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, jax.Array]:
+  """Every algorithm setting's estimate on every prefix, [B, K, T, D] (K = 1 for those without steps)."""
   e = config.eval
-  newton_BxKxN = algorithms.prefix_iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha)[:, 1:]
-  preds = {
-      "newton": newton_BxKxN,
-      "gd": algorithms.prefix_gradient_descent_at(xs_BxNxD, ys_BxN, tuple(e.gd_steps), e.gd_learning_rate,
-                                                  e.gd_gradient_scale),
-      "gd_log": algorithms.prefix_gradient_descent_at(xs_BxNxD, ys_BxN, tuple(e.gd_log_steps), e.gd_learning_rate,
-                                                      e.gd_gradient_scale),
-      "least_squares": algorithms.prefix_least_squares(xs_BxNxD, ys_BxN)[:, None],
-      "online_gd": algorithms.prefix_online_gradient_descent(xs_BxNxD, ys_BxN)[:, None],
+  return {
+      "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha)[:, 1:],
+      "gd": algorithms.gradient_descent(xs_BxNxD, ys_BxN, e.gd_steps, e.gd_learning_rate, e.gd_gradient_scale),
+      "gd_log": algorithms.gradient_descent(xs_BxNxD, ys_BxN, e.gd_log_steps, e.gd_learning_rate,
+                                            e.gd_gradient_scale),
+      "least_squares": algorithms.least_squares(xs_BxNxD, ys_BxN)[:, None],
+      "online_gd": algorithms.online_gradient_descent(xs_BxNxD, ys_BxN)[:, None],
   }
-  return {name: np.asarray(jnp.swapaxes(p, 0, 1)) for name, p in preds.items()}
 
 
-def algorithm_weights(config, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
-  """Every algorithm setting's estimate on every prefix, [K, B, N, D]: its induced weights, exactly (the fit of
-  Fu et al.'s eq. 7 recovers them from >= d queries, as the algorithms are linear in the query)."""
-  e = config.eval
-  weights = {
-      "newton": algorithms.prefix_iterative_newton_weights(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha)[:, 1:],
-      "gd": algorithms.prefix_gradient_descent_at_weights(xs_BxNxD, ys_BxN, tuple(e.gd_steps), e.gd_learning_rate,
-                                                          e.gd_gradient_scale),
-      "gd_log": algorithms.prefix_gradient_descent_at_weights(xs_BxNxD, ys_BxN, tuple(e.gd_log_steps),
-                                                              e.gd_learning_rate, e.gd_gradient_scale),
-      "least_squares": algorithms.prefix_least_squares_weights(xs_BxNxD, ys_BxN)[:, None],
-      "online_gd": algorithms.prefix_online_gradient_descent_weights(xs_BxNxD, ys_BxN)[:, None],
-  }
-  return {name: np.asarray(jnp.swapaxes(w, 0, 1)) for name, w in weights.items()}
+def algorithm_predictions(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
+  """Predictions [K, B, N] of every algorithm setting, from its weights."""
+  return {name: np.asarray(jnp.swapaxes(algorithms.predict(ws, xs_BxNxD), 0, 1))
+          for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()}
+
+
+def algorithm_induced_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
+  """Every algorithm setting's estimate before each position t = 0..N-1, [K, B, N, D]: its induced weights,
+  exactly (the fit of Fu et al.'s eq. 7 recovers them from >= d queries, as the algorithms are linear in the
+  query)."""
+  return {name: np.asarray(jnp.swapaxes(ws[:, :, :-1], 0, 1))
+          for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()}
 
 
 def _steps(config, name) -> list[int]:
@@ -175,8 +151,6 @@ def dataset_prompts(config: ml_collections.ConfigDict) -> data.Batch:
   errors = config_checks.dataset_errors(config)
   if errors:
     raise config_checks.ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
-  from icl_jax import datasets  # TFDS is only needed here.
-
   arrays = datasets.load_prompts(config.eval.dataset_dir, config.eval.dataset_setting)
   return data.Batch(*(jnp.asarray(a[:config.eval.num_prompts]) for a in arrays))
 
@@ -219,7 +193,7 @@ class Evaluator:
     clock.lap("metrics_s", sim_e)
 
     layer_weights, sim_w_prompts = programs.layer_induced_weights(params, readouts, keys["sim_w"])
-    weights = algorithm_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
+    weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
     sim_w = {k: similarity.similarity_of_weights(layer_weights, w) for k, w in weights.items()}
     clock.lap("sim_w_s", sim_w)
     results = _summarise(config, error, sim_e, sim_w, clock.laps)
@@ -269,17 +243,11 @@ def _summarise(config, error, sim_e, sim_w, timings) -> dict:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir, params: dict | None = None) -> dict:
-  """Evaluates the latest checkpoint in `workdir` (or `params`); writes WORKDIR/eval/results.json and figures.
-  A family with its own analysis (`models.Family.evaluate`, e.g. the LSA's) runs that instead."""
-  from icl_jax import figures  # matplotlib is only needed here.
-
+  """Evaluates the latest checkpoint in `workdir` (or `params`); writes WORKDIR/eval/results.json and figures."""
   workdir = pathlib.Path(workdir)
-  family_evaluation = models.REGISTRY[config.model.family].evaluate
-  if family_evaluation is not None:
-    return family_evaluation(config, workdir, params)
   step = None
   if params is None:
-    params, step = load_params(config, workdir)
+    params, step = checkpointing.load_params(config, workdir)
   results = Evaluator(config)(params)
   results["settings"]["checkpoint_step"] = step
   out = workdir / "eval"

@@ -1,40 +1,8 @@
-"""Ahn et al. 2023's analysis of a trained linear self-attention (models/lsa.py): which preconditioner each
-layer learned, and how the model's test loss compares with the algorithms it should implement.
-
-  python -m icl_jax.main --config=configs/lsa.py:quick --workdir=DIR          # train
-  python -m icl_jax.lsa_analysis --config=configs/lsa.py:quick --workdir=DIR  # analyse its latest checkpoint
-
-writes DIR/lsa_analysis/results.json and the figures lsa_analysis.{png,pdf} (test loss against context
-length; a_i and Dist per layer next to the paper's) and lsa_matrices.{png,pdf} (each Sigma^1/2 A_i Sigma^1/2).
-
-**Reading off A_i.** Layer i adds (1/n) P_i Z M Z^T Q_i Z. The prediction is read from the query's label entry
-(row d + 1, column n + 1), which receives (1/n) sum_j [P_i z_j]_{d+1} (z_j^T Q_i z_query) over the context columns
-j. P_i's last row is (0, ..., 0, p_i) and Q_i's only non-zero block is its top-left d x d block Q_i^xx, so this
-is (p_i/n) sum_j y_j x_j^T Q_i^xx x_query = x_query^T A_i ((1/n) sum_j y_j x_j) with
-
-  A_i = p_i * (Q_i^xx)^T      (paper column convention; `read_off`).
-
-For the LSA's parameterisation (p_i = 1 fixed, Q_i = [A^T 0; 0 0]) this is exactly the trained matrix
-`params["layer_{i}"]["A"]`, Ahn et al.'s code's allparam[i, 0, 1]. In the sparse form the x rows never change,
-the context labels hold the residuals y_j - w_i.x_j, and layer i is the step w <- w - (-A_i) grad R(w) of
-preconditioned GD (Lemma 1). In the full form P_i = [B_i 0; 0 1] also moves the x rows, so A_i acts on the x's as
-transformed by the B's of the earlier layers (the paper reads A_i off the same way; b_i = tr(B_i)/d and
-Dist(B_i, I) are reported too; the last layer's B never reaches the prediction and keeps its initial value).
-
-**Theorem 3** (x ~ N(0, Sigma), w ~ N(0, Sigma^-1)) says A_i = a_i Sigma^-1 are critical points, i.e.
-M_i = Sigma^1/2 A_i Sigma^1/2 = a_i I. For each layer this reports the best a_i = argmin_a ||M_i - a I||_F =
-tr(M_i)/d and Dist(M_i, I) = min_a ||M_i - a I||_F / ||M_i||_F (Ahn et al.'s metric and their code's
-`compute_dist_identity`), next to Dist(A_i, I) without the Sigma scaling for contrast. Signs: a_i is in the
-convention of the paper's Fig. 2 (a_i < 0), so -a_i is the step size of Sigma^-1-preconditioned GD. Order: the
-steps (I - eta_i Sigma^-1 S/n) commute, so any permutation of the a_i over the layers gives the same predictions,
-and training may land on another order than the paper's (e.g. -0.43, -0.69, -1.71); `a_sorted` compares the sets.
-
-**Test loss** (Ahn et al.'s App. D): mean squared error of the prediction from t context points, t = 0..N-1, on
-fresh prompts of the run's distribution, for the trained model, L-step GD preconditioned by Sigma^-1 and plain
-L-step GD (gradient of R(w) = (1/2t) sum_j (w.x_j - y_j)^2; each with one step size, tuned by grid search for the
-lowest loss at the full context on separate tuning prompts), L-step Sigma^-1-preconditioned GD with the learned
-per-layer steps -a_i (the sparse LSA with A_i = a_i Sigma^-1 exactly; sparse form only), and least squares
-(minimum-norm for t < d).
+"""Ahn et al. 2023's analysis of a trained linear self-attention (models/lsa.py): which preconditioner A_i each
+layer learned (a_i and Dist(Sigma^1/2 A_i Sigma^1/2, I), Theorem 3) and how its test loss compares with
+(preconditioned) GD and least squares. `--mode=eval` on an LSA run calls `evaluate`, which writes
+WORKDIR/lsa_analysis/results.json and the figures lsa_analysis.{png,pdf} and lsa_matrices.{png,pdf}. README
+("Other model families") says how A_i is read off the weights and what each number means.
 """
 
 import json
@@ -46,19 +14,16 @@ import matplotlib
 import matplotlib.ticker
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
 from absl import logging
 from matplotlib.figure import Figure
-from ml_collections import config_flags
 
-from icl_jax import algorithms
+from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import data
-from icl_jax import evaluate
 from icl_jax import models
 from icl_jax import run_logs
 from icl_jax import train_step
+from icl_jax.analysis import algorithms
 from icl_jax.models import lsa
 
 # Ahn et al.'s Fig. 2 (§4.3, d = 5, n = 20, L = 3, Sigma = U^T diag(1, 1, 0.25, 0.0625, 1) U, sparse form).
@@ -67,7 +32,7 @@ PAPER_A = (-0.69, -0.43, -1.71)
 # preconditioning), so steps beyond ~2 / lambda_max diverge; the grid spans well past both ends.
 STEP_GRID = tuple(float(v) for v in np.geomspace(0.01, 4.0, 121))
 DPI = 150
-_FLAGS = {}
+TUNE_PROMPTS = 2048  # Prompts of the step-size search, apart from the test prompts.
 
 
 def read_off(params: dict) -> list[np.ndarray]:
@@ -129,8 +94,8 @@ def _gd_predictions(num_steps: int, preconditioner_DxD):
 
   @jax.jit
   def predict(xs, ys, learning_rate):
-    return algorithms.prefix_preconditioned_gradient_descent(xs, ys, num_steps, preconditioner_DxD, learning_rate,
-                                                             "mean")[:, -1]
+    ws = algorithms.gradient_descent(xs, ys, (num_steps,), learning_rate, "mean", preconditioner_DxD)
+    return algorithms.predict(ws, xs)[:, 0]
 
   return predict
 
@@ -176,7 +141,8 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
     planted = lsa.params_from_preconditioners([-layer["a"] * sigma_inv_DxD for layer in layers])
     errors["preconditioned_gd_learned_steps"] = _squared_errors(
         _batched(jax.jit(lambda xs, ys: sparse.apply({"params": planted}, xs, ys)), test), test)
-  errors["least_squares"] = _squared_errors(_batched(algorithms.prefix_least_squares, test), test)
+  least_squares = jax.jit(lambda xs, ys: algorithms.predict(algorithms.least_squares(xs, ys), xs))
+  errors["least_squares"] = _squared_errors(_batched(least_squares, test), test)
   errors["zero"] = np.square(np.asarray(test.ys_BxN, np.float64))
 
   test_loss = {name: {"mean": e.mean(0).tolist(), "standard_error": (e.std(0, ddof=1) / np.sqrt(len(e))).tolist()}
@@ -299,16 +265,15 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   return paths
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_prompts: int = 4096,
-        tune_prompts: int = 2048, params: dict | None = None) -> dict:
-  """Analyses the latest checkpoint in `workdir` (or `params`); writes workdir/lsa_analysis/ and returns the
-  results. Also what `--mode=eval` runs for this family (`models.Family.evaluate`)."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, params: dict | None = None) -> dict:
+  """Analyses the latest checkpoint in `workdir` (or `params`) on `config.eval.num_prompts` test prompts; writes
+  WORKDIR/lsa_analysis/ and returns the results."""
   config_checks.validate(config, num_devices=1)
   workdir = pathlib.Path(workdir)
   step = None
   if params is None:
-    params, step = evaluate.load_params(config, workdir)
-  results = analyse(config, jax.device_get(params), num_prompts, tune_prompts)
+    params, step = checkpointing.load_params(config, workdir)
+  results = analyse(config, jax.device_get(params), config.eval.num_prompts, TUNE_PROMPTS)
   results["step"] = step
   if run_logs.is_writer():
     write(results, workdir / "lsa_analysis")
@@ -332,26 +297,3 @@ def summary_lines(results: dict) -> list[str]:
   lines.append("test loss at t = {}: ".format(results["context_lengths"][-1]) +
                ", ".join(f"{name} {value:.4g}" for name, value in final.items()))
   return lines
-
-
-def _define_flags() -> None:
-  _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "The run's config, e.g. configs/lsa.py:quick.",
-                                                     lock_config=True)
-  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "The run's directory (its latest checkpoint is read).")
-  _FLAGS["num_prompts"] = flags.DEFINE_integer("num_prompts", 4096, "Fresh test prompts for the loss curves.")
-  _FLAGS["tune_prompts"] = flags.DEFINE_integer("tune_prompts", 2048, "Other prompts for the step-size search.")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  results = run(_FLAGS["config"].value, _FLAGS["workdir"].value, _FLAGS["num_prompts"].value,
-                _FLAGS["tune_prompts"].value)
-  for line in summary_lines(results):
-    print(line)
-
-
-if __name__ == "__main__":
-  _define_flags()
-  app.run(main)

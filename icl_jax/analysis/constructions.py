@@ -1,63 +1,21 @@
-"""Explicit transformer weights that run the reference algorithms exactly: the algorithms are expressible.
+"""Explicit transformer weights that run the reference algorithms exactly (README, "Constructions").
 
 Conventions: B prompts, n context points, D dimensions, T = n + 1 tokens (the n points and one query), R rows
 of the residual stream, H heads, A query/key width, F MLP width, E = D + 1 rows of Ahn et al.'s Z. A token is a
 column, as in the papers.
 
-1. Iterative Newton by ReLU-attention transformer blocks (Fu et al. 2024, Theorem 5.1 and App. B).
-
-`transformer_forward(h_RxT, layers)` runs generic blocks, each multi-head attention over all tokens (no
-causal mask) with Fu et al.'s activation ReLU(.)/T and then a ReLU MLP, both with residual connections:
-
-  h_j <- h_j + sum_heads sum_i V h_i ReLU((K h_i) . (Q h_j)) / T,    then    h <- h + W_out ReLU(W_in h).
-
-`newton_construction(d, n, num_steps, alpha)` gives the weights. Token i holds the rows (4 d + 3 = O(d) in all)
-
-  x (d) | y (1) | x_query (d) | t (d) | w (d) | prediction (1) | one (1)
-
-with x_i, y_i for a context point and x_query for the query, every other row 0 except one = 1. The query's x
-has rows of its own so that it never enters S = X^T X; the rows t carry t_i = M_k x_i, i.e. the columns of
-M_k X^T. Every attention layer has two heads that compute one bilinear product exactly, ReLU(a) - ReLU(-a) = a:
-
-  layer 1           t_i = alpha sum_l x_l (x_l . x_i) = M_0 x_i                              (M_0 = alpha S)
-  layers 2..k+1     attention t_i -= (1/2) sum_l t_l (t_l . x_i) = (1/2) M S M x_i with M = M_k (symmetric, so
-                    sum_l t_l t_l^T = M S M), then the MLP doubles t: t_i = 2 M x_i - M S M x_i = M_{k+1} x_i
-  layer k+2         w = sum_l t_l y_l = M_k X^T y = w_k, on every token (the score is y_l times the row one)
-  layer k+3         prediction = x_query . w on the query token (the value is the row one)
-
-so k Newton steps take k + 3 layers, of width 4 d + 3, two heads each, and an MLP (width 2 d) only in the
-Newton layers. What differs from the paper's proof, and why:
-
-  * Sign slip in the Newton layer. Fu et al. (as recorded in the research notes, papers.md §1.7) take the
-    scores Q~_1^T K~_1 = I and Q~_2^T K~_2 = -I with the same value matrix in both heads, V_1 = V_2. Then the
-    heads sum to ReLU(a) v + ReLU(-a) v = |a| v, and the layer computes 2 t_i + sum_l t_l |x_i . t_l| (after the
-    MLP's doubling) instead of 2 t_i - M S M x_i. The fix is V_2 = -V_1: ReLU(a) v - ReLU(-a) v = a v.
-    Everything else in their Newton layer is right as it stands: the scale -n/2 on the query (-T/2 here, as
-    our activation divides by all T = n + 1 tokens, the query's included) and an MLP that adds the t block
-    back, which doubles the halved update. tests/test_constructions.py checks both the fix and what V_1 = V_2 computes.
-  * alpha is a given scalar folded into layer 1's query weights, not computed by the network: Fu et al.'s
-    code's alpha = 1 / ||S S^T||_F needs a square root and a division, which no finite stack of ReLU
-    attention and ReLU MLPs computes exactly (its outputs are piecewise polynomial in the prompt). Any alpha
-    in (0, 2 / lambda_max(S)^2) makes the iteration converge, so a bound known in advance gives
-    prompt-independent weights; `newton_transformer` instead builds each prompt's weights with its own
-    alpha = 1 / ||S S^T||_F, to match algorithms.iterative_newton.
-  * k + 3 layers instead of k + 8, by simplifying the parts the proof takes from Akyurek et al.'s operators
-    (causal softmax attention, tokens x_1, y_1, x_2, ... apart). The embedding puts x_i and y_i in one token,
-    which removes the mov layers; alpha in the query weights removes the aff layer; and a ReLU head pair
-    multiplies and sums over tokens in one layer, which does the read-out's mul, sum (Lemma B.3) and mov in
-    two layers instead of five. The Newton layers, the part the theorem is about, are one layer per step as
-    in the paper. (With four heads the two read-out layers would fit in one, giving k + 2.)
-
-2. Gradient descent by linear self-attention (von Oswald et al. 2023; Ahn et al. 2023, Lemma 1).
-
-`lsa_forward(z, ps, qs)` runs Z_{l+1} = Z_l + (1/n) P_l Z_l M (Z_l^T Q_l Z_l) with the mask M = diag(I_n, 0)
-on Z_0 = [x_1 ... x_n x_query; y_1 ... y_n 0] (`lsa_prompt`). With `preconditioned_gd_lsa_weights`' sparse
-weights P_l = [0 0; 0 1] and Q_l = -[A_l^T 0; 0 0], layer l changes only the last row, by
--(1/n) sum_i y~_i x_i^T A_l^T x_j. By induction the last row holds y~_i = y_i - w_l . x_i for the context
-points and -w_l . x_query for the query, where w_{l+1} = w_l - A_l grad R(w_l), R(w) = (1/2n) sum_i
-(w . x_i - y_i)^2 and w_0 = 0. Hence Ahn et al.'s prediction -[Z_L]_{d+1,n+1} (`lsa_prediction`) is
-+x_query . w_L with the minus sign in Q; Q = +[A 0; 0 0] would ascend the loss instead. Ahn et al. write
-Q = -[A 0; 0 0] for symmetric A; the transpose makes the step A grad R for any A.
+1. Iterative Newton (Fu et al. 2024, Theorem 5.1). `transformer_forward` runs blocks of multi-head attention
+   over all tokens with the activation ReLU(.)/T, then a ReLU MLP, both residual:
+   h_j <- h_j + sum_heads sum_i V h_i ReLU((K h_i) . (Q h_j)) / T,  then  h <- h + W_out ReLU(W_in h).
+   `newton_construction(d, n, k, alpha)` gives k Newton steps in k + 3 such blocks. Token i holds the rows
+   x (d) | y (1) | x_query (d) | t (d) | w (d) | prediction (1) | one (1), and the rows t carry M_k x_i.
+   Layer 1 sets t_i = alpha S x_i = M_0 x_i; each Newton layer's attention subtracts (1/2) M S M x_i and its MLP
+   doubles t, giving M_{k+1} x_i; then w = M_k X^T y on every token, and the prediction x_query . w.
+   Every attention layer has two heads with V_2 = -V_1, so that ReLU(a) - ReLU(-a) = a is one exact product.
+2. Preconditioned GD by linear self-attention (von Oswald et al. 2023; Ahn et al. 2023, Lemma 1):
+   `lsa_forward` runs Z_{l+1} = Z_l + (1/n) P_l Z_l M (Z_l^T Q_l Z_l), M = diag(I_n, 0), and
+   `preconditioned_gd_lsa_weights` gives P_l = [0 0; 0 1], Q_l = -[A_l^T 0; 0 0]: L steps w <- w - A_l grad R(w)
+   with R(w) = (1/2n) sum_i (w . x_i - y_i)^2, read out as -[Z_L]_{d+1,n+1} = +x_query . w_L.
 """
 
 from typing import NamedTuple
@@ -199,7 +157,7 @@ def lsa_forward(z: jax.Array, ps: list[jax.Array], qs: list[jax.Array]) -> jax.A
   mask_T = jnp.ones(n + 1, z_BxExT.dtype).at[n].set(0)
   for p_ExE, q_ExE in zip(ps, qs, strict=True):
     scores_BxTxT = jnp.swapaxes(z_BxExT, 1, 2) @ q_ExE @ z_BxExT
-    z_BxExT = z_BxExT + p_ExE @ (z_BxExT * mask_T) @ scores_BxTxT / n
+    z_BxExT = z_BxExT + p_ExE @ (z_BxExT * mask_T[None, None]) @ scores_BxTxT / n
   return z_BxExT
 
 

@@ -1,0 +1,1 @@
+"""The analysis of trained models: which algorithm their predictions follow (see README, "Design")."""

@@ -1,0 +1,40 @@
+"""Helpers shared by several test modules (tests never import each other)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from icl_jax import checkpointing
+from icl_jax import config_checks
+from icl_jax import models
+from icl_jax import optim
+from icl_jax import train
+from icl_jax import train_step
+
+
+def losses(workdir):
+  """(steps, losses) of the records in WORKDIR/metrics.jsonl."""
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in records], np.asarray([r["loss"] for r in records])
+
+
+def final_state(config, workdir, devices=None):
+  """The training state of the latest checkpoint in `workdir`, restored onto `devices` (default: all)."""
+  mesh = train.make_mesh(jax.devices() if devices is None else devices)
+  like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
+  with checkpointing.Checkpoints(workdir / "checkpoints", config.train) as checkpoints:
+    return checkpoints.restore(checkpoints.latest_step(), like)
+
+
+def assert_field_error(config, field: str, value, expected: str) -> None:
+  """Setting `field` (dotted, below config) to `value` fails validation with a message containing `expected`."""
+  section, _, name = field.rpartition(".")
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  node[name] = value
+  with pytest.raises(config_checks.ConfigError) as info:
+    config_checks.validate(config, num_devices=8)
+  assert expected in str(info.value)
