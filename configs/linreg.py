@@ -115,23 +115,38 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   # "normal" (N(0, 0.01^2) kernel, zero bias, what it intends).
   evaluation.probe_init = "read_out"
   evaluation.newton_steps = 23  # Newton iterations compared: 1..newton_steps (Fu et al.: 23).
-  # Newton's M_0 = alpha S: "frobenius" alpha = 1/||SS^T||_F (Fu et al.'s code) or "spectral" 2/||SS^T||_2 (their
-  # paper; on the edge of convergence, see icl_jax/analysis/algorithms.py).
+  # Newton's M_0 = alpha S: "frobenius" alpha = 1/||SS^T||_F, "frobenius_2" 2/||SS^T||_F (Fu et al.'s code in
+  # their transformers-icl-higher-order repository) or "spectral" 2/||SS^T||_2 (their paper; on the edge of
+  # convergence, see icl_jax/analysis/algorithms.py).
   evaluation.newton_alpha = "frobenius"
   evaluation.gd_learning_rate = 0.01  # GD's step size (Fu et al.'s code: 0.01).
   # GD's gradient: "sum" X^T(Xw - y) (Fu et al.'s code) or "mean" (divided by the number of points).
   evaluation.gd_gradient_scale = "sum"
   evaluation.gd_steps = (1,) + tuple(range(50, 1301, 50))  # Fu et al.'s GD grid {1, 50, ..., 1300}.
   evaluation.gd_log_steps = tuple(2**k for k in range(13))  # Fu et al.'s log grid {2^0, ..., 2^12}.
+  # Conjugate gradient, BFGS (H_0 = I) and L-BFGS, each with exact line search on 1/2 ||Xw - y||^2 from w = 0
+  # (Fu et al. App. A.2.3; their definitions are not released): compared at 1..steps steps. All three reach
+  # least squares within d steps; L-BFGS keeps the last lbfgs_memory pairs (scipy's default, 10).
+  evaluation.cg_steps = 23
+  evaluation.bfgs_steps = 23
+  evaluation.lbfgs_steps = 23
+  evaluation.lbfgs_memory = 10
+  # Online GD: "projection" (their paper: step 1/||x_t||^2 from w = 0, each new point fit exactly) or
+  # "fixed_step" (their code: step online_gd_learning_rate from w_0 ~ U[0, 1)^d, one draw per prompt).
+  evaluation.online_gd = "projection"
+  evaluation.online_gd_learning_rate = 0.01  # Only for "fixed_step" (their code's grid: 0.01-0.05).
+  # Ridge lambda of the reference algorithms: Newton on X^T X + lambda I, GD on the loss + lambda/2 ||w||^2 and
+  # ridge least squares (Fu et al.'s noisy setting, whose lambda they do not give). 0: plain least squares.
+  evaluation.ridge = 0.0
   evaluation.sim_e_include_first = True  # SimE counts position 0 (Fu et al.'s code) or not (their paper).
   # SimW: induced weights fit by least squares to predictions on sim_w_queries fresh queries per prefix, on
   # sim_w_prompts prompts. The model's predictions are near-linear in the query (Fu et al. Fig. 27), so ~3d
   # queries pin the fit down; each query is a model token at every prefix, the evaluation's largest cost.
   evaluation.sim_w_prompts = 16
   evaluation.sim_w_queries = 64
-  # Layers (1-based, inclusive) over which best-matching steps are fit against the layer index: the linear
-  # stretch of Fu et al. §4.2 (layers 3-9 of 12).
-  evaluation.fit_layers = (3, 9)
+  # Layers (1-based, inclusive) over which best-matching steps are fit against the layer index. None: from
+  # layer L // 5 + 1 to ceil(3L / 4), i.e. 3-9 of 12, the linear stretch of Fu et al. §4.2, for any depth.
+  evaluation.fit_layers = config_dict.placeholder(tuple)
   # Prompts from JAX's PRNG may change between JAX versions; for numbers to publish, evaluate on a frozen set
   # (`python -m icl_jax.datasets.build --data_dir=DIR`): the first num_prompts prompts of setting
   # dataset_setting ("isotropic", "kappa100" or "noisy"; d and n must be the task's) in dataset_dir. ""

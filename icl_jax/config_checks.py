@@ -13,6 +13,9 @@ from icl_jax.analysis import algorithms
 from icl_jax.analysis import probes
 
 
+ONLINE_GD = ("projection", "fixed_step")  # config.eval.online_gd: Fu et al.'s paper's variant, or their code's.
+
+
 class ConfigError(ValueError):
   """An invalid configuration; the message names each offending field and its allowed values."""
 
@@ -136,9 +139,12 @@ def _ahn_errors(config) -> list[str]:
 def _eval_errors(config) -> list[str]:
   errors = []
   for field in ("num_prompts", "batch_size", "bootstrap_samples", "probe_prompts", "probe_steps", "probe_batch_size",
-                "newton_steps", "sim_w_prompts"):
+                "newton_steps", "cg_steps", "bfgs_steps", "lbfgs_steps", "lbfgs_memory", "sim_w_prompts"):
     _check_int(errors, config, f"eval.{field}", 1)
   _check_real(errors, config, "eval.probe_ridge", 0.0)
+  _check_real(errors, config, "eval.ridge", 0.0)
+  _check_choice(errors, config, "eval.online_gd", ONLINE_GD)
+  _check_real(errors, config, "eval.online_gd_learning_rate", 0.0, strict=True)
   _check_real(errors, config, "eval.probe_learning_rate", 0.0, strict=True)
   _check_real(errors, config, "eval.gd_learning_rate", 0.0, strict=True)
   confidence = config.eval.get("confidence")
@@ -158,11 +164,13 @@ def _eval_errors(config) -> list[str]:
   if _is_int(n_dims) and not (_is_int(queries) and queries >= n_dims):
     errors.append(f"config.eval.sim_w_queries = {queries!r}: must be an integer >= config.task.n_dims = {n_dims} "
                   "(the induced weights are a least-squares fit to the queries)")
-  layers, num_layers = config.eval.get("fit_layers"), config.model.get("num_layers")
-  if _is_int(num_layers) and not (isinstance(layers, (tuple, list)) and len(layers) == 2 and
-                                  all(_is_int(v) for v in layers) and 1 <= layers[0] <= layers[1] <= num_layers):
-    errors.append(f"config.eval.fit_layers = {layers!r}: must be (first, last) with 1 <= first <= last <= "
-                  f"config.model.num_layers = {num_layers}")
+  # Only the form: whether the layers exist is checked against the evaluated model (`probing.fit_layers`), so
+  # that a checkpoint of any depth can be converted with the paper's configuration.
+  layers = config.eval.get("fit_layers")
+  if layers is not None and not (isinstance(layers, (tuple, list)) and len(layers) == 2 and
+                                 all(_is_int(v) for v in layers) and 1 <= layers[0] <= layers[1]):
+    errors.append(f"config.eval.fit_layers = {layers!r}: must be (first, last) with 1 <= first <= last <= the "
+                  "number of layers, or None for the middle layers")
   return errors + dataset_errors(config)
 
 

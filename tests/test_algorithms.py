@@ -418,7 +418,176 @@ XS, YS = jnp.ones((2, 3, 4)), jnp.ones((2, 3))
     (lambda: algorithms.gradient_descent(XS, YS, (3,), 0.1, "mean", jnp.eye(3)), "preconditioner"),
     (lambda: algorithms.gradient_descent(XS, YS, (3,), 0.1, "mean", jnp.ones((3, 4, 4))), "preconditioner"),
     (lambda: algorithms.least_squares(XS, YS, ridge=-1.0), "ridge"),
+    (lambda: algorithms.iterative_newton(XS, YS, 3, ridge=-0.5), "ridge"),
+    (lambda: algorithms.gradient_descent(XS, YS, (3,), 0.1, ridge=float("inf")), "ridge"),
+    (lambda: algorithms.conjugate_gradient(XS, YS, -1), "num_steps"),
+    (lambda: algorithms.bfgs(XS, YS, 1.5), "num_steps"),
+    (lambda: algorithms.lbfgs(XS, YS, 3, 0), "memory"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(call, argument):
   with pytest.raises(ValueError, match=argument):
     call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conjugate gradient, BFGS and L-BFGS against float64 references written out here, one prompt at a time.
+
+
+def _np_step(s, b, g, p):
+  """The exact line search of `algorithms._line_search`, with its stop rules, in float64."""
+  eps = 100 * np.finfo(np.float64).eps
+  sp, curvature = s @ p, p @ s @ p
+  live = curvature > eps * np.linalg.norm(s) * (p @ p) and g @ g > eps**2 * (b @ b)
+  return (-(g @ p) / curvature if live else 0.0), sp
+
+
+def _np_cg(s, b, num_steps):
+  w, r, p, basis, out = np.zeros_like(b), b.copy(), b.copy(), [b / np.linalg.norm(b)], [np.zeros_like(b)]
+  for _ in range(num_steps):
+    alpha, sp = _np_step(s, b, -r, p)
+    w, r_new = w + alpha * p, r - alpha * sp
+    for _ in range(2):
+      r_new = r_new - sum((q @ r_new) * q for q in basis)
+    p = r_new + (r_new @ r_new) / (r @ r) * p if r @ r > 0 else r_new
+    r = r_new
+    basis.append(r / np.linalg.norm(r) if r @ r > (100 * np.finfo(np.float64).eps)**2 * (b @ b) else 0 * r)
+    out.append(w)
+  return np.stack(out)
+
+
+def _np_bfgs(s, b, num_steps):
+  d = len(b)
+  w, g, h, out = np.zeros(d), -b, np.eye(d), [np.zeros(d)]
+  for _ in range(num_steps):
+    p = -h @ g
+    alpha, sp = _np_step(s, b, g, p)
+    step, y = alpha * p, alpha * sp
+    if y @ step > 0:
+      rho = 1 / (y @ step)
+      h = (np.eye(d) - rho * np.outer(step, y)) @ h @ (np.eye(d) - rho * np.outer(y, step)) + rho * np.outer(step, step)
+    w, g = w + step, g + y
+    out.append(w)
+  return np.stack(out)
+
+
+def _np_lbfgs(s, b, num_steps, memory):
+  w, g, pairs, gamma, out = np.zeros_like(b), -b, [], 1.0, [np.zeros_like(b)]
+  for _ in range(num_steps):
+    q, alphas = g.copy(), []
+    for step, y in reversed(pairs):
+      alphas.append((step @ q) / (y @ step))
+      q = q - alphas[-1] * y
+    r = gamma * q
+    for (step, y), alpha in zip(pairs, reversed(alphas)):
+      r = r + (alpha - (y @ r) / (y @ step)) * step
+    alpha, sp = _np_step(s, b, g, -r)
+    step, y = -alpha * r, alpha * sp
+    if y @ step > 0:
+      pairs, gamma = (pairs + [(step, y)])[-memory:], (y @ step) / (y @ y)
+    w, g = w + step, g + y
+    out.append(w)
+  return np.stack(out)
+
+
+QN_STEPS, QN_MEMORY = 25, 4
+QN_METHODS = {"cg": (lambda x, y: algorithms.conjugate_gradient(x, y, QN_STEPS), lambda s, b: _np_cg(s, b, QN_STEPS)),
+              "bfgs": (lambda x, y: algorithms.bfgs(x, y, QN_STEPS), lambda s, b: _np_bfgs(s, b, QN_STEPS)),
+              "lbfgs": (lambda x, y: algorithms.lbfgs(x, y, QN_STEPS, QN_MEMORY),
+                        lambda s, b: _np_lbfgs(s, b, QN_STEPS, QN_MEMORY))}
+# (n, d, kappa of Sigma): prefixes of these prompts include rank-deficient ones (t < d) in every case.
+QN_CASES = {"isotropic": (30, 8, 1.0), "rank_deficient": (5, 8, 1.0), "kappa100": (41, 20, 100.0)}
+
+
+@pytest.mark.parametrize("case", QN_CASES)
+@pytest.mark.parametrize("method", QN_METHODS)
+def test_cg_bfgs_lbfgs_match_float64_references(method, case):
+  """1e-4 relative on every prefix and step, wherever the iterate is determined by the problem: L-BFGS with a
+  short memory (like CG without reorthogonalisation) amplifies rounding by ~30x a step on kappa = 100 prefixes
+  after ~d/2 steps, where two float64 runs of the same reference then disagree too; those steps are skipped,
+  judged by the reference itself (run again on b perturbed by 1e-13, it must move by < 1e-8)."""
+  n, d, kappa = QN_CASES[case]
+  jax_fn, reference = QN_METHODS[method]
+  with jax.enable_x64(True):
+    xs, ys, _ = _prompts(19, 3, n, d, np.float64, kappa=kappa)
+    ws = np.asarray(jax_fn(jnp.asarray(xs), jnp.asarray(ys)))
+  assert ws.shape == (3, QN_STEPS + 1, n + 1, d)
+  compared = 0
+  for t in sorted({1, min(3, n), d // 2, n}):
+    for i in range(3):
+      x, y = xs[i, :t], ys[i, :t]
+      s, b = x.T @ x, x.T @ y
+      expected = reference(s, b)
+      perturbed = reference(s, b * (1 + 1e-13))
+      scale = np.maximum(np.linalg.norm(expected, axis=-1), 1e-300)
+      determined = np.linalg.norm(perturbed - expected, axis=-1) / scale < 1e-8
+      assert determined[:d // 2].all()  # The sensitive steps, if any, come late.
+      error = np.linalg.norm(ws[i, :, t] - expected, axis=-1) / scale
+      assert np.all(error[determined] < 1e-4), (t, i, error)
+      compared += determined.sum()
+  assert compared > 0.8 * 3 * 4 * (QN_STEPS + 1) if method != "lbfgs" or case != "kappa100" else compared > 0
+
+
+def test_cg_bfgs_and_lbfgs_are_one_algorithm_on_a_quadratic():
+  """With exact line search from w = 0 and H_0 = I they minimise f over the same Krylov spaces: equal iterates
+  (here in float64 on a well-conditioned prompt, before rounding matters), converging to least squares in d
+  steps."""
+  with jax.enable_x64(True):
+    xs, ys, _ = _prompts(20, 2, 30, 6, np.float64, kappa=10.0)
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    cg, bfgs, lbfgs = (np.asarray(f(xs, ys, 6)) for f in (algorithms.conjugate_gradient, algorithms.bfgs,
+                                                           lambda x, y, k: algorithms.lbfgs(x, y, k, 2)))
+    ols = np.asarray(algorithms.least_squares(xs, ys))
+  np.testing.assert_allclose(bfgs, cg, rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(lbfgs, cg, rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(cg[:, -1, -1], ols[:, -1], rtol=1e-8)
+
+
+def test_cg_bfgs_lbfgs_float32_and_ridge():
+  xs, ys, _ = _prompts(21, 3, 12, 5, np.float32)
+  for fn in (lambda x, y, **k: algorithms.conjugate_gradient(x, y, 8, **k), lambda x, y, **k: algorithms.bfgs(x, y, 8, **k),
+             lambda x, y, **k: algorithms.lbfgs(x, y, 8, 3, **k)):
+    ws = fn(jnp.asarray(xs), jnp.asarray(ys))
+    assert ws.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(ws)))
+    np.testing.assert_allclose(np.asarray(ws)[:, -1, -1], _lstsq(xs, ys), rtol=1e-3, atol=1e-4)
+    ridge = np.asarray(fn(jnp.asarray(xs), jnp.asarray(ys), ridge=0.5))[:, -1, -1]
+    np.testing.assert_allclose(ridge, np.asarray(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys), 0.5))[:, -1],
+                               rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["newton", "gd"])
+def test_ridge_iterations_converge_to_ridge_least_squares(name):
+  xs, ys, _ = _prompts(22, 3, 6, 8, np.float64, noise=0.1)  # Underdetermined: the ridge decides the solution.
+  with jax.enable_x64(True):
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    if name == "newton":
+      w = algorithms.iterative_newton(xs, ys, 40, ridge=0.3)[:, -1]
+    else:
+      w = algorithms.gradient_descent(xs, ys, (20000,), 0.01, ridge=0.3)[:, 0]
+    np.testing.assert_allclose(np.asarray(w), np.asarray(algorithms.least_squares(xs, ys, 0.3)), rtol=1e-8, atol=1e-10)
+
+
+def test_online_gradient_descent_fixed_step_from_a_start():
+  xs, ys, _ = _prompts(23, 2, 7, 3, np.float64)
+  w0 = np.random.default_rng(0).uniform(size=(2, 3))
+  with jax.enable_x64(True):
+    ws = np.asarray(algorithms.online_gradient_descent(jnp.asarray(xs), jnp.asarray(ys), 0.05, jnp.asarray(w0)))
+  for i in range(2):
+    w = w0[i]
+    for t in range(7):
+      np.testing.assert_allclose(ws[i, t], w, rtol=1e-12)
+      w = w + 0.05 * (ys[i, t] - xs[i, t] @ w) * xs[i, t]  # Fu et al.'s code's update.
+    np.testing.assert_allclose(ws[i, 7], w, rtol=1e-12)
+
+
+def test_newton_frobenius_2_alpha_recursion_and_its_rank_one_edge():
+  xs, ys, _ = _prompts(24, 2, 12, 4, np.float64)
+  with jax.enable_x64(True):
+    ws = np.asarray(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 3, alpha="frobenius_2"))
+  for x, y, w in zip(xs, ys, ws[:, :, -1]):
+    s = x.T @ x
+    m = 2 * s / np.linalg.norm(s @ s.T)
+    for k in range(4):
+      np.testing.assert_allclose(w[k], m @ x.T @ y, rtol=1e-10)
+      m = 2 * m - m @ s @ m
+  # One point: S = x x^T has rank 1, alpha = 2 / lambda^2 sits on the edge, and M_1 = 0 exactly.
+  np.testing.assert_allclose(ws[:, 1:, 1], 0.0, atol=1e-12)

@@ -31,12 +31,13 @@ from tests.helpers import assert_field_error
     ("task.curriculum.points_interval", 0, "config.task.curriculum.points_interval = 0: must be an integer >= 1"),
     ("eval.num_prompts", 0, "config.eval.num_prompts = 0: must be an integer >= 1"),
     ("eval.readout", "mlp", "config.eval.readout = 'mlp': allowed values are 'least_squares', 'trained', 'model'"),
-    ("eval.newton_alpha", "l2", "config.eval.newton_alpha = 'l2': allowed values are 'frobenius', 'spectral'"),
+    ("eval.newton_alpha", "l2",
+     "config.eval.newton_alpha = 'l2': allowed values are 'frobenius', 'frobenius_2', 'spectral'"),
     ("eval.gd_gradient_scale", "avg", "config.eval.gd_gradient_scale = 'avg': allowed values are 'sum', 'mean'"),
     ("eval.gd_steps", (), "config.eval.gd_steps = (): must be a non-empty tuple of integers >= 1"),
     ("eval.gd_log_steps", (0, 2), "config.eval.gd_log_steps = (0, 2): must be a non-empty tuple of integers >= 1"),
     ("eval.sim_w_queries", 10, "config.eval.sim_w_queries = 10: must be an integer >= config.task.n_dims = 20"),
-    ("eval.fit_layers", (3, 13), "config.eval.fit_layers = (3, 13): must be (first, last) with 1 <= first <= last"),
+    ("eval.fit_layers", (5, 3), "config.eval.fit_layers = (5, 3): must be (first, last) with 1 <= first <= last"),
     ("eval.confidence", 1.0, "config.eval.confidence = 1.0: must be a number in (0, 1)"),
 ])
 def test_invalid_field_is_named(field, value, expected):

@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from icl_jax.analysis import probing
+from configs import linreg
+from configs import linreg_ill_conditioned
 from icl_jax import checkpointing
+from icl_jax import config_checks
+from icl_jax import data
 from icl_jax import models
+from icl_jax import train
+from icl_jax.analysis import probing
 from icl_jax.analysis import probes
 from icl_jax.analysis import similarity
-from icl_jax import train
 from tests import tiny_config
 
 
@@ -29,8 +33,9 @@ def test_sim_e_is_one_for_itself_and_minus_one_for_the_mirror():
   _, ys = _prompts()
   preds = ys[None] + jax.random.normal(jax.random.key(5), (1,) + ys.shape)
   mirror = 2 * ys[None] - preds  # Residual of opposite sign.
-  sim = similarity.similarity_of_errors(preds, jnp.concatenate([preds, mirror]), ys, include_first=True)
-  np.testing.assert_allclose(sim, [[1.0, -1.0]], atol=1e-6)
+  cosines = similarity.error_cosines(preds, jnp.concatenate([preds, mirror]), ys, first=0)
+  assert cosines.shape == (1, 2, ys.shape[0])  # Per prompt.
+  np.testing.assert_allclose(cosines.mean(-1), [[1.0, -1.0]], atol=1e-6)
 
 
 def test_sim_e_position_zero_is_counted_only_when_asked():
@@ -39,8 +44,8 @@ def test_sim_e_position_zero_is_counted_only_when_asked():
   a = a.at[:, :, 0].set(ys[:, 0] + 1.0)  # Errs only at position 0.
   b = jnp.zeros_like(a).at[:, :, 0].set(ys[:, 0] + 1.0) + ys[None]
   b = b.at[:, :, 1:].add(1.0)  # Errs everywhere after position 0 too.
-  with_first = similarity.similarity_of_errors(a, b, ys, include_first=True)
-  without_first = similarity.similarity_of_errors(a, b, ys, include_first=False)
+  with_first = similarity.error_cosines(a, b, ys, first=0).mean(-1)
+  without_first = similarity.error_cosines(a, b, ys, first=1).mean(-1)
   assert 0 < float(with_first[0, 0]) < 1 and float(without_first[0, 0]) == 0.0
 
 
@@ -50,26 +55,42 @@ def test_induced_weights_recover_a_linear_predictor_exactly():
   weights = jax.random.normal(jax.random.key(1), (2, b, n, d))
   preds = jnp.einsum("bnqd,cbnd->cbnq", queries, weights)
   np.testing.assert_allclose(similarity.induced_weights(queries, preds), weights, rtol=1e-4, atol=1e-5)
-  sim = similarity.similarity_of_weights(weights[:1], jnp.concatenate([weights[:1], -weights[:1]]))
-  np.testing.assert_allclose(sim, [[1.0, -1.0]], atol=1e-6)
+  cosines = similarity.weight_cosines(weights[:1], jnp.concatenate([weights[:1], -weights[:1]]))
+  assert cosines.shape == (1, 2, b)
+  np.testing.assert_allclose(cosines.mean(-1), [[1.0, -1.0]], atol=1e-6)
 
 
 def test_bootstrap_interval_brackets_the_mean():
   values = jax.random.exponential(jax.random.key(0), (2, 500, 3))
-  out = similarity.bootstrap_means(values, jax.random.key(1), num_samples=400, confidence=0.9)
+  out = similarity.bootstrap_means(values, similarity.resample_counts(jax.random.key(1), 400, 500), confidence=0.9)
   np.testing.assert_allclose(out["mean"], np.asarray(values).mean(1), rtol=1e-6)
   assert np.all(out["low"] < out["mean"]) and np.all(out["mean"] < out["high"])
   standard_error = np.asarray(values).std(1) / np.sqrt(500)  # A 90% interval is about +-1.645 standard errors.
   np.testing.assert_allclose(out["high"] - out["low"], 2 * 1.645 * standard_error, rtol=0.25)
-  constant = similarity.bootstrap_means(jnp.ones((1, 50, 2)), jax.random.key(1), 100, 0.9)
+  constant = similarity.bootstrap_means(jnp.ones((1, 50, 2)), similarity.resample_counts(jax.random.key(1), 100, 50),
+                                        0.9)
   np.testing.assert_allclose(constant["low"], constant["high"])
 
 
-def test_best_match_and_fits():
-  best = similarity.best_match(np.asarray([[0.1, 0.9, 0.3], [0.5, 0.2, 0.8]]), [1, 50, 100])
-  assert best == {"steps": [50, 100], "similarity": [0.9, 0.8]}
+def test_best_match_intervals_and_fits():
+  # Layer 1: step 50 clearly best; layer 2: 100 and 1 within 0.01 of each other, inside the interval.
+  cosines_AxKxB = np.stack([np.asarray([[0.1, 0.9, 0.3], [0.795, 0.2, 0.8]])] * 40, -1)
+  cosines_AxKxB = cosines_AxKxB + np.random.default_rng(0).normal(0, 0.05, cosines_AxKxB.shape)
+  sim = similarity.bootstrap_similarity(cosines_AxKxB, similarity.resample_counts(jax.random.key(0), 500, 40), 0.9)
+  best = similarity.best_match(sim, [1, 50, 100])
+  assert best["steps"][0] == 50 and best["within_interval"][0] == [50]
+  assert set(best["within_interval"][1]) == {1, 100} and best["low"][1] < best["similarity"][1] < best["high"][1]
+  fraction = np.asarray(best["choice_fraction"])
+  np.testing.assert_allclose(fraction.sum(1), 1.0)
+  assert fraction[0, 1] == 1.0 and 0.1 < fraction[1, 0] < 0.9  # The near-tie flips between resamples.
+  assert best["resampled_steps"].shape == (500, 2)
+  with pytest.raises(ValueError, match="layer 2: every similarity is NaN"):
+    similarity.best_match({**sim, "mean": np.asarray([[0.1, 0.2, 0.3], [np.nan] * 3])}, [1, 50, 100])
   fit = similarity.linear_fit([3, 4, 5, 6], [4, 7, 10, 13])
   assert fit["slope"] == pytest.approx(3.0) and fit["intercept"] == pytest.approx(-5.0) and fit["r2"] == pytest.approx(1)
+  resampled = np.asarray([[4, 7, 10, 13], [4, 6, 8, 10], [4, 8, 12, 16]])  # Slopes 3, 2 and 4.
+  low, high = similarity.slope_interval([3, 4, 5, 6], resampled, 0.9)
+  assert 2 <= low < 3 < high <= 4
 
 
 def test_a_predictor_that_is_newton_at_k_steps_best_matches_k(tiny):
@@ -78,8 +99,10 @@ def test_a_predictor_that_is_newton_at_k_steps_best_matches_k(tiny):
   xs, ys = _prompts(b=256, n=tiny.task.n_points, d=tiny.task.n_dims)
   algos = probing.algorithm_predictions(tiny, xs, ys)
   layers = algos["newton"][[1, 4, 7]]  # Steps 2, 5, 8.
-  sim = similarity.similarity_of_errors(layers, algos["newton"], ys, include_first=True)
-  assert similarity.best_match(sim, probing._steps(tiny, "newton"))["steps"] == [2, 5, 8]
+  sim = similarity.bootstrap_similarity(similarity.error_cosines(layers, algos["newton"], ys, first=0),
+                                       similarity.resample_counts(jax.random.key(0), 100, ys.shape[0]), 0.9)
+  best = similarity.best_match(sim, probing._steps(tiny, "newton"))
+  assert best["steps"] == [2, 5, 8] and [w[0] for w in best["within_interval"]] == [2, 5, 8]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +128,8 @@ def test_probes_model_readout_reproduces_the_output_and_least_squares_is_optimal
   prompts = probes._prompts(config, key, 0, 64)
   states = probes._states(model, params, prompts)
   mse = lambda readouts: np.mean(np.square(probes.apply(readouts, states) - prompts.ys_BxN[None]), axis=(1, 2))
-  fitted = probes.make_fitter(config, model)(params, key)
+  fitted, fit_mse_L = probes.make_fitter(config, model)(params, key)
+  np.testing.assert_allclose(fit_mse_L, mse(fitted), rtol=1e-4)  # The reported fit residual is the real one.
   for other in (probes.model_readout(params, config.model.num_layers),
                 jax.tree.map(lambda a: a + 0.01, fitted), jax.tree.map(lambda a: a - 0.01, fitted)):
     assert np.all(mse(fitted) <= mse(other) + 1e-6)
@@ -130,14 +154,15 @@ def test_least_squares_and_trained_probes_read_a_linearly_decodable_target(tiny)
   oracle = _Oracle(tiny.model.width, tiny.model.num_layers)
   params = oracle.init(jax.random.key(0), jnp.zeros((1, 6, 3)), jnp.zeros((1, 6)))["params"]
   tiny.eval.update(probe_prompts=64, batch_size=64)
-  fitted = probes.make_fitter(tiny, oracle)(params, jax.random.key(1))
+  fitted, _ = probes.make_fitter(tiny, oracle)(params, jax.random.key(1))
   np.testing.assert_allclose(fitted["kernel"][:, 0], 1 / np.arange(2.0, tiny.model.num_layers + 2), rtol=1e-3)
   tiny.eval.update(readout="trained", probe_init="normal", probe_steps=400, probe_learning_rate=3e-2)
-  trained = probes.make_fitter(tiny, oracle)(params, jax.random.key(1))
+  trained, trained_mse_L = probes.make_fitter(tiny, oracle)(params, jax.random.key(1))
   prompts = probes._prompts(tiny, jax.random.key(2), 0, 64)
   errors = np.mean(np.square(probes.apply(trained, probes._states(oracle, params, prompts)) - prompts.ys_BxN[None]),
                    (1, 2))
   assert np.all(errors < 0.01 * np.mean(np.square(prompts.ys_BxN)))
+  assert np.all(np.asarray(trained_mse_L) < 0.01 * np.mean(np.square(prompts.ys_BxN)))  # Its own fit error too.
 
 
 def test_eval_mode_writes_results_and_figures(trained):
@@ -155,6 +180,21 @@ def test_eval_mode_writes_results_and_figures(trained):
   assert np.asarray(results["sim_e"]["newton"]).shape == (num_layers, config.eval.newton_steps)
   assert np.asarray(results["error_per_dim"]["layers"]["mean"]).shape == (num_layers, config.task.n_points)
   assert results["settings"]["checkpoint_step"] == 40
+  # Every similarity, best match and slope carries its interval.
+  for metric in ("sim_e", "sim_w"):
+    for name, mean in results[metric].items():
+      low, high = (np.asarray(results[f"{metric}_interval"][name][b]) for b in ("low", "high"))
+      assert low.shape == np.shape(mean) and np.all(low <= np.asarray(mean) + 1e-12) and np.all(mean <= high + 1e-12)
+  for suffix in ("", "_sim_w"):
+    for grid, steps in results["best_match" + suffix].items():
+      interval = results[f"best_match{suffix}_interval"][grid]
+      assert all(s in within for s, within in zip(steps, interval["within_interval"]))
+      np.testing.assert_allclose(np.sum(interval["choice_fraction"], axis=1), 1.0)
+  for grid in ("newton", "gd_log", "cg", "bfgs", "lbfgs"):
+    low, high = results["fits"][grid]["slope_interval"]
+    assert np.isfinite(results["fits"][grid]["slope"]) and low <= high
+  assert len(results["probe_fit"]["mse_per_dim"]) == num_layers
+  assert "definition" in results["table1"] and "last_layer_best" in results
   for stem in ("error_vs_layer", "sim_e_newton_heatmap", "best_match", "error_vs_context"):
     for suffix in (".png", ".pdf"):
       assert (workdir / "eval" / (stem + suffix)).stat().st_size > 0
@@ -185,3 +225,86 @@ def test_evaluation_prompts_do_not_depend_on_the_batch_size(tiny):
   large = probing._Programs(tiny, model).prompts(jax.random.key(0), 20, 6)
   np.testing.assert_array_equal(small.xs_BxNxD, large.xs_BxNxD)
   np.testing.assert_array_equal(small.ys_BxN, large.ys_BxN)
+
+
+def test_kappa100_gd_step_is_stable_at_the_papers_size():
+  """configs/linreg_ill_conditioned.py: on 1280 prompts of d = 20, 41 points, kappa = 100, every GD step
+  contracts (the guard passes), and Fu et al.'s step 0.01 would not (the guard names it)."""
+  config = linreg_ill_conditioned.get_config()
+  prompts = data.sample_batch(data.step_key(jax.random.key(0), 0), 0, 1280, config.task, config.task.n_dims)
+  probing.check_gd_stability(config, prompts.xs_BxNxD)
+  config.eval.gd_learning_rate = 0.01
+  with pytest.raises(config_checks.ConfigError, match=r"config.eval.gd_learning_rate = 0.01 makes gradient descent "
+                                                      r"diverge on \d+\.\d% of the 1280 evaluation prompts"):
+    probing.check_gd_stability(config, prompts.xs_BxNxD)
+
+
+@pytest.mark.parametrize("config_module", [linreg, linreg_ill_conditioned], ids=["isotropic", "kappa100"])
+def test_every_algorithm_setting_is_finite_on_1280_prompts_of_the_papers_size(config_module):
+  config = config_module.get_config()
+  prompts = data.sample_batch(data.step_key(jax.random.key(0), 0), 0, 1280, config.task, config.task.n_dims)
+  algos = probing.algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)
+  assert set(algos) == set(probing.GRIDS + probing.SINGLE)
+  for name, preds_KxBxN in algos.items():
+    assert preds_KxBxN.shape == (len(probing._steps(config, name)), 1280, 41)
+    assert np.all(np.isfinite(preds_KxBxN)), name
+
+
+def test_non_finite_predictions_stop_the_evaluation_naming_the_setting():
+  preds_KxBxN = np.zeros((3, 10, 4))
+  preds_KxBxN[2, :3, 1] = np.inf
+  with pytest.raises(FloatingPointError, match="gd, 300 steps: non-finite predictions on 30.0% of the 10"):
+    probing.check_finite(["gd, 1 steps", "gd, 100 steps", "gd, 300 steps"], preds_KxBxN)
+  probing.check_finite(["ok"], np.zeros((1, 2, 3)))
+
+
+def test_fit_layers_default_to_the_middle_and_are_checked_against_the_model(tiny):
+  tiny.eval.fit_layers = None
+  for num_layers, expected in ((12, (3, 9)), (6, (2, 5)), (3, (1, 3)), (1, (1, 1)), (24, (5, 18))):
+    tiny.model.num_layers = num_layers
+    assert probing.fit_layers(tiny) == expected
+  tiny.model.num_layers = 6
+  tiny.eval.fit_layers = (3, 9)
+  with pytest.raises(config_checks.ConfigError, match=r"config.eval.fit_layers = \(3, 9\): the model has 6 layers"):
+    probing.Evaluator(tiny)
+
+
+class _IllConditioned(nn.Module):
+  """A backbone whose layer states are smooth features of the prompt with column scales over four decades, so
+  the least-squares probes' features have a condition number above 1e4."""
+
+  width: int
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, xs_BxNxD, ys_BxN, return_hidden=True):
+    b, n, d = xs_BxNxD.shape
+    # Singular values over four decades in a random basis: nearly collinear states, not merely rescaled ones.
+    rotation_WxW = jnp.linalg.qr(jax.random.normal(jax.random.key(99), (self.width, self.width)))[0]
+    squeeze_WxW = rotation_WxW * jnp.logspace(0.0, -4.0, self.width)[None] @ rotation_WxW.T
+    mixes = [jax.random.normal(jax.random.key(l), (d + 1, self.width)) for l in range(self.num_layers + 1)]
+    tokens_BxNxI = jnp.concatenate([xs_BxNxD, ys_BxN[..., None]], axis=-1)
+    states = [jnp.tanh(tokens_BxNxI @ m) @ squeeze_WxW for m in mixes]
+    # Both positions of a point carry its state; the probes read the x positions.
+    hidden = jnp.stack([jnp.repeat(h, 2, axis=1) for h in states])
+    return ys_BxN, hidden
+
+
+def test_least_squares_probes_match_a_float64_solve_on_ill_conditioned_features(tiny):
+  model = _IllConditioned(16, tiny.model.num_layers)
+  params = {}
+  tiny.eval.update(probe_prompts=64, batch_size=32, probe_ridge=0.0)
+  key = jax.random.key(3)
+  fitted, _ = probes.make_fitter(tiny, model)(params, key)
+  batches = [probes.feature_batches(tiny, model)(params, key, i) for i in range(2)]
+  features_LxMxF = np.concatenate([np.asarray(f, np.float64) for f, _ in batches], axis=1)
+  ys_M = np.concatenate([np.asarray(y, np.float64) for _, y in batches])
+  for layer in range(tiny.model.num_layers):
+    assert np.linalg.cond(features_LxMxF[layer]) > 1e4
+    expected = np.linalg.lstsq(features_LxMxF[layer], ys_M, rcond=None)[0]
+    got = np.append(np.asarray(fitted["kernel"][layer], np.float64), float(fitted["bias"][layer]))
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
+    # Not vacuous: the float32 normal equations, as solved before, miss by far more.
+    f32 = features_LxMxF[layer].astype(np.float32)
+    float32 = np.linalg.solve(f32.T @ f32, f32.T @ ys_M.astype(np.float32))
+    assert np.linalg.norm(float32 - expected) / np.linalg.norm(expected) > 1e-3

@@ -48,8 +48,17 @@ def synthetic_results(num_layers, n_points, n_dims, fit_layers, grids, kappa=1.0
   sim_e["online_gd"] = np.full((num_layers, 1), 0.8)
   # Fu et al.'s Fig. 9: SimW is near 0 for the first two layers.
   sim_w = {k: np.where(layers_L[:, None] <= 2, rng.normal(0, 0.05, v.shape), v - 0.02) for k, v in sim_e.items()}
-  best = {k: similarity.best_match(sim_e[k], grids[k]) for k in grids}
-  best_w = {k: similarity.best_match(sim_w[k], grids[k]) for k in grids}
+
+  def with_interval(sim_AxK):
+    """A bootstrap result around `sim_AxK`: 20 samples of noise 0.002."""
+    samples_SxAxK = sim_AxK[None] + rng.normal(0, 0.002, (20,) + sim_AxK.shape)
+    return {"mean": sim_AxK, "low": np.quantile(samples_SxAxK, 0.05, axis=0),
+            "high": np.quantile(samples_SxAxK, 0.95, axis=0), "samples": samples_SxAxK}
+
+  best = {k: similarity.best_match(with_interval(sim_e[k]), grids[k]) for k in grids}
+  best_w = {k: similarity.best_match(with_interval(sim_w[k]), grids[k]) for k in grids}
+  interval = lambda b: {k: {f: v[f] for f in ("low", "high", "within_interval", "choice_fraction")}
+                        for k, v in b.items()}
 
   first, last = fit_layers
   fit_L = np.arange(first, last + 1)
@@ -69,11 +78,12 @@ def synthetic_results(num_layers, n_points, n_dims, fit_layers, grids, kappa=1.0
       "sim_w": sim_w,
       "best_match": {k: v["steps"] for k, v in best.items()},
       "best_similarity": {k: v["similarity"] for k, v in best.items()},
+      "best_match_interval": interval(best),
       "best_match_sim_w": {k: v["steps"] for k, v in best_w.items()},
       "best_similarity_sim_w": {k: v["similarity"] for k, v in best_w.items()},
+      "best_match_sim_w_interval": interval(best_w),
       "fits": {"layers": list(fit_layers), "newton": {**newton, "steps_per_layer": newton["slope"]},
                "gd_log": {**gd_log, "doublings_per_layer": gd_log["slope"]}},
-      "table1": {m: {"newton": 0.99, "gd": 0.95, "online_gd": 0.8, "least_squares": 0.9} for m in ("sim_e", "sim_w")},
   }
   # What figures.py reads is results.json: plain lists and numbers.
   return json.loads(json.dumps(results, default=lambda a: np.asarray(a).tolist()))

@@ -22,6 +22,7 @@ from torch import nn
 from configs import linreg
 from icl_jax import checkpointing
 from icl_jax import models
+from icl_jax.analysis import probing
 from icl_jax.tools import garg as garg_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,9 +32,9 @@ N_DIMS, N_POINTS, NUM_LAYERS = 20, 41, 12
 class GargTransformer(nn.Module):
   """Garg et al.'s TransformerModel (src/models.py): the attribute names make its state-dict keys."""
 
-  def __init__(self):
+  def __init__(self, num_layers: int = NUM_LAYERS):
     super().__init__()
-    config = transformers.GPT2Config(n_positions=202, n_embd=256, n_layer=NUM_LAYERS, n_head=8, resid_pdrop=0.0,
+    config = transformers.GPT2Config(n_positions=202, n_embd=256, n_layer=num_layers, n_head=8, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
                                      attn_implementation="eager")  # The attention of Garg's transformers 4.17.
     self._read_in = nn.Linear(N_DIMS, 256)
@@ -48,9 +49,9 @@ class GargTransformer(nn.Module):
     return self._read_out(output.last_hidden_state)[:, ::2, 0], torch.stack(output.hidden_states)
 
 
-def _garg_model() -> GargTransformer:
+def _garg_model(num_layers: int = NUM_LAYERS) -> GargTransformer:
   torch.manual_seed(0)
-  model = GargTransformer().eval()
+  model = GargTransformer(num_layers).eval()
   with torch.no_grad():
     for name, param in model.named_parameters():
       # Hugging Face initialises LayerNorms to scale 1, bias 0 and Conv1D biases to 0: a swapped scale and bias,
@@ -65,9 +66,10 @@ def _garg_model() -> GargTransformer:
 
 def _garg_state_dict(model: GargTransformer) -> dict:
   state_dict = model.state_dict()
+  num_layers = model._backbone.config.n_layer
   # transformers 4.17, with which Garg et al. trained, also saved each block's causal mask and mask value.
   causal_1x1xPxP = torch.tril(torch.ones(202, 202, dtype=torch.uint8)).view(1, 1, 202, 202)
-  for layer in range(NUM_LAYERS):
+  for layer in range(num_layers):
     state_dict[f"_backbone.h.{layer}.attn.bias"] = causal_1x1xPxP
     state_dict[f"_backbone.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
   return state_dict
@@ -190,3 +192,20 @@ def test_bad_state_dicts_name_the_source_and_the_key(garg, edit, message):
 def test_num_heads_must_divide_the_width(garg):
   with pytest.raises(ValueError, match="num_heads = 7 must be a positive divisor of state.pt's model width 256"):
     garg_checkpoint.convert_state_dict(_numpy_state_dict(garg[0]), num_heads=7, source="state.pt")
+
+
+@pytest.mark.parametrize("num_layers", [3, 6])
+def test_garg_small_and_tiny_models_convert_and_evaluate(num_layers, tmp_path):
+  """Garg et al.'s Tiny (3 layers) and Small (6) structures: the paper configuration takes any depth, and the
+  fit layers adapt to it."""
+  path = tmp_path / "state.pt"
+  torch.save({"model_state_dict": _garg_state_dict(_garg_model(num_layers))}, path)
+  result = _command_line(f"--checkpoint={path}", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = checkpointing.load_saved_config(tmp_path / "run")
+  assert config.model.num_layers == num_layers and config.eval.fit_layers is None
+  config.eval.update(num_prompts=64, probe_prompts=32, sim_w_prompts=2, sim_w_queries=24, bootstrap_samples=50,
+                     batch_size=32)
+  results = probing.evaluate(config, tmp_path / "run")
+  assert results["fits"]["layers"] == list(probing.fit_layers(config)) == [num_layers // 5 + 1, -(-3 * num_layers // 4)]
+  assert len(results["best_match"]["newton"]) == num_layers and (tmp_path / "run" / "eval" / "results.json").exists()

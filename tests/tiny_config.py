@@ -14,6 +14,6 @@ def get_config():
   config.train.update(num_steps=8, batch_size=16, learning_rate=1e-3, log_every=1, checkpoint_every=4,
                       steps_per_dispatch=3, keep_period=0)
   config.eval.update(num_prompts=32, batch_size=16, probe_prompts=32, sim_w_prompts=4, sim_w_queries=8,
-                     newton_steps=5, gd_steps=(1, 10, 20), gd_log_steps=(1, 2, 4, 8), bootstrap_samples=50,
-                     fit_layers=(1, 2))
+                     newton_steps=5, gd_steps=(1, 10, 20), gd_log_steps=(1, 2, 4, 8), cg_steps=4, bfgs_steps=4,
+                     lbfgs_steps=4, lbfgs_memory=2, bootstrap_samples=50, fit_layers=(1, 2))
   return config

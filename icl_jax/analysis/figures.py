@@ -31,8 +31,10 @@ PAPER_BEST = {"newton": (1, 1, 3, 5, 8, 10, 14, 17, 20, 21, 21, 21),
               "gd_log": (1, 1, 4, 8, 32, 64, 256, 512, 1024, 4096, 4096, 4096)}
 METRIC_NAMES = {"sim_e": "SimE (similarity of errors)", "sim_w": "SimW (similarity of induced weights)"}
 METRIC_SHORT = {"sim_e": "SimE", "sim_w": "SimW"}
-GRID_NAMES = {"newton": "Iterative Newton", "gd": "GD", "gd_log": "GD, log grid"}
-GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps"}
+GRID_NAMES = {"newton": "Iterative Newton", "gd": "GD", "gd_log": "GD, log grid", "cg": "conjugate gradient",
+              "bfgs": "BFGS", "lbfgs": "L-BFGS"}
+GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps", "cg": "CG steps", "bfgs": "BFGS steps",
+             "lbfgs": "L-BFGS steps"}
 GREY = "0.45"
 
 
@@ -124,12 +126,13 @@ def error_vs_context(results: dict) -> Figure:
 
 def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   """`metric` ("sim_e" or "sim_w") of every layer with every step count of `grid`, each layer's best match boxed
-  (Fu et al.'s Figs. 8-10)."""
+  and every step within its bootstrap interval dotted (Fu et al.'s Figs. 8-10)."""
   sim_LxK = np.asarray(results[metric][grid])
   steps_K = list(results["grids"][grid])
   suffix = "" if metric == "sim_e" else "_sim_w"
   best_steps_L = results["best_match" + suffix][grid]
   best_sim_L = results["best_similarity" + suffix][grid]
+  within_L = results["best_match" + suffix + "_interval"][grid]["within_interval"]
   num_layers, k = sim_LxK.shape
   # Cells as wide as the widest step label where that keeps the image near 9 inches; else label every
   # stride-th cell (Fu et al.'s GD grid: 27 four-digit values).
@@ -140,6 +143,8 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   ax = figure.add_subplot()
   # Layer 1 on top, rows in table order: the best matches then run from top left to bottom right.
   image = ax.imshow(sim_LxK, aspect="auto", cmap="viridis", interpolation="nearest")
+  for row, steps in enumerate(within_L):
+    ax.plot([steps_K.index(s) for s in steps], [row] * len(steps), "o", ms=3.5, color="white", mec="black", mew=0.5)
   for row, step in enumerate(best_steps_L):
     # Unclipped: a box on the edge column would lose half its outline under the axes frame.
     ax.add_patch(patches.Rectangle((steps_K.index(step) - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2,
@@ -151,7 +156,8 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   best_axis.set_ylabel("best match: steps (similarity)")
   ax.set_xlabel(GRID_AXES.get(grid, grid) + _learning_rate(results, grid))
   ax.set_ylabel("layer")
-  ax.set_title(f"{METRIC_NAMES[metric]} with {GRID_NAMES.get(grid, grid)}\nred box: each layer's best match")
+  ax.set_title(f"{METRIC_NAMES[metric]} with {GRID_NAMES.get(grid, grid)}\nred box: each layer's best match; dots: "
+               f"steps within its {_interval(results)}")
   figure.colorbar(image, ax=ax, label=METRIC_SHORT[metric])
   figure.suptitle(_settings_line(results))
   return figure
@@ -170,6 +176,7 @@ def best_match(results: dict) -> Figure:
 
   fit = fits["newton"]
   newton_ax.plot(layers_L, results["best_match"]["newton"], "o-", color="tab:green", label="argmax of SimE")
+  _within_interval(newton_ax, results, "newton", layers_L, "tab:green")
   _fit_line(newton_ax, fit_layers, lambda: fit["slope"] * fit_layers + fit["intercept"],
             lambda: f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}", first, last)
   if on_paper:
@@ -179,10 +186,11 @@ def best_match(results: dict) -> Figure:
   newton_ax.set_ylim(0, max(newton_ax.get_ylim()[1], 2))
   newton_ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   newton_ax.set_ylabel("best-matching Newton steps")
-  newton_ax.set_title("Iterative Newton: linear in depth")
+  newton_ax.set_title("Iterative Newton: " + _fit_summary(fit, "steps/layer"))
 
   fit = fits["gd_log"]
   gd_ax.plot(layers_L, results["best_match"]["gd_log"], "o-", color="tab:orange", label="argmax of SimE, log grid")
+  _within_interval(gd_ax, results, "gd_log", layers_L, "tab:orange")
   gd_ax.plot(layers_L, results["best_match"]["gd"], "s", mfc="none", color="tab:brown",
              label="argmax of SimE, linear grid")
   _fit_line(gd_ax, fit_layers, lambda: np.exp2(fit["slope"] * fit_layers + fit["intercept"]),
@@ -195,7 +203,7 @@ def best_match(results: dict) -> Figure:
   gd_ax.yaxis.set_minor_locator(ticker.NullLocator())
   gd_ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
   gd_ax.set_ylabel("best-matching GD steps (log₂ axis)")
-  gd_ax.set_title("Gradient descent" + _learning_rate(results, "gd") + ": exponential in depth")
+  gd_ax.set_title("Gradient descent" + _learning_rate(results, "gd") + ": " + _fit_summary(fit, "doublings/layer"))
 
   for ax in (newton_ax, gd_ax):
     ax.axvspan(first - 0.5, last + 0.5, color="tab:blue", alpha=0.07, lw=0)
@@ -251,6 +259,22 @@ def _fit_line(ax, x, y, text, first: int, last: int) -> None:
     ax.plot(x, y(), "--", color="black", lw=1.2, label=f"fit, layers {first}–{last}: {text()}")
   else:
     ax.plot([], [], " ", label=f"no fit: one fit layer ({first})")
+
+
+def _within_interval(ax, results: dict, grid: str, layers_L, colour) -> None:
+  """A bar over the steps of each layer whose SimE is within the bootstrap interval of its best match."""
+  within = results["best_match_interval"][grid]["within_interval"]
+  ax.vlines(layers_L, [min(w) for w in within], [max(w) for w in within], color=colour, lw=6, alpha=0.3,
+            label=f"steps within the {_interval(results)}")
+
+
+def _fit_summary(fit: dict, unit: str) -> str:
+  """The fitted slope with its interval and R^2, as measured (or that there is none)."""
+  if fit["slope"] is None:
+    return "no fit (one fit layer)"
+  interval = fit.get("slope_interval") or [None, None]
+  bounds = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if None not in interval else ""
+  return f"{fit['slope']:.2f}{bounds} {unit}, R² = {fit['r2']:.2f}"
 
 
 def _grid_end(ax, results: dict, grid: str) -> None:

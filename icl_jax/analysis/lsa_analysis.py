@@ -24,6 +24,7 @@ from icl_jax import models
 from icl_jax import run_logs
 from icl_jax import train_step
 from icl_jax.analysis import algorithms
+from icl_jax.analysis.precision import highest_precision
 from icl_jax.models import lsa
 
 # Ahn et al.'s Fig. 2 (§4.3, d = 5, n = 20, L = 3, Sigma = U^T diag(1, 1, 0.25, 0.0625, 1) U, sparse form).
@@ -89,9 +90,15 @@ def _squared_errors(preds_BxN: np.ndarray, prompts: data.Batch) -> np.ndarray:
   return np.square(np.asarray(preds_BxN, np.float64) - np.asarray(prompts.ys_BxN, np.float64))
 
 
-def _gd_predictions(num_steps: int, preconditioner_DxD):
+def model_predictions(model, params):
+  """fn(xs, ys) -> the model's predictions [B, N], at HIGHEST precision like every product of the analysis."""
+  return highest_precision(jax.jit(lambda xs, ys: model.apply({"params": params}, xs, ys)))
+
+
+def gd_predictions(num_steps: int, preconditioner_DxD):
   """fn(xs, ys, learning_rate) -> predictions [B, N] of num_steps (preconditioned) GD steps on every prefix."""
 
+  @highest_precision
   @jax.jit
   def predict(xs, ys, learning_rate):
     ws = algorithms.gradient_descent(xs, ys, (num_steps,), learning_rate, "mean", preconditioner_DxD)
@@ -125,11 +132,10 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
   test = _prompts(task, jax.random.fold_in(eval_key, 1), num_prompts)
   tune = _prompts(task, jax.random.fold_in(eval_key, 2), tune_prompts)
   model = models.build_model(config.model)
-  model_fn = jax.jit(lambda xs, ys: model.apply({"params": params}, xs, ys))
-  errors = {"lsa": _squared_errors(_batched(model_fn, test), test)}
+  errors = {"lsa": _squared_errors(_batched(model_predictions(model, params), test), test)}
   tuned = {}
   for name, preconditioner in (("preconditioned_gd", sigma_inv_DxD), ("gd", jnp.eye(task.n_dims))):
-    predict = _gd_predictions(num_layers, preconditioner)
+    predict = gd_predictions(num_layers, preconditioner)
     learning_rate, grid_losses = tune_step_size(predict, tune)
     tuned[name] = {"learning_rate": learning_rate, "grid": list(STEP_GRID), "grid_loss": grid_losses.tolist()}
     errors[name] = _squared_errors(_batched(lambda xs, ys: predict(xs, ys, learning_rate), test), test)
@@ -140,7 +146,7 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
         {"family": "lsa", "num_layers": num_layers, "lsa_sparse": True, "lsa_init_std": 0.0}))
     planted = lsa.params_from_preconditioners([-layer["a"] * sigma_inv_DxD for layer in layers])
     errors["preconditioned_gd_learned_steps"] = _squared_errors(
-        _batched(jax.jit(lambda xs, ys: sparse.apply({"params": planted}, xs, ys)), test), test)
+        _batched(model_predictions(sparse, planted), test), test)
   least_squares = jax.jit(lambda xs, ys: algorithms.predict(algorithms.least_squares(xs, ys), xs))
   errors["least_squares"] = _squared_errors(_batched(least_squares, test), test)
   errors["zero"] = np.square(np.asarray(test.ys_BxN, np.float64))
@@ -215,7 +221,7 @@ def figure_summary(results: dict) -> Figure:
   ax_a.set_xticks(layers)
   ax_a.set_xlabel("layer i")
   ax_a.set_ylabel("a_i = tr(Σ^½ A_i Σ^½) / d")
-  ax_a.set_title("Σ^½ A_i Σ^½ ≈ a_i I")
+  ax_a.set_title("a_i, the best multiple of I for Σ^½ A_i Σ^½")
   ax_a.legend()
   width = 0.38
   ax_dist.bar(layers - width / 2, results["dist"], width, color="black", label="Dist(Σ^½ A_i Σ^½, I)")

@@ -3,20 +3,24 @@
 Layer l (1..L) reads `hidden[l]` of the model's Hugging Face-style hidden states: the raw residual stream after
 block l for l < L, and the read-out's input for l = L (after GPT-2's final LayerNorm). Three kinds:
   * "least_squares": for each layer, the linear map (with bias) that minimises the squared error over all
-    positions of `probe_prompts` fresh prompts, in closed form. It is the minimiser of Fu et al.'s probe
-    objective, which their Adam-trained probes approach.
+    positions of `probe_prompts` fresh prompts, in closed form: the normal equations are accumulated and solved
+    in float64 on the host, as their error grows with cond(features)^2 (~1e4 for some layers). It is the
+    minimiser of Fu et al.'s probe objective, which their Adam-trained probes approach.
   * "trained": Fu et al.'s protocol: backbone frozen, all layers' probes trained together by Adam on the MSE
     over positions, on fresh full-size prompts every step.
   * "model": the model's own read-out applied to every layer, no fitting.
-Probes are stored as {"kernel": [L, W], "bias": [L]}.
+Probes are stored as {"kernel": [L, W], "bias": [L]}. A fitter returns them with their own mean squared error
+on the prompts they were fit on, per layer (None for the model's read-out).
 """
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from icl_jax import data
+from icl_jax.analysis.precision import highest_precision
 
 READOUTS = ("least_squares", "trained", "model")
 PROBE_INITS = ("read_out", "normal")
@@ -27,6 +31,7 @@ def x_position_states(hidden_LxBxTxW: jax.Array) -> jax.Array:
   return hidden_LxBxTxW[1:, :, ::2]
 
 
+@highest_precision
 def apply(probes: dict, states_LxBxNxW: jax.Array) -> jax.Array:
   """Per-layer predictions [L, B, N]."""
   return jnp.einsum("lbnw,lw->lbn", states_LxBxNxW, probes["kernel"]) + probes["bias"][:, None, None]
@@ -49,33 +54,55 @@ def _states(model, params, prompts: data.Batch) -> jax.Array:
   return x_position_states(hidden)
 
 
-def _least_squares_fitter(config: ml_collections.ConfigDict, model):
-  """Closed-form probes from the normal equations, accumulated over batches of fresh prompts."""
-  evaluation = config.eval
-  batch = min(evaluation.batch_size, evaluation.probe_prompts)
+def solve_least_squares(gram_LxFxF: np.ndarray, moments_LxF: np.ndarray, relative_ridge: float) -> np.ndarray:
+  """Per layer, the minimum-norm solution of (G + ridge I) beta = c in float64, with the ridge relative to the
+  mean feature energy tr(G) / F: it keeps the fit well defined when a layer's states are degenerate (e.g. a
+  LayerNorm makes them sum to a constant), and the minimum norm keeps the coefficients small there, so that
+  applying them in float32 does not cancel. [L, F]."""
+  gram_LxFxF, moments_LxF = np.asarray(gram_LxFxF, np.float64), np.asarray(moments_LxF, np.float64)
+  f = gram_LxFxF.shape[-1]
+  scale_L = np.trace(gram_LxFxF, axis1=1, axis2=2) / f
+  ridged_LxFxF = gram_LxFxF + relative_ridge * scale_L[:, None, None] * np.eye(f)[None]
+  return np.stack([np.linalg.lstsq(g, c, rcond=None)[0] for g, c in zip(ridged_LxFxF, moments_LxF)])
 
+
+def feature_batches(config: ml_collections.ConfigDict, model):
+  """`features(params, key, index) -> (features [L, M, W + 1], ys [M])`: batch `index` of the least-squares
+  probes' fitting prompts (M = prompts x positions), each layer's states with a constant column for the bias."""
+  batch = min(config.eval.batch_size, config.eval.probe_prompts)
+
+  @highest_precision
   @jax.jit
-  def normal_equations(params, key, index):
+  def features(params, key, index):
     prompts = _prompts(config, key, index, batch)
     states_LxBxNxW = _states(model, params, prompts)
     features_LxMxF = jnp.concatenate([states_LxBxNxW, jnp.ones(states_LxBxNxW.shape[:-1] + (1,))], -1).reshape(
         states_LxBxNxW.shape[0], -1, states_LxBxNxW.shape[-1] + 1)
-    return (jnp.einsum("lmf,lmg->lfg", features_LxMxF, features_LxMxF),
-            jnp.einsum("lmf,m->lf", features_LxMxF, prompts.ys_BxN.reshape(-1)))
+    return features_LxMxF, prompts.ys_BxN.reshape(-1)
 
-  @jax.jit
-  def solve(gram_LxFxF, moments_LxF):
-    # A ridge relative to the features' scale keeps the solve defined when a layer's states are degenerate
-    # (e.g. a LayerNorm makes them sum to a constant) without visibly moving the fit.
-    f = gram_LxFxF.shape[-1]
-    scale_L = jnp.trace(gram_LxFxF, axis1=1, axis2=2) / f
-    ridge_LxFxF = evaluation.probe_ridge * scale_L[:, None, None] * jnp.eye(f)[None]
-    solution_LxF = jnp.linalg.solve(gram_LxFxF + ridge_LxFxF, moments_LxF[..., None])[..., 0]
-    return {"kernel": solution_LxF[:, :-1], "bias": solution_LxF[:, -1]}
+  return features
+
+
+def _least_squares_fitter(config: ml_collections.ConfigDict, model):
+  """Closed-form probes from the normal equations, accumulated in float64 over batches of fresh prompts."""
+  evaluation = config.eval
+  batch = min(evaluation.batch_size, evaluation.probe_prompts)
+  features = feature_batches(config, model)
 
   def fit(params, key):
-    totals = [normal_equations(params, key, i) for i in range(-(-evaluation.probe_prompts // batch))]
-    return solve(sum(t[0] for t in totals), sum(t[1] for t in totals))
+    gram, moments, energy, count = 0.0, 0.0, 0.0, 0
+    for i in range(-(-evaluation.probe_prompts // batch)):
+      features_LxMxF, ys_M = (np.asarray(a, np.float64) for a in features(params, key, i))
+      gram = gram + np.matmul(np.swapaxes(features_LxMxF, 1, 2), features_LxMxF)  # BLAS, unlike np.einsum.
+      moments = moments + np.matmul(np.swapaxes(features_LxMxF, 1, 2), ys_M)
+      energy, count = energy + ys_M @ ys_M, count + ys_M.size
+    solution_LxF = solve_least_squares(gram, moments, evaluation.probe_ridge)
+    # ||F beta - y||^2 = beta^T G beta - 2 beta^T c + y^T y, from the same sums.
+    residual_L = (np.einsum("lf,lfg,lg->l", solution_LxF, gram, solution_LxF) -
+                  2 * np.einsum("lf,lf->l", solution_LxF, moments) + energy)
+    readouts = {"kernel": jnp.asarray(solution_LxF[:, :-1], jnp.float32),
+                "bias": jnp.asarray(solution_LxF[:, -1], jnp.float32)}
+    return readouts, np.maximum(residual_L, 0.0) / count
 
   return fit
 
@@ -86,6 +113,7 @@ def _trainer(config: ml_collections.ConfigDict, model):
   num_layers = config.model.num_layers
   optimizer = optax.adam(evaluation.probe_learning_rate)
 
+  @highest_precision
   @jax.jit
   def fit(params, key):
     init_key, data_key = jax.random.split(key)
@@ -105,18 +133,23 @@ def _trainer(config: ml_collections.ConfigDict, model):
       updates, opt_state = optimizer.update(jax.grad(loss_fn)(readouts), opt_state, readouts)
       return optax.apply_updates(readouts, updates), opt_state
 
-    return jax.lax.fori_loop(0, evaluation.probe_steps, step, (readouts, optimizer.init(readouts)))[0]
+    readouts = jax.lax.fori_loop(0, evaluation.probe_steps, step, (readouts, optimizer.init(readouts)))[0]
+    # The fit's own error, on the next batch of its stream (one it was not trained on).
+    prompts = _prompts(config, data_key, evaluation.probe_steps, evaluation.probe_batch_size)
+    errors_L = jnp.mean(jnp.square(apply(readouts, _states(model, params, prompts)) - prompts.ys_BxN[None]), (1, 2))
+    return readouts, errors_L
 
   return fit
 
 
 def make_fitter(config: ml_collections.ConfigDict, model):
-  """`fit(params, key) -> probes` for `config.eval.readout`, compiled once for any number of calls."""
+  """`fit(params, key) -> (probes, fit_mse [L] or None)` for `config.eval.readout`, compiled once for any
+  number of calls."""
   readout = config.eval.readout
   if readout == "least_squares":
     return _least_squares_fitter(config, model)
   if readout == "trained":
     return _trainer(config, model)
   if readout == "model":
-    return lambda params, key: model_readout(params, config.model.num_layers)
+    return lambda params, key: (model_readout(params, config.model.num_layers), None)
   raise ValueError(f"config.eval.readout = {readout!r}; allowed: {READOUTS}")

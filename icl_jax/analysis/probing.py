@@ -5,6 +5,7 @@ Each layer's read-out (`probes`) and each algorithm setting (`algorithm_weights`
 matches and their fits) and `evaluate` writes WORKDIR/eval/results.json and the figures.
 """
 
+import functools
 import json
 import pathlib
 import time
@@ -26,15 +27,40 @@ from icl_jax.analysis import algorithms
 from icl_jax.analysis import figures
 from icl_jax.analysis import probes
 from icl_jax.analysis import similarity
+from icl_jax.analysis.precision import highest_precision
 
-GRIDS = ("newton", "gd", "gd_log")  # Algorithm families with a grid of steps; each layer gets a best match.
+# Algorithm families with a grid of steps: each layer gets a best match on each.
+GRIDS = ("newton", "gd", "gd_log", "cg", "bfgs", "lbfgs")
 SINGLE = ("least_squares", "online_gd")  # Algorithms without steps.
+# Best matches fit against the layer index over the fit layers: steps linearly, GD's log grid in log2.
+LINEAR_FITS = ("newton", "cg", "bfgs", "lbfgs")
+# Fu et al.'s Table 1 (SimE with Newton, GD, online GD). Which quantity it reports is not pinned down by their
+# text or released code (README, "Evaluation"), so it is never printed as equal to any number here.
+PAPER_TABLE1 = {"gpt2": {"newton": 0.991, "gd": 0.957, "online_gd": 0.806},
+                "lstm": {"newton": 0.920, "gd": 0.916, "online_gd": 0.954}}
 
 
 def eval_keys(seed: int) -> dict[str, jax.Array]:
-  """Independent streams: evaluation prompts, probe-fitting prompts, SimW prompts, bootstrap draws."""
+  """Independent streams: evaluation prompts, probe-fitting prompts, SimW prompts, bootstrap draws, and the
+  random start of fixed-step online GD."""
+  evaluation = train_step.run_keys(seed)["eval"]
   names = ("prompts", "probes", "sim_w", "bootstrap")
-  return dict(zip(names, jax.random.split(train_step.run_keys(seed)["eval"], len(names))))
+  return {**dict(zip(names, jax.random.split(evaluation, len(names)))),
+          "online_gd": jax.random.fold_in(evaluation, 100)}
+
+
+def fit_layers(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """`eval.fit_layers`, or by default the layers after the first fifth up to three quarters of the depth
+  (3-9 of 12, Fu et al.'s linear stretch); ConfigError naming the field if it does not fit the model."""
+  num_layers, layers = config.model.num_layers, config.eval.fit_layers
+  if layers is None:
+    return num_layers // 5 + 1, max(num_layers // 5 + 1, -(-3 * num_layers // 4))
+  first, last = layers
+  if last > num_layers:
+    raise config_checks.ConfigError(
+        f"config.eval.fit_layers = {tuple(layers)}: the model has {num_layers} layers; allowed values are "
+        f"(first, last) with 1 <= first <= last <= {num_layers}, or None for the middle layers")
+  return int(first), int(last)
 
 
 class _Programs:
@@ -45,11 +71,13 @@ class _Programs:
     self.fit_probes = probes.make_fitter(config, model)
     self._samplers = {}
 
+    @highest_precision
     @jax.jit
     def layer_chunk(params, readouts, xs_BxNxD, ys_BxN):
       preds_BxN, hidden = model.apply({"params": params}, xs_BxNxD, ys_BxN, return_hidden=True)
       return probes.apply(readouts, probes.x_position_states(hidden)), preds_BxN
 
+    @highest_precision
     @jax.jit
     def sim_w_chunk(params, readouts, xs_BxNxD, ys_BxN, queries_BxNxQxD):
       out = model.apply({"params": params}, xs_BxNxD, ys_BxN, queries=queries_BxNxQxD)
@@ -100,14 +128,61 @@ class _Programs:
 def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, jax.Array]:
   """Every algorithm setting's estimate on every prefix, [B, K, T, D] (K = 1 for those without steps)."""
   e = config.eval
+  if e.online_gd == "projection":
+    online = algorithms.online_gradient_descent(xs_BxNxD, ys_BxN)
+  else:  # Fu et al.'s code: a fixed step from w_0 ~ U[0, 1)^d, drawn here once per prompt.
+    w0_BxD = jax.random.uniform(eval_keys(config.seed)["online_gd"], xs_BxNxD.shape[::2], xs_BxNxD.dtype)
+    online = algorithms.online_gradient_descent(xs_BxNxD, ys_BxN, e.online_gd_learning_rate, w0_BxD)
+  gd = lambda steps: algorithms.gradient_descent(xs_BxNxD, ys_BxN, steps, e.gd_learning_rate, e.gd_gradient_scale,
+                                                 ridge=e.ridge)
   return {
-      "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha)[:, 1:],
-      "gd": algorithms.gradient_descent(xs_BxNxD, ys_BxN, e.gd_steps, e.gd_learning_rate, e.gd_gradient_scale),
-      "gd_log": algorithms.gradient_descent(xs_BxNxD, ys_BxN, e.gd_log_steps, e.gd_learning_rate,
-                                            e.gd_gradient_scale),
-      "least_squares": algorithms.least_squares(xs_BxNxD, ys_BxN)[:, None],
-      "online_gd": algorithms.online_gradient_descent(xs_BxNxD, ys_BxN)[:, None],
+      "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha, e.ridge)[:, 1:],
+      "gd": gd(e.gd_steps),
+      "gd_log": gd(e.gd_log_steps),
+      "cg": algorithms.conjugate_gradient(xs_BxNxD, ys_BxN, e.cg_steps, e.ridge)[:, 1:],
+      "bfgs": algorithms.bfgs(xs_BxNxD, ys_BxN, e.bfgs_steps, e.ridge)[:, 1:],
+      "lbfgs": algorithms.lbfgs(xs_BxNxD, ys_BxN, e.lbfgs_steps, e.lbfgs_memory, e.ridge)[:, 1:],
+      "least_squares": algorithms.least_squares(xs_BxNxD, ys_BxN, e.ridge)[:, None],
+      "online_gd": online[:, None],
   }
+
+
+def check_gd_stability(config: ml_collections.ConfigDict, xs_BxNxD) -> None:
+  """ConfigError unless every GD step of the evaluation contracts: eta lambda_max(H) < 2 for the Hessian H of
+  every prefix of every prompt (S_t + ridge I, divided by t for "mean"), else GD diverges there and its
+  similarities are meaningless."""
+  e = config.eval
+  mask_TxN = (jnp.arange(xs_BxNxD.shape[1])[None, :] < jnp.arange(1, xs_BxNxD.shape[1] + 1)[:, None])
+  lambda_max_B = _largest_hessian_eigenvalue(xs_BxNxD, mask_TxN.astype(xs_BxNxD.dtype), e.ridge,
+                                             e.gd_gradient_scale == "mean")
+  worst_B = e.gd_learning_rate * np.asarray(lambda_max_B, np.float64)
+  if np.any(worst_B >= 2):
+    raise config_checks.ConfigError(
+        f"config.eval.gd_learning_rate = {e.gd_learning_rate:g} makes gradient descent diverge on "
+        f"{np.mean(worst_B >= 2):.1%} of the {len(worst_B)} evaluation prompts (eta * lambda_max of the "
+        f"Hessian up to {worst_B.max():.3g} >= 2); allowed values are below {2 / worst_B.max() * e.gd_learning_rate:.3g} "
+        f"for these prompts (configs/linreg_ill_conditioned.py uses 0.005 at kappa = 100)")
+
+
+@highest_precision
+@functools.partial(jax.jit, static_argnames=("ridge", "mean"))
+def _largest_hessian_eigenvalue(xs_BxNxD, mask_TxN, ridge: float, mean: bool) -> jax.Array:
+  """max over the prefixes t = 1..N of lambda_max(S_t + ridge I) (divided by t if `mean`): [B]."""
+  s_TxBxDxD = jnp.einsum("tn,bni,bnj->tbij", mask_TxN, xs_BxNxD, xs_BxNxD)
+  top_TxB = jnp.linalg.eigvalsh(s_TxBxDxD)[..., -1] + ridge
+  if mean:
+    top_TxB = top_TxB / jnp.arange(1, mask_TxN.shape[0] + 1, dtype=xs_BxNxD.dtype)[:, None]
+  return jnp.max(top_TxB, axis=0)
+
+
+def check_finite(labels_K: list[str], preds_KxBxN: np.ndarray) -> None:
+  """FloatingPointError naming the first predictor (of `labels_K`) with a non-finite prediction and the share of
+  prompts affected: nothing non-finite reaches a similarity, a best match or a figure."""
+  bad_KxB = ~np.all(np.isfinite(preds_KxBxN), axis=-1)
+  if np.any(bad_KxB):
+    k = int(np.flatnonzero(bad_KxB.any(axis=1))[0])
+    raise FloatingPointError(f"{labels_K[k]}: non-finite predictions on {bad_KxB[k].mean():.1%} of the "
+                             f"{bad_KxB.shape[1]} evaluation prompts; nothing was written")
 
 
 def algorithm_predictions(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
@@ -125,20 +200,28 @@ def algorithm_induced_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_Bx
 
 
 def _steps(config, name) -> list[int]:
+  """The grid of `name`: the step counts its settings stand for ([1] for the algorithms without steps)."""
   e = config.eval
-  return {"newton": list(range(1, e.newton_steps + 1)), "gd": list(e.gd_steps), "gd_log": list(e.gd_log_steps)}[name]
+  grids = {"newton": range(1, e.newton_steps + 1), "gd": e.gd_steps, "gd_log": e.gd_log_steps,
+           "cg": range(1, e.cg_steps + 1), "bfgs": range(1, e.bfgs_steps + 1), "lbfgs": range(1, e.lbfgs_steps + 1)}
+  return list(grids.get(name, [1]))
 
 
 def _fits(config, best_by_grid: dict) -> dict:
-  first, last = config.eval.fit_layers
+  """Best-matching steps against the layer over the fit layers, with the slope's bootstrap interval (from each
+  bootstrap sample's best matches)."""
+  first, last = fit_layers(config)
   layers = np.arange(first, last + 1)
-  newton = similarity.linear_fit(layers, np.asarray(best_by_grid["newton"]["steps"])[layers - 1])
-  gd_log = similarity.linear_fit(layers, np.log2(np.asarray(best_by_grid["gd_log"]["steps"])[layers - 1]))
-  return {
-      "layers": [int(first), int(last)],
-      "newton": {**newton, "steps_per_layer": newton["slope"]},
-      "gd_log": {**gd_log, "doublings_per_layer": gd_log["slope"]},
-  }
+  fits = {"layers": [first, last]}
+  for grid in LINEAR_FITS + ("gd_log",):
+    transform = np.log2 if grid == "gd_log" else np.asarray
+    best = best_by_grid[grid]
+    fit = similarity.linear_fit(layers, transform(np.asarray(best["steps"], np.float64))[layers - 1])
+    resampled = transform(np.asarray(best["resampled_steps"], np.float64))[:, layers - 1]
+    fit["slope_interval"] = list(similarity.slope_interval(layers, resampled, config.eval.confidence))
+    fit["doublings_per_layer" if grid == "gd_log" else "steps_per_layer"] = fit["slope"]
+    fits[grid] = fit
+  return fits
 
 
 def _tolist(tree):
@@ -160,45 +243,67 @@ class Evaluator:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    fit_layers(config)  # Checked against the model before anything runs.
     self._programs = _Programs(config, models.build_model(config.model))
     self._keys = eval_keys(config.seed)
     # A frozen set replaces only the main prompts: the probes are fit on prompts other than those they are
     # scored on, and SimW needs query points per prefix that the set does not hold, so both stay fresh.
     self._dataset_prompts = dataset_prompts(config) if config.eval.dataset_dir else None
 
+  @highest_precision
   def __call__(self, params: dict) -> dict:
     config, programs, keys = self.config, self._programs, self._keys
     e, n_dims = config.eval, config.task.n_dims
     clock = _Clock()
-    readouts = programs.fit_probes(params, keys["probes"])
+    readouts, probe_fit_mse_L = programs.fit_probes(params, keys["probes"])
     clock.lap("probes_s", readouts)
     prompts = self._dataset_prompts
     if prompts is None:
       prompts = programs.prompts(keys["prompts"], e.num_prompts, config.task.n_points)
+    check_gd_stability(config, prompts.xs_BxNxD)
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
+    check_finite([f"layer {l}'s read-out" for l in range(1, config.model.num_layers + 1)], layers_LxBxN)
+    check_finite(["the model's output"], model_BxN[None])
     clock.lap("model_s")
     algos = algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)
+    for name, preds_KxBxN in algos.items():
+      check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)],
+                   preds_KxBxN)
     clock.lap("algorithms_s")
 
     ys_BxN = np.asarray(prompts.ys_BxN)
+    counts_SxB = similarity.resample_counts(keys["bootstrap"], e.bootstrap_samples, ys_BxN.shape[0])
     curves = {"layers": layers_LxBxN, "model": model_BxN[None], "zero": np.zeros_like(ys_BxN)[None], **algos}
     errors = similarity.bootstrap_means(
-        similarity.squared_errors(np.concatenate(list(curves.values())), ys_BxN, n_dims), keys["bootstrap"],
-        e.bootstrap_samples, e.confidence)
+        similarity.squared_errors(np.concatenate(list(curves.values())), ys_BxN, n_dims), counts_SxB, e.confidence)
     bounds = np.cumsum([0] + [c.shape[0] for c in curves.values()])
     error = {name: {stat: v[bounds[i]:bounds[i + 1]] for stat, v in errors.items()} for i, name in enumerate(curves)}
-    sim_e = {k: similarity.similarity_of_errors(layers_LxBxN, p, ys_BxN, e.sim_e_include_first) for k, p in algos.items()}
+    first = 0 if e.sim_e_include_first else 1
+    sim_e = {k: similarity.bootstrap_similarity(similarity.error_cosines(layers_LxBxN, p, ys_BxN, first),
+                                                counts_SxB, e.confidence) for k, p in algos.items()}
     # How far the model's own predictions are from least squares', per context length.
     distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
-    clock.lap("metrics_s", sim_e)
+    clock.lap("metrics_s")
 
     layer_weights, sim_w_prompts = programs.layer_induced_weights(params, readouts, keys["sim_w"])
     weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
-    sim_w = {k: similarity.similarity_of_weights(layer_weights, w) for k, w in weights.items()}
-    clock.lap("sim_w_s", sim_w)
+    counts_w_SxB = similarity.resample_counts(jax.random.fold_in(keys["bootstrap"], 1), e.bootstrap_samples,
+                                              e.sim_w_prompts)
+    sim_w = {k: similarity.bootstrap_similarity(similarity.weight_cosines(layer_weights, w), counts_w_SxB,
+                                                e.confidence) for k, w in weights.items()}
+    clock.lap("sim_w_s")
     results = _summarise(config, error, sim_e, sim_w, clock.laps)
     results["distance_to_least_squares_per_dim"] = distance_N.tolist()
+    results["probe_fit"] = _probe_fit(probe_fit_mse_L, n_dims)
     return results
+
+
+def _probe_fit(fit_mse_L, n_dims: int) -> dict:
+  """The read-outs' own residual on the prompts they were fit on (None for the model's read-out, which is not
+  fit): mean squared error / d per layer."""
+  if fit_mse_L is None:
+    return {"mse_per_dim": None}
+  return {"mse_per_dim": (np.asarray(fit_mse_L, np.float64) / n_dims).tolist()}
 
 
 class _Clock:
@@ -218,27 +323,60 @@ class _Clock:
 def _summarise(config, error, sim_e, sim_w, timings) -> dict:
   best = {k: similarity.best_match(sim_e[k], _steps(config, k)) for k in GRIDS}
   best_w = {k: similarity.best_match(sim_w[k], _steps(config, k)) for k in GRIDS}
-
-  def table(sim, best):
-    return {"newton": best["newton"]["similarity"][-1], "gd": best["gd"]["similarity"][-1],
-            **{k: float(np.asarray(sim[k])[-1, 0]) for k in SINGLE}}
-
+  fits = _fits(config, best)
+  means = lambda sims: {k: v["mean"] for k, v in sims.items()}
+  intervals = lambda sims: {k: {"low": v["low"], "high": v["high"]} for k, v in sims.items()}
+  # Everything but the bootstrap samples, which are only needed for the fits' intervals.
+  best_intervals = lambda b: {k: {f: v[f] for f in ("low", "high", "within_interval", "choice_fraction")}
+                              for k, v in b.items()}
   return {
-      "settings": {"eval": run_logs.config_dict(config.eval), "task": run_logs.config_dict(config.task),
-                   "model": run_logs.config_dict(config.model), "seed": config.seed},
+      "settings": {"eval": {**run_logs.config_dict(config.eval), "fit_layers": fits["layers"]},
+                   "task": run_logs.config_dict(config.task), "model": run_logs.config_dict(config.model),
+                   "seed": config.seed},
       "layers": list(range(1, config.model.num_layers + 1)),
       "context_lengths": list(range(config.task.n_points)),
       "grids": {k: _steps(config, k) for k in GRIDS},
       "error_per_dim": _tolist(error),
-      "sim_e": _tolist(sim_e),
-      "sim_w": _tolist(sim_w),
+      "sim_e": _tolist(means(sim_e)),
+      "sim_e_interval": _tolist(intervals(sim_e)),
+      "sim_w": _tolist(means(sim_w)),
+      "sim_w_interval": _tolist(intervals(sim_w)),
       "best_match": {k: v["steps"] for k, v in best.items()},
       "best_similarity": {k: v["similarity"] for k, v in best.items()},
+      "best_match_interval": best_intervals(best),
       "best_match_sim_w": {k: v["steps"] for k, v in best_w.items()},
       "best_similarity_sim_w": {k: v["similarity"] for k, v in best_w.items()},
-      "fits": _fits(config, best),
-      "table1": {"sim_e": table(sim_e, best), "sim_w": table(sim_w, best_w)},
+      "best_match_sim_w_interval": best_intervals(best_w),
+      "fits": fits,
+      "last_layer_best": {"sim_e": _last_layer(sim_e, best), "sim_w": _last_layer(sim_w, best_w)},
+      "table1": _table1(config, sim_e, best),
       "timing": timings,
+  }
+
+
+def _last_layer(sims: dict, best: dict) -> dict:
+  """The last layer's best similarity to each algorithm (its best setting on each grid), with its interval."""
+  out = {k: {"value": b["similarity"][-1], "low": b["low"][-1], "high": b["high"][-1], "steps": b["steps"][-1]}
+         for k, b in best.items()}
+  for k in SINGLE:
+    out[k] = {"value": float(sims[k]["mean"][-1, 0]), "low": float(sims[k]["low"][-1, 0]),
+              "high": float(sims[k]["high"][-1, 0])}
+  return out
+
+
+def _table1(config, sim_e: dict, best: dict) -> dict:
+  """Fu et al.'s Table 1 beside the candidate definitions it might use, none of them confirmed."""
+  best_per_layer = {k: np.asarray(b["similarity"]) for k, b in best.items()}
+  best_per_layer.update({k: np.asarray(sim_e[k]["mean"])[:, 0] for k in SINGLE})
+  return {
+      "paper": PAPER_TABLE1.get(config.model.family),
+      "definition": "not pinned down: Fu et al.'s text and released code do not say which layer, read-out or "
+                    "algorithm setting Table 1 uses; the candidates below are not claimed to be it",
+      "candidates": {
+          "last_layer_best": {k: float(v[-1]) for k, v in best_per_layer.items()},
+          "max_over_layers": {k: float(np.max(v)) for k, v in best_per_layer.items()},
+          "mean_over_layers": {k: float(np.mean(v)) for k, v in best_per_layer.items()},
+      },
   }
 
 
@@ -263,16 +401,13 @@ def _log_summary(results: dict) -> None:
   t, fits = results["timing"], results["fits"]
   logging.info("Evaluation in %.1f s (incl. compilation): %s.", t["total_s"],
                ", ".join(f"{k[:-2]} {v:.1f}" for k, v in t.items() if k != "total_s"))
-  logging.info("Best-matching Newton steps per layer: %s (layers %s: %s steps/layer, R^2 %s).",
-               results["best_match"]["newton"], fits["layers"], fits["newton"]["slope"], fits["newton"]["r2"])
-  logging.info("Best-matching GD steps (log grid) per layer: %s (%s doublings/layer, R^2 %s).",
-               results["best_match"]["gd_log"], fits["gd_log"]["doublings_per_layer"], fits["gd_log"]["r2"])
-  table = results["table1"]["sim_e"]
-  paper = PAPER_TABLE1.get(results["settings"]["model"]["family"])
-  logging.info("Final layer's best SimE: Newton %.3f, GD %.3f, online GD %.3f, OLS %.3f%s.", table["newton"],
-               table["gd"], table["online_gd"], table["least_squares"],
-               f" (Fu et al.'s Table 1: {paper})" if paper else "")
-
-
-# Fu et al.'s Table 1 (SimE of the last layer with Newton, GD, online GD) for the families they report.
-PAPER_TABLE1 = {"gpt2": ".991, .957, .806", "lstm": ".920, .916, .954"}
+  for grid, name, unit in (("newton", "Newton", "steps/layer"), ("gd_log", "GD (log grid)", "doublings/layer")):
+    fit = fits[grid]
+    slope = "undefined (one fit layer)" if fit["slope"] is None else (
+        f"{fit['slope']:.2f} {unit} [{fit['slope_interval'][0]:.2f}, {fit['slope_interval'][1]:.2f}], "
+        f"R^2 {fit['r2']:.3f}")
+    logging.info("Best-matching %s steps per layer: %s (layers %d-%d: %s).", name, results["best_match"][grid],
+                 *fits["layers"], slope)
+  last = results["last_layer_best"]["sim_e"]
+  logging.info("Last layer's best SimE: %s.", ", ".join(
+      f"{k} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in last.items()))

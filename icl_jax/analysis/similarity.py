@@ -2,33 +2,51 @@
 
 A "predictor" is anything that predicts every y_t of a prompt from the points before it: a layer's read-out,
 or an algorithm at some number of steps. Predictions are stacked as [C, B, N] (C predictors, B prompts,
-N positions); the prediction at position t uses the t points before it.
+N positions); the prediction at position t uses the t points before it. Similarities are computed per prompt
+([A, K, B]) and averaged over prompts, each with a bootstrap interval over the prompts: every bootstrap sample
+redraws the B prompts with replacement, the same draws for every quantity of one evaluation.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from icl_jax.analysis.precision import highest_precision
 
+
+@highest_precision
+@jax.jit
 def squared_errors(preds_CxBxN: jax.Array, ys_BxN: jax.Array, n_dims: int) -> jax.Array:
   """(prediction - y)^2 / d per predictor, prompt and position: [C, B, N] (Garg et al.'s error/d)."""
   return jnp.square(preds_CxBxN - ys_BxN[None]) / n_dims
 
 
-def bootstrap_means(values_CxBxN: np.ndarray, key: jax.Array, num_samples: int, confidence: float) -> dict:
-  """Mean over prompts (axis 1) and its bootstrap interval: {"mean", "low", "high"}, each [C, N].
+def resample_counts(key: jax.Array, num_samples: int, num_prompts: int) -> np.ndarray:
+  """How often each prompt is drawn in each bootstrap sample: [S, B], each row summing to B."""
+  draws_SxB = jax.random.randint(key, (num_samples, num_prompts), 0, num_prompts)
+  return np.asarray(jax.vmap(lambda d: jnp.bincount(d, length=num_prompts))(draws_SxB), np.float64)
 
-  Every bootstrap sample redraws the B prompts with replacement (Garg et al.: 1000 samples, 90%); all the
-  samples are one matrix product of resampling counts with the values.
-  """
-  values_CxBxN = jnp.asarray(values_CxBxN)
-  b = values_CxBxN.shape[1]
-  draws_SxB = jax.random.randint(key, (num_samples, b), 0, b)
-  counts_SxB = jax.vmap(lambda d: jnp.bincount(d, length=b))(draws_SxB).astype(values_CxBxN.dtype)
-  means_SxCxN = jnp.einsum("sb,cbn->scn", counts_SxB, values_CxBxN) / b
+
+def _resampled_means(values_Bx___: np.ndarray, counts_SxB: np.ndarray) -> np.ndarray:
+  """The mean over prompts (axis 0) in every bootstrap sample: [S, ...], in float64."""
+  values = np.asarray(values_Bx___, np.float64)
+  return np.tensordot(counts_SxB, values, axes=(1, 0)) / counts_SxB.shape[1]
+
+
+def _interval(samples_Sx___: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
   tail = (1 - confidence) / 2
-  low_CxN, high_CxN = jnp.quantile(means_SxCxN, jnp.asarray([tail, 1 - tail]), axis=0)
-  return {"mean": np.asarray(values_CxBxN.mean(axis=1)), "low": np.asarray(low_CxN), "high": np.asarray(high_CxN)}
+  low, high = np.quantile(samples_Sx___, [tail, 1 - tail], axis=0)
+  return low, high
+
+
+def bootstrap_means(values_CxBxN: np.ndarray, counts_SxB: np.ndarray, confidence: float) -> dict:
+  """Mean over prompts (axis 1) and its bootstrap interval: {"mean", "low", "high"}, each [C, N] (Garg et al.:
+  1000 samples, 90%)."""
+  values_BxCxN = np.moveaxis(np.asarray(values_CxBxN, np.float64), 1, 0)
+  low, high = _interval(_resampled_means(values_BxCxN, counts_SxB), confidence)
+  return {"mean": values_BxCxN.mean(axis=0), "low": low, "high": high}
 
 
 def _unit(v, axis):
@@ -36,21 +54,20 @@ def _unit(v, axis):
   return v / jnp.where(norm > 0, norm, 1.0)
 
 
-def similarity_of_errors(preds_AxBxN: jax.Array, preds_KxBxN: jax.Array, ys_BxN: jax.Array,
-                         include_first: bool) -> jax.Array:
-  """SimE: cosine similarity of two predictors' residual vectors (prediction - y over positions), per prompt,
-  averaged over prompts: [A, K].
-
-  Args:
-    include_first: count position 0, where no point has been seen (Fu et al.'s code: yes; their paper's
-      footnote: no). Algorithms predict 0 there, so including it adds a shared -y_0 to every residual.
-  """
-  first = 0 if include_first else 1
+@highest_precision
+@functools.partial(jax.jit, static_argnames=("first",))
+def error_cosines(preds_AxBxN: jax.Array, preds_KxBxN: jax.Array, ys_BxN: jax.Array, first: int) -> jax.Array:
+  """Per prompt, the cosine similarity of two predictors' residual vectors (prediction - y over the positions
+  from `first` on): [A, K, B]. Its mean over prompts is SimE. first = 0 counts position 0, where no point has
+  been seen (Fu et al.'s code), 1 does not (their paper's footnote); algorithms predict 0 there, so including
+  it adds a shared -y_0 to every residual."""
   residual_AxBxN = _unit((preds_AxBxN - ys_BxN[None])[..., first:], axis=-1)
   residual_KxBxN = _unit((preds_KxBxN - ys_BxN[None])[..., first:], axis=-1)
-  return jnp.einsum("abn,kbn->ak", residual_AxBxN, residual_KxBxN) / ys_BxN.shape[0]
+  return jnp.einsum("abn,kbn->akb", residual_AxBxN, residual_KxBxN)
 
 
+@highest_precision
+@jax.jit
 def induced_weights(queries_BxNxQxD: jax.Array, preds_CxBxNxQ: jax.Array) -> jax.Array:
   """Least-squares weights fit to predictions on fresh queries, per predictor, prompt and prefix: [C, B, N, D].
 
@@ -62,22 +79,65 @@ def induced_weights(queries_BxNxQxD: jax.Array, preds_CxBxNxQ: jax.Array) -> jax
   return jnp.linalg.solve(gram_BxNxDxD[None], moments_CxBxNxD[..., None])[..., 0]
 
 
-def similarity_of_weights(weights_AxBxNxD: jax.Array, weights_KxBxNxD: jax.Array) -> jax.Array:
-  """SimW: cosine similarity of induced weights, averaged over prompts and the prefixes t >= 1: [A, K].
-
-  The empty prefix is left out: every algorithm's estimate there is 0 and has no direction.
-  """
+@highest_precision
+@jax.jit
+def weight_cosines(weights_AxBxNxD: jax.Array, weights_KxBxNxD: jax.Array) -> jax.Array:
+  """Per prompt, the cosine similarity of induced weights averaged over the prefixes t >= 1: [A, K, B]. Its mean
+  over prompts is SimW. The empty prefix is left out: every algorithm's estimate there is 0 and has no
+  direction."""
   a_AxBxNxD = _unit(weights_AxBxNxD[:, :, 1:], axis=-1)
   k_KxBxNxD = _unit(weights_KxBxNxD[:, :, 1:], axis=-1)
-  return jnp.einsum("abnd,kbnd->ak", a_AxBxNxD, k_KxBxNxD) / (a_AxBxNxD.shape[1] * a_AxBxNxD.shape[2])
+  return jnp.einsum("abnd,kbnd->akb", a_AxBxNxD, k_KxBxNxD) / a_AxBxNxD.shape[2]
 
 
-def best_match(similarity_AxK: np.ndarray, steps_K) -> dict:
-  """For each row (layer), the grid value with the highest similarity (Fu et al.'s Def. 3.4), and that value."""
-  similarity_AxK = np.asarray(similarity_AxK)
-  index_A = np.argmax(similarity_AxK, axis=1)
-  return {"steps": [int(np.asarray(steps_K)[i]) for i in index_A],
-          "similarity": similarity_AxK[np.arange(len(index_A)), index_A].tolist()}
+def bootstrap_similarity(cosines_AxKxB: np.ndarray, counts_SxB: np.ndarray, confidence: float) -> dict:
+  """The similarity (mean over prompts) of every layer and setting, [A, K], with its bootstrap interval, and
+  the bootstrap samples themselves [S, A, K] for `best_match`."""
+  cosines_BxAxK = np.moveaxis(np.asarray(cosines_AxKxB, np.float64), -1, 0)
+  samples_SxAxK = _resampled_means(cosines_BxAxK, counts_SxB)
+  low, high = _interval(samples_SxAxK, confidence)
+  return {"mean": cosines_BxAxK.mean(axis=0), "low": low, "high": high, "samples": samples_SxAxK}
+
+
+def best_match(similarity: dict, steps_K) -> dict:
+  """For each row (layer), the grid value with the highest similarity (Fu et al.'s Def. 3.4) and how sure that
+  choice is, from `bootstrap_similarity`'s result:
+
+    steps, similarity: the argmax of the mean and its value, per layer;
+    low, high: that value's bootstrap interval;
+    within_interval: the grid values whose mean similarity is at least `low` (indistinguishable from the
+      argmax at this confidence), per layer;
+    choice_fraction: [A, K], the fraction of bootstrap samples whose argmax is each grid value.
+
+  Raises ValueError for a layer whose similarities are all NaN (nothing to choose from).
+  """
+  mean_AxK, steps_K = np.asarray(similarity["mean"]), np.asarray(steps_K)
+  nan_rows = np.flatnonzero(np.all(np.isnan(mean_AxK), axis=1))
+  if nan_rows.size:
+    raise ValueError(f"best match of layer {nan_rows[0] + 1}: every similarity is NaN")
+  index_A = np.nanargmax(mean_AxK, axis=1)
+  rows = np.arange(len(index_A))
+  low_A, high_A = np.asarray(similarity["low"])[rows, index_A], np.asarray(similarity["high"])[rows, index_A]
+  samples_SxAxK = np.asarray(similarity["samples"])
+  choices_SxA = np.argmax(np.where(np.isnan(samples_SxAxK), -np.inf, samples_SxAxK), axis=2)
+  fraction_AxK = np.stack([np.bincount(choices_SxA[:, a], minlength=len(steps_K)) for a in rows]) / len(choices_SxA)
+  return {"steps": [int(steps_K[i]) for i in index_A],
+          "similarity": mean_AxK[rows, index_A].tolist(),
+          "low": low_A.tolist(), "high": high_A.tolist(),
+          "within_interval": [[int(v) for v in steps_K[mean_AxK[a] >= low_A[a]]] for a in rows],
+          "choice_fraction": fraction_AxK.tolist(),
+          "resampled_steps": steps_K[choices_SxA]}
+
+
+def slope_interval(x, resampled_y_SxX, confidence: float) -> tuple[float, float] | tuple[None, None]:
+  """The bootstrap interval of the least-squares slope of y against x, from resampled y [S, len(x)]."""
+  x = np.asarray(x, np.float64)
+  if len(np.unique(x)) < 2:
+    return None, None
+  centred_X = x - x.mean()
+  slopes_S = np.asarray(resampled_y_SxX, np.float64) @ centred_X / np.sum(centred_X**2)
+  low, high = _interval(slopes_S, confidence)
+  return float(low), float(high)
 
 
 def linear_fit(x, y) -> dict:
