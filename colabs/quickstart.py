@@ -94,6 +94,7 @@ workdir = pathlib.Path(workdir or f"runs/quickstart_{num_steps}")
 config = linreg.get_config("quick")
 config.train.num_steps = num_steps
 config.train.warmup_steps = min(config.train.warmup_steps, num_steps // 10)  # 500 at full size.
+config.eval.after_training = False  # The evaluation below runs with this notebook's own settings.
 summary = train.train_and_evaluate(config, workdir)
 print(json.dumps(summary["final"], indent=1))
 

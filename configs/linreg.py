@@ -181,3 +181,4 @@ def _make_quick(config: config_dict.ConfigDict) -> None:
   config.train.keep_period = 0
   config.train.steps_per_dispatch = 100
   config.eval.fit_layers = (1, 4)
+  config.eval.after_training = True  # The first command of README trains, evaluates and draws.

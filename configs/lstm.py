@@ -13,7 +13,9 @@ changes nothing.
 
 from ml_collections import config_dict
 
-from configs import linreg
+from icl_jax import config_files
+
+linreg = config_files.load("linreg.py", next_to=__file__)
 
 
 def get_config(variant: str = "paper") -> config_dict.ConfigDict:

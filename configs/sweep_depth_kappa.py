@@ -9,7 +9,9 @@ share a depth (and so every shape) train together as one vmapped program (icl_ja
 
 from ml_collections import config_dict
 
-from configs import linreg
+from icl_jax import config_files
+
+linreg = config_files.load("linreg.py", next_to=__file__)
 
 
 def get_config(variant: str = "paper") -> config_dict.ConfigDict:

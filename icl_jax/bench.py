@@ -4,24 +4,32 @@ Prints one JSON line per benchmark of `icl_jax.tools.benchmarks` (README, "Speed
 """
 
 import json
+import pathlib
+import shutil
 import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax.tools import benchmarks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
+    "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
+    "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.", lock_config=True)
 _BENCHMARK = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], list(benchmarks.BENCHMARKS),
                                      "Benchmarks to run.")
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", 0.0, "The device's peak FLOP/s for MFU; 0: known GPUs only.")
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
     "reference at the same shapes and print the ratio.")
+# benchmarks/ sits next to the package in the repository (an editable install or a checkout).
 _TORCH_REFERENCE = flags.DEFINE_string(
-    "torch_reference", "../shared/reference/torch_gpt2_linreg.py", "The PyTorch reference training step.")
+    "torch_reference", str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_gpt2_linreg.py"),
+    "The PyTorch reference training step.")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")
 flags.mark_flags_as_required(["config"])
 
@@ -34,6 +42,11 @@ def main(argv):
     config_checks.validate(config, num_devices=1)
   except config_checks.ConfigError as e:
     sys.exit(f"error: {e}")
+  if _TORCH_PYTHON.value and shutil.which(_TORCH_PYTHON.value) is None:
+    sys.exit(f"error: --torch_python={_TORCH_PYTHON.value}: no such interpreter")
+  if _TORCH_PYTHON.value and not pathlib.Path(_TORCH_REFERENCE.value).is_file():
+    sys.exit(f"error: --torch_reference={_TORCH_REFERENCE.value}: no such file (it is benchmarks/torch_gpt2_linreg.py "
+             "of the repository)")
   for name in _BENCHMARK.value:
     if name == "train_step":
       line = benchmarks.bench_train_step(config, _PEAK_FLOPS.value, _TIMED_STEPS.value)
@@ -49,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

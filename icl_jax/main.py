@@ -12,14 +12,17 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax.analysis import evaluate
 from icl_jax import run_logs
 from icl_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/linreg.py:quick.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
+    "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
+    "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train: train (or resume) the run in --workdir; eval: evaluate its latest checkpoint "
@@ -27,6 +30,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even if its saved config differs from this one.")
 _DISTRIBUTED_FLAGS = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # --help lists them too.
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,4 +64,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,18 +1,26 @@
-"""What a run writes besides checkpoints: WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events.
+"""What a run writes besides checkpoints: WORKDIR/config.json, WORKDIR/metrics.jsonl, WORKDIR/provenance.json,
+TensorBoard events (training scalars; an evaluation's summary numbers, figures and hyper-parameters).
 
 Only process 0 writes, and logs progress. metrics.jsonl holds one JSON object per logged step so that a run can
 be read without TensorBoard; when a run resumes from step s, records after s (from the interrupted attempt, which
 will be recomputed) are dropped so the file stays one clean curve.
 """
 
+import datetime
+import importlib.metadata
 import json
 import logging as std_logging
 import pathlib
+import platform
+import subprocess
 import time
 
 import jax
 import ml_collections
 from absl import logging
+
+# Packages whose versions go into every provenance record.
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy", "tensorflow-datasets")
 
 
 def quiet_orbax() -> None:
@@ -26,6 +34,49 @@ def quiet_orbax() -> None:
 
 def is_writer() -> bool:
   return jax.process_index() == 0
+
+
+def _git(*args: str) -> str | None:
+  """A git command's output in the package's checkout, or None outside one (an installed wheel) or without git."""
+  try:
+    result = subprocess.run(["git", *args], cwd=pathlib.Path(__file__).resolve().parent, capture_output=True,
+                            text=True, timeout=10, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return result.stdout.strip()
+
+
+def provenance() -> dict:
+  """Where a result comes from: package versions, the git commit (and whether tracked files differ from it), the
+  devices and the date."""
+  versions = {"python": platform.python_version()}
+  for name in VERSIONED:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  commit = _git("rev-parse", "HEAD")
+  status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+  devices = jax.devices()
+  return {"versions": versions, "git_commit": commit, "git_dirty": None if status is None else bool(status),
+          "platform": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
+          "process_count": jax.process_count(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_evaluation_summary(workdir: pathlib.Path, step: int, scalars: dict[str, float], figures: list[pathlib.Path],
+                             hparams: dict) -> None:
+  """An evaluation's numbers as TensorBoard scalars, its PNG figures as images and the run's hyper-parameters
+  (with those numbers as their metrics), in WORKDIR/tensorboard next to the training scalars."""
+  import tensorboardX  # Deferred: only the writing process needs it.
+  from matplotlib import image
+
+  with tensorboardX.SummaryWriter(str(workdir / "tensorboard")) as writer:
+    for tag, value in scalars.items():
+      writer.add_scalar(tag, value, step)
+    for path in figures:
+      writer.add_image(f"eval/{path.stem}", image.imread(path)[..., :3], step, dataformats="HWC")
+    writer.add_hparams(hparams, scalars, name="hparams", global_step=step)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax import run_logs
@@ -26,6 +27,7 @@ _SHARD = flags.DEFINE_string("shard", "0/1", "i/N: this process trains and evalu
 _STAGE = flags.DEFINE_enum("stage", "all", ["all", "runs", "report"],
                            "runs: train and evaluate; report: write ROOT/sweep from finished runs; all: both.")
 _DISTRIBUTED_FLAGS = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # --help lists them too.
 flags.mark_flags_as_required(["config", "root"])
 
 
@@ -59,4 +61,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

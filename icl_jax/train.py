@@ -206,6 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, preemption_flag() as preempted:
     latest = checkpoints.latest_step()
     check_saved_config(workdir, config, latest is not None, allow_config_change)
+    if run_logs.is_writer():
+      (workdir / "provenance.json").write_text(json.dumps({**run_logs.provenance(), "start_step": latest or 0},
+                                                          indent=2) + "\n")
     if latest is not None:
       state = checkpoints.restore(latest, state)
       logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)

@@ -38,3 +38,23 @@ def assert_field_error(config, field: str, value, expected: str) -> None:
   with pytest.raises(config_checks.ConfigError) as info:
     config_checks.validate(config, num_devices=8)
   assert expected in str(info.value)
+
+
+def tensorboard_events(directory):
+  """Every Event of the TensorBoard files below `directory`, read back from the TFRecord framing (length, its
+  CRC, the record, its CRC) with tensorboardX's own protos, so no TensorFlow or tensorboard is needed."""
+  import pathlib
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  events = []
+  for path in sorted(pathlib.Path(directory).rglob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      events.append(event)
+      offset += 12 + length + 4
+  return events

@@ -20,6 +20,7 @@ from icl_jax import train
 from icl_jax.analysis import probing
 from icl_jax.analysis import probes
 from icl_jax.analysis import similarity
+from tests import helpers
 from tests import tiny_config
 
 
@@ -194,6 +195,16 @@ def test_eval_mode_writes_results_and_figures(trained):
     low, high = results["fits"][grid]["slope_interval"]
     assert np.isfinite(results["fits"][grid]["slope"]) and low <= high
   assert len(results["probe_fit"]["mse_per_dim"]) == num_layers
+  provenance = results["provenance"]
+  assert provenance["versions"]["jax"] == jax.__version__ and provenance["device_count"] == 1
+  assert len(provenance["git_commit"] or "0" * 40) == 40 and provenance["config"]["model"]["num_layers"] == num_layers
+  # TensorBoard: the evaluation's numbers, its figures and the hyper-parameters, next to the training scalars.
+  values = [v for e in helpers.tensorboard_events(workdir / "tensorboard") for v in e.summary.value]
+  tags = {v.tag for v in values}
+  assert {"loss", "eval/fit/newton_slope", "eval/last_layer_sim_e/newton", "eval/best_match"} <= tags
+  assert any(v.tag == "eval/best_match" and v.image.encoded_image_string for v in values)
+  assert any(v.metadata.plugin_data.plugin_name == "hparams" for v in values)
+  assert "Wrote " in result.stderr and "results.json" in result.stderr
   assert "definition" in results["table1"] and "last_layer_best" in results
   for stem in ("error_vs_layer", "sim_e_newton_heatmap", "best_match", "error_vs_context"):
     for suffix in (".png", ".pdf"):

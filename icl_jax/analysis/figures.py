@@ -25,7 +25,7 @@ MAX_TICK_LABELS = 20  # Layer ticks beyond this crowd an 8-inch axis (e.g. a 48-
 # Error/d below this is float32 round-off of an exact fit (least squares, or converged Newton, once n >= d): its
 # size carries no information and would stretch the log axis over ten more decades.
 ERROR_FLOOR = 1e-8
-# Fu et al.'s best matches for their 12-layer model on d = 20, kappa = 1 (papers.md §1.6): Newton from the
+# Fu et al.'s best matches for their 12-layer model on d = 20, kappa = 1 (arXiv:2310.17086): Newton from the
 # legend of Fig. 7(b), GD's log grid read off Fig. 10.
 PAPER_BEST = {"newton": (1, 1, 3, 5, 8, 10, 14, 17, 20, 21, 21, 21),
               "gd_log": (1, 1, 4, 8, 32, 64, 256, 512, 1024, 4096, 4096, 4096)}
@@ -60,31 +60,40 @@ def write_all(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def error_vs_layer(results: dict) -> Figure:
-  """Error/d of each layer's read-out against the layer, one line per context length (Fu et al.'s Fig. 2)."""
-  layers_L = np.asarray(results["layers"])
-  stats = _stats(results, "layers")
+  """Error/d of each layer's read-out against the layer, one line per context length, beside the same for
+  Iterative Newton against its steps and GD against its (log-grid) steps (Fu et al.'s Fig. 2), on one y axis."""
   ols_N = np.asarray(results["error_per_dim"]["least_squares"]["mean"])[0]
   lengths = _shown_lengths(results["context_lengths"])
   column = {n: i for i, n in enumerate(results["context_lengths"])}
+  shown = [column[n] for n in lengths]
   d = results["settings"]["task"]["n_dims"]
-  figure = Figure(figsize=(10, 5.5), layout="constrained")
-  ax = figure.add_subplot()
+  figure = Figure(figsize=(16, 5.5), layout="constrained")
+  axes = figure.subplots(1, 3, sharey=True, width_ratios=(1.2, 1, 1))
   colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(lengths)))
-  for n, colour in zip(lengths, colours):
-    _band(ax, layers_L, stats, (slice(None), column[n]), color=colour, marker="o",
-          label=f"n = {n}" + (" = d" if n == d else ""))
-    ax.axhline(ols_N[column[n]], color=colour, ls="--", lw=1)
-  handles, _ = ax.get_legend_handles_labels()
+  panels = (("layers", np.asarray(results["layers"]), "layer", "the model's read-out per layer"),
+            ("newton", np.asarray(results["grids"]["newton"]), "Newton steps", "Iterative Newton"),
+            ("gd_log", np.asarray(results["grids"]["gd_log"]), "GD steps" + _learning_rate(results, "gd"),
+             "gradient descent"))
+  for ax, (name, x, xlabel, title) in zip(axes, panels):
+    stats = _stats(results, name)
+    for n, colour in zip(lengths, colours):
+      _band(ax, x, stats, (slice(None), column[n]), color=colour, marker="o", ms=3,
+            label=f"n = {n}" + (" = d" if n == d else ""))
+      ax.axhline(ols_N[column[n]], color=colour, ls="--", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+  _integer_ticks(axes[0].xaxis, panels[0][1])
+  axes[2].set_xscale("log", base=2)
+  handles, _ = axes[-1].get_legend_handles_labels()
   handles.append(lines.Line2D([], [], color=GREY, ls="--", lw=1,
                               label="least squares, same n\n(≈ 0 for n ≥ d: off the axis)"))
-  ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), title="examples in context")
-  shown = [column[n] for n in lengths]
-  _log_errors(ax, stats["low"][:, shown], stats["high"][:, shown])
-  _integer_ticks(ax.xaxis, layers_L)
-  ax.set_xlabel("layer")
-  ax.set_ylabel("squared error / d")
-  ax.set_title(f"Error of each layer's read-out (Fu et al. Fig. 2); bands: {_interval(results)}")
-  figure.suptitle(_settings_line(results))
+  axes[-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), title="examples in context")
+  every = [_stats(results, name) for name, *_ in panels]
+  _log_errors(axes[0], np.concatenate([s["low"][:, shown].ravel() for s in every]),
+              np.concatenate([s["high"][:, shown].ravel() for s in every]))
+  axes[0].set_ylabel("squared error / d")
+  figure.suptitle(f"Error against depth and against steps (Fu et al. Fig. 2); bands: {_interval(results)}; "
+                  + _settings_line(results))
   return figure
 
 
@@ -108,9 +117,11 @@ def error_vs_context(results: dict) -> Figure:
   curves.append(("zero", 0, "zero predictor", {"color": GREY, "ls": ":"}))
   for name, row, label, style in curves:
     _band(ax, lengths_N, _stats(results, name), (row, slice(None)), label=label, **style)
-  all_stats = [_stats(results, name) for name, *_ in curves]
-  _log_errors(ax, np.concatenate([s["low"].ravel() for s in all_stats]),
-              np.concatenate([s["high"].ravel() for s in all_stats]))
+  # The axis spans the model's and its last layer's curves (and the zero predictor), not the algorithms that
+  # reach round-off once n >= d, which would squeeze the model's curve into a corner.
+  learned = [_stats(results, name) for name in ("model", "layers", "zero")]
+  _log_errors(ax, np.concatenate([s["low"].ravel() for s in learned]),
+              np.concatenate([s["high"].ravel() for s in learned]))
   if d <= lengths_N[-1]:
     ax.axvline(d, color=GREY, lw=0.8, ls=":")
     # On its own axis above the plot: inside it, the label would sit on some curve.
@@ -142,7 +153,10 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   figure = Figure(figsize=(max(7.5, 4 + k * cell_in), 1.8 + 0.36 * max(num_layers, 4)), layout="constrained")
   ax = figure.add_subplot()
   # Layer 1 on top, rows in table order: the best matches then run from top left to bottom right.
-  image = ax.imshow(sim_LxK, aspect="auto", cmap="viridis", interpolation="nearest")
+  # One colour scale for every grid of this metric, so that Newton's and GD's heatmaps compare at a glance.
+  every = np.concatenate([np.ravel(results[metric][g]) for g in results["grids"]])
+  image = ax.imshow(sim_LxK, aspect="auto", cmap="viridis", interpolation="nearest", vmin=float(np.min(every)),
+                    vmax=float(np.max(every)))
   for row, steps in enumerate(within_L):
     ax.plot([steps_K.index(s) for s in steps], [row] * len(steps), "o", ms=3.5, color="white", mec="black", mew=0.5)
   for row, step in enumerate(best_steps_L):

@@ -281,6 +281,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, par
     params, step = checkpointing.load_params(config, workdir)
   results = analyse(config, jax.device_get(params), config.eval.num_prompts, TUNE_PROMPTS)
   results["step"] = step
+  results["provenance"] = {**run_logs.provenance(), "config": run_logs.config_dict(config)}
   if run_logs.is_writer():
     write(results, workdir / "lsa_analysis")
   for line in summary_lines(results):

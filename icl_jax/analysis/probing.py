@@ -255,16 +255,21 @@ class Evaluator:
     config, programs, keys = self.config, self._programs, self._keys
     e, n_dims = config.eval, config.task.n_dims
     clock = _Clock()
+    logging.info("Evaluation: fitting the %s read-outs of %d layers.", e.readout, config.model.num_layers)
     readouts, probe_fit_mse_L = programs.fit_probes(params, keys["probes"])
     clock.lap("probes_s", readouts)
     prompts = self._dataset_prompts
     if prompts is None:
       prompts = programs.prompts(keys["prompts"], e.num_prompts, config.task.n_points)
     check_gd_stability(config, prompts.xs_BxNxD)
+    logging.info("Evaluation: read-outs fit (%.1f s); predicting %d prompts layer by layer.", clock.elapsed(),
+                 e.num_prompts)
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
     check_finite([f"layer {l}'s read-out" for l in range(1, config.model.num_layers + 1)], layers_LxBxN)
     check_finite(["the model's output"], model_BxN[None])
     clock.lap("model_s")
+    logging.info("Evaluation: layers done (%.1f s); running %d algorithm settings.", clock.elapsed(),
+                 sum(len(_steps(config, k)) for k in GRIDS + SINGLE))
     algos = algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)
     for name, preds_KxBxN in algos.items():
       check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)],
@@ -285,6 +290,8 @@ class Evaluator:
     distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
     clock.lap("metrics_s")
 
+    logging.info("Evaluation: SimE done (%.1f s); induced weights of %d prompts for SimW.", clock.elapsed(),
+                 e.sim_w_prompts)
     layer_weights, sim_w_prompts = programs.layer_induced_weights(params, readouts, keys["sim_w"])
     weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
     counts_w_SxB = similarity.resample_counts(jax.random.fold_in(keys["bootstrap"], 1), e.bootstrap_samples,
@@ -311,6 +318,9 @@ class _Clock:
 
   def __init__(self):
     self.laps, self._last = {}, time.perf_counter()
+
+  def elapsed(self) -> float:
+    return self.laps.get("total_s", 0.0)
 
   def lap(self, name, *results):
     jax.block_until_ready(results)
@@ -388,13 +398,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir, params: dict | None = N
     params, step = checkpointing.load_params(config, workdir)
   results = Evaluator(config)(params)
   results["settings"]["checkpoint_step"] = step
+  results["provenance"] = {**run_logs.provenance(), "config": run_logs.config_dict(config)}
+  _log_summary(results)
   out = workdir / "eval"
   if run_logs.is_writer():
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    figures.write_all(results, out)
-  _log_summary(results)
+    pngs = [p for p in figures.write_all(results, out) if p.suffix == ".png"]
+    run_logs.write_evaluation_summary(workdir, step or 0, summary_scalars(results), pngs,
+                                      _hparams(config))
+    logging.info("Wrote %s and %d figures (PNG and PDF) in %s; TensorBoard: tensorboard --logdir %s",
+                 out / "results.json", len(pngs), out, workdir / "tensorboard")
   return results
+
+
+def summary_scalars(results: dict) -> dict[str, float]:
+  """The evaluation's headline numbers, as TensorBoard tags."""
+  scalars = {}
+  for grid, fit in results["fits"].items():
+    if grid != "layers" and fit["slope"] is not None:
+      scalars[f"eval/fit/{grid}_slope"], scalars[f"eval/fit/{grid}_r2"] = fit["slope"], fit["r2"]
+  for metric in ("sim_e", "sim_w"):
+    for name, best in results["last_layer_best"][metric].items():
+      scalars[f"eval/last_layer_{metric}/{name}"] = best["value"]
+  scalars["eval/error_per_dim_last_length/model"] = results["error_per_dim"]["model"]["mean"][0][-1]
+  return scalars
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict:
+  """The run's model, task and training settings as TensorBoard hyper-parameters (scalars and strings)."""
+  flat = run_logs.flatten({k: run_logs.config_dict(config[k]) for k in ("model", "task", "train")})
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 def _log_summary(results: dict) -> None:

@@ -1,0 +1,53 @@
+"""What the programs share on the command line: flag parsing that turns a bad `--config.FIELD=VALUE` override
+into one `error:` line naming the field and the closest valid ones, instead of a traceback."""
+
+import difflib
+import re
+import sys
+
+from absl import flags
+
+from icl_jax import config_files
+from icl_jax import run_logs
+
+
+def override_errors(argv: list[str]) -> list[str]:
+  """A line for each `--config.FIELD=...` of `argv` that names no field of the `--config=FILE[:VARIANT]` config."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return []
+  path, _, variant = config_arg.partition(":")
+  try:
+    module = config_files.load_file(path)
+    config = module.get_config(variant) if variant else module.get_config()
+  except Exception:  # noqa: BLE001  (a broken config file is reported by the flag parser itself)
+    return []
+  fields = list(run_logs.flatten(run_logs.config_dict(config)))
+  errors = []
+  for match in (re.match(r"--config\.([\w.]+)(=|$)", a) for a in argv):
+    if match and match.group(1) not in fields and not any(f.startswith(match.group(1) + ".") for f in fields):
+      close = _closest(match.group(1), fields)
+      hint = f"; did you mean {' or '.join(f'--config.{c}' for c in close)}?" if close else ""
+      errors.append(f"--config.{match.group(1)}: {config_arg} has no field {match.group(1)!r}{hint}")
+  return errors
+
+
+def _closest(path: str, fields: list[str]) -> list[str]:
+  """Up to three fields like `path`: those of its section whose words' initials spell its last part ("lr" ->
+  "learning_rate"), then the most similar spellings."""
+  section, _, name = path.rpartition(".")
+  initials = [f for f in fields if f.rpartition(".")[0] == section and
+              "".join(w[0] for w in f.rpartition(".")[2].split("_") if w) == name]
+  similar = difflib.get_close_matches(path, fields, n=3, cutoff=0.5)
+  return list(dict.fromkeys(initials + similar))[:3]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one `error:` line and exit code 1 for a bad flag or config override."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    errors = override_errors(argv) or [str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__]
+    for line in errors:
+      print(f"error: {line}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,83 @@
+"""What a new user meets first: the package installs from pyproject.toml, runs from any directory, refers to
+nothing outside the repository, and answers a mistyped override with one line."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+  # The repository on the path stands in for an installed package; one CPU device is enough.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = str(REPO)
+  return env
+
+
+def test_no_tracked_file_outside_tests_points_outside_the_repository():
+  files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+  offenders = [f for f in files if not f.startswith("tests/") and (REPO / f).is_file() and any(
+      needle in (REPO / f).read_text(errors="ignore") for needle in ("../shared", "papers.md", "ecosystem.md"))]
+  assert not offenders, offenders
+
+
+def test_runs_from_another_directory_with_a_config_given_by_path(tmp_path):
+  config = REPO / "configs" / "linreg_ill_conditioned.py"  # Builds on configs/linreg.py, loaded by path.
+  result = subprocess.run(
+      [sys.executable, "-m", "icl_jax.main", f"--config={config}:quick", f"--workdir={tmp_path / 'run'}",
+       "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+       "--config.eval.after_training=False"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "run" / "error_curve.json").exists() and (tmp_path / "run" / "provenance.json").exists()
+
+
+def test_a_mistyped_override_is_one_line_naming_the_field_and_the_closest(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "icl_jax.main", f"--config={REPO / 'configs' / 'linreg.py'}:quick",
+       "--config.train.lr=3", f"--workdir={tmp_path}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+  assert lines[0].startswith("error: --config.train.lr:") and "--config.train.learning_rate" in lines[0]
+
+
+def test_help_lists_the_modes_config_variants_and_distributed_flags():
+  result = subprocess.run([sys.executable, "-m", "icl_jax.main", "--help"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+  for needed in ("<train|eval>", "configs/linreg.py:quick", "configs/lsa.py[:quick]", "--distributed",
+                 "--coordinator_address"):
+    assert needed in result.stdout, needed
+
+
+def test_pyproject_reads_the_requirement_files():
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())
+  dynamic = project["tool"]["setuptools"]["dynamic"]
+  assert dynamic["dependencies"]["file"] == ["requirements.txt"]
+  extras = {name: spec["file"] for name, spec in dynamic["optional-dependencies"].items()}
+  assert extras == {"dev": ["requirements-test.txt"], "tensorboard": ["requirements-tensorboard.txt"]}
+  assert (REPO / "requirements-dev.txt").read_text().split("\n")[1:3] == ["-r requirements.txt",
+                                                                           "-r requirements-test.txt"]
+  assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")
+  citation = (REPO / "CITATION.cff").read_text()
+  assert all(arxiv in citation for arxiv in ("2310.17086", "2306.00297", "2208.01066"))
+
+
+def test_bench_finds_its_pytorch_reference_and_refuses_a_missing_interpreter():
+  assert (REPO / "benchmarks" / "torch_gpt2_linreg.py").is_file()
+  result = subprocess.run([sys.executable, "-m", "icl_jax.bench", "--config=configs/linreg.py:quick",
+                           "--torch_python=/nonexistent/python"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1 and "error: --torch_python=/nonexistent/python: no such interpreter" in result.stderr
+  assert '"name"' not in result.stdout  # Refused before any benchmark ran.
+
+
+def test_bench_runs_the_pytorch_reference_without_a_path_argument():
+  result = subprocess.run([sys.executable, "-m", "icl_jax.bench", "--config=tests/tiny_config.py",
+                           "--benchmark=train_step", f"--torch_python={sys.executable}"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '"name": "torch_train_step"' in result.stdout and '"name": "speedup_vs_torch"' in result.stdout
