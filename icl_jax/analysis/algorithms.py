@@ -16,6 +16,7 @@ initial points are traced. Defaults follow Fu et al.'s released code where it di
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,13 +270,23 @@ def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
 
 
-def _line_search(s_BxDxD, b_BxD, g_BxD, p_BxD):
-  """The exact step alpha along p from gradient g, [B] (0 at convergence or without curvature), and S p."""
+class _Floors(NamedTuple):
+  """Rounding levels of one problem, computed once before the iterations: a direction p has no curvature when
+  p^T S p <= curvature_B * p^T p, and a gradient (or residual) g is converged when g^T g <= gradient_B."""
+  curvature_B: jax.Array
+  gradient_B: jax.Array
+
+
+def _floors(s_BxDxD, b_BxD) -> _Floors:
   eps = 100 * jnp.finfo(b_BxD.dtype).eps
+  return _Floors(eps * jnp.linalg.norm(s_BxDxD, axis=(-2, -1)), eps**2 * _dot(b_BxD, b_BxD))
+
+
+def _line_search(s_BxDxD, floors: _Floors, g_BxD, p_BxD):
+  """The exact step alpha along p from gradient g, [B] (0 at convergence or without curvature), and S p."""
   sp_BxD = jnp.einsum("bij,bj->bi", s_BxDxD, p_BxD)
   curvature_B = _dot(p_BxD, sp_BxD)
-  live_B = ((curvature_B > eps * jnp.linalg.norm(s_BxDxD, axis=(-2, -1)) * _dot(p_BxD, p_BxD)) &
-            (_dot(g_BxD, g_BxD) > eps**2 * _dot(b_BxD, b_BxD)))
+  live_B = (curvature_B > floors.curvature_B * _dot(p_BxD, p_BxD)) & (_dot(g_BxD, g_BxD) > floors.gradient_B)
   return jnp.where(live_B, _ratio(-_dot(g_BxD, p_BxD), curvature_B), 0.0), sp_BxD
 
 
@@ -289,19 +300,19 @@ def _conjugate_gradient(s_BxDxD, b_BxD, num_steps: int) -> jax.Array:
   unit = lambda v_BxD: v_BxD * _ratio(1.0, jnp.sqrt(_dot(v_BxD, v_BxD)))[:, None]
   # Row k + 1 of the basis is residual k + 1, normalised; rows not yet written are 0 and remove nothing, and so
   # is a residual at rounding level (converged), whose direction is noise that would spoil the basis.
-  floor_B = (100 * jnp.finfo(b_BxD.dtype).eps)**2 * _dot(b_BxD, b_BxD)
+  floors = _floors(s_BxDxD, b_BxD)
   basis_BxKxD = jnp.zeros(b_BxD.shape[:1] + (num_steps + 1,) + b_BxD.shape[1:], b_BxD.dtype)
   basis_BxKxD = basis_BxKxD.at[:, 0].set(unit(b_BxD))
 
   def step(carry, k):
     w_BxD, r_BxD, p_BxD, basis_BxKxD = carry
-    alpha_B, sp_BxD = _line_search(s_BxDxD, b_BxD, -r_BxD, p_BxD)
+    alpha_B, sp_BxD = _line_search(s_BxDxD, floors, -r_BxD, p_BxD)
     w_BxD = w_BxD + alpha_B[:, None] * p_BxD
     r_new_BxD = r_BxD - alpha_B[:, None] * sp_BxD
     for _ in range(2):  # Twice is enough (Giraud et al. 2005, "twice is enough" Gram-Schmidt).
       r_new_BxD = r_new_BxD - jnp.einsum("bkd,bk->bd", basis_BxKxD, jnp.einsum("bkd,bd->bk", basis_BxKxD, r_new_BxD))
     p_BxD = r_new_BxD + _ratio(_dot(r_new_BxD, r_new_BxD), _dot(r_BxD, r_BxD))[:, None] * p_BxD
-    keep_B = _dot(r_new_BxD, r_new_BxD) > floor_B
+    keep_B = _dot(r_new_BxD, r_new_BxD) > floors.gradient_B
     basis_BxKxD = jax.lax.dynamic_update_index_in_dim(
         basis_BxKxD, jnp.where(keep_B[:, None], unit(r_new_BxD), 0.0), k + 1, axis=1)
     return (w_BxD, r_new_BxD, p_BxD, basis_BxKxD), w_BxD
@@ -311,13 +322,14 @@ def _conjugate_gradient(s_BxDxD, b_BxD, num_steps: int) -> jax.Array:
 
 
 def _bfgs(s_BxDxD, b_BxD, num_steps: int) -> jax.Array:
+  floors = _floors(s_BxDxD, b_BxD)
   eye_BxDxD = jnp.broadcast_to(jnp.eye(b_BxD.shape[-1], dtype=b_BxD.dtype), s_BxDxD.shape)
   outer = lambda u_BxD, v_BxD: jnp.einsum("bi,bj->bij", u_BxD, v_BxD)
 
   def step(carry, _):
     w_BxD, g_BxD, h_BxDxD = carry
     p_BxD = -jnp.einsum("bij,bj->bi", h_BxDxD, g_BxD)
-    alpha_B, sp_BxD = _line_search(s_BxDxD, b_BxD, g_BxD, p_BxD)
+    alpha_B, sp_BxD = _line_search(s_BxDxD, floors, g_BxD, p_BxD)
     s_BxD, y_BxD = alpha_B[:, None] * p_BxD, alpha_B[:, None] * sp_BxD
     rho_B = _ratio(1.0, _dot(y_BxD, s_BxD))  # 0 when the step is 0: H is kept.
     left_BxDxD = eye_BxDxD - rho_B[:, None, None] * outer(s_BxD, y_BxD)
@@ -329,6 +341,7 @@ def _bfgs(s_BxDxD, b_BxD, num_steps: int) -> jax.Array:
 
 
 def _lbfgs(s_BxDxD, b_BxD, num_steps: int, memory: int) -> jax.Array:
+  floors = _floors(s_BxDxD, b_BxD)
   pairs_BxMxD = jnp.zeros(b_BxD.shape[:1] + (memory,) + b_BxD.shape[1:], b_BxD.dtype)
 
   def direction(g_BxD, ss_BxMxD, ys_BxMxD, rhos_BxM, gamma_B):
@@ -345,7 +358,7 @@ def _lbfgs(s_BxDxD, b_BxD, num_steps: int, memory: int) -> jax.Array:
   def step(carry, _):
     w_BxD, g_BxD, ss_BxMxD, ys_BxMxD, rhos_BxM, gamma_B = carry
     p_BxD = direction(g_BxD, ss_BxMxD, ys_BxMxD, rhos_BxM, gamma_B)
-    alpha_B, sp_BxD = _line_search(s_BxDxD, b_BxD, g_BxD, p_BxD)
+    alpha_B, sp_BxD = _line_search(s_BxDxD, floors, g_BxD, p_BxD)
     s_BxD, y_BxD = alpha_B[:, None] * p_BxD, alpha_B[:, None] * sp_BxD
     sy_B = _dot(y_BxD, s_BxD)
     # H_0 = gamma I with gamma = s^T y / y^T y of the newest pair (Nocedal & Wright eq. 7.20), 1 at first.
