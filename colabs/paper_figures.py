@@ -18,7 +18,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/GITHUB_ORG/icl_jax/blob/main/colabs/paper_figures.ipynb)
 #
-# (`GITHUB_ORG` in the links of these notebooks is a placeholder for the repository's owner; see `colabs/README.md`.)
+# (`GITHUB_ORG` in the links of these notebooks stands for the repository's owner until it is public; see
+# `colabs/README.md`. Colab runtimes: CPU, GPU or TPU all work; a GPU or TPU trains faster.)
 #
 # Fu et al. (2024), *Transformers learn to achieve second-order convergence rates for in-context linear
 # regression*, probe every layer of Garg et al.'s 12-layer GPT-2 (d = 20, 41 points) and find that the layers
@@ -36,39 +37,46 @@
 #   --workdir=runs/garg`
 #   (needs `pip install torch`; the notebook itself does not).
 #
-# With `workdir = ""` (the default, and what CI runs) the notebook trains a **tiny stand-in** of the paper's shape
+# With `workdir = ""` (the default) the notebook trains a **tiny stand-in** of the paper's shape
 # (12 layers, d = 20, 41 points, but width 32 and a few dozen steps) so that it runs standalone. **That model has
 # learned next to nothing: its numbers are not expected to match the paper's**, only to show the format.
 
 # %%
-# Setup: makes `icl_jax` importable. A no-op where it already is (CI, or a Python path that has the repository);
-# from colabs/ of a local checkout it adds the checkout; elsewhere (Colab) it clones the repository and installs
-# requirements.txt. The repository has no setup.py: it is used from its root directory.
+# Setup: makes `icl_jax` importable, keeping the runtime's own accelerator build of JAX. Nothing happens where
+# the package already is importable (CI, a local install). Otherwise it uses the checkout this notebook sits in,
+# or clones REPO_URL (Colab), and runs colabs/install.py: it detects CPU, GPU or TPU and the installed jax, pins
+# that jax while pip installs the package, and installs jax[cuda12/13] or jax[tpu] only when it is missing or
+# too old. If that replaced a jax this kernel had already imported, the runtime restarts: run the notebook again.
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/GITHUB_ORG/icl_jax"  # GITHUB_ORG: placeholder, see colabs/README.md.
+REPO_URL = os.environ.get("ICL_JAX_REPO_URL", "https://github.com/GITHUB_ORG/icl_jax")  # See colabs/README.md.
 if importlib.util.find_spec("icl_jax") is None:
   checkout = pathlib.Path.cwd().parent
   if not (checkout / "icl_jax").is_dir():
     checkout = pathlib.Path("icl_jax_repo").absolute()  # Not "icl_jax": that would shadow the package.
     if not (checkout / "icl_jax").is_dir():
       subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(checkout)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(checkout / "requirements.txt")],
-                   check=True)
-  sys.path.insert(0, str(checkout))
+  installed = subprocess.run([sys.executable, str(checkout / "colabs" / "install.py"), str(checkout)])
+  if installed.returncode == 3 and "jax" in sys.modules:  # 3: install.py replaced the jax imported here.
+    print("jax was replaced: restarting the runtime; run the notebook again from the top.", flush=True)
+    os.kill(os.getpid(), 9)  # Colab and Jupyter restart a kernel that dies.
+  if installed.returncode not in (0, 3):
+    raise RuntimeError(f"colabs/install.py failed with exit status {installed.returncode}")
+  sys.path.insert(0, str(checkout))  # The editable install's path hook is read at the next interpreter start.
   importlib.invalidate_caches()
 
 # %% tags=["parameters"]
 # The model to evaluate: a workdir with config.json and checkpoints/ (a training run) or garg_params/ (a converted
-# Garg et al. checkpoint). "": train the tiny stand-in below (CI). Full: e.g. "runs/paper" or "runs/garg".
+# Garg et al. checkpoint), e.g. "runs/paper" or "runs/garg". "": train the tiny stand-in below.
 workdir = ""
-# Evaluation settings changed from the run's own config.eval, for speed. Full: {} (Fu et al.'s protocol: 1280
-# prompts, 256 probe prompts, SimW on 16 prompts x 64 queries, 1000 bootstrap resamples).
-eval_overrides = {"num_prompts": 128, "probe_prompts": 64, "sim_w_prompts": 4, "sim_w_queries": 32,
-                  "bootstrap_samples": 200}
+# Evaluation settings changed from the run's own config.eval. {}: Fu et al.'s protocol (1280 prompts, 256 probe
+# prompts, SimW on 16 prompts x 64 queries, 1000 bootstrap resamples). CI: {"num_prompts": 128,
+# "probe_prompts": 64, "sim_w_prompts": 4, "sim_w_queries": 32, "bootstrap_samples": 200}.
+eval_overrides = {}
 tiny_steps = 40  # Training steps of the stand-in (only with workdir = ""). It stays a stand-in at any size.
 out_dir = "paper_figures"  # results.json and the figures (PNG and PDF) go here; the run's workdir is not touched.
 

@@ -18,7 +18,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/GITHUB_ORG/icl_jax/blob/main/colabs/quickstart.ipynb)
 #
-# (`GITHUB_ORG` in the links of these notebooks is a placeholder for the repository's owner; see `colabs/README.md`.)
+# (`GITHUB_ORG` in the links of these notebooks stands for the repository's owner until it is public; see
+# `colabs/README.md`. Colab runtimes: CPU, GPU or TPU all work; a GPU or TPU trains faster.)
 #
 # A prompt is (x₁, y₁, …, x_n, y_n) with x ~ N(0, I_d), a fresh w ~ N(0, I_d) per prompt and y = wᵀx. A GPT-2
 # reads the prompt and predicts every y_t from the pairs before it, so it has to *learn to do linear regression
@@ -29,36 +30,43 @@
 #    Iterative Newton, gradient descent, online GD and least squares (Fu et al. 2024's protocol),
 # 3. shows the figures the evaluator writes, and what they mean.
 #
-# It runs on whatever the runtime has (CPU, GPU or TPU). The defaults below are a shrunken run so that CI executes
-# the notebook in about a minute on a 2-core CPU; such a short run has not learned much, so its figures show the
-# *format*, not the result. Set the full-size values from the comments of the parameters cell (a few minutes on a
-# 2-core CPU) to see the pattern described in the text.
+# It runs on whatever the runtime has (CPU, GPU or TPU). The defaults of the parameters cell are the full
+# laptop-size run (about five minutes on a 2-core CPU), which is what the outputs stored with this notebook
+# show. CI executes it with the smaller values in the comments (about a minute); a run that short has not
+# learned much, so its figures show only the format.
 
 # %%
-# Setup: makes `icl_jax` importable. A no-op where it already is (CI, or a Python path that has the repository);
-# from colabs/ of a local checkout it adds the checkout; elsewhere (Colab) it clones the repository and installs
-# requirements.txt. The repository has no setup.py: it is used from its root directory.
+# Setup: makes `icl_jax` importable, keeping the runtime's own accelerator build of JAX. Nothing happens where
+# the package already is importable (CI, a local install). Otherwise it uses the checkout this notebook sits in,
+# or clones REPO_URL (Colab), and runs colabs/install.py: it detects CPU, GPU or TPU and the installed jax, pins
+# that jax while pip installs the package, and installs jax[cuda12/13] or jax[tpu] only when it is missing or
+# too old. If that replaced a jax this kernel had already imported, the runtime restarts: run the notebook again.
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/GITHUB_ORG/icl_jax"  # GITHUB_ORG: placeholder, see colabs/README.md.
+REPO_URL = os.environ.get("ICL_JAX_REPO_URL", "https://github.com/GITHUB_ORG/icl_jax")  # See colabs/README.md.
 if importlib.util.find_spec("icl_jax") is None:
   checkout = pathlib.Path.cwd().parent
   if not (checkout / "icl_jax").is_dir():
     checkout = pathlib.Path("icl_jax_repo").absolute()  # Not "icl_jax": that would shadow the package.
     if not (checkout / "icl_jax").is_dir():
       subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(checkout)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(checkout / "requirements.txt")],
-                   check=True)
-  sys.path.insert(0, str(checkout))
+  installed = subprocess.run([sys.executable, str(checkout / "colabs" / "install.py"), str(checkout)])
+  if installed.returncode == 3 and "jax" in sys.modules:  # 3: install.py replaced the jax imported here.
+    print("jax was replaced: restarting the runtime; run the notebook again from the top.", flush=True)
+    os.kill(os.getpid(), 9)  # Colab and Jupyter restart a kernel that dies.
+  if installed.returncode not in (0, 3):
+    raise RuntimeError(f"colabs/install.py failed with exit status {installed.returncode}")
+  sys.path.insert(0, str(checkout))  # The editable install's path hook is read at the next interpreter start.
   importlib.invalidate_caches()
 
 # %% tags=["parameters"]
-# Sizes. The defaults are for CI (about a minute on a 2-core CPU); the comments give the full size.
-num_steps = 800  # Training steps. Full: 6000 (configs/linreg.py:quick).
-eval_prompts = 256  # Fresh prompts the evaluation averages over. Full: 1280.
+# Sizes: configs/linreg.py:quick's. CI runs the smaller values in the comments (about a minute on a 2-core CPU).
+num_steps = 6000  # Training steps. CI: 800.
+eval_prompts = 1280  # Fresh prompts the evaluation averages over. CI: 256.
 workdir = ""  # Where the run goes; "" means runs/quickstart_<num_steps>. Rerunning the notebook resumes it.
 
 # %%
@@ -181,7 +189,7 @@ display(Image(filename=str(figure_dir / "sim_e_gd_log_heatmap.png")))
 # per layer, i.e. GD steps growing exponentially with depth. Newton linear in depth and GD exponential in depth
 # is Fu et al.'s evidence that the layers implement a second-order method: one Newton step per layer or so would
 # need exponentially many GD steps to match. At full size this notebook's run gives Newton steps [1, 3, 6, 11]
-# (about 3.3 per layer) and GD [1, 16, 64, 512] (README.md); the CI-size run has not learned enough to show it.
+# (about 3.3 per layer) and GD [1, 16, 64, 512] (README.md); a CI-size run has not learned enough to show it.
 
 # %%
 display(Image(filename=str(figure_dir / "best_match.png")))

@@ -18,7 +18,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/GITHUB_ORG/icl_jax/blob/main/colabs/theory.ipynb)
 #
-# (`GITHUB_ORG` in the links of these notebooks is a placeholder for the repository's owner; see `colabs/README.md`.)
+# (`GITHUB_ORG` in the links of these notebooks stands for the repository's owner until it is public; see
+# `colabs/README.md`. Colab runtimes: CPU, GPU or TPU all work; a GPU or TPU trains faster.)
 #
 # Two papers explain the in-context linear regression of trained transformers by showing weights that run an
 # algorithm exactly. This notebook builds both from `icl_jax.analysis.constructions` and checks them against
@@ -34,43 +35,50 @@
 # Everything runs in seconds on a CPU; the parameters cell sets the sizes.
 
 # %%
-# Setup: makes `icl_jax` importable. A no-op where it already is (CI, or a Python path that has the repository);
-# from colabs/ of a local checkout it adds the checkout; elsewhere (Colab) it clones the repository and installs
-# requirements.txt. The repository has no setup.py: it is used from its root directory.
+# Setup: makes `icl_jax` importable, keeping the runtime's own accelerator build of JAX. Nothing happens where
+# the package already is importable (CI, a local install). Otherwise it uses the checkout this notebook sits in,
+# or clones REPO_URL (Colab), and runs colabs/install.py: it detects CPU, GPU or TPU and the installed jax, pins
+# that jax while pip installs the package, and installs jax[cuda12/13] or jax[tpu] only when it is missing or
+# too old. If that replaced a jax this kernel had already imported, the runtime restarts: run the notebook again.
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/GITHUB_ORG/icl_jax"  # GITHUB_ORG: placeholder, see colabs/README.md.
+REPO_URL = os.environ.get("ICL_JAX_REPO_URL", "https://github.com/GITHUB_ORG/icl_jax")  # See colabs/README.md.
 if importlib.util.find_spec("icl_jax") is None:
   checkout = pathlib.Path.cwd().parent
   if not (checkout / "icl_jax").is_dir():
     checkout = pathlib.Path("icl_jax_repo").absolute()  # Not "icl_jax": that would shadow the package.
     if not (checkout / "icl_jax").is_dir():
       subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(checkout)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(checkout / "requirements.txt")],
-                   check=True)
-  sys.path.insert(0, str(checkout))
+  installed = subprocess.run([sys.executable, str(checkout / "colabs" / "install.py"), str(checkout)])
+  if installed.returncode == 3 and "jax" in sys.modules:  # 3: install.py replaced the jax imported here.
+    print("jax was replaced: restarting the runtime; run the notebook again from the top.", flush=True)
+    os.kill(os.getpid(), 9)  # Colab and Jupyter restart a kernel that dies.
+  if installed.returncode not in (0, 3):
+    raise RuntimeError(f"colabs/install.py failed with exit status {installed.returncode}")
+  sys.path.insert(0, str(checkout))  # The editable install's path hook is read at the next interpreter start.
   importlib.invalidate_caches()
 
 # %% tags=["parameters"]
-# Sizes. The defaults run in well under a minute on a 2-core CPU; the comments give larger values.
+# Sizes: the values the text quotes. CI runs the smaller values in the comments (under a minute on a 2-core CPU).
 seed = 0
 # Iterative Newton construction.
 d = 5  # Dimension of x.
 n = 20  # In-context points per prompt.
-num_prompts = 32  # Prompts to check and average over. Full: 256.
-max_newton_steps = 10  # Newton steps k = 0..max_newton_steps (k + 3 blocks each). Full: 14.
+num_prompts = 256  # Prompts to check and average over. CI: 32.
+max_newton_steps = 14  # Newton steps k = 0..max_newton_steps (k + 3 blocks each). CI: 10.
 # Linear self-attention (Ahn et al.).
 kappa = 100.0  # Condition number of Cov(x) for the GD vs preconditioned-GD comparison.
 lsa_points = 40  # In-context points n of the LSA prompts.
 max_lsa_layers = 30  # Layers L = 1..max_lsa_layers.
-lsa_prompts = 2048  # Prompts per loss estimate. Full: 8192.
+lsa_prompts = 8192  # Prompts per loss estimate. CI: 2048.
 train_kappa = 10.0  # Condition number for the trained-LSA part (Adam is slow on badly conditioned weights).
 train_layers = 3  # Layers of the trained LSA model (Ahn et al. §4.3: 3, with d = 5 and n = 20).
-train_steps = 1000  # Adam steps. Full: 5000.
-train_batch = 256  # Fresh prompts per step. Full: 1024.
+train_steps = 5000  # Adam steps. CI: 1000.
+train_batch = 1024  # Fresh prompts per step. CI: 256.
 
 # %%
 import jax
@@ -353,8 +361,8 @@ if ipywidgets is not None:  # On Colab: the same plot for any κ, starting from 
 # Below, `train_layers` layers of Ahn et al.'s sparse form (only the A_i are trained, from N(0, 10⁻⁶) entries)
 # are trained with Adam on fresh prompts with w ~ N(0, Σ⁻¹), n = 20, and κ = `train_kappa`. Dist(M, I) =
 # min_c ‖M − cI‖_F / ‖M‖_F (Ahn et al.'s measure) is near 0 for the whitened Σ^{1/2} A_i Σ^{1/2} and far from 0
-# for the A_i themselves. (The CI-size run leaves the later layers less converged; with `train_steps = 5000` and
-# `train_batch = 1024` every whitened Dist is below 0.02 and a_i = 0.69, 0.42, 1.72.) The full experiment, with
+# for the A_i themselves. (With `train_steps = 5000` and `train_batch = 1024`, the defaults, every whitened Dist is
+# below 0.02 and a_i = 0.69, 0.42, 1.72; a CI-size run leaves the later layers less converged.) The full experiment, with
 # the LSA model family trained like any other model of the project and its layers read off, is `configs/lsa.py`
 # and `--mode=eval` on an LSA run.
 

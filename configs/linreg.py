@@ -65,6 +65,9 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   model.n_positions = 202
   model.layer_norm_epsilon = 1e-5  # GPT-2's value.
   model.init_std = 0.02  # GPT-2's initialiser scale (output projections are scaled by 1/sqrt(2 * num_layers)).
+  # Activations and matmul inputs: "float32" or "bfloat16" (mixed precision for GPUs and TPUs; parameters,
+  # optimiser state, softmax, LayerNorm, read-out and loss stay float32, and so do checkpoints). GPT-2 only.
+  model.dtype = "float32"
 
   config.train = train = config_dict.ConfigDict()
   train.num_steps = 500_000  # Garg et al.: 500k steps.
@@ -93,6 +96,10 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   # Training steps run inside one compiled call (a loop on device), so that small models are not bound by
   # Python dispatch. Results do not depend on it.
   train.steps_per_dispatch = 50
+  # Precision of float32 matmuls in training (jax.default_matmul_precision): "default" lets TPUs and recent
+  # NVIDIA GPUs use bfloat16 / TF32 passes for speed, "high" 3 bfloat16 passes, "highest" true float32. CPUs
+  # compute float32 in every case. The evaluation always uses "highest".
+  train.matmul_precision = "default"
 
   # Evaluation (`--mode=eval`, and error/d at the end of training): which algorithm each layer follows.
   config.eval = evaluation = config_dict.ConfigDict()

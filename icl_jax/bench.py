@@ -13,7 +13,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
-from icl_jax import config_checks
 from icl_jax.tools import benchmarks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,13 +34,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  try:
-    config_checks.validate(config, num_devices=1)
-  except config_checks.ConfigError as e:
-    sys.exit(f"error: {e}")
+  config = cli.checked_config(_CONFIG.value, argv)
   if _TORCH_PYTHON.value and shutil.which(_TORCH_PYTHON.value) is None:
     sys.exit(f"error: --torch_python={_TORCH_PYTHON.value}: no such interpreter")
   if _TORCH_PYTHON.value and not pathlib.Path(_TORCH_REFERENCE.value).is_file():

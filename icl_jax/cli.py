@@ -5,8 +5,11 @@ import difflib
 import re
 import sys
 
+import ml_collections
+from absl import app
 from absl import flags
 
+from icl_jax import config_checks
 from icl_jax import config_files
 from icl_jax import run_logs
 
@@ -51,3 +54,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     for line in errors:
       print(f"error: {line}", file=sys.stderr)
     sys.exit(1)
+
+
+def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_collections.ConfigDict:
+  """`config` once it validates (for one device), for programs that take no positional arguments; otherwise
+  a usage error, or one `error:` line and exit code 1."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config_checks.validate(config, num_devices=1)
+  except config_checks.ConfigError as e:
+    sys.exit(f"error: {e}")
+  return config

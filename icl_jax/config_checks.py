@@ -77,6 +77,10 @@ def _task_errors(config) -> list[str]:
   return errors
 
 
+# jax.default_matmul_precision's names for float32 matmuls: platform default, 3 bfloat16 passes, full float32.
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
 def _train_errors(config, num_devices: int) -> list[str]:
   errors = []
   for field in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -93,6 +97,7 @@ def _train_errors(config, num_devices: int) -> list[str]:
     if not (_is_real(value) and 0 <= value < 1):
       errors.append(f"config.train.{beta} = {value!r}: must be a number in [0, 1)")
   _check_choice(errors, config, "train.schedule", optim.SCHEDULES)
+  _check_choice(errors, config, "train.matmul_precision", MATMUL_PRECISIONS)
   batch = config.train.batch_size
   if _is_int(batch) and batch >= 1 and batch % num_devices:
     errors.append(f"config.train.batch_size = {batch} is not divisible by the {num_devices} devices: allowed "

@@ -5,9 +5,11 @@ anything touches a JAX device, and then sees every device of every process (`jax
 checkpoints and logs need nothing else (see README.md, "Multi-host").
 
 Modes (`--distributed`):
-  detect    (default) explicit if a coordinator flag is given, auto if the environment is a multi-host TPU
-            slice (GKE sets TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES; multislice sets
-            MEGASCALE_COORDINATOR_ADDRESS), otherwise one process and no initialisation.
+  detect    (default) explicit if a coordinator flag is given, auto if the environment is a multi-process
+            cluster job: a multi-host TPU slice (GKE sets TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES;
+            multislice sets MEGASCALE_COORDINATOR_ADDRESS), a Slurm step of several tasks (`srun`: SLURM_NTASKS
+            > 1 with SLURM_STEP_NODELIST) or an Open MPI job of several ranks (`mpirun`: OMPI_COMM_WORLD_SIZE
+            > 1); otherwise one process and no initialisation.
   auto      `jax.distributed.initialize()` with JAX's cluster auto-detection (Cloud TPU VMs, GKE, Slurm,
             Open MPI); coordinator flags that are given override what is detected.
   explicit  `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, all three required.
@@ -45,8 +47,10 @@ class Plan:
   reason: str
 
 
-def tpu_pod_from_environment(environ: Mapping[str, str] | None = None) -> str | None:
-  """The environment variable that says this process is one host of a multi-host TPU slice, or None.
+def cluster_from_environment(environ: Mapping[str, str] | None = None) -> str | None:
+  """The environment variable that says this process is one of several of a cluster job, or None: a host of a
+  multi-host TPU slice, a task of a multi-task Slurm step, a rank of a multi-rank Open MPI job. For those,
+  `jax.distributed.initialize()` finds the coordinator, the process count and this process's id by itself.
 
   Only environment variables are read (no metadata server queries), so this is instant and safe anywhere.
   On a GCE TPU VM pod, where the topology lives in the metadata server, pass `--distributed=auto`.
@@ -58,7 +62,16 @@ def tpu_pod_from_environment(environ: Mapping[str, str] | None = None) -> str | 
       return name
   if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "MEGASCALE_COORDINATOR_ADDRESS"
+  # Inside `srun` (a job step), not merely inside an allocation: sbatch's batch script also has SLURM_NTASKS.
+  if "SLURM_STEP_NODELIST" in environ and _count(environ.get("SLURM_NTASKS")) > 1:
+    return "SLURM_NTASKS"
+  if _count(environ.get("OMPI_COMM_WORLD_SIZE")) > 1:
+    return "OMPI_COMM_WORLD_SIZE"
   return None
+
+
+def _count(value: str | None) -> int:
+  return int(value) if value and value.isdigit() else 0
 
 
 def _check_address(address: str) -> None:
@@ -91,8 +104,8 @@ def plan(mode: str = "detect", coordinator_address: str | None = None, num_proce
   if mode == "detect":
     if given:
       mode = "explicit"
-    elif (variable := tpu_pod_from_environment(environ)) is not None:
-      return Plan("auto", {}, f"multi-host TPU environment ({variable} is set)")
+    elif (variable := cluster_from_environment(environ)) is not None:
+      return Plan("auto", {}, f"multi-process cluster environment ({variable} is set)")
     else:
       return Plan("single", None, "no coordinator flags and no multi-host environment")
   if mode == "explicit":

@@ -104,12 +104,17 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           if saved.get(key, missing) != current.get(key, missing)]
 
 
+# A run projected to take longer than this on a CPU gets a warning: a GPU or TPU build of JAX may be missing.
+CPU_WARNING_HOURS = 1.0
+
+
 class MetricsLog:
   """Appends records to metrics.jsonl and TensorBoard, and logs progress (steps/s, ETA) with absl."""
 
   def __init__(self, workdir: pathlib.Path, start_step: int, num_steps: int):
     self._path = workdir / "metrics.jsonl"
     self._num_steps = num_steps
+    self._writes = 0
     self._last = (start_step, time.perf_counter())
     self._tensorboard = None
     if not is_writer():
@@ -129,6 +134,12 @@ class MetricsLog:
     if not is_writer():
       return
     eta_min = (self._num_steps - step) / max(steps_per_s, 1e-9) / 60
+    self._writes += 1
+    # The second record: the first interval includes compilation.
+    if self._writes == 2 and jax.default_backend() == "cpu" and eta_min > 60 * CPU_WARNING_HOURS:
+      logging.warning("Training on CPU: at %.1f steps/s the remaining %d steps take about %.1f h. For a GPU or "
+                      "TPU install the matching JAX (README, 'Installs': jax[cuda12] or jax[tpu]).", steps_per_s,
+                      self._num_steps - step, eta_min / 60)
     logging.info("step %d/%d  loss %.5g  loss/d %.5g  |grad| %.3g  lr %.3g  dims %d  points %d  %.1f steps/s  "
                  "ETA %.1f min", step, self._num_steps, metrics["loss"], metrics["loss_per_dim"],
                  metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],

@@ -200,8 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if run_logs.is_writer():
     parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  logging.info("Model %s has %s parameters; training on %d devices (%d processes).", config.model.family,
-               f"{num_params:,}", len(devices), jax.process_count())
+  logging.info("Model %s has %s parameters; training on %d %s devices (%s, %d processes), %s.", config.model.family,
+               f"{num_params:,}", len(devices), devices[0].platform.upper(), devices[0].device_kind,
+               jax.process_count(), config.model.dtype)
 
   with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, preemption_flag() as preempted:
     latest = checkpoints.latest_step()

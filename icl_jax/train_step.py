@@ -147,7 +147,11 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
     first_batch = sample(state, hyper) if cache_batches else None
     return jax.lax.fori_loop(0, num_steps, body, (state, buffers, first_batch))[:2]
 
-  sharded = jax.shard_map(run, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))
+  def run_at_precision(state: TrainState, num_steps: jax.Array):
+    with jax.default_matmul_precision(config.train.matmul_precision):  # Read when the chunk is traced.
+      return run(state, num_steps)
+
+  sharded = jax.shard_map(run_at_precision, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
 
 

@@ -6,7 +6,9 @@ worker, run training or a sweep on all workers at once, copy the results back, d
     python launch/tpu.py all --dry-run ...      # print every command, run nothing
 
 Subcommands: create, setup, run, status, stop, fetch, delete, all (create -> setup -> run --wait -> fetch ->
-delete, the VM deleted even when a step fails, unless --keep). See launch/README.md.
+delete, the VM deleted even when a step fails, unless --keep). With --queued, create and delete go through a
+queued resource (`gcloud compute tpus queued-resources`, Google's recommended way to get pod slices and Spot
+capacity): create queues the request and waits until it is ACTIVE. See launch/README.md.
 
 Only the standard library; every command is an argument list (no shell on this side), and every user value
 that reaches a remote shell is quoted with shlex. `--dry-run` prints the commands, one per line, shell-quoted
@@ -130,6 +132,8 @@ def resolve(args: argparse.Namespace, environ) -> None:
   bad = [a for a in getattr(args, "overrides", []) if not re.match(r"--config\.[A-Za-z0-9_.]+=", a)]
   if bad:
     problems.append(f"unexpected arguments {bad}: only --config.FIELD=VALUE overrides are passed to the job")
+  if getattr(args, "queued", False) and getattr(args, "preemptible", False):
+    problems.append("--preemptible with --queued: a queued resource takes --spot for preemptible capacity")
   if problems:
     raise UsageError("\n".join(problems))
   if getattr(args, "overrides", []) and args.command not in ("run", "all"):
@@ -140,17 +144,21 @@ def _is_plain_path(path: str) -> bool:
   return re.fullmatch(r"[A-Za-z0-9._/-]+", path) is not None and ".." not in path.split("/")
 
 
+def check_job_directory(args: argparse.Namespace) -> None:
+  """A job on a multi-host slice needs a workdir (or sweep root) that every host reaches: refuses a local one."""
+  hosts = num_hosts(args.type) if args.type else None
+  if hosts and hosts > 1 and args.command in ("run", "all") and not _job_dir(args).startswith("gs://"):
+    flag = "--root" if args.sweep else "--workdir"
+    raise UsageError(f"{flag}={_job_dir(args)} is local, but {args.type} has {hosts} hosts, each with its own disk: "
+                     f"their checkpoints and logs would not meet. Give {flag}=gs://BUCKET/PATH, a directory every "
+                     "host reaches (see launch/README.md).")
+
+
 def warnings(args: argparse.Namespace) -> list[str]:
   hosts = num_hosts(args.type) if args.type else None
   if not (hosts and hosts > 1 and hasattr(args, "sweep")):
     return []
   out = []
-  job_dir = _job_dir(args)
-  if not job_dir.startswith("gs://"):
-    flag = "--root" if args.sweep else "--workdir"
-    out.append(f"warning: {args.type} has {hosts} hosts, each with its own disk, but {flag}={job_dir} is local: "
-               f"Orbax expects a checkpoint directory that every host reaches; give {flag}=gs://BUCKET/PATH "
-               "(see launch/README.md).")
   if args.command in ("run", "all") and distributed_mode(args) in ("none", "off"):
     out.append(f"warning: {args.type} has {hosts} hosts but the job gets no --distributed=auto, so they do not "
                "join one JAX runtime.")
@@ -183,8 +191,20 @@ def _script(*statements: str) -> str:
   return out
 
 
+def _queued(args: argparse.Namespace, *words: str) -> list[str]:
+  """`gcloud compute tpus queued-resources WORDS --zone=Z [--project=P]`."""
+  command = ["gcloud", "compute", "tpus", "queued-resources", *words, f"--zone={args.zone}"]
+  if args.project:
+    command.append(f"--project={args.project}")
+  return command
+
+
 def create_command(args: argparse.Namespace) -> list[str]:
-  command = _gcloud(args, "create", args.name) + [f"--accelerator-type={args.type}", f"--version={args.runtime}"]
+  if args.queued:  # The queued resource and its TPU VM (node) share the name, so ssh and scp find the node.
+    command = _queued(args, "create", args.name) + [f"--node-id={args.name}", f"--accelerator-type={args.type}",
+                                                     f"--runtime-version={args.runtime}"]
+  else:
+    command = _gcloud(args, "create", args.name) + [f"--accelerator-type={args.type}", f"--version={args.runtime}"]
   if args.spot:
     command.append("--spot")
   if args.preemptible:
@@ -192,7 +212,13 @@ def create_command(args: argparse.Namespace) -> list[str]:
   return command + list(args.create_arg)
 
 
+def queued_state_command(args: argparse.Namespace) -> list[str]:
+  return _queued(args, "describe", args.name) + ["--format=value(state.state)"]
+
+
 def delete_command(args: argparse.Namespace) -> list[str]:
+  if args.queued:  # --force also deletes the TPU VM the queued resource holds.
+    return _queued(args, "delete", args.name) + ["--force", "--quiet"]
   return _gcloud(args, "delete", args.name) + ["--quiet"]
 
 
@@ -369,8 +395,35 @@ class Runner:
       os.makedirs(argv[-1], exist_ok=True)
 
 
+QUEUED_WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
+
+
 def do_create(runner: Runner, args) -> None:
   runner.run(create_command(args), step="create")
+  if args.queued:
+    wait_for_queued_resource(runner, args)
+
+
+def wait_for_queued_resource(runner: Runner, args) -> None:
+  """Polls the queued resource every --queue-poll seconds until it is ACTIVE; any state other than a waiting
+  one (FAILED, SUSPENDED, ...) or --queue-timeout hours without ACTIVE is an error."""
+  if runner.dry_run:
+    runner.note(f"then, every {args.queue_poll:g} s until it prints ACTIVE (at most {args.queue_timeout:g} h):")
+    runner.run(queued_state_command(args), step="queue")
+    return
+  deadline = time.monotonic() + 3600 * args.queue_timeout
+  while True:
+    result = runner.run(queued_state_command(args), step="queue", capture=True)
+    state = result.stdout.strip() if result.returncode == 0 else ""
+    if state == "ACTIVE":
+      runner.note(f"the queued resource {args.name} is ACTIVE.")
+      return
+    if state and state not in QUEUED_WAITING:
+      raise StepError(f"the queued resource {args.name} is {state}, not ACTIVE")
+    if time.monotonic() > deadline:
+      raise StepError(f"the queued resource {args.name} is still {state or 'unknown'} after {args.queue_timeout:g} h")
+    runner.note(f"the queued resource {args.name} is {state or 'not visible yet'}; waiting.")
+    time.sleep(args.queue_poll)
 
 
 def do_setup(runner: Runner, args) -> None:
@@ -500,11 +553,18 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--remote-dir", default="icl_jax",
                       help="the repository's directory on the workers, relative to the home directory")
   common.add_argument("--dry-run", action="store_true", help="print every command, one per line, run nothing")
+  common.add_argument("--queued", action="store_true",
+                      help="create (and delete) the TPU VM through a queued resource, `gcloud compute tpus "
+                           "queued-resources`: the request waits in Google's queue until capacity is free")
 
   create = argparse.ArgumentParser(add_help=False)
   kind = create.add_mutually_exclusive_group()
   kind.add_argument("--spot", action="store_true", help="a Spot TPU VM: much cheaper, may be preempted any time")
   kind.add_argument("--preemptible", action="store_true", help="a preemptible TPU VM (the older, time-limited kind)")
+  create.add_argument("--queue-poll", type=float, default=60.0,
+                      help="with --queued: seconds between checks of the queued resource's state")
+  create.add_argument("--queue-timeout", type=float, default=24.0,
+                      help="with --queued: hours to wait for the queued resource to become ACTIVE")
   create.add_argument("--create-arg", action="append", default=[], metavar="ARG",
                       help="an extra flag for `gcloud compute tpus tpu-vm create`, e.g. "
                            "--create-arg=--reserved (repeatable)")
@@ -568,6 +628,8 @@ def main(argv: list[str] | None = None, environ=None) -> int:
   args.command_line = getattr(args, "command_line", None)
   try:
     resolve(args, os.environ if environ is None else environ)
+    if hasattr(args, "sweep"):
+      check_job_directory(args)
     for line in warnings(args):
       print(line, file=sys.stderr)
     runner = Runner(args.dry_run)

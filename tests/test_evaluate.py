@@ -1,6 +1,7 @@
 """The evaluator: similarity metrics, probes, best matches, and the whole `--mode=eval` on a trained tiny run."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -205,6 +206,8 @@ def test_eval_mode_writes_results_and_figures(trained):
   assert any(v.tag == "eval/best_match" and v.image.encoded_image_string for v in values)
   assert any(v.metadata.plugin_data.plugin_name == "hparams" for v in values)
   assert "Wrote " in result.stderr and "results.json" in result.stderr
+  etas = re.findall(r"stage (\d)/5, [0-9.]+ s elapsed, ETA (\d+) s", result.stderr)
+  assert [stage for stage, _ in etas] == ["1", "2", "4"], "a progress line with stage, elapsed time and ETA"
   assert "definition" in results["table1"] and "last_layer_best" in results
   for stem in ("error_vs_layer", "sim_e_newton_heatmap", "best_match", "error_vs_context"):
     for suffix in (".png", ".pdf"):
@@ -319,3 +322,13 @@ def test_least_squares_probes_match_a_float64_solve_on_ill_conditioned_features(
     f32 = features_LxMxF[layer].astype(np.float32)
     float32 = np.linalg.solve(f32.T @ f32, f32.T @ ys_M.astype(np.float32))
     assert np.linalg.norm(float32 - expected) / np.linalg.norm(expected) > 1e-3
+
+
+def test_the_evaluation_runs_the_model_in_float32_whatever_it_trained_in(tiny):
+  """A bfloat16-trained run's float32 parameters are evaluated in float32: the same numbers as its float32 twin."""
+  xs, ys = jnp.zeros((1, tiny.task.n_points, tiny.task.n_dims)), jnp.zeros((1, tiny.task.n_points))
+  params = models.build_model(tiny.model).init(jax.random.key(0), xs, ys)["params"]
+  float32 = probing.Evaluator(tiny)(params)
+  tiny.model.dtype = "bfloat16"
+  bfloat16 = probing.Evaluator(tiny)(params)
+  assert bfloat16["sim_e"] == float32["sim_e"] and bfloat16["error_per_dim"] == float32["error_per_dim"]

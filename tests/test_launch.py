@@ -251,15 +251,14 @@ def test_values_with_spaces_and_quotes_are_quoted(fake):
 
 def test_sweep_command_and_multi_host_warning(fake):
   env, _ = _dry_env(fake)
-  result = _launch(["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=runs/depth",
+  result = _launch(["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth",
                     "--config.seed=1"], env)
   assert result.returncode == 0, result.stderr
   [run] = _commands(result.stdout)
   assert "--worker=all" in run
-  # The sweep joins the hosts like the main job; a local root on a pod gets a warning.
+  # The sweep joins the hosts like the main job.
   assert _job_argv(run) == [".venv/bin/python", "-m", "icl_jax.sweep", "--config=configs/sweep_depth_kappa.py",
-                            "--root=runs/depth", "--distributed=auto", "--config.seed=1"]
-  assert "4 hosts" in result.stderr and "gs://" in result.stderr
+                            "--root=gs://bucket/depth", "--distributed=auto", "--config.seed=1"]
 
   result = _launch(["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth",
                     "--distributed=auto", "--config=configs/sweep_depth_kappa.py:quick"], env)
@@ -398,3 +397,63 @@ def test_local_sweep_dry_run_prints_one_process_per_shard_then_the_report():
   assert "--stage=report" in lines[3] and all("--config.train.num_steps=5" in line for line in lines)
   bad = subprocess.run(["bash", str(script), "-n", "0", "c", "r"], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "-n must be a positive integer" in bad.stderr
+
+
+@pytest.mark.parametrize("command, flag", [(["all", "--workdir=runs/paper"], "--workdir"),
+                                           (["run", "--workdir=/home/me/paper"], "--workdir"),
+                                           (["run", "--sweep", "--root=runs/depth"], "--root")])
+def test_a_local_job_directory_on_a_multi_host_slice_is_refused(fake, command, flag):
+  """Each host of a pod slice has its own disk: a local workdir or root is an error naming the flag, before
+  any command runs (a dry run prints nothing)."""
+  env, _ = _dry_env(fake)
+  result = _launch([command[0], "--dry-run", *BASE, "--type=v4-32", *command[1:]], env)
+  assert result.returncode == 2 and result.stdout == ""
+  assert f"error: {flag}=" in result.stderr and "4 hosts" in result.stderr and "gs://BUCKET/PATH" in result.stderr
+  # One host: a local workdir is fine.
+  assert _launch([command[0], "--dry-run", *BASE, "--type=v4-8", *command[1:]], env).returncode == 0
+
+
+def test_queued_resource_dry_run_prints_the_gcloud_commands(fake):
+  """--queued: create queues the request (the node named like it), waits for ACTIVE, and delete --force removes
+  both; the rest (ssh, scp) addresses the node as usual."""
+  env, _ = _dry_env(fake)
+  result = _launch(["all", "--dry-run", *BASE, "--type=v5litepod-16", "--queued", "--spot",
+                    "--workdir=gs://bucket/run"], env)
+  assert result.returncode == 0, result.stderr
+  commands = _commands(result.stdout)
+  queued = [c for c in commands if c[:4] == ["gcloud", "compute", "tpus", "queued-resources"]]
+  assert [c[4] for c in queued] == ["create", "describe", "delete"]
+  create, describe, delete = queued
+  name = create[5]
+  assert {f"--node-id={name}", "--accelerator-type=v5litepod-16", "--spot"} <= set(create)
+  assert any(a.startswith("--runtime-version=") for a in create)
+  assert "--format=value(state.state)" in describe and {"--force", "--quiet"} <= set(delete)
+  assert commands.index(create) < commands.index(describe) < min(
+      i for i, c in enumerate(commands) if "ssh" in c or "scp" in c)
+  assert commands[-1] == delete
+  assert "ACTIVE" in result.stdout
+  result = _launch(["create", "--dry-run", *BASE, "--type=v4-8", "--queued", "--preemptible"], env)
+  assert result.returncode == 2 and "--spot" in result.stderr
+
+
+def test_queued_resource_waits_until_active():
+  """create polls describe (answering WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE here) and returns at ACTIVE;
+  FAILED is an error."""
+  module = _module()
+  runner = module.Runner(dry_run=False)
+  answers = iter(["WAITING_FOR_RESOURCES\n", "PROVISIONING\n", "ACTIVE\n"])
+  calls = []
+
+  def run(argv, *, step, capture=False):
+    calls.append(argv)
+    return subprocess.CompletedProcess(argv, 0, next(answers) if "describe" in argv else "", "")
+
+  runner.run = run
+  args = module._parser().parse_args(["create", "--name=icl", "--zone=us-central2-b", "--type=v4-8", "--queued",
+                                      "--queue-poll=0"])
+  module.resolve(args, {})
+  module.do_create(runner, args)
+  assert [c[4] for c in calls] == ["create", "describe", "describe", "describe"]
+  answers = iter(["FAILED\n"])
+  with pytest.raises(module.StepError, match="FAILED"):
+    module.wait_for_queued_resource(runner, args)

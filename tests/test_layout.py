@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "icl_jax"
 # Programs: each parses its own flags at import time, and no library module imports them.
 ENTRY_MODULES = {"icl_jax.main", "icl_jax.sweep", "icl_jax.bench", "icl_jax.garg_checkpoint",
-                 "icl_jax.datasets.build"}
+                 "icl_jax.datasets.build", "icl_jax.accelerator_check"}
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "colabs" / "README.md",
         *sorted((REPO / "launch").glob("*.sh")), *sorted((REPO / "configs").glob("*.py")),
         *sorted((REPO / "colabs").glob("*.py"))]
@@ -140,8 +140,7 @@ COMMANDS = _documented_commands()
 
 
 def test_the_docs_name_the_programs():
-  assert {"icl_jax.main", "icl_jax.sweep", "icl_jax.bench", "icl_jax.garg_checkpoint",
-          "icl_jax.datasets.build"} <= set(COMMANDS)
+  assert ENTRY_MODULES <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("module", sorted(COMMANDS))

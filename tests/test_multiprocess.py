@@ -50,9 +50,10 @@ def _command(workdir, *extra):
   return [sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}", *extra]
 
 
-def _start(command, devices=None):
+def _start(command, devices=None, extra_env=None):
   log = tempfile.TemporaryFile("w+")  # Not a pipe: a full pipe would block a chatty process.
-  process = subprocess.Popen(command, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL, stderr=log, text=True)
+  process = subprocess.Popen(command, cwd=REPO, env={**_env(devices), **(extra_env or {})}, stdout=subprocess.DEVNULL,
+                             stderr=log, text=True)
   process.log = log
   return process
 
@@ -167,7 +168,7 @@ def test_two_processes_train_the_same_curve_as_one(runs):
   p0, p1 = runs["stderrs"]
   assert "process 0 of 2, 2 local / 4 global devices" in p0, p0[-3000:]
   assert "process 1 of 2, 2 local / 4 global devices" in p1, p1[-3000:]
-  assert "training on 4 devices (2 processes)" in p0
+  assert "training on 4 CPU devices (cpu, 2 processes), float32" in p0
   _assert_same_curve(_records(runs["pair"]), _records(runs["single"]))
   # Only process 0 logs and writes metrics.
   assert "step 12/12" in p0 and "step 12/12" not in p1
@@ -252,6 +253,12 @@ def test_plans():
   explicit = distributed.plan("detect", "10.0.0.1:8476", 4, 3, environ={})
   assert explicit.kwargs == {"coordinator_address": "10.0.0.1:8476", "coordinator_bind_address": "10.0.0.1:8476",
                              "num_processes": 4, "process_id": 3, "cluster_detection_method": "deactivate"}
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+  assert distributed.plan(environ=slurm).mode == "auto"  # A task of `srun -n 2`.
+  assert distributed.plan(environ={**slurm, "SLURM_NTASKS": "1"}).kwargs is None
+  assert distributed.plan(environ={k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}).kwargs is None
+  assert distributed.plan(environ={"OMPI_COMM_WORLD_SIZE": "4"}).mode == "auto"  # A rank of `mpirun -np 4`.
+  assert distributed.plan(environ={"OMPI_COMM_WORLD_SIZE": "1"}).kwargs is None
   assert distributed.loopback_host("127.0.0.1:1") == "127.0.0.1"
   assert distributed.loopback_host("[::1]:1") == "::1"
   assert distributed.loopback_host("localhost:1") == "127.0.0.1"
@@ -265,3 +272,17 @@ def test_bad_flags_stop_the_command_line_with_a_message(tmp_path):
   assert result.returncode == 1
   assert "error: --process_id=5 is out of range for --num_processes=2" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_slurm_step_finds_its_processes_by_itself(tmp_path):
+  """Two tasks of a (simulated) `srun -n 2` step: the process count and ids come from Slurm's environment
+  through JAX's cluster detection; only the coordinator address is given, to keep it on 127.0.0.1 (Slurm's
+  default would listen on every interface of the first node)."""
+  address = f"127.0.0.1:{_free_port()}"
+  slurm = lambda i: {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+                     "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1"}
+  command = _command(tmp_path / "slurm", "--distributed=auto", f"--coordinator_address={address}")
+  p0, p1 = _run_together([_start(command, DEVICES_PER_PROCESS, slurm(i)) for i in range(2)])
+  assert "process 0 of 2, 2 local / 4 global devices" in p0, p0[-3000:]
+  assert "process 1 of 2, 2 local / 4 global devices" in p1, p1[-3000:]
+  assert [r["step"] for r in _records(tmp_path / "slurm")] == list(range(1, 13))

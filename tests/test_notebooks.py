@@ -1,70 +1,56 @@
-"""The notebooks in colabs/: each runs headless from top to bottom, and its .ipynb matches its .py.
+"""The notebooks in colabs/: each runs headless from top to bottom, its .ipynb is the stored rendering of its
+.py with outputs, and the install cell works against a local clone.
 
 The notebooks are kept as jupytext py:percent files (colabs/NAME.py, the source of truth, diff-friendly) and
-as NAME.ipynb (what Colab opens from GitHub), generated with `jupytext --update --to ipynb colabs/NAME.py`.
-Execution converts the .py in memory and runs it with nbclient on a python3 kernel of this interpreter
-(ipykernel's kernelspec; jupyter_client starts it with sys.executable), in a fresh temporary directory, with the
-notebook's own parameters: their defaults are the CI size. A cell that raises fails the test.
+as NAME.ipynb (what Colab opens from GitHub), executed at full size with its outputs by `python colabs/render.py`.
+The tests execute the .py with colabs/render.py's runner (nbclient on a python3 kernel of this interpreter, in a
+fresh temporary directory) at the CI sizes of CI_PARAMETERS. A cell that raises fails the test.
 """
 
+import importlib.util
 import os
 import pathlib
+import re
+import subprocess
 import sys
 import time
+import tomllib
 
+import jax
 import jupytext
-import nbclient
 import nbformat
 import pytest
 from nbclient.exceptions import CellExecutionError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
-NOTEBOOKS = sorted(COLABS.glob("*.py"))
-CELL_TIMEOUT_S = 300  # The notebooks take about a minute in all on a 2-core CPU; this only catches a hang.
-KERNEL_STARTUP_TIMEOUT_S = 120
-BADGE = "https://colab.research.google.com/github/GITHUB_ORG/icl_jax/blob/main/colabs/{name}.ipynb"
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"colabs_{name}", COLABS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+render = _load("render")
+install = _load("install")
+NOTEBOOKS = [COLABS / f"{name}.py" for name in sorted(render.NOTEBOOKS)]
+CELL_TIMEOUT_S = 300  # The CI-size notebooks take about a minute each on a 2-core CPU; this only catches a hang.
+# The smaller sizes CI runs (each notebook's parameters cell names them in its comments).
+CI_PARAMETERS = {
+    "quickstart": {"num_steps": 800, "eval_prompts": 256},
+    "paper_figures": {"eval_overrides": {"num_prompts": 128, "probe_prompts": 64, "sim_w_prompts": 4,
+                                         "sim_w_queries": 32, "bootstrap_samples": 200}},
+    "theory": {"num_prompts": 32, "max_newton_steps": 10, "lsa_prompts": 2048, "train_steps": 1000,
+               "train_batch": 256},
+}
 # Images each notebook shows at least: a figure that silently renders as text ("<Figure size ...>") fails.
 MIN_IMAGES = {"quickstart": 10, "paper_figures": 5, "theory": 4}
-
-
-def kernel_env() -> dict[str, str]:
-  """This process's environment, with the repository on PYTHONPATH (so the notebooks' install cell is a no-op)
-  and without conftest.py's 8 fake CPU devices and strict rank promotion: a notebook sees the machine as a user's
-  runtime would."""
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  if flags:
-    env["XLA_FLAGS"] = " ".join(flags)
-  else:
-    env.pop("XLA_FLAGS", None)
-  env.pop("JAX_NUMPY_RANK_PROMOTION", None)  # conftest.py's strict broadcasting is for the package's code.
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-  return env
-
-
-def inject_parameters(notebook: nbformat.NotebookNode, parameters: dict) -> None:
-  """Adds a cell assigning `parameters` right after the cell tagged "parameters", as papermill does."""
-  index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
-  source = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
-  cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-  notebook.cells.insert(index + 1, cell)
-
-
-def execute(path: pathlib.Path, cwd: pathlib.Path, parameters: dict | None = None) -> nbformat.NotebookNode:
-  """Runs the py:percent notebook at `path` in `cwd` on a python3 kernel; raises CellExecutionError if a cell
-  raises. Returns the executed notebook (also written to cwd/NAME.ipynb for inspection)."""
-  notebook = jupytext.read(path)
-  if parameters:
-    inject_parameters(notebook, parameters)
-  client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
-                                   startup_timeout=KERNEL_STARTUP_TIMEOUT_S,
-                                   resources={"metadata": {"path": str(cwd)}})
-  try:
-    client.execute(env=kernel_env())
-  finally:
-    nbformat.write(notebook, cwd / f"{path.stem}.ipynb")
-  return notebook
+# The one place the repository's URL is set (see colabs/README.md); every badge and REPO_URL derives from it.
+REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+BADGE = f"https://colab.research.google.com/github/{REPOSITORY.removeprefix('https://github.com/')}" \
+        "/blob/main/colabs/{name}.ipynb"
 
 
 def _cells(notebook: nbformat.NotebookNode) -> list[tuple[str, str]]:
@@ -75,47 +61,133 @@ def _is_parameters(cell) -> bool:
   return cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", [])
 
 
+def _images(notebook: nbformat.NotebookNode) -> int:
+  return sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+
+
 def test_there_are_notebooks():
-  assert [p.stem for p in NOTEBOOKS] == ["paper_figures", "quickstart", "theory"]
+  assert sorted(p.stem for p in COLABS.glob("*.ipynb")) == [p.stem for p in NOTEBOOKS]
+  assert set(CI_PARAMETERS) == set(MIN_IMAGES) == set(render.NOTEBOOKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_ipynb_matches_py(path):
-  """NAME.ipynb holds exactly jupytext's conversion of NAME.py (cells and their text; metadata aside), with
-  no outputs."""
+def test_ipynb_is_a_rendering_of_py(path):
+  """NAME.ipynb holds exactly jupytext's conversion of NAME.py (cells and their text), executed top to bottom
+  at the defaults (no injected parameters), with outputs, images and no error: it reads without running."""
   ipynb = path.with_suffix(".ipynb")
-  assert ipynb.exists(), f"{ipynb} is missing: run `jupytext --update --to ipynb {path.relative_to(REPO)}`"
+  rerender = f"run `python colabs/render.py {path.stem}`"
+  assert ipynb.exists(), f"{ipynb} is missing: {rerender}"
   stored = nbformat.read(ipynb, as_version=4)
   nbformat.validate(stored)
-  assert _cells(stored) == _cells(jupytext.read(path)), (
-      f"{ipynb.name} differs from {path.name}: run `jupytext --update --to ipynb {path.relative_to(REPO)}`")
-  for cell in stored.cells:
-    if cell.cell_type == "code":
-      assert cell.outputs == [] and cell.execution_count is None, f"{ipynb.name} has outputs: regenerate it"
-  assert [i for i, c in enumerate(stored.cells) if _is_parameters(c)] == \
-         [i for i, c in enumerate(jupytext.read(path).cells) if _is_parameters(c)]
+  assert _cells(stored) == _cells(jupytext.read(path)), f"{ipynb.name} differs from {path.name}: {rerender}"
+  counts = [cell.execution_count for cell in stored.cells if cell.cell_type == "code"]
+  assert counts == list(range(1, len(counts) + 1)), f"{ipynb.name} was not executed top to bottom: {rerender}"
+  outputs = [o for c in stored.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"], f"{ipynb.name} stores an error: {rerender}"
+  assert _images(stored) >= MIN_IMAGES[path.stem]
+  assert {"rendered", "jax", "wall_s"} <= set(stored.metadata["icl_jax"])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_layout(path):
-  """A Colab badge for this notebook in the first cell, the install cell next, one parameters cell after it."""
+  """A Colab badge for this notebook in the first cell, the install cell next, one parameters cell after it; the
+  parameters cell names every CI value in its comments."""
   cells = jupytext.read(path).cells
   assert cells[0].cell_type == "markdown" and BADGE.format(name=path.stem) in cells[0].source
-  assert cells[1].cell_type == "code" and 'find_spec("icl_jax") is None' in cells[1].source
+  assert cells[1].source == jupytext.read(NOTEBOOKS[0]).cells[1].source, "the install cells differ"
+  assert f'"ICL_JAX_REPO_URL", "{REPOSITORY}"' in cells[1].source
   assert [i for i, c in enumerate(cells) if _is_parameters(c)] == [2]
+  for name in CI_PARAMETERS[path.stem]:
+    assert re.search(rf"^{name} = ", cells[2].source, flags=re.MULTILINE), f"no parameter {name}"
+  assert "CI: " in cells[2].source
+
+
+def test_every_link_is_the_pyproject_repository():
+  """Every github.com/…/icl_jax link of the tracked text files is pyproject.toml's [project.urls] Repository."""
+  files = subprocess.run(["git", "ls-files", "*.md", "*.py", "*.ipynb", "*.cff", "*.toml"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.split()
+  pattern = r"(?:github\.com|google\.com/github)/([\w.-]+/icl_jax)\b"  # Clone URLs and Colab badges.
+  links = {m for f in files for m in re.findall(pattern, (REPO / f).read_text())}
+  assert links == {REPOSITORY.removeprefix("https://github.com/")}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, record_property):
   start = time.perf_counter()
-  notebook = execute(path, tmp_path)
+  notebook = render.execute(path, tmp_path, CI_PARAMETERS[path.stem], cell_timeout_s=CELL_TIMEOUT_S)
   elapsed = time.perf_counter() - start
   record_property("wall_s", round(elapsed, 1))
   print(f"{path.name}: executed in {elapsed:.1f} s", file=sys.stderr)
   outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
-  assert sum("image/png" in o.get("data", {}) for o in outputs) >= MIN_IMAGES[path.stem]
+  assert _images(notebook) >= MIN_IMAGES[path.stem]
   assert not (tmp_path / "icl_jax_repo").exists(), "the install cell cloned the repository instead of a no-op"
+
+
+def _local_origin(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A git repository holding this working tree's files (tracked and new, not ignored): what the install cell
+  clones in place of GitHub."""
+  origin = tmp_path / "origin"
+  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+  for name in files:
+    if (REPO / name).is_file():
+      (origin / name).parent.mkdir(parents=True, exist_ok=True)
+      (origin / name).write_bytes((REPO / name).read_bytes())
+  git = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1", "-c", "init.defaultBranch=main"]
+  for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "local origin"]):
+    subprocess.run(git + command, cwd=origin, check=True)
+  return origin
+
+
+def test_install_cell_against_a_local_clone(tmp_path):
+  """The notebooks' install cell, run as on a Colab CPU runtime: a fresh environment where icl_jax is not
+  importable but jax (the runtime's own) and the other requirements are. It clones the repository (a local one
+  here, through ICL_JAX_REPO_URL), installs it with pip keeping that jax, and `icl_jax` then imports from the
+  clone with the same jax."""
+  origin = _local_origin(tmp_path)
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  python = venv / "bin" / "python"
+  site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  # The runtime's preinstalled packages: this interpreter's, as plain path entries. Unlike a site directory, a
+  # path entry's own .pth files are not read, so an editable install of this repository stays invisible.
+  runtime = [p for p in sys.path if p.endswith("site-packages")]
+  pathlib.Path(site, "runtime_packages.pth").write_text("\n".join(runtime) + "\n")
+  cell = jupytext.read(NOTEBOOKS[0]).cells[1].source
+  probe = "import icl_jax, jax; print('IMPORTED', icl_jax.__file__, jax.__version__)"
+  colab = tmp_path / "content"
+  colab.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_NUMPY_RANK_PROMOTION")}
+  env["ICL_JAX_REPO_URL"] = str(origin)
+  result = subprocess.run([str(python), "-c", cell + "\n" + probe], cwd=colab, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert f"keeping the installed jax=={jax.__version__}" in result.stdout and "(cpu)" in result.stdout
+  imported = result.stdout.split("IMPORTED ")[-1].split()
+  assert imported == [str(colab / "icl_jax_repo" / "icl_jax" / "__init__.py"), jax.__version__]
+
+
+@pytest.mark.parametrize("accelerator, cuda, versions, expected, replaces", [
+    ("cpu", "", {"jax": "0.10.2", "jaxlib": "0.10.2"}, ["-c"], False),
+    ("gpu", "12.4", {"jax": "0.10.2", "jaxlib": "0.10.2", "jax-cuda12-plugin": "0.10.2"}, ["-c"], False),
+    ("gpu", "12.4", {"jax": "0.10.2", "jaxlib": "0.10.2"}, ["jax[cuda12]>=0.10.2"], True),
+    ("gpu", "13.0", {}, ["jax[cuda13]>=0.10.2"], False),
+    ("tpu", "", {"jax": "0.10.2", "jaxlib": "0.10.2", "libtpu": "0.0.20"}, ["-c"], False),
+    ("tpu", "", {"jax": "0.10.2", "jaxlib": "0.10.2"}, ["jax[tpu]>=0.10.2"], True),
+    ("cpu", "", {"jax": "0.4.30", "jaxlib": "0.4.30"}, ["jax>=0.10.2"], True),
+])
+def test_install_plan(accelerator, cuda, versions, expected, replaces):
+  """Keep a recent jax that has the accelerator's plugin (pinned by a constraints file); otherwise install the
+  build the accelerator needs, flagging that a kernel which imported the old jax must restart."""
+  chosen = install.plan("/checkout", accelerator, cuda, versions, "0.10.2")
+  flat = [argument for command in chosen.pip_commands for argument in command]
+  assert all(e in flat for e in expected) and chosen.replaces_jax == replaces
+  assert chosen.pip_commands[-1][:4] == ("install", "-q", "-e", "/checkout")
+  assert install.version_tuple("0.4.30.dev20240101+cuda12") == (0, 4, 30)
+  assert install.jax_minimum(REPO) == re.search(r"^jax>=([0-9.]+)", (REPO / "requirements.txt").read_text(),
+                                                  flags=re.MULTILINE).group(1)
 
 
 DELIBERATE_FAILURE = '''# %% tags=["parameters"]
@@ -133,7 +205,7 @@ def test_runner_fails_on_a_failing_cell(tmp_path):
   """The runner is what the notebook tests rely on: it must raise when a cell raises, and pass otherwise."""
   path = tmp_path / "failing.py"
   path.write_text(DELIBERATE_FAILURE)
-  passed = execute(path, tmp_path)
+  passed = render.execute(path, tmp_path)
   assert "before the failing cell" in passed.cells[1].outputs[0]["text"]
   with pytest.raises(CellExecutionError, match="deliberate failure"):
-    execute(path, tmp_path, parameters={"fail": True})
+    render.execute(path, tmp_path, parameters={"fail": True})

@@ -3,6 +3,7 @@ nothing outside the repository, and answers a mistyped override with one line.""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -58,7 +59,13 @@ def test_pyproject_reads_the_requirement_files():
   dynamic = project["tool"]["setuptools"]["dynamic"]
   assert dynamic["dependencies"]["file"] == ["requirements.txt"]
   extras = {name: spec["file"] for name, spec in dynamic["optional-dependencies"].items()}
-  assert extras == {"dev": ["requirements-test.txt"], "tensorboard": ["requirements-tensorboard.txt"]}
+  assert extras == {"dev": ["requirements-test.txt"], "tensorboard": ["requirements-tensorboard.txt"],
+                    **{name: [f"requirements-{name}.txt"] for name in ("cuda12", "cuda13", "tpu")}}
+  # The accelerator extras install jax at requirements.txt's lower bound, never an older one.
+  bound = re.search(r"^jax>=([0-9.]+)", (REPO / "requirements.txt").read_text(), flags=re.MULTILINE).group(1)
+  for name in ("cuda12", "cuda13", "tpu"):
+    lines = [l for l in (REPO / f"requirements-{name}.txt").read_text().splitlines() if not l.startswith("#")]
+    assert lines == [f"jax[{name}]>={bound}"]
   assert (REPO / "requirements-dev.txt").read_text().split("\n")[1:3] == ["-r requirements.txt",
                                                                            "-r requirements-test.txt"]
   assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")

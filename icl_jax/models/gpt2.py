@@ -6,6 +6,10 @@ final LayerNorm and a linear read-out. The prediction for y_i is read at x_i's p
 pairs before it. Parameter names follow Hugging Face's (`h_{i}/attn/c_attn`, `ln_f`, `wpe`, ...) so that a
 released PyTorch checkpoint maps onto them one to one.
 
+Mixed precision: `config.model.dtype` ("float32" or "bfloat16") is the dtype of the activations and of every
+matmul's inputs. Parameters stay float32 (cast to the dtype where a matmul uses them), and softmax, LayerNorm
+(statistics and output), the read-out and so the predictions and the loss are computed in float32.
+
 Hidden states follow Hugging Face's convention: entry 0 is the embedding (read-in + positions), entry l for
 1 <= l < L is the residual stream after block l *without* the final LayerNorm, and entry L is after it (the
 read-out's input). Per-layer probes read these, so they need no second model.
@@ -27,12 +31,15 @@ def interleave(xs_BxNxD: jax.Array, ys_BxN: jax.Array) -> jax.Array:
   return jnp.stack([xs_BxNxD, ys_BxNxD], axis=2).reshape(b, 2 * n, d)
 
 
-def _torch_linear(features: int, fan_in: int, name: str) -> nn.Dense:
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _torch_linear(features: int, fan_in: int, name: str, dtype=jnp.float32) -> nn.Dense:
   """A Dense layer with torch.nn.Linear's default U(+-1/sqrt(fan_in)) initialisation: Garg et al.'s read-in and
   read-out are nn.Linear."""
   bound = 1.0 / math.sqrt(fan_in)
   init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-  return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
+  return nn.Dense(features, kernel_init=init, bias_init=init, dtype=dtype, name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -42,14 +49,18 @@ class CausalSelfAttention(nn.Module):
   num_heads: int
   init_std: float
   proj_std: float
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h_BxTxW, g_BxNxQxW=None, x_positions_only: bool = False):
     """With `x_positions_only`, only the x tokens (even positions) query: returns [B, ceil(T / 2), W]."""
     width = h_BxTxW.shape[-1]
     head_dim = width // self.num_heads
-    c_attn = nn.Dense(3 * width, kernel_init=nn.initializers.normal(self.init_std), name="c_attn")
-    c_proj = nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), name="c_proj")
+    dense = lambda features, std, name: nn.Dense(features, kernel_init=nn.initializers.normal(std),
+                                                 dtype=self.dtype, name=name)
+    c_attn, c_proj = dense(3 * width, self.init_std, "c_attn"), dense(width, self.proj_std, "c_proj")
+    # Softmax in float32 (its exp and sum lose most of bfloat16's 8 bits), probabilities back to the dtype.
+    softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     split_heads = lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], 3, self.num_heads, head_dim), -3, 0)
     scale = 1.0 / math.sqrt(head_dim)
     q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = split_heads(c_attn(h_BxTxW))
@@ -61,8 +72,7 @@ class CausalSelfAttention(nn.Module):
     q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = (jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
     logits_BxHxTxT = (q_BxHxTxK @ jnp.swapaxes(k_BxHxTxK, -1, -2)) * scale
     causal_TxT = jnp.arange(0, t, step)[:, None] >= jnp.arange(t)[None, :]
-    logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, _MASKED)
-    probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1)
+    probs_BxHxTxT = softmax(jnp.where(causal_TxT, logits_BxHxTxT.astype(jnp.float32), _MASKED))
     out_BxTxW = jnp.swapaxes(probs_BxHxTxT @ v_BxHxTxK, 1, 2).reshape(*q_BxTxHxK.shape[:2], width)
     if g_BxNxQxW is None:
       return c_proj(out_BxTxW), None
@@ -71,9 +81,9 @@ class CausalSelfAttention(nn.Module):
     # The query of prefix n stands where x_n does: it sees the 2n tokens (x_0, y_0, ..., y_{n-1}) and itself.
     sees_NxT = jnp.arange(t)[None, :] < 2 * jnp.arange(n)[:, None]
     context_BxHxNxQxT = jnp.einsum("bnqhk,bshk->bhnqs", qg_BxNxQxHxK, k_BxTxHxK) * scale
-    context_BxHxNxQxT = jnp.where(sees_NxT[:, None, :], context_BxHxNxQxT, _MASKED)
+    context_BxHxNxQxT = jnp.where(sees_NxT[:, None, :], context_BxHxNxQxT.astype(jnp.float32), _MASKED)
     self_BxHxNxQx1 = jnp.einsum("bnqhk,bnqhk->bhnq", qg_BxNxQxHxK, kg_BxNxQxHxK)[..., None] * scale
-    probs_BxHxNxQxS = jax.nn.softmax(jnp.concatenate([context_BxHxNxQxT, self_BxHxNxQx1], axis=-1), axis=-1)
+    probs_BxHxNxQxS = softmax(jnp.concatenate([context_BxHxNxQxT, self_BxHxNxQx1.astype(jnp.float32)], axis=-1))
     out_BxNxQxHxK = (jnp.einsum("bhnqs,bshk->bnqhk", probs_BxHxNxQxS[..., :-1], v_BxTxHxK) +
                      jnp.einsum("bhnq,bnqhk->bnqhk", probs_BxHxNxQxS[..., -1], vg_BxNxQxHxK))
     return c_proj(out_BxTxW), c_proj(out_BxNxQxHxK.reshape(g_BxNxQxW.shape))
@@ -86,13 +96,16 @@ class MLP(nn.Module):
   hidden: int
   init_std: float
   proj_std: float
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h_BxTxW):
     width = h_BxTxW.shape[-1]
-    h_BxTxF = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), name="c_fc")(h_BxTxW)
+    h_BxTxF = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), dtype=self.dtype,
+                       name="c_fc")(h_BxTxW)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new".
-    return nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), name="c_proj")(h_BxTxF)
+    return nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), dtype=self.dtype,
+                    name="c_proj")(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -105,10 +118,10 @@ class Block(nn.Module):
     c = self.config
     # GPT-2 scales the residual projections' initialisation by 1/sqrt(2 L): two per block add to the stream.
     proj_std = c.init_std / math.sqrt(2 * c.num_layers)
-    ln_1 = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")
-    ln_2 = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_2")
-    mlp = MLP(c.mlp_ratio * c.width, c.init_std, proj_std, name="mlp")
-    attn_h, attn_g = CausalSelfAttention(c.num_heads, c.init_std, proj_std, name="attn")(
+    dtype = DTYPES[c.dtype]
+    ln_1, ln_2 = (_layer_norm(c, name) for name in ("ln_1", "ln_2"))
+    mlp = MLP(c.mlp_ratio * c.width, c.init_std, proj_std, dtype, name="mlp")
+    attn_h, attn_g = CausalSelfAttention(c.num_heads, c.init_std, proj_std, dtype, name="attn")(
         ln_1(h_BxTxW), None if g_BxNxQxW is None else ln_1(g_BxNxQxW), x_positions_only)
     h_BxTxW = h_BxTxW[:, ::2 if x_positions_only else 1] + attn_h
     h_BxTxW = h_BxTxW + mlp(ln_2(h_BxTxW))
@@ -116,6 +129,11 @@ class Block(nn.Module):
       return h_BxTxW, None
     g_BxNxQxW = g_BxNxQxW + attn_g
     return h_BxTxW, g_BxNxQxW + mlp(ln_2(g_BxNxQxW))
+
+
+def _layer_norm(c: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
+  """LayerNorm in float32 (statistics and output) whatever the model's dtype; the next matmul casts."""
+  return nn.LayerNorm(epsilon=c.layer_norm_epsilon, dtype=jnp.float32, name=name)
 
 
 class QueryOutputs(NamedTuple):
@@ -148,18 +166,19 @@ class GPT2Regressor(nn.Module):
     if predictions_only:
       tokens_BxTxD = tokens_BxTxD[:, :-1]
     t = tokens_BxTxD.shape[1]
-    wpe_PxW = self.param("wpe", nn.initializers.normal(c.init_std), (c.n_positions, c.width))
-    read_in = _torch_linear(c.width, tokens_BxTxD.shape[-1], "read_in")
+    dtype = DTYPES[c.dtype]
+    wpe_PxW = self.param("wpe", nn.initializers.normal(c.init_std), (c.n_positions, c.width)).astype(dtype)
+    read_in = _torch_linear(c.width, tokens_BxTxD.shape[-1], "read_in", dtype)
     h_BxTxW = read_in(tokens_BxTxD) + wpe_PxW[None, :t]
-    g_BxNxQxW = None if queries is None else read_in(queries) + wpe_PxW[:t:2][None, :, None]
+    g_BxNxQxW = None if queries is None else read_in(queries.astype(dtype)) + wpe_PxW[:t:2][None, :, None]
     hidden, query_hidden = [h_BxTxW], [g_BxNxQxW]
     for layer in range(c.num_layers):
       x_positions_only = predictions_only and layer == c.num_layers - 1
       h_BxTxW, g_BxNxQxW = Block(c, name=f"h_{layer}")(h_BxTxW, g_BxNxQxW, x_positions_only)
       hidden.append(h_BxTxW)
       query_hidden.append(g_BxNxQxW)
-    ln_f = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_f")
-    read_out = _torch_linear(1, c.width, "read_out")
+    ln_f = _layer_norm(c, "ln_f")
+    read_out = _torch_linear(1, c.width, "read_out")  # float32: the predictions and the loss.
     if predictions_only:
       return read_out(ln_f(h_BxTxW))[..., 0]
     hidden[-1] = ln_f(h_BxTxW)
@@ -189,4 +208,6 @@ def validate(model: ml_collections.ConfigDict, task: ml_collections.ConfigDict) 
     errors.append(f"config.model.layer_norm_epsilon = {model.layer_norm_epsilon!r}: must be a float > 0")
   if not (isinstance(model.init_std, float) and model.init_std > 0):
     errors.append(f"config.model.init_std = {model.init_std!r}: must be a float > 0")
+  if model.get("dtype") not in DTYPES:
+    errors.append(f"config.model.dtype = {model.get('dtype')!r}: allowed {', '.join(map(repr, DTYPES))}")
   return errors

@@ -135,4 +135,7 @@ def validate(model: ml_collections.ConfigDict, task: ml_collections.ConfigDict) 
   std = model.get("lsa_init_std")
   if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
     errors.append(f"config.model.lsa_init_std = {std!r}: must be a number >= 0")
+  if model.get("dtype", "float32") != "float32":
+    errors.append(f"config.model.dtype = {model.get('dtype')!r}: the lsa family runs in float32 only; "
+                  "allowed 'float32'")
   return errors

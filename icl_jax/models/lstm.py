@@ -114,4 +114,7 @@ def validate(model: ml_collections.ConfigDict, task: ml_collections.ConfigDict) 
     value = model.get(field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       errors.append(f"config.model.{field} = {value!r}: must be an integer >= 1")
+  if model.get("dtype", "float32") != "float32":
+    errors.append(f"config.model.dtype = {model.get('dtype')!r}: the lstm family runs in float32 only; "
+                  "allowed 'float32'")
   return errors

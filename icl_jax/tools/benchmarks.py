@@ -140,7 +140,8 @@ def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> d
   seconds = (time.perf_counter() - start) / (dispatches * chunk)
   flops = gpt2_flops_per_step(config) if config.model.family == "gpt2" else None
   device_kind = devices[0].device_kind
-  peak = peak_flops or PEAK_FLOPS.get(device_kind, {}).get("float32", 0.0) * len(devices)
+  dtype = config.model.get("dtype", "float32")
+  peak = peak_flops or PEAK_FLOPS.get(device_kind, {}).get(dtype, 0.0) * len(devices)
   return {"name": "train_step", "ms_per_step": 1e3 * seconds, "steps_per_s": 1 / seconds,
           "prompts_per_s": config.train.batch_size / seconds, "model_flops_per_step": flops,
           "achieved_flops_per_s": flops / seconds if flops else None,
@@ -149,7 +150,7 @@ def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> d
           "steps_per_dispatch": chunk, "timed_steps": dispatches * chunk, "family": config.model.family,
           "num_layers": config.model.num_layers, "width": config.model.width, "num_heads": config.model.num_heads,
           "n_dims": config.task.n_dims, "n_points": config.task.n_points, "batch_size": config.train.batch_size,
-          "devices": len(devices), "device": device_kind, "jax": jax.__version__}
+          "dtype": dtype, "devices": len(devices), "device": device_kind, "jax": jax.__version__}
 
 
 def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
