@@ -1,25 +1,43 @@
 """Orbax checkpoints: the training state under WORKDIR/checkpoints, and the parameters an evaluation reads.
 
-Saves are asynchronous, and `Checkpoints` is a context manager whose exit waits for them: an async save that
-the process outlives unfinished is never committed. Restores take the current state as the template, so a
-checkpoint written on one device count restores onto another. `load_params` reads a run's latest checkpoint or
-a converted Garg et al. checkpoint (WORKDIR/garg_params, written by `python -m icl_jax.garg_checkpoint`).
+Saves are asynchronous, and `Checkpoints` is a context manager whose exit waits for them: an async save that the
+process outlives unfinished is never committed. Restores take the current state as the template, so a checkpoint
+written on one device count restores onto another. `restore_latest` falls back past a newest checkpoint that does
+not restore, moving it aside. `load_params` reads a run's latest checkpoint or a converted Garg et al. checkpoint
+(WORKDIR/garg_params, written by `python -m icl_jax.garg_checkpoint`).
 """
 
 import json
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import train_step
 
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
 GARG_PARAMS_DIR = "garg_params"  # A converted Garg et al. checkpoint's parameters, inside its workdir.
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (permissions, a full disk, a path in the way). Orbax's save threads may
+  stay blocked after it, so a program should exit at once (os._exit) rather than wait for them; the checkpoints
+  already committed are untouched."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of the directory restores into the requested state; the message says which and why."""
 
 
 class Checkpoints:
@@ -38,23 +56,85 @@ class Checkpoints:
     self.close()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # The background save of the last step failed.
+      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {_first_line(e)}") from e
     self._manager.close()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    try:  # Also raises the failure of the previous, asynchronous save.
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:
+      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: "
+                                f"{_first_line(e)}") from e
 
   def restore(self, step: int, like):
     """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings)."""
+    mismatched = self._shape_mismatches(step, like)
+    if mismatched:  # Refused before Orbax tries: its failing restore leaves threads that print tracebacks.
+      raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
+                                   "configuration's state (written by a different model or optimiser?): "
+                                   + "; ".join(mismatched[:3]) + ("; ..." if len(mismatched) > 3 else ""))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise RuntimeError(f"cannot restore the checkpoint {self.directory / str(step)} into this configuration's "
-                         f"state (was it written by a different model or optimiser?): {e}") from e
+    except Exception as e:  # Orbax and TensorStore raise many types for a mismatched or damaged checkpoint.
+      raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
+                                   "configuration's state (damaged, or written by a different model or optimiser?): "
+                                   f"{_first_line(e)}") from e
+
+  def _shape_mismatches(self, step: int, like) -> list[str]:
+    """"PATH: saved SHAPE, now SHAPE" for the arrays whose stored shape differs from `like`'s, read from the
+    checkpoint's own metadata (Orbax's default/_METADATA, `write_shape` per array). Empty when that file is
+    missing or unreadable, or shares no array with `like`: the restore itself then decides."""
+    try:
+      tree = json.loads((self.directory / str(step) / "default" / "_METADATA").read_text())["tree_metadata"]
+      saved = {tuple(str(k["key"]) for k in entry["key_metadata"]): tuple(entry["value_metadata"]["write_shape"])
+               for entry in tree.values() if "write_shape" in entry.get("value_metadata", {})}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      return []
+    mismatched = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
+      names = tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+      if names in saved and saved[names] != tuple(leaf.shape):
+        mismatched.append(f"{'/'.join(names)}: saved {saved[names]}, now {tuple(leaf.shape)}")
+    return mismatched
+
+  def restore_latest(self, like) -> tuple[object, int | None]:
+    """(state, step) of the newest checkpoint that restores, or (like, None) when there is none.
+
+    An unreadable newer checkpoint (truncated, junk, a failed copy) is moved aside to STEP.unreadable-TIME,
+    kept for inspection, with a warning naming it and the reason; the one below it is tried next. When
+    none restores, the newest one's error is raised (a different model or optimiser fails at every step).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    first_error = None
+    for step in steps:
+      try:
+        state = self.restore(step, like)
+      except CheckpointRestoreError as e:
+        first_error = first_error or e
+        continue
+      if step != steps[0]:
+        self._set_aside([s for s in steps if s > step], first_error)
+      return state, step
+    if first_error is not None:
+      raise first_error
+    return like, None
+
+  def _set_aside(self, steps: list[int], reason: Exception) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for step in steps:
+      aside = self.directory / f"{step}.unreadable-{stamp}"
+      if jax.process_index() == 0:
+        (self.directory / str(step)).rename(aside)
+      logging.warning("The checkpoint %s does not restore; moved it to %s and resumed from an older one. "
+                      "The newest failure: %s", self.directory / str(step), aside, _first_line(reason))
+    self._manager.reload()
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int | None]:
@@ -71,7 +151,8 @@ def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
                               "checkpoint with `python -m icl_jax.garg_checkpoint`.")
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train_step.AXIS,))
     like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
-    return checkpoints.restore(step, like).params, step
+    state, step = checkpoints.restore_latest(like)
+    return state.params, step
 
 
 def load_saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:

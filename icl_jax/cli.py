@@ -2,13 +2,16 @@
 into one `error:` line naming the field and the closest valid ones, instead of a traceback."""
 
 import difflib
+import os
 import re
 import sys
 
 import ml_collections
 from absl import app
 from absl import flags
+from absl import logging
 
+from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import config_files
 from icl_jax import run_logs
@@ -48,12 +51,28 @@ def _closest(path: str, fields: list[str]) -> list[str]:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with one `error:` line and exit code 1 for a bad flag or config override."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    _check_config_files_loaded()
+    return remaining
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     errors = override_errors(argv) or [str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__]
     for line in errors:
       print(f"error: {line}", file=sys.stderr)
     sys.exit(1)
+
+
+def _check_config_files_loaded() -> None:
+  """ml_collections defers a config file that fails to load (missing, or raising) to the first use of the
+  flag's value, deep inside the program: touch every config flag now, for one `error:` line."""
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if name != flag.name or not type(flag).__module__.startswith("ml_collections.config_flags"):
+      continue
+    try:
+      getattr(flag.value, "keys", None)  # A config that failed to load raises here; a field override's value not.
+    except OSError as e:
+      print(f"error: --{name}: {str(e).strip().splitlines()[-1].strip()}", file=sys.stderr)
+      sys.exit(1)
 
 
 def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_collections.ConfigDict:
@@ -66,3 +85,15 @@ def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_col
   except config_checks.ConfigError as e:
     sys.exit(f"error: {e}")
   return config
+
+
+def exit_with_error(error: Exception) -> None:
+  """One `error:` line (also logged) and exit status 1. After a failed checkpoint save or restore the process
+  leaves at once (os._exit): Orbax's blocked save threads would otherwise keep the interpreter from ever
+  exiting, and its asyncio threads print tracebacks while the interpreter shuts down."""
+  logging.error("%s", error)
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  if isinstance(error, (checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError)):
+    logging.flush()
+    os._exit(1)
+  sys.exit(1)

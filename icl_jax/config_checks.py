@@ -1,5 +1,6 @@
 """Checks a whole configuration before anything is compiled, and reports every problem in one message."""
 
+import math
 import numbers
 
 import ml_collections
@@ -25,7 +26,24 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  """A finite number (not a bool): inf and nan pass no check."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_finite_errors(node, prefix: str = "config") -> dict[str, str]:
+  """{field: error} for every float field (or float in a tuple field) anywhere in the config that is inf or
+  nan: no field of any section means anything with those, and they would otherwise compile and fail (or, as
+  adam_eps = inf, train with zero updates)."""
+  errors = {}
+  for name, value in (node.items() if isinstance(node, ml_collections.ConfigDict) else ()):
+    path = f"{prefix}.{name}"
+    if isinstance(value, ml_collections.ConfigDict):
+      errors.update(_non_finite_errors(value, path))
+    elif isinstance(value, (tuple, list)) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+      errors[path] = f"{path} = {value!r}: every number must be finite"
+    elif isinstance(value, float) and not math.isfinite(value):
+      errors[path] = f"{path} = {value!r}: must be a finite number"
+  return errors
 
 
 def _check_int(errors, config, path, minimum):
@@ -209,12 +227,14 @@ def dataset_errors(config) -> list[str]:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError listing every invalid field of `config` for a run on `num_devices` devices."""
-  errors = _task_errors(config) + _train_errors(config, num_devices) + _eval_errors(config)
-  errors += _ahn_errors(config)
+  errors = _task_errors(config) + _train_errors(config, num_devices) + _eval_errors(config) + _ahn_errors(config)
   family = config.model.get("family")
   if family not in models.REGISTRY:
     errors.append(f"config.model.family = {family!r}: allowed values are {', '.join(map(repr, models.REGISTRY))}")
   elif not any(e.startswith(("config.task.n_points", "config.task.n_dims")) for e in errors):
     errors += models.REGISTRY[family].validate(config.model, config.task)
+  # A non-finite field's own message replaces what the field's other checks say of it.
+  non_finite = _non_finite_errors(config)
+  errors = list(non_finite.values()) + [e for e in errors if e.partition(" = ")[0] not in non_finite]
   if errors:
     raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -12,12 +12,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from icl_jax import checkpointing
 from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax.analysis import evaluate
 from icl_jax import run_logs
 from icl_jax import train
+from icl_jax import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
@@ -50,16 +52,19 @@ def main(argv):
   try:
     if _MODE.value == "train":
       distributed.initialize_from_flags(_DISTRIBUTED_FLAGS)
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+      result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+      if result["preempted"]:
+        logging.info("Stopped by SIGTERM at step %d with a checkpoint; exit status %d (rerun to resume).",
+                     result["step"], train.EXIT_PREEMPTED)
+        sys.exit(train.EXIT_PREEMPTED)
     else:
       _refuse_distributed_eval()
       config_checks.validate(_CONFIG.value, num_devices=1)  # Evaluation runs on one device.
       evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
   except (config_checks.ConfigError, train.ConfigChangedError, FloatingPointError, FileNotFoundError,
-          distributed.DistributedFlagError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+          distributed.DistributedFlagError, workdir_lock.WorkdirError, checkpointing.CheckpointSaveError,
+          checkpointing.CheckpointRestoreError) as e:
+    cli.exit_with_error(e)
 
 
 if __name__ == "__main__":

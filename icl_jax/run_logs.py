@@ -19,6 +19,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from icl_jax import workdir_lock
+
 # Packages whose versions go into every provenance record.
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy", "tensorflow-datasets")
 
@@ -104,6 +106,33 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           if saved.get(key, missing) != current.get(key, missing)]
 
 
+def write_atomically(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to a temporary file next to `path`, then renames it over `path`: a reader, or a crash at
+  any moment, sees the old file or the new one, never a part."""
+  partial = path.with_name(path.name + ".partial")
+  try:
+    partial.write_text(text)
+    partial.replace(path)
+  except OSError as e:  # A full disk, a read-only file system: the old file stays as it was.
+    partial.unlink(missing_ok=True)
+    raise workdir_lock.WorkdirError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _complete_records(path: pathlib.Path) -> list[str]:
+  """The lines of metrics.jsonl up to a torn tail: a process killed mid-write leaves a last line without its
+  end, which is dropped with a warning (its step is trained again on resume)."""
+  lines = [line for line in path.read_text().splitlines() if line]
+  for i, line in enumerate(lines):
+    try:
+      json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      dropped = len(lines) - i
+      logging.warning("%s: line %d is not a complete record (%r); dropping it and the %d line(s) after it.",
+                      path, i + 1, line[:80], dropped - 1)
+      return lines[:i]
+  return lines
+
+
 # A run projected to take longer than this on a CPU gets a warning: a GPU or TPU build of JAX may be missing.
 CPU_WARNING_HOURS = 1.0
 
@@ -120,8 +149,8 @@ class MetricsLog:
     if not is_writer():
       return
     if self._path.exists():
-      kept = [line for line in self._path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-      self._path.write_text("".join(line + "\n" for line in kept))
+      kept = [line for line in _complete_records(self._path) if json.loads(line)["step"] <= start_step]
+      write_atomically(self._path, "".join(line + "\n" for line in kept))
     import tensorboardX  # Deferred: only the writing process needs it.
     self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
 
@@ -144,8 +173,11 @@ class MetricsLog:
                  "ETA %.1f min", step, self._num_steps, metrics["loss"], metrics["loss_per_dim"],
                  metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],
                  steps_per_s, eta_min)
-    with self._path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with self._path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise workdir_lock.WorkdirError(f"cannot append to {self._path}: {e.strerror or e}") from e
     for name, value in record.items():
       if name != "step":
         self._tensorboard.add_scalar(_TENSORBOARD_TAGS.get(name, name), value, step)

@@ -10,13 +10,15 @@ import sys
 import jax
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from icl_jax import checkpointing
 from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax import run_logs
+from icl_jax import train
+from icl_jax import workdir_lock
 from icl_jax.sweeps import grid
 from icl_jax.sweeps import report
 
@@ -48,15 +50,15 @@ def main(argv):
   config, stage, root = _CONFIG.value, _STAGE.value, pathlib.Path(_ROOT.value)
   try:
     distributed.initialize_from_flags(_DISTRIBUTED_FLAGS)
-    if stage in ("all", "runs"):
-      grid.run_sweep(config, root, _parse_shard(_SHARD.value))
+    if stage in ("all", "runs") and not grid.run_sweep(config, root, _parse_shard(_SHARD.value)):
+      sys.exit(train.EXIT_PREEMPTED)  # Stopped by SIGTERM with checkpoints; the report waits for the rerun.
     if stage in ("all", "report"):
       runs = grid.validate(config)
       report.write(runs, root, [grid.run_name(r) for r in runs])
-  except (config_checks.ConfigError, distributed.DistributedFlagError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (config_checks.ConfigError, distributed.DistributedFlagError, workdir_lock.WorkdirError,
+          checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError, FloatingPointError,
+          FileNotFoundError) as e:
+    cli.exit_with_error(e)
 
 
 if __name__ == "__main__":

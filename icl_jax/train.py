@@ -25,6 +25,7 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import run_logs
 from icl_jax import train_step
+from icl_jax import workdir_lock
 
 
 class ConfigChangedError(RuntimeError):
@@ -54,6 +55,11 @@ class _PreemptionVote:
     local = np.full((self._num_local,), int(received), np.int32)
     self._pending = self._any(jax.make_array_from_process_local_data(self._sharding, local))
     return previous is not None and bool(np.asarray(jax.device_get(previous)).any())
+
+
+# Exit status of a run stopped by SIGTERM after saving its checkpoint: EX_TEMPFAIL of sysexits.h ("try again
+# later"), distinct from 0 (finished) and 1 (failed), so that a scheduler can requeue exactly these runs.
+EXIT_PREEMPTED = 75
 
 
 @contextlib.contextmanager
@@ -91,7 +97,8 @@ def poll_preemption(flag: dict) -> bool:
 
 def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
                         allow_config_change: bool) -> None:
-  """Refuses to resume a run whose saved config differs, unless allowed; then (re)writes config.json."""
+  """Refuses to resume a run whose saved config differs, unless allowed (config.json is written by
+  `write_config` once the checkpoint has restored, so a failed attempt leaves it as it was)."""
   path = workdir / "config.json"
   current = run_logs.config_dict(config)
   if resuming and path.exists():
@@ -103,11 +110,14 @@ def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
           "\nUse a new --workdir, or pass --allow_config_change to resume with the new values on purpose.")
     if differences:
       logging.warning("Resuming with a changed configuration:\n  %s", "\n  ".join(differences))
+
+
+def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """(Re)writes WORKDIR/config.json, whole then renamed: other processes reading it at the same moment never
+  see a partial file."""
   if run_logs.is_writer():
-    # Written whole, then renamed: other processes reading it at the same moment never see a partial file.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
+    text = json.dumps(run_logs.config_dict(config), indent=2, sort_keys=True) + "\n"
+    run_logs.write_atomically(workdir / "config.json", text)
 
 
 def _boundary(step: int, every: int) -> int:
@@ -142,8 +152,8 @@ class Metrics:
     bad = np.flatnonzero(~np.isfinite(host["loss"]))
     if bad.size:
       raise FloatingPointError(
-          f"non-finite training loss {host['loss'][bad[0]]} at step {first_step + bad[0]}; stopping. The last "
-          "good checkpoint is kept; lower config.train.learning_rate or set config.train.grad_clip_norm.")
+          f"non-finite training loss {host['loss'][bad[0]]} at step {first_step + bad[0]}; stopping without saving "
+          "this state. Lower config.train.learning_rate or set config.train.grad_clip_norm.")
     end = first_step + num_steps
     record = {name: float(values[-1]) for name, values in host.items()}
     record["loss_per_dim"] = record["loss"] / record["n_dims"]
@@ -190,7 +200,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   devices = jax.devices() if devices is None else list(devices)
   config_checks.validate(config, len(devices))
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lock.prepare(workdir)
+  with workdir_lock.hold(workdir, "training", writer=run_logs.is_writer()):
+    return _train_and_evaluate(config, workdir, devices, allow_config_change)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, devices: list,
+                        allow_config_change: bool) -> dict:
   train = config.train
   mesh = make_mesh(devices)
   model = models.build_model(config.model)
@@ -202,24 +218,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   logging.info("Model %s has %s parameters; training on %d %s devices (%s, %d processes), %s.", config.model.family,
                f"{num_params:,}", len(devices), devices[0].platform.upper(), devices[0].device_kind,
-               jax.process_count(), config.model.dtype)
+               jax.process_count(), config.model.get("dtype", "float32"))
 
   with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, preemption_flag() as preempted:
     latest = checkpoints.latest_step()
     check_saved_config(workdir, config, latest is not None, allow_config_change)
-    if run_logs.is_writer():
-      (workdir / "provenance.json").write_text(json.dumps({**run_logs.provenance(), "start_step": latest or 0},
-                                                          indent=2) + "\n")
     if latest is not None:
-      state = checkpoints.restore(latest, state)
+      state, latest = checkpoints.restore_latest(state)
       logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
+    write_config(workdir, config)
     step = int(jax.device_get(state.step))
+    if run_logs.is_writer():
+      provenance = {**run_logs.provenance(), "start_step": step}
+      run_logs.write_atomically(workdir / "provenance.json", json.dumps(provenance, indent=2) + "\n")
     log = run_logs.MetricsLog(workdir, step, train.num_steps)
     metrics = Metrics(log, train)
     run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
     start_time = time.perf_counter()
     try:
       state, step = run_steps(state, step, train, run_chunk, [metrics], checkpoints.save, preempted)
+    except FloatingPointError as e:
+      kept = checkpoints.latest_step()
+      raise FloatingPointError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None else
+                                          "No checkpoint had been written yet: a rerun starts from step 0.")) from None
     finally:
       log.close()
   logging.info("Trained to step %d in %.1f s.", step, time.perf_counter() - start_time)
@@ -246,5 +267,5 @@ def write_error_curve(config, model, params, mesh, workdir: pathlib.Path) -> dic
                config.task.n_points, summary["last_error_per_dim"], summary["last_zero_per_dim"],
                summary["last_ratio_to_zero"])
   if run_logs.is_writer():
-    (workdir / "error_curve.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run_logs.write_atomically(workdir / "error_curve.json", json.dumps(summary, indent=2) + "\n")
   return summary

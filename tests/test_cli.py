@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from icl_jax import train
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Long enough to be interrupted between checkpoints, short enough for CI.
 FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=1500", "--config.train.checkpoint_every=100",
@@ -81,9 +83,93 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
   _wait_for_checkpoint(process, tmp_path)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 0, stderr[-3000:]
-  assert "SIGTERM received" in stderr
+  assert process.returncode == train.EXIT_PREEMPTED == 75, stderr[-3000:]  # Not 0: a scheduler can tell.
+  assert "SIGTERM received" in stderr and "exit status 75 (rerun to resume)" in stderr
   stopped_at = _committed_steps(tmp_path)[-1]
   assert stopped_at < 1500 and stopped_at % 10 == 0
   _run_to_end(tmp_path)
   assert [r["loss"] for r in _records(tmp_path)] == [r["loss"] for r in uninterrupted]
+
+
+FAILING_SAVE = '''
+import runpy
+import sys
+
+from orbax.checkpoint._src.path import atomicity
+
+create = atomicity._create_tmp_directory
+
+
+async def refuse_step_8(make_dir, tmp_dir, **kwargs):
+  """What an unwritable or immutable checkpoint directory does to Orbax: creating step 8's directory fails."""
+  if "8" in (tmp_dir.name.split(".")[0], tmp_dir.parent.name.split(".")[0]):
+    raise PermissionError(13, "Permission denied", str(tmp_dir))
+  return await create(make_dir, tmp_dir, **kwargs)
+
+
+atomicity._create_tmp_directory = refuse_step_8
+sys.argv = ["icl_jax.main"] + sys.argv[1:]
+runpy.run_module("icl_jax.main", run_name="__main__")
+'''
+
+
+def test_a_failed_checkpoint_save_exits_at_once_and_keeps_the_last_checkpoint(tmp_path):
+  """The save of step 8 fails in Orbax's background thread: the process used to print a traceback and then
+  wait forever for Orbax's blocked threads. Now it exits 1 within seconds with one error line; checkpoint 4
+  restores, and once the fault is gone the same command finishes the run."""
+  script = tmp_path / "failing_save.py"
+  script.write_text(FAILING_SAVE)
+  workdir = tmp_path / "run"
+  flags = ["--config=tests/tiny_config.py", "--config.train.num_steps=12", f"--workdir={workdir}"]
+  start = time.monotonic()
+  env = {**_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+  result = subprocess.run([sys.executable, str(script), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 1 and time.monotonic() - start < 60, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "saving a checkpoint" in errors[0] and "Permission denied" in errors[0]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+  assert not (workdir / "lock.json").exists()
+  finished = subprocess.run([sys.executable, "-m", "icl_jax.main", *flags], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert "Resumed from" in finished.stderr and "at step 4" in finished.stderr
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "icl_jax.main", *args], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=300)
+
+
+def _one_error_line(result, expected: str, orbax_noise: bool = False) -> None:
+  """Exit status 1 and one `error:` line, the last one. With `orbax_noise`, Orbax's own asyncio thread may
+  print "Event loop is closed" tracebacks while a failing restore unwinds (orbax-checkpoint 0.12.8; nothing of
+  this package's)."""
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == errors[-1], result.stderr[-3000:]
+  assert len(errors) == 1 and expected in errors[0], errors
+  tracebacks = result.stderr.count("Traceback")
+  assert tracebacks == 0 or (orbax_noise and result.stderr.count("Event loop is closed") >= tracebacks)
+
+
+def test_expected_failures_are_one_error_line(tmp_path):
+  """Each of these used to end in a traceback (up to 209 lines for a damaged checkpoint)."""
+  (tmp_path / "a_file").write_text("")
+  tiny = "--config=tests/tiny_config.py"
+  _one_error_line(_main("--config=/nonexistent/linreg.py", f"--workdir={tmp_path / 'w'}"),
+                  "--config: [Errno 2] No such file or directory: '/nonexistent/linreg.py'")
+  _one_error_line(_main(tiny, f"--workdir={tmp_path / 'a_file'}"), "is a file, not a directory")
+  _one_error_line(_main(tiny, f"--workdir={tmp_path / 'a_file' / 'run'}"), "cannot create it (Not a directory)")
+  run = tmp_path / "run"
+  assert _main(tiny, "--config.train.num_steps=4", f"--workdir={run}").returncode == 0
+  # Restoring into a model of another shape.
+  _one_error_line(_main(tiny, "--config.train.num_steps=8", "--config.model.width=32", "--allow_config_change",
+                        f"--workdir={run}"), f"cannot restore the checkpoint {run / 'checkpoints' / '4'} into this "
+                  "configuration's state (written by a different model or optimiser?): params/h_0/attn/c_attn/bias: "
+                  "saved (48,), now (96,)")
+  # Junk in the only checkpoint: nothing to fall back to.
+  for path in (run / "checkpoints" / "4").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"junk")
+  _one_error_line(_main(tiny, "--config.train.num_steps=8", "--allow_config_change", f"--workdir={run}"),
+                  "cannot restore the checkpoint", orbax_noise=True)

@@ -44,6 +44,22 @@ def test_invalid_field_is_named(field, value, expected):
   assert_field_error(linreg.get_config(), field, value, expected)
 
 
+@pytest.mark.parametrize("field", ["task.kappa", "task.noise_std", "train.learning_rate", "train.weight_decay",
+                                   "train.adam_eps", "model.init_std", "model.layer_norm_epsilon", "eval.ridge",
+                                   "eval.gd_learning_rate", "eval.probe_ridge"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_are_refused_in_every_float_field(field, value):
+  """inf used to pass (kappa, noise_std, learning_rate, weight_decay, adam_eps): the run compiled and then
+  failed blaming the learning rate, or with adam_eps = inf trained with zero updates and exited 0."""
+  config = linreg.get_config("quick")
+  section, _, name = field.rpartition(".")
+  config[section][name] = value
+  with pytest.raises(config_checks.ConfigError) as info:
+    config_checks.validate(config, num_devices=1)
+  lines = [line for line in str(info.value).splitlines() if f"config.{field} = " in line]
+  assert lines == [f"  config.{field} = {value!r}: must be a finite number"]
+
+
 def test_paper_and_quick_configs_are_valid():
   for variant in ("paper", "quick"):
     config_checks.validate(linreg.get_config(variant), num_devices=8)

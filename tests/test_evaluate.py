@@ -17,6 +17,7 @@ from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
+from icl_jax import run_logs
 from icl_jax import train
 from icl_jax.analysis import probing
 from icl_jax.analysis import probes
@@ -215,12 +216,35 @@ def test_eval_mode_writes_results_and_figures(trained):
   assert "Best-matching Newton steps per layer" in result.stderr
 
 
-def test_eval_without_a_checkpoint_says_so(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={tmp_path}", "--mode=eval"],
-      capture_output=True, text=True, timeout=300)
+def _eval(workdir, *overrides):
+  return subprocess.run([sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={workdir}",
+                         "--mode=eval", *overrides], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_without_a_run_says_so_and_creates_nothing(tmp_path):
+  """A missing workdir, or one without config.json: one error line, exit 1, and no checkpoints/ left behind."""
+  for workdir in (tmp_path / "missing", tmp_path):
+    result = _eval(workdir)
+    assert result.returncode == 1 and "config.json: no such file" in result.stderr, result.stderr[-2000:]
+    assert not (workdir / "checkpoints").exists() and "Traceback" not in result.stderr
+  (tmp_path / "config.json").write_text(json.dumps(run_logs.config_dict(tiny_config.get_config())))
+  result = _eval(tmp_path)
+  assert result.returncode == 1 and "no checkpoint to evaluate" in result.stderr
+
+
+def test_eval_refuses_a_model_other_than_the_saved_one(tmp_path):
+  """Evaluating a 2-head run with --config.model.num_heads=1 used to exit 0 with results of the wrong model;
+  now it names the differing field. Evaluation settings may differ."""
+  config = tiny_config.get_config()
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+  result = _eval(tmp_path, "--config.train.num_steps=4", "--config.model.num_heads=1")
   assert result.returncode == 1
-  assert "no checkpoint to evaluate" in result.stderr
+  assert "config.model.num_heads: saved 2, now 1" in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "eval" / "results.json").exists()
+  result = _eval(tmp_path, "--config.train.num_steps=4", "--config.eval.bootstrap_samples=20",
+                 "--config.model.dtype=bfloat16")
+  assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_eval_benchmark_reports_its_time(tiny):

@@ -100,12 +100,12 @@ def _listening_sockets(pids) -> set[str]:
   return found
 
 
-def _run_together(processes, deadline_s=DEADLINE_S, on_poll=None) -> list[str]:
+def _run_together(processes, deadline_s=DEADLINE_S, on_poll=None, expected_status=0) -> list[str]:
   """Waits for all `processes`; kills all of them if one fails or the deadline passes. Returns their stderr."""
   deadline = time.monotonic() + deadline_s
   try:
     while any(p.poll() is None for p in processes):
-      if any(p.returncode not in (None, 0) for p in processes):
+      if any(p.returncode not in (None, expected_status) for p in processes):
         break
       if time.monotonic() > deadline:
         break
@@ -116,7 +116,8 @@ def _run_together(processes, deadline_s=DEADLINE_S, on_poll=None) -> list[str]:
     _kill(processes)
   stderrs = [_stderr(p) for p in processes]
   for i, (p, stderr) in enumerate(zip(processes, stderrs)):
-    assert p.returncode == 0, f"process {i} ended with {p.returncode} (deadline {deadline_s} s):\n{stderr[-4000:]}"
+    assert p.returncode == expected_status, (
+        f"process {i} ended with {p.returncode} (deadline {deadline_s} s):\n{stderr[-4000:]}")
   return stderrs
 
 
@@ -216,7 +217,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
     _kill(processes)
     raise
   processes[1].send_signal(signal.SIGTERM)
-  p0, p1 = _run_together(processes, deadline_s=30)
+  p0, p1 = _run_together(processes, deadline_s=30, expected_status=train.EXIT_PREEMPTED)
   assert "SIGTERM received" in p1 and "SIGTERM received" not in p0
   for stderr in (p0, p1):
     assert "A process received SIGTERM: every process saves a checkpoint and stops." in stderr

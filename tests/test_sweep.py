@@ -51,3 +51,20 @@ def test_bad_sweep_values_are_named():
   config.sweep.kappa = (0.5,)
   with pytest.raises(config_checks.ConfigError, match=r"run L1_kappa0.5_seed0: (.|\n)*config.task.kappa = 0.5"):
     sweep.validate(config)
+
+
+def test_a_sigterm_stops_the_sweep_before_the_next_group(tmp_path, monkeypatch):
+  """A SIGTERM during a group's training (its checkpoints saved) ends the sweep: no later group trains and
+  nothing is evaluated; it used to start the next group with a fresh preemption flag."""
+  config = _sweep_config()
+  config.sweep.num_layers = (1, 2)  # Two groups (one per depth).
+  groups = []
+
+  def preempted_group(runs, workdirs):
+    groups.append([w.name for w in workdirs])
+    return [{"step": 3, "final": None, "preempted": True} for _ in runs]
+
+  monkeypatch.setattr(sweep.multi_train, "train_group", preempted_group)
+  monkeypatch.setattr(sweep.evaluate, "evaluate", lambda *args: pytest.fail("evaluated an unfinished run"))
+  assert sweep.run_sweep(config, tmp_path) is False
+  assert len(groups) == 1

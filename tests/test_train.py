@@ -74,11 +74,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
   good = jax.device_get(helpers.final_state(tiny, tmp_path))
   tiny.train.num_steps = 16
   tiny.train.learning_rate = 1e30
-  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 9"):
+  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 9.* The last good checkpoint, "
+                                               "step 8, is kept"):
     train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
   with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
     assert checkpoints.latest_step() == 8
   jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(helpers.final_state(tiny, tmp_path)))
+  # Before any checkpoint the message says so (it used to claim a kept checkpoint that did not exist).
+  with pytest.raises(FloatingPointError, match="No checkpoint had been written yet"):
+    train.train_and_evaluate(tiny, tmp_path / "fresh")
 
 
 def test_checkpoint_retention_keeps_the_last_k_and_every_period(tiny, tmp_path):
@@ -188,3 +192,51 @@ def test_a_long_cpu_run_warns_with_its_projected_time(tmp_path, caplog):
   log.close()
   warnings = [r.getMessage() for r in caplog.records if "Training on CPU" in r.getMessage()]
   assert len(warnings) == 1 and "jax[cuda12]" in warnings[0] and " h." in warnings[0]
+
+
+def test_a_failed_resume_leaves_config_json_as_it_was(tiny, tmp_path):
+  """--allow_config_change with a width the checkpoint cannot restore into fails, and config.json still holds
+  the run's own config, so the original command resumes (it used to be refused afterwards)."""
+  tiny.train.num_steps = 4
+  train.train_and_evaluate(tiny, tmp_path)
+  saved = (tmp_path / "config.json").read_text()
+  wider = tiny.copy_and_resolve_references()
+  wider.model.width, wider.train.num_steps = 32, 8
+  with pytest.raises(Exception):
+    train.train_and_evaluate(wider, tmp_path, allow_config_change=True)
+  assert (tmp_path / "config.json").read_text() == saved
+  assert train.train_and_evaluate(tiny, tmp_path)["step"] == 4
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(tiny, tmp_path, caplog):
+  """A kill during a write leaves half a record: resuming drops it with a warning (it used to fail with
+  JSONDecodeError) and the finished file holds every step once."""
+  tiny.train.num_steps = 4
+  train.train_and_evaluate(tiny, tmp_path)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 5, "loss": 0.')
+  tiny.train.num_steps = 8
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
+  assert any("not a complete record" in r.getMessage() for r in caplog.records)
+  assert helpers.losses(tmp_path)[0] == list(range(1, 9))
+  assert not list(tmp_path.glob("*.partial"))
+
+
+def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_one_below_resumes(tiny, tmp_path, caplog):
+  """Junk in checkpoints/8 above a good 4 used to end the resume with a TensorStore traceback. Now the resume
+  warns, moves 8 aside (kept for inspection), resumes from 4, and ends with the uninterrupted run's losses."""
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(tiny, straight)  # Checkpoints at 4 and 8.
+  broken = tmp_path / "broken"
+  tiny.train.num_steps = 8
+  train.train_and_evaluate(tiny, broken)
+  for path in (broken / "checkpoints" / "8").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"junk")
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tiny, broken)
+  warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+  assert len(warnings) == 1 and "checkpoints/8" in warnings[0]
+  assert [p.name.split(".")[0] for p in (broken / "checkpoints").glob("8.unreadable-*")] == ["8"]
+  np.testing.assert_array_equal(helpers.losses(broken)[1], helpers.losses(straight)[1])

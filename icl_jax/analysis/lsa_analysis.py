@@ -261,7 +261,7 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   """results.json and the figures (PNG and PDF) into `out_dir`; returns the paths written."""
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = [out_dir / "results.json"]
-  paths[0].write_text(json.dumps(results, indent=2) + "\n")
+  run_logs.write_atomically(paths[0], json.dumps(results, indent=2) + "\n")
   with matplotlib.rc_context({"font.size": 10}):
     for stem, make in (("lsa_analysis", figure_summary), ("lsa_matrices", figure_matrices)):
       figure = make(results)

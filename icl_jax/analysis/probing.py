@@ -422,7 +422,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir, params: dict | None = N
   out = workdir / "eval"
   if run_logs.is_writer():
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    run_logs.write_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
     pngs = [p for p in figures.write_all(results, out) if p.suffix == ".png"]
     run_logs.write_evaluation_summary(workdir, step or 0, summary_scalars(results), pngs,
                                       _hparams(config))

@@ -64,8 +64,9 @@ def is_trained(run: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
     return checkpoints.latest_step() == run.train.num_steps and (workdir / "error_curve.json").exists()
 
 
-def run_sweep(config: ml_collections.ConfigDict, root: pathlib.Path, shard: tuple[int, int] = (0, 1)) -> None:
-  """Trains and evaluates this shard's groups of runs, skipping what is done."""
+def run_sweep(config: ml_collections.ConfigDict, root: pathlib.Path, shard: tuple[int, int] = (0, 1)) -> bool:
+  """Trains and evaluates this shard's groups of runs, skipping what is done. Returns False if a SIGTERM
+  stopped it (the group's checkpoints saved; no later group starts), True when every group is done."""
   runs = validate(config)
   index, count = shard
   for g, group in enumerate(multi_train.split_into_groups(runs)):
@@ -75,8 +76,12 @@ def run_sweep(config: ml_collections.ConfigDict, root: pathlib.Path, shard: tupl
     pending = [i for i in group if not is_trained(runs[i], workdirs[i])]
     logging.info("Group %d: %d runs, %d to train.", g, len(group), len(pending))
     if pending:
-      multi_train.train_group([runs[i] for i in pending], [workdirs[i] for i in pending])
+      results = multi_train.train_group([runs[i] for i in pending], [workdirs[i] for i in pending])
+      if any(r["preempted"] for r in results):
+        logging.info("Group %d stopped by SIGTERM; the sweep stops here (rerun to resume).", g)
+        return False
     if config.sweep.evaluate:
       for i in group:
         if not (workdirs[i] / "eval" / "results.json").exists():
           evaluate.evaluate(runs[i], workdirs[i])
+  return True

@@ -6,6 +6,7 @@ Each run keeps its own workdir, checkpoints, config.json and metrics.jsonl, exac
 gets the same losses as training it alone (tests/test_multi_train.py).
 """
 
+import contextlib
 import pathlib
 
 import jax
@@ -21,6 +22,7 @@ from icl_jax import optim
 from icl_jax import run_logs
 from icl_jax import train
 from icl_jax import train_step
+from icl_jax import workdir_lock
 
 # Fields that may differ between runs trained together; everything else must be equal.
 PER_RUN_FIELDS = ("seed", "task.kappa", "task.noise_std")
@@ -51,43 +53,48 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[pathlib
   logging.info("Training %d runs together: %s", len(configs), ", ".join(map(str, workdirs)))
   for workdir in workdirs:
     workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints = [checkpointing.Checkpoints(w / "checkpoints", train_config) for w in workdirs]
-  logs = []
-  try:
-    with train.preemption_flag() as preempted:
-      # Saves of the runs are not atomic together: resume every run from the newest step they all have.
-      steps = [c.latest_step() for c in checkpoints]
-      common = None if None in steps else min(steps)
-      for config, workdir in zip(configs, workdirs):
-        train.check_saved_config(workdir, config, common is not None, allow_config_change=False)
-      if common is not None:
-        states = [c.restore(common, s) for c, s in zip(checkpoints, states)]
-        logging.info("Resumed the group at step %d.", common)
-      state = jax.device_put(jax.tree.map(lambda *a: jnp.stack(a), *states), train_step.replicated(mesh))
-      step = common or 0
-      logs = [run_logs.MetricsLog(w, step, train_config.num_steps) for w in workdirs]
-      metrics = [train.Metrics(log, train_config, column=m) for m, log in enumerate(logs)]
-      run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train_config),
-                                              mesh, hypers)
+  with contextlib.ExitStack() as locks:  # Each run's workdir, as if trained alone.
+    for workdir in workdirs:
+      locks.enter_context(workdir_lock.hold(workdir, "sweep training", writer=run_logs.is_writer()))
+    checkpoints = [checkpointing.Checkpoints(w / "checkpoints", train_config) for w in workdirs]
+    logs = []
+    try:
+      with train.preemption_flag() as preempted:
+        # Saves of the runs are not atomic together: resume every run from the newest step they all have.
+        steps = [c.latest_step() for c in checkpoints]
+        common = None if None in steps else min(steps)
+        for config, workdir in zip(configs, workdirs):
+          train.check_saved_config(workdir, config, common is not None, allow_config_change=False)
+        if common is not None:
+          states = [c.restore(common, s) for c, s in zip(checkpoints, states)]
+          logging.info("Resumed the group at step %d.", common)
+        for config, workdir in zip(configs, workdirs):
+          train.write_config(workdir, config)
+        state = jax.device_put(jax.tree.map(lambda *a: jnp.stack(a), *states), train_step.replicated(mesh))
+        step = common or 0
+        logs = [run_logs.MetricsLog(w, step, train_config.num_steps) for w in workdirs]
+        metrics = [train.Metrics(log, train_config, column=m) for m, log in enumerate(logs)]
+        run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train_config),
+                                                mesh, hypers)
 
-      def save(step, state):
-        for m, checkpoint in enumerate(checkpoints):
-          checkpoint.save(step, jax.tree.map(lambda a: a[m], state))
+        def save(step, state):
+          for m, checkpoint in enumerate(checkpoints):
+            checkpoint.save(step, jax.tree.map(lambda a: a[m], state))
 
-      state, step = train.run_steps(state, step, train_config, run_chunk, metrics, save, preempted)
-  finally:
-    for log in logs:
-      log.close()
-    for checkpoint in checkpoints:
-      checkpoint.close()
-  results = []
-  for m, (config, workdir) in enumerate(zip(configs, workdirs)):
-    result = {"step": step, "final": metrics[m].last, "preempted": preempted["set"]}
-    if step == train_config.num_steps:
-      params = jax.tree.map(lambda a: a[m], state.params)
-      result["error_curve"] = train.write_error_curve(config, model, params, mesh, workdir)
-    results.append(result)
-  return results
+        state, step = train.run_steps(state, step, train_config, run_chunk, metrics, save, preempted)
+    finally:
+      for log in logs:
+        log.close()
+      for checkpoint in checkpoints:
+        checkpoint.close()
+    results = []
+    for m, (config, workdir) in enumerate(zip(configs, workdirs)):
+      result = {"step": step, "final": metrics[m].last, "preempted": preempted["set"]}
+      if step == train_config.num_steps:
+        params = jax.tree.map(lambda a: a[m], state.params)
+        result["error_curve"] = train.write_error_curve(config, model, params, mesh, workdir)
+      results.append(result)
+    return results
 
 
 def split_into_groups(configs: list[ml_collections.ConfigDict]) -> list[list[int]]:

@@ -14,6 +14,8 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from scipy import stats
 
+from icl_jax import run_logs
+
 CONFIDENCE = 0.9
 
 
@@ -146,8 +148,8 @@ def write(runs, root: pathlib.Path, names: list[str]) -> list[dict]:
   entries = collect(runs, root, names)
   out = root / "sweep"
   out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(entries, indent=1) + "\n")
-  (out / "report.md").write_text(_markdown(entries))
+  run_logs.write_atomically(out / "results.json", json.dumps(entries, indent=1) + "\n")
+  run_logs.write_atomically(out / "report.md", _markdown(entries))
   if entries:
     _figures(entries, out)
   logging.info("Sweep report of %d (depth, kappa) cells in %s:\n%s", len(entries), out, _markdown(entries))

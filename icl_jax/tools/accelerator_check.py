@@ -124,7 +124,5 @@ def run_check(config: ml_collections.ConfigDict, repo: pathlib.Path, out_dir: pa
   report["wall_s"] = time.perf_counter() - start
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "accelerator_check.json"
-  partial = path.with_name(path.name + ".partial")
-  partial.write_text(json.dumps(report, indent=2) + "\n")
-  partial.replace(path)
+  run_logs.write_atomically(path, json.dumps(report, indent=2) + "\n")
   return path

@@ -207,6 +207,6 @@ def write_workdir(workdir: str | pathlib.Path, params: dict, config: ml_collecti
     if differences:
       raise ValueError(f"{config_path} holds a different configuration; use a new --workdir. Differing fields:\n  "
                        + "\n  ".join(differences))
-  config_path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+  run_logs.write_atomically(config_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
   with ocp.StandardCheckpointer() as checkpointer:  # Leaving the block waits for the asynchronous save.
     checkpointer.save(workdir / checkpointing.GARG_PARAMS_DIR, params, force=True)
