@@ -74,11 +74,6 @@ class Checkpoints:
 
   def restore(self, step: int, like):
     """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings)."""
-    mismatched = self._shape_mismatches(step, like)
-    if mismatched:  # Refused before Orbax tries: its failing restore leaves threads that print tracebacks.
-      raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
-                                   "configuration's state (written by a different model or optimiser?): "
-                                   + "; ".join(mismatched[:3]) + ("; ..." if len(mismatched) > 3 else ""))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -86,23 +81,6 @@ class Checkpoints:
       raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
                                    "configuration's state (damaged, or written by a different model or optimiser?): "
                                    f"{_first_line(e)}") from e
-
-  def _shape_mismatches(self, step: int, like) -> list[str]:
-    """"PATH: saved SHAPE, now SHAPE" for the arrays whose stored shape differs from `like`'s, read from the
-    checkpoint's own metadata (Orbax's default/_METADATA, `write_shape` per array). Empty when that file is
-    missing or unreadable, or shares no array with `like`: the restore itself then decides."""
-    try:
-      tree = json.loads((self.directory / str(step) / "default" / "_METADATA").read_text())["tree_metadata"]
-      saved = {tuple(str(k["key"]) for k in entry["key_metadata"]): tuple(entry["value_metadata"]["write_shape"])
-               for entry in tree.values() if "write_shape" in entry.get("value_metadata", {})}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-      return []
-    mismatched = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
-      names = tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
-      if names in saved and saved[names] != tuple(leaf.shape):
-        mismatched.append(f"{'/'.join(names)}: saved {saved[names]}, now {tuple(leaf.shape)}")
-    return mismatched
 
   def restore_latest(self, like) -> tuple[object, int | None]:
     """(state, step) of the newest checkpoint that restores, or (like, None) when there is none.
