@@ -1,8 +1,9 @@
 """One process at a time per workdir: WORKDIR/lock.json names the holder (host, pid, start time, what it does).
 
 Two trainings on one workdir would otherwise interleave their checkpoints and metrics.jsonl, and one could
-delete the other's checkpoint in progress. The lock file is created with O_CREAT | O_EXCL, so exactly one of two
-processes starting together gets it. A lock whose holder is on this host and no longer alive (a `kill -9`) is
+delete the other's checkpoint in progress. The lock is written whole under a temporary name, then hard-linked
+to lock.json, which fails if lock.json exists: exactly one of two processes starting together gets it, and no
+reader sees a partial record. A lock whose holder is on this host and no longer alive (a `kill -9`) is
 stale: it is renamed away, one taker winning the rename, and taken over with a warning. A holder on another
 host cannot be checked from here: the error says how to remove the file if that process is gone.
 
@@ -58,7 +59,7 @@ def _read(path: pathlib.Path) -> dict | None:
   except FileNotFoundError:
     return None
   except (json.JSONDecodeError, UnicodeDecodeError):
-    return {}  # Torn by a crash between create and write: no live holder to name.
+    return {"purpose": "an unreadable lock file"}  # Not written by this module: never taken as stale.
 
 
 def _describe(holder: dict) -> str:
@@ -67,12 +68,14 @@ def _describe(holder: dict) -> str:
 
 
 def _try_create(path: pathlib.Path, record: dict) -> bool:
+  staged = path.with_name(f"{path.name}.{os.getpid()}.new")
+  staged.write_text(json.dumps(record) + "\n")
   try:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.link(staged, path)  # Atomic, and fails if the lock exists.
   except FileExistsError:
     return False
-  with os.fdopen(fd, "w") as f:
-    f.write(json.dumps(record) + "\n")
+  finally:
+    staged.unlink(missing_ok=True)
   return True
 
 
@@ -87,7 +90,7 @@ def _acquire(workdir: pathlib.Path, purpose: str) -> None:
     if holder is None:
       continue  # Released in between.
     same_host = holder.get("host") == record["host"]
-    if holder and (not same_host or _alive(int(holder.get("pid", -1)))):
+    if not same_host or "pid" not in holder or _alive(int(holder["pid"])):
       remove = "" if same_host else f"; if that process is gone, delete {path}"
       raise WorkdirLockedError(f"{workdir} is in use: {_describe(holder)}{remove}. Wait for it, or use another "
                                "--workdir.")
