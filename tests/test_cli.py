@@ -141,14 +141,11 @@ def _main(*args):
                         text=True, timeout=300)
 
 
-def _one_error_line(result, expected: str, orbax_noise: bool = False) -> None:
-  """Exit status 1 and one `error:` line, the last one, and no traceback. With `orbax_noise`, Orbax's own
-  threads may print tracebacks ("Event loop is closed") around it while a failing restore unwinds
-  (orbax-checkpoint 0.12.8), so only the exit status and the one error line are checked."""
+def _one_error_line(result, expected: str) -> None:
+  """Exit status 1 and one `error:` line, the last one, and no traceback."""
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert result.returncode == 1 and len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
-  if not orbax_noise:
-    assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
 
 
 def test_expected_failures_are_one_error_line(tmp_path):
