@@ -52,8 +52,15 @@ class Checkpoints:
   def __enter__(self) -> "Checkpoints":
     return self
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    if exc is None:
+      self.close()
+      return
+    try:  # An error is already leaving the block: a failure to close must not replace it.
+      self.close()
+    except Exception as close_error:  # noqa: BLE001
+      logging.warning("Closing the checkpoints in %s after an error failed too: %s", self.directory,
+                      _first_line(close_error))
 
   def close(self) -> None:
     try:
