@@ -96,9 +96,10 @@ def poll_preemption(flag: dict) -> bool:
 
 
 def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
-                        allow_config_change: bool) -> None:
-  """Refuses to resume a run whose saved config differs, unless allowed (config.json is written by
-  `write_config` once the checkpoint has restored, so a failed attempt leaves it as it was)."""
+                        allow_config_change: bool) -> bool:
+  """Refuses to resume a run whose saved config differs, unless allowed; True if it differs (and is allowed).
+  config.json is rewritten by `write_config` only once the checkpoint has restored, and for a changed config
+  only with its first checkpoint, so a failed or diverging attempt leaves it as it was."""
   path = workdir / "config.json"
   current = run_logs.config_dict(config)
   if resuming and path.exists():
@@ -110,6 +111,8 @@ def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
           "\nUse a new --workdir, or pass --allow_config_change to resume with the new values on purpose.")
     if differences:
       logging.warning("Resuming with a changed configuration:\n  %s", "\n  ".join(differences))
+      return True
+  return False
 
 
 def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -222,11 +225,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, preemption_flag() as preempted:
     latest = checkpoints.latest_step()
-    check_saved_config(workdir, config, latest is not None, allow_config_change)
+    changed = check_saved_config(workdir, config, latest is not None, allow_config_change)
     if latest is not None:
       state, latest = checkpoints.restore_latest(state)
       logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
-    write_config(workdir, config)
+    save = checkpoints.save
+    if changed:  # config.json describes the newest checkpoint: the new config's from its first one on.
+      def save(step, state):
+        checkpoints.save(step, state)
+        write_config(workdir, config)
+    else:
+      write_config(workdir, config)
     step = int(jax.device_get(state.step))
     if run_logs.is_writer():
       provenance = {**run_logs.provenance(), "start_step": step}
@@ -236,7 +245,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
     start_time = time.perf_counter()
     try:
-      state, step = run_steps(state, step, train, run_chunk, [metrics], checkpoints.save, preempted)
+      state, step = run_steps(state, step, train, run_chunk, [metrics], save, preempted)
     except FloatingPointError as e:
       kept = checkpoints.latest_step()
       raise FloatingPointError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None else

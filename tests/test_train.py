@@ -72,11 +72,15 @@ def test_resume_with_a_different_config_lists_the_fields(tiny, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
   train.train_and_evaluate(tiny, tmp_path)  # Checkpoints at steps 4 and 8.
   good = jax.device_get(helpers.final_state(tiny, tmp_path))
+  saved = (tmp_path / "config.json").read_text()
   tiny.train.num_steps = 16
   tiny.train.learning_rate = 1e30
   with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 9.* The last good checkpoint, "
                                                "step 8, is kept"):
     train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
+  # config.json still describes checkpoint 8 (it used to hold the diverging learning rate, so that the original
+  # command was then refused).
+  assert (tmp_path / "config.json").read_text() == saved
   with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
     assert checkpoints.latest_step() == 8
   jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(helpers.final_state(tiny, tmp_path)))
