@@ -19,10 +19,11 @@ linreg = config_files.load("linreg.py", next_to=__file__)
 
 
 def get_config(variant: str = "paper") -> config_dict.ConfigDict:
-  """The paper's LSTM baseline, or a named variant of it ("paper", "quick")."""
+  """The paper's LSTM baseline, or a named variant of it ("paper", "medium", "quick"). "medium" is the quick
+  LSTM on the medium task and schedule."""
   config = linreg.get_config(variant)
   config.model.family = "lstm"  # icl_jax/models/lstm.py: torch.nn.LSTM's cell, read-in and read-out linear.
-  if variant == "quick":
+  if variant in ("quick", "medium"):
     # Shallower than the quick transformer (4 layers): each layer is a sequential scan over the 2N tokens,
     # the CPU's bottleneck, and 3 layers of width 64 keep training to a few minutes on 2 cores.
     config.model.num_layers = 3

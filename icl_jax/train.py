@@ -229,13 +229,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if latest is not None:
       state, latest = checkpoints.restore_latest(state)
       logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
-    save = checkpoints.save
-    if changed:  # config.json describes the newest checkpoint: the new config's from its first one on.
-      def save(step, state):
-        checkpoints.save(step, state)
-        write_config(workdir, config)
-    else:
+    if not changed:
       write_config(workdir, config)
+
+    def save(step, state):
+      checkpoints.save(step, state)
+      if changed:  # config.json describes the newest checkpoint: the new config's from its first one on.
+        write_config(workdir, config)
     step = int(jax.device_get(state.step))
     if run_logs.is_writer():
       provenance = {**run_logs.provenance(), "start_step": step}

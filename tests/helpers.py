@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (tests never import each other)."""
 
 import json
+import os
+import pathlib
 
 import jax
 import numpy as np
@@ -12,6 +14,16 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict:
+  """This environment for a program the test starts, with one CPU device (conftest's 8 fake devices dropped:
+  the multi-device paths are covered in-process)."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return env
 
 
 def losses(workdir):

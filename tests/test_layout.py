@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "icl_jax"
 # Programs: each parses its own flags at import time, and no library module imports them.
 ENTRY_MODULES = {"icl_jax.main", "icl_jax.sweep", "icl_jax.bench", "icl_jax.garg_checkpoint",
-                 "icl_jax.datasets.build", "icl_jax.accelerator_check"}
+                 "icl_jax.datasets.build", "icl_jax.accelerator_check", "icl_jax.reproduce"}
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "colabs" / "README.md",
         *sorted((REPO / "launch").glob("*.sh")), *sorted((REPO / "configs").glob("*.py")),
         *sorted((REPO / "colabs").glob("*.py"))]

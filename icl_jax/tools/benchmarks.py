@@ -148,7 +148,8 @@ def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> d
           "mfu": flops / seconds / peak if flops and peak else None, "peak_flops_per_s": peak or None,
           "compile_s": max(first - chunk * seconds, 0.0), "peak_memory_bytes": _peak_memory_bytes(),
           "steps_per_dispatch": chunk, "timed_steps": dispatches * chunk, "family": config.model.family,
-          "num_layers": config.model.num_layers, "width": config.model.width, "num_heads": config.model.num_heads,
+          "num_layers": config.model.num_layers, "width": config.model.get("width"),
+          "num_heads": config.model.get("num_heads"),
           "n_dims": config.task.n_dims, "n_points": config.task.n_points, "batch_size": config.train.batch_size,
           "dtype": dtype, "devices": len(devices), "device": device_kind, "jax": jax.__version__}
 

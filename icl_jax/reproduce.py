@@ -1,0 +1,83 @@
+"""Command line: `python -m icl_jax.reproduce --scale=medium --root=DIR [--seeds=0,1,2]`, the papers' claims graded.
+
+Trains (resuming, skipping finished runs, the seeds of an experiment together), evaluates and grades every
+experiment of the scale (`icl_jax/reproduction/experiments.py`) against the claims of
+`icl_jax/reproduction/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry_run` prints
+the runs and their projected training time on this machine (from one timed step of each shape) and trains
+nothing. A SIGTERM stops at a checkpoint with exit status 75; the same command resumes.
+"""
+
+import json
+import pathlib
+import shlex
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+
+from icl_jax import checkpointing
+from icl_jax import cli
+from icl_jax import config_checks
+from icl_jax import distributed
+from icl_jax import run_logs
+from icl_jax import train
+from icl_jax import workdir_lock
+from icl_jax.reproduction import experiments
+from icl_jax.reproduction import pipeline
+
+_SCALE = flags.DEFINE_enum("scale", None, list(experiments.SCALES), "Which configurations to run and grade.")
+_ROOT = flags.DEFINE_string("root", None, "Directory of the reproduction: one workdir per run, and the report.")
+_SEEDS = flags.DEFINE_list("seeds", [str(s) for s in experiments.DEFAULT_SEEDS], "Seeds of every experiment.")
+_CONFIG_DIR = flags.DEFINE_string("config_dir", str(experiments.default_config_dir()),
+                                  "The configs/ directory the experiments' config files are read from.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their projected cost; train nothing.")
+flags.mark_flags_as_required(["scale", "root"])
+
+
+def _seeds(values: list[str]) -> tuple[int, ...]:
+  try:
+    seeds = tuple(int(v) for v in values)
+  except ValueError:
+    raise app.UsageError(f"--seeds={','.join(values)}: expected integers, e.g. 0,1,2") from None
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise app.UsageError(f"--seeds={','.join(values)}: need distinct non-negative integers")
+  return seeds
+
+
+def _dry_run(runs: list[pipeline.Run]) -> None:
+  rows = pipeline.projected_cost(runs)
+  for row in rows:
+    print(json.dumps(row))
+  print(f"total: {sum(r['hours'] for r in rows):.3g} hours of training on {rows[0]['devices']} x {rows[0]['device']} "
+        "(the seeds of an experiment train vmapped, here counted as seeds x one run), plus the evaluations")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run_logs.quiet_orbax()
+  scale, root, seeds = _SCALE.value, pathlib.Path(_ROOT.value), _seeds(_SEEDS.value)
+  try:
+    runs = pipeline.plan(scale, root, seeds, pathlib.Path(_CONFIG_DIR.value))
+    if _DRY_RUN.value:
+      _dry_run(runs)
+      return
+    command = shlex.join(["python", "-m", "icl_jax.reproduce", f"--scale={scale}", f"--root={_ROOT.value}",
+                          f"--seeds={','.join(map(str, seeds))}"])
+    grades = pipeline.reproduce(runs, root, scale, seeds, command)
+    if grades is None:
+      sys.exit(train.EXIT_PREEMPTED)  # Stopped by SIGTERM with checkpoints; rerun to resume.
+  except (config_checks.ConfigError, distributed.DistributedFlagError, workdir_lock.WorkdirError,
+          checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError, FloatingPointError,
+          FileNotFoundError) as e:
+    cli.exit_with_error(e)
+  for grade in grades:
+    logging.info("%-8s %s/%s", grade.verdict, grade.claim.experiment, grade.claim.id)
+  logging.info("Report: %s", root / "REPORT.md")
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,169 @@
+"""Trains, evaluates and grades one scale of experiments under a root directory, resumably.
+
+ROOT/{experiment}_seed{seed}/ is each run's workdir, with everything `python -m icl_jax.main` writes there. The
+seeds of an experiment share every shape and train together (`sweeps.multi_train`); a finished run is skipped,
+an interrupted one resumes from its checkpoints, an evaluated one is not evaluated again. The constructions
+need no training: they are checked on fresh prompts at every call (seconds).
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from icl_jax import config_checks
+from icl_jax import distributed
+from icl_jax import workdir_lock
+from icl_jax.analysis import algorithms
+from icl_jax.analysis import constructions
+from icl_jax.analysis import evaluate
+from icl_jax.analysis import probing
+from icl_jax.reproduction import experiments
+from icl_jax.reproduction import report
+from icl_jax.sweeps import grid
+from icl_jax.sweeps import multi_train
+from icl_jax.tools import benchmarks
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  experiment: experiments.Experiment
+  seed: int
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+
+  @property
+  def results_path(self) -> pathlib.Path:
+    """Where the family's evaluation writes its results.json."""
+    sub = "lsa_analysis" if self.config.model.family == "lsa" else "eval"
+    return self.workdir / sub / "results.json"
+
+
+def plan(scale: str, root: pathlib.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
+  """Every run of `scale`, each config validated: one ConfigError lists every problem, before any compute."""
+  if not (pathlib.Path(config_dir) / "linreg.py").is_file():
+    raise FileNotFoundError(f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)")
+  runs, errors = [], []
+  for experiment in experiments.EXPERIMENTS:
+    for seed in seeds:
+      config = experiments.experiment_config(experiment, scale, seed, config_dir)
+      try:
+        config_checks.validate(config, jax.device_count())
+        if config.model.family in ("gpt2", "lstm"):
+          probing.fit_layers(config)  # Whether the fit's layers exist, which the evaluation would find late.
+      except (config_checks.ConfigError, distributed.DistributedFlagError) as e:
+        errors.append(f"{experiments.run_name(experiment, seed)}: {e}")
+      runs.append(Run(experiment, seed, config, root / experiments.run_name(experiment, seed)))
+  if errors:
+    raise config_checks.ConfigError(f"scale {scale!r}:\n  " + "\n  ".join(errors))
+  return runs
+
+
+def train_all(runs: list[Run]) -> bool:
+  """Trains every unfinished run, the seeds of an experiment together. False if a SIGTERM stopped it (the
+  checkpoints saved; rerun to resume), True when every run is trained."""
+  for group in multi_train.split_into_groups([r.config for r in runs]):
+    pending = [runs[i] for i in group if not grid.is_trained(runs[i].config, runs[i].workdir)]
+    logging.info("%s: %d runs, %d to train.", runs[group[0]].experiment.name, len(group), len(pending))
+    if pending:
+      results = multi_train.train_group([r.config for r in pending], [r.workdir for r in pending])
+      if any(r["preempted"] for r in results):
+        return False
+  return True
+
+
+def evaluate_all(runs: list[Run]) -> None:
+  """Evaluates every trained run that has no results yet."""
+  for run in runs:
+    if not run.results_path.exists():
+      evaluate.evaluate(run.config, run.workdir)
+
+
+def load_results(run: Run) -> dict | None:
+  """The run's results for the claims (None unless trained and evaluated)."""
+  curve_path = run.workdir / "error_curve.json"
+  if not run.results_path.exists() or (run.config.model.family != "lsa" and not curve_path.exists()):
+    return None
+  curve = json.loads(curve_path.read_text()) if curve_path.exists() else None
+  return {"eval": json.loads(run.results_path.read_text()), "curve": curve, "config": run.config}
+
+
+# Prompts and sizes of the constructions' check (fresh N(0, I) data; the identities are exact, so any size shows
+# them): Newton for k = 0..NEWTON_STEPS, LSA for L = 1..LSA_LAYERS with random preconditioners.
+CONSTRUCTION_PROMPTS, CONSTRUCTION_NEWTON_STEPS, CONSTRUCTION_LSA_LAYERS = 16, 8, 4
+
+
+def check_constructions(n_dims: int, n_points: int, seed: int = 0) -> dict:
+  """Largest relative errors of the explicit constructions against the algorithms they implement."""
+  rng = np.random.default_rng(seed)
+  xs, w, x_query = (rng.normal(size=s) for s in ((CONSTRUCTION_PROMPTS, n_points, n_dims),
+                                                  (CONSTRUCTION_PROMPTS, n_dims), (CONSTRUCTION_PROMPTS, n_dims)))
+  ys = np.einsum("bnd,bd->bn", xs, w)
+  xs, ys, x_query = (jnp.asarray(a, jnp.float32) for a in (xs, ys, x_query))
+  reference = np.asarray(algorithms.iterative_newton(xs, ys, CONSTRUCTION_NEWTON_STEPS)[:, :, -1], np.float64)
+  newton = []
+  for k in range(CONSTRUCTION_NEWTON_STEPS + 1):
+    w_BxD, _ = constructions.newton_transformer(xs, ys, x_query, k)
+    ref = reference[:, k]
+    newton.append(float(np.max(np.linalg.norm(np.asarray(w_BxD) - ref, axis=-1) / np.linalg.norm(ref, axis=-1))))
+  lsa = []
+  for num_layers in range(1, CONSTRUCTION_LSA_LAYERS + 1):
+    factors = rng.normal(size=(num_layers, n_dims, n_dims))
+    preconditioners = [jnp.asarray(0.3 * np.eye(n_dims) + 0.03 * f, jnp.float32) for f in factors]
+    z = constructions.lsa_forward(constructions.lsa_prompt(xs, ys, x_query),
+                                  *constructions.preconditioned_gd_lsa_weights(preconditioners))
+    w_BxD = jnp.zeros((CONSTRUCTION_PROMPTS, n_dims))
+    for a_DxD in preconditioners:  # w <- w - A grad R(w), R(w) = (1/2n) sum_i (w . x_i - y_i)^2.
+      residual_BxN = jnp.einsum("bnd,bd->bn", xs, w_BxD) - ys
+      w_BxD = w_BxD - jnp.einsum("bnd,bn->bd", xs, residual_BxN) / n_points @ a_DxD.T
+    expected_B = np.einsum("bd,bd->b", np.asarray(x_query, np.float64), np.asarray(w_BxD, np.float64))
+    scale_B = np.linalg.norm(np.asarray(x_query), axis=-1) * np.linalg.norm(np.asarray(w_BxD), axis=-1)
+    lsa.append(float(np.max(np.abs(np.asarray(constructions.lsa_prediction(z), np.float64) - expected_B) / scale_B)))
+  return {"n_dims": n_dims, "n_points": n_points, "prompts": CONSTRUCTION_PROMPTS,
+          "newton": {"max_relative_error": max(newton), "per_steps": newton},
+          "lsa": {"max_relative_error": max(lsa), "per_layers": lsa}}
+
+
+def reproduce(runs: list[Run], root: pathlib.Path, scale: str, seeds: tuple[int, ...],
+              command: str) -> list | None:
+  """Trains and evaluates what is missing of `runs` (from `plan`), grades every claim and writes the report;
+  returns the grades, or None if a SIGTERM stopped the training (rerun to resume). Holds ROOT's lock (each
+  run's workdir has its own), so that two reproductions never share a root."""
+  workdir_lock.prepare(root)
+  with workdir_lock.hold(root, f"reproduction ({scale})"):
+    if not train_all(runs):
+      return None
+    evaluate_all(runs)
+    results = {r.workdir.name: found for r in runs if (found := load_results(r)) is not None}
+    task = runs[0].config.task
+    constructions_check = check_constructions(task.n_dims, task.n_points)
+    return report.write(root, scale, seeds, runs, results, constructions_check, command)
+
+
+def projected_cost(runs: list[Run]) -> list[dict]:
+  """Per experiment: its training's shape, steps and the hours they take on this machine's devices, from a
+  timed training step at the final curriculum size (the seeds of a group run vmapped: about seeds x one)."""
+  rows = []
+  for group in multi_train.split_into_groups([r.config for r in runs]):
+    members = [runs[i] for i in group]
+    config = ml_collections.ConfigDict(members[0].config.to_dict())
+    config.train.steps_per_dispatch = 2
+    timed = benchmarks.bench_train_step(config, timed_steps=4)
+    trained = [r for r in members if grid.is_trained(r.config, r.workdir)]
+    remaining = [r for r in members if r not in trained]
+    steps = config.train.num_steps
+    rows.append({"experiment": members[0].experiment.name, "runs": [r.workdir.name for r in members],
+                 "family": config.model.family, "num_layers": config.model.num_layers,
+                 "width": config.model.get("width"),
+                 "n_dims": config.task.n_dims, "n_points": config.task.n_points,
+                 "batch_size": config.train.batch_size, "num_steps": steps, "ms_per_step": timed["ms_per_step"],
+                 "device": timed["device"], "devices": timed["devices"],
+                 "already_trained": [r.workdir.name for r in trained],
+                 "hours": len(remaining) * steps * timed["ms_per_step"] / 3.6e6})
+  return rows
+

@@ -1,0 +1,160 @@
+"""ROOT/REPORT.md, ROOT/report.json and ROOT/figures/: every claim graded, the runs behind them, the main figure."""
+
+import dataclasses
+import json
+import pathlib
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from icl_jax import run_logs
+from icl_jax.reproduction import claims as claims_lib
+from icl_jax.reproduction import experiments
+
+matplotlib.use("Agg")
+
+FIGURE = "best_match.png"
+
+
+def _number(x: float) -> str:
+  return f"{round(x, 9):.3g}"  # Rounding first: a slope of exactly flat steps prints 0, not 5e-17.
+
+
+def _quantity_text(q: claims_lib.Quantity) -> str:
+  interval = "" if q.low is None else f" [{_number(q.low)}, {_number(q.high)}]"
+  return f"{_number(q.mean)}{interval}"
+
+
+def _measured_text(grade: claims_lib.Grade) -> str:
+  if grade.verdict == claims_lib.NOT_RUN:
+    return grade.reason
+  verdict = grade.claim.verdict
+  if isinstance(verdict, claims_lib.Greater):
+    return (f"{verdict.a} {_quantity_text(grade.quantities['a'])} vs "
+            f"{verdict.b} {_quantity_text(grade.quantities['b'])}")
+  return _quantity_text(grade.quantities["value"])
+
+
+def grade_json(grade: claims_lib.Grade) -> dict:
+  c = grade.claim
+  return {"id": c.id, "experiment": c.experiment, "statement": c.statement, "paper": c.paper, "source": c.source,
+          "measurement": c.measurement, "tolerance": str(c.verdict), "tolerance_source": c.tolerance_source,
+          "verdict": grade.verdict, "reason": grade.reason,
+          "quantities": {k: dataclasses.asdict(q) for k, q in grade.quantities.items()}}
+
+
+def _seeds_text(grade: claims_lib.Grade) -> str:
+  if grade.claim.experiment == "constructions":
+    return "no training"
+  seeds = {q.seeds for q in grade.quantities.values()}
+  return f"seeds: {seeds.pop()}" if seeds else "–"
+
+
+def markdown(scale: str, seeds: tuple[int, ...], grades: list[claims_lib.Grade], runs: list[dict],
+             command: str, provenance: dict) -> str:
+  counts = {v: sum(g.verdict == v for g in grades) for v in (claims_lib.PASS, claims_lib.FAIL, claims_lib.NOT_RUN)}
+  lines = [
+      f"# Reproduction report: scale `{scale}`, seeds {', '.join(map(str, seeds))}", "",
+      "Regenerate with:", "", "```bash", command, "```", "",
+      f"{provenance['date']}, {provenance['machine']}, jax {provenance['jax']}.", "",
+      f"**{counts[claims_lib.PASS]} PASS, {counts[claims_lib.FAIL]} FAIL, {counts[claims_lib.NOT_RUN]} NOT RUN** "
+      f"of {len(grades)} claims.", "",
+      "How to read it: a measured value is the mean over seeds with its 90% Student-t interval across seeds in "
+      "brackets; with one seed, the run's own 90% bootstrap interval over prompts where the evaluation has one. "
+      "A band or bound grades the mean; a comparison passes only if the two intervals are disjoint. Tolerances "
+      "are fixed in `icl_jax/reproduction/claims.py` with their sources; DERIVED values are computed from the "
+      "papers' figures, not printed in them.", "",
+      "| experiment | claim | the papers (source) | measured (seeds) | tolerance | verdict |",
+      "|---|---|---|---|---|---|",
+  ]
+  for g in grades:
+    c = g.claim
+    lines.append(f"| {c.experiment} | {c.statement} (`{c.id}`) | {c.paper} ({c.source}) | "
+                 f"{_measured_text(g)} ({_seeds_text(g)}) | {c.verdict} | **{g.verdict}** |")
+  lines += ["", "What each claim measures, and why its tolerance:", ""]
+  lines += [f"- `{g.claim.experiment}/{g.claim.id}`: {g.claim.measurement}; tolerance: {g.claim.tolerance_source}."
+            for g in grades]
+  lines += ["", f"![Best-matching Newton and GD steps per layer](figures/{FIGURE})", "",
+            "## Runs", "", "| run | model | task | steps | error/d ÷ zero at the last length |",
+            "|---|---|---|---|---|"]
+  for r in runs:
+    ratio = "not trained" if r["last_ratio_to_zero"] is None else f"{r['last_ratio_to_zero']:.4g}"
+    lines.append(f"| {r['name']} | {r['model']} | {r['task']} | {r['num_steps']} | {ratio} |")
+  return "\n".join(lines) + "\n"
+
+
+def run_rows(runs, results: dict) -> list[dict]:
+  rows = []
+  for run in runs:
+    c, found = run.config, results.get(run.workdir.name)
+    model = f"{c.model.family}, {c.model.num_layers} layers"
+    if c.model.family != "lsa":
+      model += f", width {c.model.width}"
+    curve = found["curve"] if found else None
+    spectrum = (f"Cov(x) eigenvalues {tuple(c.task.eigenvalues)}" if c.task.spectrum == "explicit" else
+                f"κ = {c.task.kappa:g}")
+    rows.append({"name": run.workdir.name, "model": model,
+                 "task": f"d = {c.task.n_dims}, {c.task.n_points} points, {spectrum}, σ = {c.task.noise_std:g}",
+                 "num_steps": c.train.num_steps,
+                 "last_ratio_to_zero": curve["last_ratio_to_zero"] if curve else None})
+  return rows
+
+
+def _series(results: list[dict], key: str, transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Mean and 90% t-interval over seeds (the run's bootstrap interval with one seed) of a best-match curve."""
+  if len(results) == 1:
+    best, interval = results[0]["eval"]["best_match"][key], results[0]["eval"]["best_match_interval"][key]
+    return transform(np.asarray(best, float)), transform(np.asarray(interval["low"], float)), transform(
+        np.asarray(interval["high"], float))
+  per_layer = [claims_lib.aggregate([(v, None, None) for v in layer])
+               for layer in zip(*(transform(np.asarray(r["eval"]["best_match"][key], float)) for r in results))]
+  return tuple(np.asarray([getattr(q, f) for q in per_layer]) for f in ("mean", "low", "high"))
+
+
+def figure(by_experiment: dict[str, list[dict]]) -> Figure | None:
+  """Best-matching Newton steps (left) and log2 GD steps (right) against the layer, per GPT-2 experiment."""
+  shown = [(name, found) for name, found in by_experiment.items() if found and "best_match" in found[0]["eval"]]
+  shown = [(name, found) for name, found in shown if found[0]["config"].model.family == "gpt2"]
+  if not shown:
+    return None
+  fig = Figure(figsize=(10, 4), layout="constrained")
+  axes = fig.subplots(1, 2)
+  colours = matplotlib.colormaps["tab10"].colors
+  for (name, found), colour in zip(shown, colours):
+    layers = np.asarray(found[0]["eval"]["layers"])
+    for ax, key, transform in ((axes[0], "newton", np.asarray), (axes[1], "gd_log", np.log2)):
+      mean, low, high = _series(found, key, transform)
+      ax.errorbar(layers, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, color=colour,
+                  label=f"{name} ({len(found)} seed{'s' * (len(found) > 1)})")
+  if len(shown[0][1][0]["eval"]["layers"]) == len(claims_lib.PAPER_NEWTON_STEPS):
+    axes[0].plot(range(1, 13), claims_lib.PAPER_NEWTON_STEPS, "s--", color="0.5",
+                 label="Fu et al. Fig. 7(b), d = 20")
+  axes[0].set(xlabel="layer", ylabel="best-matching Newton steps (SimE)", title="Iterative Newton")
+  axes[1].set(xlabel="layer", ylabel="log₂ best-matching GD steps (SimE)", title="Gradient descent (log grid)")
+  for ax in axes:
+    ax.legend(fontsize="small")
+  return fig
+
+
+def write(root: pathlib.Path, scale: str, seeds: tuple[int, ...], runs, results: dict, constructions: dict,
+          command: str) -> list[claims_lib.Grade]:
+  """Grades every claim of claims.CLAIMS on `results` (run name -> results, finished runs only) and writes the
+  report; returns the grades."""
+  by_experiment = {e.name: [results[n] for n in (experiments.run_name(e, s) for s in seeds) if n in results]
+                   for e in experiments.EXPERIMENTS}
+  by_experiment["constructions"] = [{"eval": constructions}]
+  grades = [claims_lib.grade(c, by_experiment[c.experiment]) for c in claims_lib.CLAIMS]
+  full = run_logs.provenance()
+  provenance = {"date": full["date"][:10], "machine": f"{full['device_count']} x {full['device_kind']}",
+                "jax": full["versions"]["jax"], "git_commit": full["git_commit"]}
+  rows = run_rows(runs, results)
+  run_logs.write_atomically(root / "REPORT.md", markdown(scale, seeds, grades, rows, command, provenance))
+  run_logs.write_atomically(root / "report.json", json.dumps(
+      {"scale": scale, "seeds": list(seeds), "command": command, "provenance": provenance,
+       "claims": [grade_json(g) for g in grades], "runs": rows, "constructions": constructions}, indent=1) + "\n")
+  fig = figure(by_experiment)
+  if fig is not None:
+    (root / "figures").mkdir(exist_ok=True)
+    fig.savefig(root / "figures" / FIGURE, dpi=120)
+  return grades

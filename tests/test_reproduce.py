@@ -1,0 +1,174 @@
+"""`python -m icl_jax.reproduce`: the smoke scale end to end, resuming, the claims' grading rules, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from icl_jax import config_checks
+from icl_jax.reproduction import claims
+from icl_jax.reproduction import experiments
+from icl_jax.reproduction import pipeline
+from tests import helpers
+
+SEEDS = (0, 1)
+
+
+def _plan(root, scale="smoke", seeds=SEEDS):
+  return pipeline.plan(scale, root, seeds, experiments.default_config_dir())
+
+
+def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path):
+  runs = _plan(tmp_path)
+  assert sorted({r.experiment.name for r in runs}) == ["isotropic", "kappa100", "lsa", "lstm", "noisy"]
+  grades = pipeline.reproduce(runs, tmp_path, "smoke", SEEDS, "python -m icl_jax.reproduce --scale=smoke")
+  assert [(g.claim.experiment, g.claim.id) for g in grades] == [(c.experiment, c.id) for c in claims.CLAIMS]
+  verdicts = {(g.claim.experiment, g.claim.id): g.verdict for g in grades}
+  # Exact identities pass at any scale; the scale-dependent claims say why they cannot be measured here.
+  assert verdicts["constructions", "newton_construction"] == verdicts["constructions", "lsa_construction"] == "PASS"
+  assert verdicts["isotropic", "newton_flattens"] == verdicts["isotropic", "newton_sequence"] == "NOT RUN"
+  for g in grades:
+    if g.verdict != "NOT RUN" and g.claim.experiment != "constructions":
+      assert all(q.seeds == 2 and q.low <= q.mean <= q.high for q in g.quantities.values()), g
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert [c["verdict"] for c in report["claims"]] == [g.verdict for g in grades]
+  markdown = (tmp_path / "REPORT.md").read_text()
+  assert markdown.count("| **PASS** |") + markdown.count("| **FAIL** |") + markdown.count("| **NOT RUN** |") == len(
+      claims.CLAIMS)
+  assert "python -m icl_jax.reproduce --scale=smoke" in markdown
+  assert (tmp_path / "figures" / "best_match.png").stat().st_size > 0
+
+  # A second call neither trains nor evaluates again, and grades the same.
+  stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/results.json")}
+  metrics = {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
+  assert len(stamps) == len(runs) and len(metrics) == len(runs)
+  again = pipeline.reproduce(_plan(tmp_path), tmp_path, "smoke", SEEDS, "same")
+  assert [g.verdict for g in again] == [g.verdict for g in grades]
+  assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/results.json")}
+  assert metrics == {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
+
+
+def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeypatch):
+  """A stopped group (its checkpoints saved) ends the reproduction with None: nothing later trains, nothing is
+  evaluated or graded, and the same call resumes (the resumption itself: test_multi_train)."""
+  groups = []
+
+  def preempted_group(configs, workdirs):
+    groups.append([w.name for w in workdirs])
+    return [{"step": 20, "final": None, "preempted": True} for _ in configs]
+
+  monkeypatch.setattr(pipeline.multi_train, "train_group", preempted_group)
+  monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated an unfinished run"))
+  assert pipeline.reproduce(_plan(tmp_path), tmp_path, "smoke", SEEDS, "cmd") is None
+  assert groups == [["isotropic_seed0", "isotropic_seed1"]]
+  assert not (tmp_path / "REPORT.md").exists()
+
+
+def test_every_scale_plans_valid_configs(tmp_path):
+  for scale in experiments.SCALES:
+    runs = _plan(tmp_path, scale, (0,))
+    assert len(runs) == len(experiments.EXPERIMENTS)
+  medium = {r.experiment.name: r.config for r in _plan(tmp_path, "medium", (0,))}
+  assert medium["isotropic"].model.num_layers == 12 and medium["kappa100"].task.kappa == 100
+  assert medium["noisy"].task.noise_std == 0.1 and medium["noisy"].eval.ridge == pytest.approx(0.01)
+  paper = {r.experiment.name: r.config for r in _plan(tmp_path, "paper", (0,))}
+  assert (paper["isotropic"].task.n_dims, paper["isotropic"].train.num_steps) == (20, 500_000)
+
+
+def test_an_invalid_experiment_config_is_named_before_any_compute(tmp_path, monkeypatch):
+  broken = experiments.Experiment("broken", "a 2-layer model fit over layers 1-5", "linreg.py",
+                                  (("eval.fit_layers", (1, 5)),))
+  monkeypatch.setattr(experiments, "EXPERIMENTS", experiments.EXPERIMENTS + (broken,))
+  with pytest.raises(config_checks.ConfigError, match=r"broken_seed0: config.eval.fit_layers = \(1, 5\)"):
+    _plan(tmp_path, "smoke", (0,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grading rules.
+
+
+def test_aggregate_is_the_t_interval_over_seeds_or_the_runs_own():
+  q = claims.aggregate([(1.0, None, None), (2.0, None, None), (3.0, None, None)])
+  # mean 2, standard error 1/sqrt(3), t_0.95 with 2 degrees of freedom 2.919986.
+  assert (q.mean, q.seeds) == (2.0, 3)
+  np.testing.assert_allclose([q.low, q.high], [2 - 2.919986 / np.sqrt(3), 2 + 2.919986 / np.sqrt(3)], rtol=1e-6)
+  assert claims.aggregate([(0.5, 0.4, 0.7)]) == claims.Quantity(0.5, 0.4, 0.7, 1, (0.5,))
+
+
+def _q(mean, low=None, high=None):
+  return claims.Quantity(mean, low, high, 1, (mean,))
+
+
+def test_verdicts():
+  assert claims.Band(2, 4)({"value": _q(2.0)}) and not claims.Band(2, 4)({"value": _q(4.01)})
+  assert claims.AtLeast(1)({"value": _q(1.0)}) and not claims.AtMost(0.05)({"value": _q(0.06)})
+  greater = claims.Greater("Newton", "GD")
+  assert greater({"a": _q(0.99, 0.98, 0.995), "b": _q(0.96, 0.95, 0.97)})
+  assert not greater({"a": _q(0.99, 0.96, 0.995), "b": _q(0.96, 0.95, 0.97)})  # Overlapping intervals.
+  assert not greater({"a": _q(0.99), "b": _q(0.96)})  # No intervals: nothing shows they differ.
+
+
+def _results(newton, gd_log, fit=(1, 3)):
+  layers = np.arange(fit[0], fit[1] + 1)
+  fits = {"layers": list(fit)}
+  for grid, steps in (("newton", newton), ("gd_log", np.log2(gd_log))):
+    slope, intercept = np.polyfit(layers, np.asarray(steps, float)[layers - 1], 1)
+    fits[grid] = {"slope": slope, "r2": 1.0, "slope_interval": [slope - 0.1, slope + 0.1]}
+  best = {"value": 0.9, "low": 0.85, "high": 0.95}
+  return {"eval": {"fits": fits, "best_match": {"newton": newton, "gd_log": gd_log},
+                   "last_layer_best": {"sim_e": {"newton": best, "gd": best, "gd_log": best}}}}
+
+
+def test_claims_measure_the_fits_and_the_flattening():
+  by_id = {c.id: c for c in claims.CLAIMS if c.experiment == "isotropic"}
+  run = _results([1, 4, 7, 7, 7], [1, 2, 4, 4, 4], fit=(1, 3))
+  assert claims.grade(by_id["newton_slope"], [run]).verdict == "PASS"  # 3 steps per layer.
+  assert claims.grade(by_id["gd_exponential"], [run]).verdict == "PASS"  # 1 doubling per layer.
+  assert claims.grade(by_id["newton_flattens"], [run]).quantities["value"].mean == pytest.approx(0.0, abs=1e-12)
+  steep = _results([1, 4, 7, 10, 13], [1, 2, 4, 4, 4], fit=(1, 3))
+  assert claims.grade(by_id["newton_flattens"], [steep]).verdict == "FAIL"
+  whole = _results([1, 4, 7], [1, 2, 4], fit=(1, 3))
+  grade = claims.grade(by_id["newton_flattens"], [whole])
+  assert grade.verdict == "NOT RUN" and "no layers after the fit range" in grade.reason
+  tied = claims.grade(by_id["sim_e_newton_over_gd"], [run])
+  assert tied.verdict == "FAIL" and tied.quantities["a"].mean == tied.quantities["b"].mean == 0.9
+  assert claims.grade(by_id["newton_slope"], []).verdict == "NOT RUN"
+
+
+def test_sources_and_tolerances_are_stated_for_every_claim():
+  ids = [(c.experiment, c.id) for c in claims.CLAIMS]
+  assert len(ids) == len(set(ids))
+  known = {e.name for e in experiments.EXPERIMENTS} | {"constructions"}
+  for c in claims.CLAIMS:
+    assert c.experiment in known and c.paper and c.source and c.tolerance_source and str(c.verdict), c.id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _reproduce(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "icl_jax.reproduce", *args], capture_output=True, text=True,
+                        cwd=cwd, env=helpers.subprocess_env(), timeout=600)
+
+
+def test_dry_run_prints_each_experiment_and_its_projected_cost(tmp_path):
+  out = _reproduce("--scale=smoke", f"--root={tmp_path}", "--seeds=0,1", "--dry_run", cwd=helpers.REPO)
+  assert out.returncode == 0, out.stderr
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [r["experiment"] for r in rows] == ["isotropic", "kappa100", "noisy", "lstm", "lsa", "lsa"]
+  assert all(r["ms_per_step"] > 0 and r["hours"] > 0 and r["already_trained"] == [] for r in rows)
+  assert "hours of training" in out.stdout.splitlines()[-1]
+  assert not any(tmp_path.iterdir())  # Nothing trained, nothing written.
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--seeds=0,x",), "--seeds=0,x: expected integers"),
+    (("--config_dir=/nonexistent",), "--config_dir=/nonexistent: no linreg.py there"),
+])
+def test_bad_flags_are_one_error_line(tmp_path, args, message):
+  out = _reproduce("--scale=smoke", f"--root={tmp_path / 'r'}", *args, cwd=helpers.REPO)
+  assert out.returncode != 0 and message in out.stderr, out.stderr
+  assert not (tmp_path / "r").exists()
