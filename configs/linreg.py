@@ -210,7 +210,7 @@ def _make_medium(config: config_dict.ConfigDict) -> None:
   config.model.num_heads = 4
   config.model.width = 64
   config.model.n_positions = 34
-  config.train.num_steps = 12000
+  config.train.num_steps = 11000
   config.train.batch_size = 64
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 500
