@@ -1,6 +1,7 @@
 """`python -m icl_jax.reproduce`: the smoke scale end to end, resuming, the claims' grading rules, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def _plan(root, scale="smoke", seeds=SEEDS):
   return pipeline.plan(scale, root, seeds, experiments.default_config_dir())
 
 
-def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path):
+def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   runs = _plan(tmp_path)
   assert sorted({r.experiment.name for r in runs}) == ["isotropic", "kappa100", "lsa", "lstm", "noisy"]
   grades = pipeline.reproduce(runs, tmp_path, "smoke", SEEDS, "python -m icl_jax.reproduce --scale=smoke")
@@ -48,6 +49,26 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path):
   assert [g.verdict for g in again] == [g.verdict for g in grades]
   assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/results.json")}
   assert metrics == {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
+
+  # A root holding only the runs' summaries (a few kB each, what a committed report keeps) grades the same
+  # without any checkpoint, training or evaluation.
+  summaries = sorted(p.name for p in (tmp_path / "summaries").iterdir())
+  assert summaries == sorted(f"{r.workdir.name}.json" for r in runs)
+  assert max((tmp_path / "summaries" / name).stat().st_size for name in summaries) < 30_000
+  elsewhere = tmp_path / "elsewhere"
+  shutil.copytree(tmp_path / "summaries", elsewhere / "summaries")
+  monkeypatch.setattr(pipeline.multi_train, "train_group", lambda *args: pytest.fail("trained a summarised run"))
+  monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))
+  regraded = pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
+  assert [(g.verdict, g.quantities) for g in regraded] == [(g.verdict, g.quantities) for g in grades]
+  # A summary of another configuration is refused, naming the file and the field.
+  path = elsewhere / "summaries" / "isotropic_seed1.json"
+  summary = json.loads(path.read_text())
+  summary["config"]["train"]["num_steps"] = 1
+  path.write_text(json.dumps(summary))
+  with pytest.raises(config_checks.ConfigError, match=r"isotropic_seed1.json summarises a run of another "
+                                                      r"configuration(.|\n)*config.train.num_steps: summarised 1"):
+    pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
 
 
 def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeypatch):

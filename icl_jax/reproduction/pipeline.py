@@ -18,6 +18,7 @@ from absl import logging
 
 from icl_jax import config_checks
 from icl_jax import distributed
+from icl_jax import run_logs
 from icl_jax import workdir_lock
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import constructions
@@ -28,6 +29,9 @@ from icl_jax.reproduction import report
 from icl_jax.sweeps import grid
 from icl_jax.sweeps import multi_train
 from icl_jax.tools import benchmarks
+
+
+SUMMARIES_DIR = "summaries"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,12 @@ class Run:
     """Where the family's evaluation writes its results.json."""
     sub = "lsa_analysis" if self.config.model.family == "lsa" else "eval"
     return self.workdir / sub / "results.json"
+
+  @property
+  def summary_path(self) -> pathlib.Path:
+    """ROOT/summaries/RUN.json: the few kB of results the claims read, with the run's config. A run with a
+    summary is done: copied into another root (or committed), it needs neither checkpoints nor training."""
+    return self.workdir.parent / SUMMARIES_DIR / f"{self.workdir.name}.json"
 
 
 def plan(scale: str, root: pathlib.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
@@ -65,10 +75,11 @@ def plan(scale: str, root: pathlib.Path, seeds: tuple[int, ...], config_dir: pat
 
 
 def train_all(runs: list[Run]) -> bool:
-  """Trains every unfinished run, the seeds of an experiment together. False if a SIGTERM stopped it (the
-  checkpoints saved; rerun to resume), True when every run is trained."""
+  """Trains every unfinished run without a summary, the seeds of an experiment together. False if a SIGTERM
+  stopped it (the checkpoints saved; rerun to resume), True when every run is trained."""
   for group in multi_train.split_into_groups([r.config for r in runs]):
-    pending = [runs[i] for i in group if not grid.is_trained(runs[i].config, runs[i].workdir)]
+    pending = [runs[i] for i in group if not (runs[i].summary_path.exists() or
+                                              grid.is_trained(runs[i].config, runs[i].workdir))]
     logging.info("%s: %d runs, %d to train.", runs[group[0]].experiment.name, len(group), len(pending))
     if pending:
       results = multi_train.train_group([r.config for r in pending], [r.workdir for r in pending])
@@ -77,20 +88,40 @@ def train_all(runs: list[Run]) -> bool:
   return True
 
 
+# The fields of a run's results that the claims and the report's figure read: its summary keeps only these.
+SUMMARY_FIELDS = {"probed": ("layers", "best_match", "best_match_interval", "fits", "last_layer_best"),
+                  "lsa": ("a", "dist", "final_test_loss")}
+
+
 def evaluate_all(runs: list[Run]) -> None:
-  """Evaluates every trained run that has no results yet."""
+  """Evaluates every trained run that has neither results nor a summary, and writes the missing summaries."""
   for run in runs:
+    if run.summary_path.exists():
+      continue
     if not run.results_path.exists():
       evaluate.evaluate(run.config, run.workdir)
+    results = json.loads(run.results_path.read_text())
+    curve_path = run.workdir / "error_curve.json"
+    fields = SUMMARY_FIELDS["lsa" if run.config.model.family == "lsa" else "probed"]
+    summary = {"config": run_logs.config_dict(run.config), "eval": {k: results[k] for k in fields},
+               "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None}
+    run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+    run_logs.write_atomically(run.summary_path, json.dumps(summary, indent=1) + "\n")
 
 
 def load_results(run: Run) -> dict | None:
-  """The run's results for the claims (None unless trained and evaluated)."""
-  curve_path = run.workdir / "error_curve.json"
-  if not run.results_path.exists() or (run.config.model.family != "lsa" and not curve_path.exists()):
+  """The run's summary for the claims (None unless written), checked against the run's config."""
+  if not run.summary_path.exists():
     return None
-  curve = json.loads(curve_path.read_text()) if curve_path.exists() else None
-  return {"eval": json.loads(run.results_path.read_text()), "curve": curve, "config": run.config}
+  summary = json.loads(run.summary_path.read_text())
+  saved, current = run_logs.flatten(summary["config"]), run_logs.flatten(run_logs.config_dict(run.config))
+  differences = [f"config.{k}: summarised {saved.get(k)!r}, now {current.get(k)!r}"
+                 for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+  if differences:
+    raise config_checks.ConfigError(
+        f"{run.summary_path} summarises a run of another configuration; grading it would report the wrong "
+        "experiment. Differing fields:\n  " + "\n  ".join(differences) + "\nDelete it to train the run anew.")
+  return {**summary, "config": ml_collections.ConfigDict(summary["config"])}
 
 
 # Prompts and sizes of the constructions' check (fresh N(0, I) data; the identities are exact, so any size shows
