@@ -53,6 +53,10 @@ class Run:
     summary is done: copied into another root (or committed), it needs neither checkpoints nor training."""
     return self.workdir.parent / SUMMARIES_DIR / f"{self.workdir.name}.json"
 
+  def is_trained(self) -> bool:
+    """Summarised, or trained to its last step here."""
+    return self.summary_path.exists() or grid.is_trained(self.config, self.workdir)
+
 
 def plan(scale: str, root: pathlib.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
   """Every run of `scale`, each config validated: one ConfigError lists every problem, before any compute."""
@@ -78,8 +82,7 @@ def train_all(runs: list[Run]) -> bool:
   """Trains every unfinished run without a summary, the seeds of an experiment together. False if a SIGTERM
   stopped it (the checkpoints saved; rerun to resume), True when every run is trained."""
   for group in multi_train.split_into_groups([r.config for r in runs]):
-    pending = [runs[i] for i in group if not (runs[i].summary_path.exists() or
-                                              grid.is_trained(runs[i].config, runs[i].workdir))]
+    pending = [runs[i] for i in group if not runs[i].is_trained()]
     logging.info("%s: %d runs, %d to train.", runs[group[0]].experiment.name, len(group), len(pending))
     if pending:
       results = multi_train.train_group([r.config for r in pending], [r.workdir for r in pending])
@@ -189,7 +192,7 @@ def projected_cost(runs: list[Run]) -> list[dict]:
     # Chunks of up to TIMED_CHUNK steps: a small run's dispatch overhead counts, a paper-size step stays brief.
     config.train.steps_per_dispatch = min(config.train.steps_per_dispatch, TIMED_CHUNK)
     timed = benchmarks.bench_train_step(config, timed_steps=2 * config.train.steps_per_dispatch)
-    trained = [r for r in members if grid.is_trained(r.config, r.workdir)]
+    trained = [r for r in members if r.is_trained()]
     remaining = [r for r in members if r not in trained]
     steps = config.train.num_steps
     rows.append({"experiment": members[0].experiment.name, "runs": [r.workdir.name for r in members],
