@@ -8,7 +8,6 @@ not restore, moving it aside. `load_params` reads a run's latest checkpoint or a
 """
 
 import json
-import pathlib
 import time
 
 import jax
@@ -20,6 +19,7 @@ from absl import logging
 
 from icl_jax import models
 from icl_jax import optim
+from icl_jax import storage
 from icl_jax import train_step
 
 def _first_line(error: Exception) -> str:
@@ -43,8 +43,8 @@ class CheckpointRestoreError(RuntimeError):
 class Checkpoints:
   """Keeps the last `keep_checkpoints` states plus every multiple of `keep_period`."""
 
-  def __init__(self, directory: pathlib.Path, train: ml_collections.ConfigDict):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: storage.Path, train: ml_collections.ConfigDict):
+    self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=train.keep_checkpoints, keep_period=train.keep_period or None,
                                            enable_async_checkpointing=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -122,10 +122,10 @@ class Checkpoints:
     self._manager.reload()
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int | None]:
+def load_params(config: ml_collections.ConfigDict, workdir: storage.Path) -> tuple[dict, int | None]:
   """The parameters of the latest checkpoint in `workdir` and its step, or of a converted Garg et al.
   checkpoint (step None)."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   if (workdir / GARG_PARAMS_DIR).exists():
     return load_garg_params(workdir), None
   directory = workdir / "checkpoints"
@@ -140,20 +140,20 @@ def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tup
     return state.params, step
 
 
-def load_saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+def load_saved_config(workdir: str | storage.Path) -> ml_collections.ConfigDict:
   """The configuration saved in WORKDIR/config.json."""
-  path = pathlib.Path(workdir) / "config.json"
+  path = storage.path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file; is {workdir} a workdir of icl_jax.main or "
                             "icl_jax.garg_checkpoint?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_garg_params(workdir: str | pathlib.Path) -> dict:
+def load_garg_params(workdir: str | storage.Path) -> dict:
   """The parameters that `python -m icl_jax.garg_checkpoint` wrote to WORKDIR, as float32 numpy arrays in the
   tree of `models.build_model(load_saved_config(WORKDIR).model)`."""
   config = load_saved_config(workdir)
-  path = (pathlib.Path(workdir) / GARG_PARAMS_DIR).absolute()
+  path = storage.path(workdir) / GARG_PARAMS_DIR
   if not path.is_dir():
     raise FileNotFoundError(f"{path}: no such directory; is {workdir} a workdir written by icl_jax.garg_checkpoint?")
   model = models.build_model(config.model)
@@ -163,5 +163,5 @@ def load_garg_params(workdir: str | pathlib.Path) -> dict:
     # Shapes without a sharding restore as numpy arrays: the caller places them on its own devices.
     return ocp.StandardCheckpointer().restore(path, like)
   except (ValueError, KeyError) as e:
-    raise ValueError(f"{path} does not hold the parameters of the model in {pathlib.Path(workdir) / 'config.json'}: "
+    raise ValueError(f"{path} does not hold the parameters of the model in {storage.path(workdir) / 'config.json'}: "
                      f"{e}") from e

@@ -4,7 +4,9 @@ Trains (resuming, skipping finished runs, the seeds of an experiment together), 
 experiment of the scale (`icl_jax/reproduction/experiments.py`) against the claims of
 `icl_jax/reproduction/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry_run` prints
 the runs and their projected training time on this machine (from one timed step of each shape) and trains
-nothing. A SIGTERM stops at a checkpoint with exit status 75; the same command resumes.
+nothing. `--experiments=isotropic,kappa100` trains and evaluates those alone and grades the rest from the
+summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one root. A
+SIGTERM stops at a checkpoint with exit status 75; the same command resumes.
 """
 
 import json
@@ -22,6 +24,7 @@ from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import train
 from icl_jax import workdir_lock
 from icl_jax.reproduction import experiments
@@ -32,6 +35,9 @@ _ROOT = flags.DEFINE_string("root", None, "Directory of the reproduction: one wo
 _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in experiments.DEFAULT_SEEDS], "Seeds of every experiment.")
 _CONFIG_DIR = flags.DEFINE_string("config_dir", str(experiments.default_config_dir()),
                                   "The configs/ directory the experiments' config files are read from.")
+_EXPERIMENTS = flags.DEFINE_list(
+    "experiments", None, "Train and evaluate only these experiments (default: all); the report still grades "
+    "every experiment, from the summaries already under --root. For a scale longer than one machine's session.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their projected cost; train nothing.")
 flags.mark_flags_as_required(["scale", "root"])
 
@@ -46,6 +52,17 @@ def _seeds(values: list[str]) -> tuple[int, ...]:
   return seeds
 
 
+def _experiments(values: list[str] | None) -> tuple[str, ...] | None:
+  known = [e.name for e in experiments.EXPERIMENTS]
+  if values is None:
+    return None
+  unknown = [v for v in values if v not in known]
+  if unknown or not values:
+    raise app.UsageError(f"--experiments={','.join(values)}: unknown {', '.join(unknown) or 'empty list'}; "
+                         f"the experiments are {', '.join(known)}")
+  return tuple(values)
+
+
 def _dry_run(runs: list[pipeline.Run]) -> None:
   rows = pipeline.projected_cost(runs)
   for row in rows:
@@ -58,15 +75,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run_logs.quiet_orbax()
-  scale, root, seeds = _SCALE.value, pathlib.Path(_ROOT.value), _seeds(_SEEDS.value)
+  scale, root, seeds = _SCALE.value, storage.path(_ROOT.value), _seeds(_SEEDS.value)
+  only = _experiments(_EXPERIMENTS.value)
   try:
     runs = pipeline.plan(scale, root, seeds, pathlib.Path(_CONFIG_DIR.value))
     if _DRY_RUN.value:
-      _dry_run(runs)
+      _dry_run([r for r in runs if only is None or r.experiment.name in only])
       return
     command = shlex.join(["python", "-m", "icl_jax.reproduce", f"--scale={scale}", f"--root={_ROOT.value}",
-                          f"--seeds={','.join(map(str, seeds))}"])
-    grades = pipeline.reproduce(runs, root, scale, seeds, command)
+                          f"--seeds={','.join(map(str, seeds))}"] + ([f"--experiments={','.join(only)}"] * bool(only)))
+    grades = pipeline.reproduce(runs, root, scale, seeds, command, only)
     if grades is None:
       sys.exit(train.EXIT_PREEMPTED)  # Stopped by SIGTERM with checkpoints; rerun to resume.
   except (config_checks.ConfigError, distributed.DistributedFlagError, workdir_lock.WorkdirError,

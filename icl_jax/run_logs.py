@@ -10,6 +10,7 @@ import datetime
 import importlib.metadata
 import json
 import logging as std_logging
+import os
 import pathlib
 import platform
 import subprocess
@@ -19,6 +20,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from icl_jax import storage
 from icl_jax import workdir_lock
 
 # Packages whose versions go into every provenance record.
@@ -28,10 +30,13 @@ VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collectio
 def quiet_orbax() -> None:
   """Keeps only Orbax's warnings and errors in the absl log: it logs dozens of INFO lines per checkpoint.
 
-  The filter sits on absl's logger, not its handler, so it works in notebooks too (no `app.run`).
+  The filter sits on absl's logger, not its handler, so it works in notebooks too (no `app.run`). gcsfs and
+  fsspec, which log an INFO line per file read from a gs:// workdir, are set to warnings too.
   """
   logging.get_absl_logger().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+  for name in ("gcsfs", "fsspec"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 
 def is_writer() -> bool:
@@ -66,18 +71,18 @@ def provenance() -> dict:
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_evaluation_summary(workdir: pathlib.Path, step: int, scalars: dict[str, float], figures: list[pathlib.Path],
+def write_evaluation_summary(workdir: storage.Path, step: int, scalars: dict[str, float], figures: list[storage.Path],
                              hparams: dict) -> None:
   """An evaluation's numbers as TensorBoard scalars, its PNG figures as images and the run's hyper-parameters
   (with those numbers as their metrics), in WORKDIR/tensorboard next to the training scalars."""
   import tensorboardX  # Deferred: only the writing process needs it.
-  from matplotlib import image
 
-  with tensorboardX.SummaryWriter(str(workdir / "tensorboard")) as writer:
+  with (storage.LocalMirror(workdir / "tensorboard") as mirror,
+        tensorboardX.SummaryWriter(os.fspath(mirror.local)) as writer):
     for tag, value in scalars.items():
       writer.add_scalar(tag, value, step)
     for path in figures:
-      writer.add_image(f"eval/{path.stem}", image.imread(path)[..., :3], step, dataformats="HWC")
+      writer.add_image(f"eval/{path.stem}", storage.read_png(path)[..., :3], step, dataformats="HWC")
     writer.add_hparams(hparams, scalars, name="hparams", global_step=step)
 
 
@@ -106,19 +111,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           if saved.get(key, missing) != current.get(key, missing)]
 
 
-def write_atomically(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to a temporary file next to `path`, then renames it over `path`: a reader, or a crash at
-  any moment, sees the old file or the new one, never a part."""
-  partial = path.with_name(path.name + ".partial")
+def write_atomically(path: storage.Path, text: str) -> None:
+  """Replaces `path` with `text`, whole or not at all (storage.write_text_atomically), or raises WorkdirError
+  naming it: the old file stays as it was."""
   try:
-    partial.write_text(text)
-    partial.replace(path)
-  except OSError as e:  # A full disk, a read-only file system: the old file stays as it was.
-    partial.unlink(missing_ok=True)
+    storage.write_text_atomically(path, text)
+  except OSError as e:  # A full disk, a read-only file system, a missing bucket.
     raise workdir_lock.WorkdirError(f"cannot write {path}: {e.strerror or e}") from e
 
 
-def _complete_records(path: pathlib.Path) -> list[str]:
+def _complete_records(path: storage.Path) -> list[str]:
   """The lines of metrics.jsonl up to a torn tail: a process killed mid-write leaves a last line without its
   end, which is dropped with a warning (its step is trained again on resume)."""
   lines = [line for line in path.read_text().splitlines() if line]
@@ -137,22 +139,34 @@ def _complete_records(path: pathlib.Path) -> list[str]:
 CPU_WARNING_HOURS = 1.0
 
 
-class MetricsLog:
-  """Appends records to metrics.jsonl and TensorBoard, and logs progress (steps/s, ETA) with absl."""
+# On a gs:// workdir, TensorBoard's event files are uploaded at most this often (and when the run ends): each
+# upload sends the whole growing file.
+TENSORBOARD_SYNC_S = 120.0
 
-  def __init__(self, workdir: pathlib.Path, start_step: int, num_steps: int):
+
+class MetricsLog:
+  """Appends records to metrics.jsonl and TensorBoard, and logs progress (steps/s, ETA) with absl.
+
+  On a gs:// workdir, where an object cannot be appended to, metrics.jsonl is uploaded whole at each record
+  (a few hundred bytes per record; a 500k-step run logged every 100 steps ends near 1 MB)."""
+
+  def __init__(self, workdir: storage.Path, start_step: int, num_steps: int):
     self._path = workdir / "metrics.jsonl"
     self._num_steps = num_steps
     self._writes = 0
     self._last = (start_step, time.perf_counter())
-    self._tensorboard = None
+    self._tensorboard = self._mirror = None
+    self._lines = None if not storage.is_remote(workdir) else []  # The whole file, for a remote one.
     if not is_writer():
       return
     if self._path.exists():
       kept = [line for line in _complete_records(self._path) if json.loads(line)["step"] <= start_step]
       write_atomically(self._path, "".join(line + "\n" for line in kept))
+      if self._lines is not None:
+        self._lines = kept
     import tensorboardX  # Deferred: only the writing process needs it.
-    self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    self._mirror = storage.LocalMirror(workdir / "tensorboard", min_interval_s=TENSORBOARD_SYNC_S)
+    self._tensorboard = tensorboardX.SummaryWriter(os.fspath(self._mirror.local))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     last_step, last_time = self._last
@@ -173,18 +187,27 @@ class MetricsLog:
                  "ETA %.1f min", step, self._num_steps, metrics["loss"], metrics["loss_per_dim"],
                  metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],
                  steps_per_s, eta_min)
-    try:
-      with self._path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    except OSError as e:
-      raise workdir_lock.WorkdirError(f"cannot append to {self._path}: {e.strerror or e}") from e
+    line = json.dumps(record)
+    if self._lines is None:
+      try:
+        with self._path.open("a") as f:
+          f.write(line + "\n")
+      except OSError as e:
+        raise workdir_lock.WorkdirError(f"cannot append to {self._path}: {e.strerror or e}") from e
+    else:
+      self._lines.append(line)
+      write_atomically(self._path, "".join(line + "\n" for line in self._lines))
     for name, value in record.items():
       if name != "step":
         self._tensorboard.add_scalar(_TENSORBOARD_TAGS.get(name, name), value, step)
+    if storage.is_remote(self._path):
+      self._tensorboard.flush()
+      self._mirror.sync()
 
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+      self._mirror.close()
 
 
 _TENSORBOARD_TAGS = {"loss_per_dim": "loss/d", "n_dims": "curriculum/n_dims", "n_points": "curriculum/n_points",

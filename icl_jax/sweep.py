@@ -4,7 +4,6 @@
 machines share a sweep; `--stage=report` only re-reads the finished runs. The logic is `icl_jax.sweeps`.
 """
 
-import pathlib
 import sys
 
 import jax
@@ -17,6 +16,7 @@ from icl_jax import cli
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import train
 from icl_jax import workdir_lock
 from icl_jax.sweeps import grid
@@ -47,7 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run_logs.quiet_orbax()
-  config, stage, root = _CONFIG.value, _STAGE.value, pathlib.Path(_ROOT.value)
+  config, stage, root = _CONFIG.value, _STAGE.value, storage.path(_ROOT.value)
   try:
     distributed.initialize_from_flags(_DISTRIBUTED_FLAGS)
     if stage in ("all", "runs") and not grid.run_sweep(config, root, _parse_shard(_SHARD.value)):

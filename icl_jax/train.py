@@ -6,7 +6,6 @@ late, so the device never waits for the host), checkpoints, preemption and non-f
 
 import contextlib
 import json
-import pathlib
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ from icl_jax.analysis import evaluate
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import train_step
 from icl_jax import workdir_lock
 
@@ -95,7 +95,7 @@ def poll_preemption(flag: dict) -> bool:
   return flag["set"]
 
 
-def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, resuming: bool,
+def check_saved_config(workdir: storage.Path, config: ml_collections.ConfigDict, resuming: bool,
                         allow_config_change: bool) -> bool:
   """Refuses to resume a run whose saved config differs, unless allowed; True if it differs (and is allowed).
   config.json is rewritten by `write_config` only once the checkpoint has restored, and for a changed config
@@ -115,7 +115,7 @@ def check_saved_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   return False
 
 
-def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: storage.Path, config: ml_collections.ConfigDict) -> None:
   """(Re)writes WORKDIR/config.json, whole then renamed: other processes reading it at the same moment never
   see a partial file."""
   if run_logs.is_writer():
@@ -190,7 +190,7 @@ def make_mesh(devices) -> Mesh:
   return Mesh(np.asarray(devices), (train_step.AXIS,))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, devices=None,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, *, devices=None,
                        allow_config_change: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir` and returns its final metrics and error curve.
 
@@ -202,13 +202,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   devices = jax.devices() if devices is None else list(devices)
   config_checks.validate(config, len(devices))
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   workdir_lock.prepare(workdir)
   with workdir_lock.hold(workdir, "training", writer=run_logs.is_writer()):
     return _train_and_evaluate(config, workdir, devices, allow_config_change)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, devices: list,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.Path, devices: list,
                         allow_config_change: bool) -> dict:
   train = config.train
   mesh = make_mesh(devices)
@@ -261,7 +261,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return result
 
 
-def write_error_curve(config, model, params, mesh, workdir: pathlib.Path) -> dict:
+def write_error_curve(config, model, params, mesh, workdir: storage.Path) -> dict:
   """Error/d at each context length on `config.eval.num_prompts` fresh prompts, vs predicting zero."""
   curve = train_step.make_error_curve(config, model, mesh)(params)
   summary = {

@@ -1,11 +1,12 @@
 """One process at a time per workdir: WORKDIR/lock.json names the holder (host, pid, start time, what it does).
 
 Two trainings on one workdir would otherwise interleave their checkpoints and metrics.jsonl, and one could
-delete the other's checkpoint in progress. The lock is written whole under a temporary name, then hard-linked
-to lock.json, which fails if lock.json exists: exactly one of two processes starting together gets it, and no
-reader sees a partial record. A lock whose holder is on this host and no longer alive (a `kill -9`) is
-stale: it is renamed away, one taker winning the rename, and taken over with a warning. A holder on another
-host cannot be checked from here: the error says how to remove the file if that process is gone.
+delete the other's checkpoint in progress. The lock file is created only if none exists, atomically
+(`storage.create_exclusively`: a hard link on a local disk, a conditional upload on gs://): exactly one of two
+processes starting together gets it, and no reader sees a partial record. A lock whose holder is on this host
+and no longer alive (a `kill -9`) is stale: it is removed, one taker winning (`storage.remove_if_unchanged`),
+and taken over with a warning. A holder on another host cannot be checked from here: the error says how to
+remove the file if that process is gone.
 
 The same process may take the lock again (training that evaluates at its end); the file goes when the
 outermost holder releases it. In a multi-process run, process 0 alone holds the lock (it is the one that
@@ -16,13 +17,14 @@ import contextlib
 import datetime
 import json
 import os
-import pathlib
 import socket
 
 from absl import logging
 
+from icl_jax import storage
+
 LOCK_FILE = "lock.json"
-_held: dict[pathlib.Path, int] = {}  # Workdirs this process holds, with their nesting depth.
+_held: dict[str, int] = {}  # Workdirs this process holds, with their nesting depth.
 
 
 class WorkdirError(RuntimeError):
@@ -33,8 +35,9 @@ class WorkdirLockedError(WorkdirError):
   """Another live process holds the workdir; the message names it."""
 
 
-def prepare(workdir: pathlib.Path) -> None:
+def prepare(workdir: storage.Path) -> None:
   """Creates `workdir` (and its parents) or raises WorkdirError saying why it cannot be one."""
+  workdir = storage.path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory")
   try:
@@ -53,13 +56,16 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def _read(path: pathlib.Path) -> dict | None:
+def _read(path: storage.Path) -> tuple[dict, str] | None:
+  """The lock's record and its text, or None if there is none."""
   try:
-    return json.loads(path.read_text())
+    text = path.read_text()
   except FileNotFoundError:
     return None
+  try:
+    return json.loads(text), text
   except (json.JSONDecodeError, UnicodeDecodeError):
-    return {"purpose": "an unreadable lock file"}  # Not written by this module: never taken as stale.
+    return {"purpose": "an unreadable lock file"}, text  # Not written by this module: never taken as stale.
 
 
 def _describe(holder: dict) -> str:
@@ -67,59 +73,48 @@ def _describe(holder: dict) -> str:
           f"started {holder.get('started', '?')}")
 
 
-def _try_create(path: pathlib.Path, record: dict) -> bool:
-  staged = path.with_name(f"{path.name}.{os.getpid()}.new")
-  staged.write_text(json.dumps(record) + "\n")
-  try:
-    os.link(staged, path)  # Atomic, and fails if the lock exists.
-  except FileExistsError:
-    return False
-  finally:
-    staged.unlink(missing_ok=True)
-  return True
-
-
-def _acquire(workdir: pathlib.Path, purpose: str) -> None:
+def _acquire(workdir: storage.Path, purpose: str) -> None:
   path = workdir / LOCK_FILE
   record = {"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   for _ in range(2):  # A second try after taking over a stale lock.
-    if _try_create(path, record):
-      return
-    holder = _read(path)
-    if holder is None:
+    try:
+      if storage.create_exclusively(path, json.dumps(record) + "\n"):
+        return
+    except OSError as e:
+      raise WorkdirError(f"--workdir={workdir}: cannot create {path} ({e.strerror or e})") from e
+    found = _read(path)
+    if found is None:
       continue  # Released in between.
+    holder, text = found
     same_host = holder.get("host") == record["host"]
     if not same_host or "pid" not in holder or _alive(int(holder["pid"])):
       remove = "" if same_host else f"; if that process is gone, delete {path}"
       raise WorkdirLockedError(f"{workdir} is in use: {_describe(holder)}{remove}. Wait for it, or use another "
                                "--workdir.")
-    stale = path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-    try:
-      path.rename(stale)  # Exactly one of several takers renames it.
-    except FileNotFoundError:
+    if not storage.remove_if_unchanged(path, text):  # Another taker was first.
       continue
-    stale.unlink(missing_ok=True)
     logging.warning("%s: took over the stale lock of %s (no such process).", workdir, _describe(holder))
   raise WorkdirLockedError(f"{workdir}: could not take {path}; another process is taking it at the same moment.")
 
 
 @contextlib.contextmanager
-def hold(workdir: pathlib.Path, purpose: str, writer: bool = True):
+def hold(workdir: storage.Path, purpose: str, writer: bool = True):
   """Holds WORKDIR's lock for the `with` block (only if `writer`: process 0 of a multi-process run)."""
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = storage.path(workdir)
   if not writer:
     yield
     return
-  if workdir in _held:
-    _held[workdir] += 1
+  key = str(workdir)
+  if key in _held:
+    _held[key] += 1
   else:
     _acquire(workdir, purpose)
-    _held[workdir] = 1
+    _held[key] = 1
   try:
     yield
   finally:
-    _held[workdir] -= 1
-    if not _held[workdir]:
-      del _held[workdir]
+    _held[key] -= 1
+    if not _held[key]:
+      del _held[key]
       (workdir / LOCK_FILE).unlink(missing_ok=True)

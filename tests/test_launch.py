@@ -277,7 +277,8 @@ def test_sweep_command_and_multi_host_warning(fake):
   result = _launch(["all", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth"], env)
   assert result.returncode == 0, result.stderr
   [install] = [c for c in _commands(result.stdout) if "--command" in c and "pip install" in _remote_script(c)]
-  assert f"'jax[tpu]>={_module().jax_lower_bound()}' gcsfs" in _remote_script(install)  # etils.epath's gs:// backend.
+  # gcsfs (etils.epath's gs:// backend) and google-cloud-storage (the workdir lock), as the gcs extra installs.
+  assert f"'jax[tpu]>={_module().jax_lower_bound()}' -r requirements-gcs.txt" in _remote_script(install)
 
   result = _launch(["run", "--dry-run", *BASE, "--distributed=none", "--config=configs/linreg.py:quick"], env)
   [run] = _commands(result.stdout)

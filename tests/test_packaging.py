@@ -60,7 +60,11 @@ def test_pyproject_reads_the_requirement_files():
   assert dynamic["dependencies"]["file"] == ["requirements.txt"]
   extras = {name: spec["file"] for name, spec in dynamic["optional-dependencies"].items()}
   assert extras == {"dev": ["requirements-test.txt"], "tensorboard": ["requirements-tensorboard.txt"],
-                    **{name: [f"requirements-{name}.txt"] for name in ("cuda12", "cuda13", "tpu")}}
+                    **{name: [f"requirements-{name}.txt"] for name in ("cuda12", "cuda13", "tpu", "gcs")}}
+  # The tests of gs:// workdirs install what the gcs extra does.
+  requirement_lines = [(REPO / f"requirements-{n}.txt").read_text().splitlines() for n in ("gcs", "test")]
+  gcs, test = ({line for line in lines if line and not line.startswith("#")} for lines in requirement_lines)
+  assert gcs <= test
   # The accelerator extras install jax at requirements.txt's lower bound, never an older one.
   bound = re.search(r"^jax>=([0-9.]+)", (REPO / "requirements.txt").read_text(), flags=re.MULTILINE).group(1)
   for name in ("cuda12", "cuda13", "tpu"):

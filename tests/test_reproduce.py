@@ -61,6 +61,15 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))
   regraded = pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
   assert [(g.verdict, g.quantities) for g in regraded] == [(g.verdict, g.quantities) for g in grades]
+  # A reproduction in parts: `only` trains and evaluates those experiments (here already summarised) and grades
+  # the others from whatever summaries the root holds; an experiment with none is NOT RUN.
+  part = tmp_path / "part"
+  shutil.copytree(tmp_path / "summaries", part / "summaries", ignore=shutil.ignore_patterns("kappa100_*"))
+  partial = pipeline.reproduce(_plan(part), part, "smoke", SEEDS, "same", only=("isotropic",))
+  assert [(g.verdict, g.quantities) for g in partial if g.claim.experiment != "kappa100"] == [
+      (g.verdict, g.quantities) for g in grades if g.claim.experiment != "kappa100"]
+  assert {(g.verdict, g.reason) for g in partial if g.claim.experiment == "kappa100"} == {
+      ("NOT RUN", "no finished run of this experiment")}
   # A summary of another configuration is refused, naming the file and the field.
   path = elsewhere / "summaries" / "isotropic_seed1.json"
   summary = json.loads(path.read_text())
@@ -188,6 +197,7 @@ def test_dry_run_prints_each_experiment_and_its_projected_cost(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (("--seeds=0,x",), "--seeds=0,x: expected integers"),
     (("--config_dir=/nonexistent",), "--config_dir=/nonexistent: no linreg.py there"),
+    (("--experiments=isotropic,gpt3",), "--experiments=isotropic,gpt3: unknown gpt3; the experiments are isotropic,"),
 ])
 def test_bad_flags_are_one_error_line(tmp_path, args, message):
   out = _reproduce("--scale=smoke", f"--root={tmp_path / 'r'}", *args, cwd=helpers.REPO)

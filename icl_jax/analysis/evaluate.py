@@ -5,7 +5,6 @@ off its weights (`lsa_analysis`, Ahn et al.'s). A new family registers its evalu
 import the analysis.
 """
 
-import pathlib
 from typing import Callable
 
 import ml_collections
@@ -13,12 +12,13 @@ import ml_collections
 from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import workdir_lock
 from icl_jax.analysis import lsa_analysis
 from icl_jax.analysis import probing
 
 # config.model.family -> (config, workdir, params or None) -> results, written under the workdir.
-EVALUATIONS: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path, dict | None], dict]] = {
+EVALUATIONS: dict[str, Callable[[ml_collections.ConfigDict, storage.Path, dict | None], dict]] = {
     "gpt2": probing.evaluate,
     "lstm": probing.evaluate,
     "lsa": lsa_analysis.evaluate,
@@ -30,7 +30,7 @@ EVALUATIONS: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path, dict |
 _TRAINING_ONLY_FIELDS = ("task.curriculum.", "task.resample_every", "model.dtype")
 
 
-def check_saved_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def check_saved_model(config: ml_collections.ConfigDict, workdir: storage.Path) -> None:
   """Raises ConfigError unless `config`'s model and task fields equal those of WORKDIR/config.json (a training
   run's, or a converted Garg et al. checkpoint's), naming each differing field; FileNotFoundError without it."""
   saved = checkpointing.load_saved_config(workdir).to_dict()
@@ -44,11 +44,11 @@ def check_saved_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
         "\nDrop these overrides (the saved values are used as given by --config), or evaluate another workdir.")
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, params: dict | None = None) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, params: dict | None = None) -> dict:
   """Evaluates the latest checkpoint in `workdir` (or `params`) as its family's evaluation does; returns the
   results it writes under `workdir`. Without `params`, the saved run must be of `config`'s model and task
   (`check_saved_model`)."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   if params is not None:  # The caller (training, at its end) holds the workdir.
     return EVALUATIONS[config.model.family](config, workdir, params)
   check_saved_model(config, workdir)

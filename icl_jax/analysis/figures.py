@@ -8,12 +8,13 @@ nothing stays open after saving, even in a long training process.
 """
 
 import functools
-import pathlib
 
 import matplotlib
 import numpy as np
 from matplotlib import lines, patches, ticker
 from matplotlib.figure import Figure
+
+from icl_jax import storage
 
 DPI = 150
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
@@ -38,9 +39,9 @@ GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps", "
 GREY = "0.45"
 
 
-def write_all(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+def write_all(results: dict, out_dir: storage.Path) -> list[storage.Path]:
   """Writes every figure as `<stem>.png` and `<stem>.pdf` into `out_dir`; returns the paths written."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   makers = {"error_vs_layer": functools.partial(error_vs_layer, results),
             "error_vs_context": functools.partial(error_vs_context, results),
@@ -55,7 +56,7 @@ def write_all(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
       figure = make()
       for suffix in (".png", ".pdf"):
         paths.append(out_dir / f"{stem}{suffix}")
-        figure.savefig(paths[-1], dpi=DPI)
+        storage.save_figure(figure, paths[-1], dpi=DPI)
   return paths
 
 

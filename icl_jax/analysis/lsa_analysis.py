@@ -6,7 +6,6 @@ WORKDIR/lsa_analysis/results.json and the figures lsa_analysis.{png,pdf} and lsa
 """
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import train_step
 from icl_jax.analysis import algorithms
 from icl_jax.analysis.precision import highest_precision
@@ -257,7 +257,7 @@ def figure_matrices(results: dict) -> Figure:
   return figure
 
 
-def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+def write(results: dict, out_dir: storage.Path) -> list[storage.Path]:
   """results.json and the figures (PNG and PDF) into `out_dir`; returns the paths written."""
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = [out_dir / "results.json"]
@@ -267,15 +267,15 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
       figure = make(results)
       for suffix in (".png", ".pdf"):
         paths.append(out_dir / f"{stem}{suffix}")
-        figure.savefig(paths[-1], dpi=DPI)
+        storage.save_figure(figure, paths[-1], dpi=DPI)
   return paths
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, params: dict | None = None) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, params: dict | None = None) -> dict:
   """Analyses the latest checkpoint in `workdir` (or `params`) on `config.eval.num_prompts` test prompts; writes
   WORKDIR/lsa_analysis/ and returns the results."""
   config_checks.validate(config, num_devices=1)
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   step = None
   if params is None:
     params, step = checkpointing.load_params(config, workdir)

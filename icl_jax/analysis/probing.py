@@ -7,7 +7,6 @@ matches and their fits) and `evaluate` writes WORKDIR/eval/results.json and the 
 
 import functools
 import json
-import pathlib
 import time
 
 import jax
@@ -22,6 +21,7 @@ from icl_jax import data
 from icl_jax import datasets
 from icl_jax import models
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import train_step
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import figures
@@ -411,7 +411,7 @@ def _table1(config, sim_e: dict, best: dict) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir, params: dict | None = None) -> dict:
   """Evaluates the latest checkpoint in `workdir` (or `params`); writes WORKDIR/eval/results.json and figures."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   step = None
   if params is None:
     params, step = checkpointing.load_params(config, workdir)

