@@ -17,15 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from icl_jax import errors
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import storage
 from icl_jax import train_step
-
-def _first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
-
 
 GARG_PARAMS_DIR = "garg_params"  # A converted Garg et al. checkpoint's parameters, inside its workdir.
 
@@ -40,6 +36,20 @@ class CheckpointRestoreError(RuntimeError):
   """No checkpoint of the directory restores into the requested state; the message says which and why."""
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, kept out of JAX's preemption service.
+
+  The training loop asks the service about every step, in order (`train.poll_preemption`), and saves with
+  force=True when the service answers. Orbax's own questions come from its finalize thread too, with the step of
+  the checkpoint being committed: that moves the service's step count backwards at a moment no process controls,
+  and if every process reports such an old step when a SIGTERM comes, the agreed step is one already passed and
+  the run never stops.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 class Checkpoints:
   """Keeps the last `keep_checkpoints` states plus every multiple of `keep_period`."""
 
@@ -47,7 +57,7 @@ class Checkpoints:
     self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=train.keep_checkpoints, keep_period=train.keep_period or None,
                                            enable_async_checkpointing=True, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = _Manager(self.directory, options=options)
 
   def __enter__(self) -> "Checkpoints":
     return self
@@ -60,13 +70,13 @@ class Checkpoints:
       self.close()
     except Exception as close_error:  # noqa: BLE001
       logging.warning("Closing the checkpoints in %s after an error failed too: %s", self.directory,
-                      _first_line(close_error))
+                      errors.one_line(close_error))
 
   def close(self) -> None:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # The background save of the last step failed.
-      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {_first_line(e)}") from e
+      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {errors.one_line(e)}") from e
     self._manager.close()
 
   def latest_step(self) -> int | None:
@@ -77,7 +87,7 @@ class Checkpoints:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     except Exception as e:
       raise CheckpointSaveError(f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: "
-                                f"{_first_line(e)}") from e
+                                f"{errors.one_line(e)}") from e
 
   def restore(self, step: int, like):
     """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings)."""
@@ -87,7 +97,7 @@ class Checkpoints:
     except Exception as e:  # Orbax and TensorStore raise many types for a mismatched or damaged checkpoint.
       raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
                                    "configuration's state (damaged, or written by a different model or optimiser?): "
-                                   f"{_first_line(e)}") from e
+                                   f"{errors.one_line(e)}") from e
 
   def restore_latest(self, like) -> tuple[object, int | None]:
     """(state, step) of the newest checkpoint that restores, or (like, None) when there is none.
@@ -118,7 +128,7 @@ class Checkpoints:
       if jax.process_index() == 0:
         (self.directory / str(step)).rename(aside)
       logging.warning("The checkpoint %s does not restore; moved it to %s and resumed from an older one. "
-                      "The newest failure: %s", self.directory / str(step), aside, _first_line(reason))
+                      "The newest failure: %s", self.directory / str(step), aside, errors.one_line(reason))
     self._manager.reload()
 
 

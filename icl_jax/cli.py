@@ -2,9 +2,11 @@
 into one `error:` line naming the field and the closest valid ones, instead of a traceback."""
 
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
+import threading
 
 import ml_collections
 from absl import app
@@ -90,10 +92,15 @@ def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_col
 def exit_with_error(error: Exception) -> None:
   """One `error:` line (also logged) and exit status 1. After a failed checkpoint save or restore the process
   leaves at once (os._exit): Orbax's blocked save threads would otherwise keep the interpreter from ever
-  exiting, and its asyncio threads print tracebacks while the interpreter shuts down."""
+  exiting, and its asyncio threads print tracebacks while the interpreter shuts down (silenced from here on, so
+  that the error line stays the last one)."""
+  leave_at_once = isinstance(error, (checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError))
+  if leave_at_once:  # Orbax's threads die with the process: their last words would follow the error line.
+    threading.excepthook = sys.unraisablehook = lambda *args: None
+    std_logging.getLogger("asyncio").disabled = True
   logging.error("%s", error)
   print(f"error: {error}", file=sys.stderr, flush=True)
-  if isinstance(error, (checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError)):
+  if leave_at_once:
     logging.flush()
     os._exit(1)
   sys.exit(1)

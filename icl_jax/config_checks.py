@@ -213,7 +213,8 @@ def dataset_errors(config) -> list[str]:
     return [f"config.eval.dataset_setting = {setting!r}: allowed values are {', '.join(map(repr, datasets.SETTINGS))}"]
   try:
     info = datasets.describe(directory, setting)
-  except FileNotFoundError as e:
+    datasets.load_prompts(directory, setting)  # Reads every file and checks the hashes (0.3 s), before any compute.
+  except (FileNotFoundError, datasets.DatasetError) as e:
     return [f"config.eval.dataset_dir = {directory!r}: {e}"]
   errors = []
   where = (f"the set {setting!r} in {datasets.directory(directory, setting)} (config.eval.dataset_setting, "

@@ -80,7 +80,7 @@ def main(argv):
   try:
     runs = pipeline.plan(scale, root, seeds, pathlib.Path(_CONFIG_DIR.value))
     if _DRY_RUN.value:
-      _dry_run([r for r in runs if only is None or r.experiment.name in only])
+      _dry_run(pipeline.selected(runs, only))
       return
     command = shlex.join(["python", "-m", "icl_jax.reproduce", f"--scale={scale}", f"--root={_ROOT.value}",
                           f"--seeds={','.join(map(str, seeds))}"] + ([f"--experiments={','.join(only)}"] * bool(only)))

@@ -145,7 +145,8 @@ TENSORBOARD_SYNC_S = 120.0
 
 
 class MetricsLog:
-  """Appends records to metrics.jsonl and TensorBoard, and logs progress (steps/s, ETA) with absl.
+  """Appends records to metrics.jsonl and TensorBoard, and logs progress (steps/s, ETA) with absl. A context
+  manager: its exit closes the events.
 
   On a gs:// workdir, where an object cannot be appended to, metrics.jsonl is uploaded whole at each record
   (a few hundred bytes per record; a 500k-step run logged every 100 steps ends near 1 MB)."""
@@ -156,16 +157,16 @@ class MetricsLog:
     self._writes = 0
     self._last = (start_step, time.perf_counter())
     self._tensorboard = self._mirror = None
-    self._lines = None if not storage.is_remote(workdir) else []  # The whole file, for a remote one.
+    self._events = workdir / "tensorboard"
+    self._remote = storage.is_remote(workdir)
+    self._lines = []  # The records so far: a remote file is uploaded whole from them.
     if not is_writer():
       return
     if self._path.exists():
-      kept = [line for line in _complete_records(self._path) if json.loads(line)["step"] <= start_step]
-      write_atomically(self._path, "".join(line + "\n" for line in kept))
-      if self._lines is not None:
-        self._lines = kept
+      self._lines = [line for line in _complete_records(self._path) if json.loads(line)["step"] <= start_step]
+      write_atomically(self._path, "".join(line + "\n" for line in self._lines))
     import tensorboardX  # Deferred: only the writing process needs it.
-    self._mirror = storage.LocalMirror(workdir / "tensorboard", min_interval_s=TENSORBOARD_SYNC_S)
+    self._mirror = storage.LocalMirror(self._events, min_interval_s=TENSORBOARD_SYNC_S)
     self._tensorboard = tensorboardX.SummaryWriter(os.fspath(self._mirror.local))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -188,26 +189,46 @@ class MetricsLog:
                  metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],
                  steps_per_s, eta_min)
     line = json.dumps(record)
-    if self._lines is None:
+    if self._remote:
+      self._lines.append(line)
+      write_atomically(self._path, "".join(line + "\n" for line in self._lines))
+    else:
       try:
         with self._path.open("a") as f:
           f.write(line + "\n")
       except OSError as e:
         raise workdir_lock.WorkdirError(f"cannot append to {self._path}: {e.strerror or e}") from e
-    else:
-      self._lines.append(line)
-      write_atomically(self._path, "".join(line + "\n" for line in self._lines))
-    for name, value in record.items():
-      if name != "step":
-        self._tensorboard.add_scalar(_TENSORBOARD_TAGS.get(name, name), value, step)
-    if storage.is_remote(self._path):
-      self._tensorboard.flush()
-      self._mirror.sync()
+    try:
+      for name, value in record.items():
+        if name != "step":
+          self._tensorboard.add_scalar(_TENSORBOARD_TAGS.get(name, name), value, step)
+      if self._remote:
+        self._tensorboard.flush()
+        self._mirror.sync()
+    except OSError as e:
+      raise workdir_lock.WorkdirError(f"cannot write the TensorBoard events in {self._events}: "
+                                      f"{e.strerror or e}") from e
 
-  def close(self) -> None:
-    if self._tensorboard is not None:
+  def __enter__(self) -> "MetricsLog":
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    self.close(error_in_flight=exc_type is not None)
+
+  def close(self, error_in_flight: bool = False) -> None:
+    """Flushes and closes the TensorBoard events (uploads them, on gs://). A failure (a full disk) raises
+    WorkdirError naming the directory; with `error_in_flight` (another error is already ending the run, often of
+    the same cause) it is only logged, so that the first error is the one reported."""
+    if self._tensorboard is None:
+      return
+    try:
       self._tensorboard.close()
       self._mirror.close()
+    except OSError as e:
+      message = f"cannot write the TensorBoard events in {self._events}: {e.strerror or e}"
+      if not error_in_flight:
+        raise workdir_lock.WorkdirError(message) from e
+      logging.warning("%s", message)
 
 
 _TENSORBOARD_TAGS = {"loss_per_dim": "loss/d", "n_dims": "curriculum/n_dims", "n_points": "curriculum/n_points",

@@ -2,8 +2,8 @@
 
 Every file under a workdir, sweep root or reproduction root is reached through `path(...)`: a local path is a
 `pathlib.Path`, a gs:// one an `etils.epath.Path` (the path type Orbax uses; the same methods, reaching Cloud
-Storage through gcsfs: `pip install gcsfs`, in requirements-gcs.txt). A Cloud TPU pod's hosts share no disk, so a pod run's workdir must
-be a bucket every host reaches.
+Storage through gcsfs: `pip install -e ".[gcs]"`). A Cloud TPU pod's hosts share no disk, so a pod run's
+workdir must be a bucket every host reaches.
 
 Cloud Storage is not a file system; the three differences that matter here, and how this module meets them:
 - An object is uploaded whole or not at all, but cannot be appended to (gcsfs's "a" mode silently rewrites the
@@ -14,7 +14,7 @@ Cloud Storage is not a file system; the three differences that matter here, and 
 - Libraries that write only local files (tensorboardX: its own gs:// writer needs credentials it cannot get from
   gcsfs, and fails) write into a `LocalMirror`, which uploads what they wrote.
 
-Tests run all of it against a local Cloud Storage emulator (tests/gcs_emulator.py).
+tests/test_gcs.py runs all of it against a local Cloud Storage emulator (tests/helpers.py: gcs_emulator).
 """
 
 import contextlib

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from icl_jax import checkpointing
@@ -32,31 +33,6 @@ class ConfigChangedError(RuntimeError):
   """The workdir holds a run with a different configuration."""
 
 
-class _PreemptionVote:
-  """With several processes: whether any process has received SIGTERM, the same answer on every process.
-
-  A process that stopped alone would leave the others waiting forever in a collective, and SIGTERM reaches
-  hosts at different times. Each chunk dispatches a tiny all-reduce of the processes' flags over every device;
-  its result is read one chunk later (like the metrics), so the host never waits for the device any longer.
-  """
-
-  def __init__(self):
-    mesh = Mesh(np.asarray(jax.devices()), ("processes",))
-    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
-    self._num_local = len(mesh.local_devices)
-    self._any = jax.jit(jax.shard_map(lambda f: jax.lax.pmax(f, "processes"), mesh=mesh,
-                                      in_specs=jax.sharding.PartitionSpec("processes"),
-                                      out_specs=jax.sharding.PartitionSpec()))
-    self._pending = None
-
-  def poll(self, received: bool) -> bool:
-    """Dispatches this chunk's vote; returns the previous chunk's outcome."""
-    previous = self._pending
-    local = np.full((self._num_local,), int(received), np.int32)
-    self._pending = self._any(jax.make_array_from_process_local_data(self._sharding, local))
-    return previous is not None and bool(np.asarray(jax.device_get(previous)).any())
-
-
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: EX_TEMPFAIL of sysexits.h ("try again
 # later"), distinct from 0 (finished) and 1 (failed), so that a scheduler can requeue exactly these runs.
 EXIT_PREEMPTED = 75
@@ -64,20 +40,28 @@ EXIT_PREEMPTED = 75
 
 @contextlib.contextmanager
 def preemption_flag():
-  """Yields a dict whose "set" becomes True on SIGTERM (Cloud TPU preemption); restores the old handler.
+  """Yields a dict whose "set" becomes True once the run is to save a checkpoint and stop (SIGTERM: Cloud TPU
+  preemption, SLURM's time limit).
 
-  With several processes, "set" changes only in `poll_preemption`, at the same chunk on every process.
+  One process: a SIGTERM handler (replacing the old one until the block ends) sets it; the loop stops after
+  the chunk it is dispatching, one chunk after the one running when the signal came.
+  Several processes: SIGTERM reaches the hosts at different times, and a process that stopped alone would
+  leave the others waiting forever in a collective. Agreement comes from JAX's preemption service, which
+  `jax.distributed.initialize` starts with its own SIGTERM handler (so none is installed here): once any
+  process has the notice, the service picks the step after the largest one any process has reached, and
+  `poll_preemption` finds it within the next chunk on every process, as soon as with one process (JAX logs
+  "SIGTERM caught" on the process that got it). Cost: one call into the runtime per training step, no device
+  work. Orbax's manager does not ask the service (`checkpointing._Manager`: its questions would move the
+  service's step count backwards).
   """
-  flag = {"set": False}
-  if jax.process_count() > 1:
-    flag.update(received=False, vote=_PreemptionVote())
-  if threading.current_thread() is not threading.main_thread():
+  flag = {"set": False, "service": jax.process_count() > 1}
+  if flag["service"] or threading.current_thread() is not threading.main_thread():
     yield flag
     return
 
   def handler(signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    flag["received" if "vote" in flag else "set"] = True
+    flag["set"] = True
 
   previous = signal.signal(signal.SIGTERM, handler)
   try:
@@ -86,12 +70,25 @@ def preemption_flag():
     signal.signal(signal.SIGTERM, previous)
 
 
-def poll_preemption(flag: dict) -> bool:
-  """`flag["set"]`, first updated from the processes' vote when there are several. Every process must call
-  this once per chunk, at the same chunks."""
-  if "vote" in flag and flag["vote"].poll(flag["received"]) and not flag["set"]:
-    logging.warning("A process received SIGTERM: every process saves a checkpoint and stops.")
-    flag["set"] = True
+def poll_preemption(flag: dict, first_step: int, end: int) -> bool:
+  """`flag["set"]` after the chunk of steps `first_step + 1 .. end`; with several processes, first updated
+  from JAX's preemption service, asked about every one of these steps, in order.
+
+  The service's step ids count from 1 at the first chunk of this process (they must be the same on every
+  process and increase by one): a notice that came before any question (SIGTERM during start-up) sets the
+  agreed id to 1, which absolute step numbers of a resumed run would never meet.
+  """
+  if flag["service"] and not flag["set"]:
+    origin = flag.setdefault("origin", first_step)
+    try:
+      reached = [multihost_utils.reached_preemption_sync_point(s - origin) for s in range(first_step + 1, end + 1)]
+    except RuntimeError as e:  # The service is off (jax_enable_preemption_service=False).
+      logging.warning("JAX's preemption service is off (%s): SIGTERM ends the processes without a checkpoint.", e)
+      flag["service"] = False
+      return False
+    if any(reached):
+      logging.warning("A process received SIGTERM: every process saves a checkpoint at step %d and stops.", end)
+      flag["set"] = True
   return flag["set"]
 
 
@@ -175,8 +172,8 @@ def run_steps(state, step: int, train: ml_collections.ConfigDict, run_chunk, met
     state, chunk_metrics = run_chunk(state, end - step)
     for m in metrics:
       m.push(step, end - step, chunk_metrics)
+    stop = poll_preemption(preempted, step, end)  # On every process after every chunk (multi-process agreement).
     step = end
-    stop = poll_preemption(preempted)  # On every process after every chunk (multi-process agreement).
     if step % train.checkpoint_every == 0 or step == train.num_steps or stop:
       for m in metrics:
         m.flush()  # Never save a state whose losses have not been checked.
@@ -240,18 +237,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.Path
     if run_logs.is_writer():
       provenance = {**run_logs.provenance(), "start_step": step}
       run_logs.write_atomically(workdir / "provenance.json", json.dumps(provenance, indent=2) + "\n")
-    log = run_logs.MetricsLog(workdir, step, train.num_steps)
-    metrics = Metrics(log, train)
-    run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
-    start_time = time.perf_counter()
-    try:
-      state, step = run_steps(state, step, train, run_chunk, [metrics], save, preempted)
-    except FloatingPointError as e:
-      kept = checkpoints.latest_step()
-      raise FloatingPointError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None else
-                                          "No checkpoint had been written yet: a rerun starts from step 0.")) from None
-    finally:
-      log.close()
+    with run_logs.MetricsLog(workdir, step, train.num_steps) as log:
+      metrics = Metrics(log, train)
+      run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
+      start_time = time.perf_counter()
+      try:
+        state, step = run_steps(state, step, train, run_chunk, [metrics], save, preempted)
+      except FloatingPointError as e:
+        kept = checkpoints.latest_step()
+        raise FloatingPointError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None
+                                            else "No checkpoint had been written yet: a rerun starts from step 0.")
+                                 ) from None
   logging.info("Trained to step %d in %.1f s.", step, time.perf_counter() - start_time)
   result = {"step": step, "num_params": num_params, "final": metrics.last, "preempted": preempted["set"]}
   if step == train.num_steps:

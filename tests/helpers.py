@@ -75,8 +75,9 @@ def tensorboard_events(directory):
   return events
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
@@ -103,7 +104,7 @@ def gcs_emulator(bucket: str):
   machine = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
   prefix = f"fake-gcs-server-{platform.system().lower()}-{machine}"
   binary = next(p for p in binaries.iterdir() if p.name.startswith(prefix))
-  url = f"http://127.0.0.1:{_free_port()}"
+  url = f"http://127.0.0.1:{free_port()}"
   with tempfile.TemporaryDirectory() as storage_root:
     server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1],
                                "-backend", "filesystem", "-filesystem-root", storage_root, "-external-url", url,

@@ -120,6 +120,59 @@ def test_changed_files_and_unpublished_contents_raise(built, tmp_path, monkeypat
     datasets.load_prompts(data_dir, "isotropic")
 
 
+RECORDS = "linreg_eval-test.array_record-00000-of-00001"
+
+
+def _truncate(file):
+  file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+def _flip_a_byte(file):
+  data = bytearray(file.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, damage, says", [
+    (RECORDS, _truncate, "Corrupted Riegeli/records file"),
+    (RECORDS, _flip_a_byte, "Corrupted Riegeli/records file"),
+    (RECORDS, lambda file: file.unlink(), "No such file"),
+    ("features.json", lambda file: file.write_text("{junk"), "JSONDecodeError"),
+    ("metadata.json", lambda file: file.unlink(), "FileNotFoundError"),
+    ("dataset_info.json", _truncate, "JSONDecodeError"),
+])
+def test_a_damaged_set_is_refused_naming_its_file(built, tmp_path, name, damage, says):
+  data_dir, _, _ = built
+  shutil.copytree(data_dir, tmp_path, dirs_exist_ok=True)
+  path = datasets.directory(tmp_path, "noisy")
+  damage(path / name)
+  rebuild = (f"delete {path} and rebuild it with "
+             f"`python -m icl_jax.datasets.build --data_dir={tmp_path} --settings=noisy`")
+  with pytest.raises(datasets.DatasetError) as error:
+    datasets.load_prompts(tmp_path, "noisy")
+  assert name in str(error.value) and says in str(error.value) and rebuild in str(error.value)
+  # Before any compute, as one config error.
+  with pytest.raises(config_checks.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*{name}"):
+    config_checks.validate(_config(tmp_path), num_devices=1)
+
+
+def test_the_cli_refuses_a_damaged_set_in_one_line_before_training(built, tmp_path):
+  data_dir, _, _ = built
+  shutil.copytree(data_dir, tmp_path / "sets", dirs_exist_ok=True)
+  _truncate(datasets.directory(tmp_path / "sets", "noisy") / RECORDS)
+  workdir = tmp_path / "run"
+  overrides = [f"--config.eval.dataset_dir={tmp_path / 'sets'}", "--config.eval.dataset_setting=noisy",
+               "--config.task.n_dims=20", "--config.task.n_points=41", "--config.task.curriculum.enabled=False",
+               "--config.model.n_positions=82", "--config.eval.num_prompts=32"]
+  result = subprocess.run([sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py",
+                           f"--workdir={workdir}", *overrides], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr, result.stderr
+  message = result.stderr[result.stderr.index("error:"):]
+  assert "config.eval.dataset_dir" in message and f"its records ({RECORDS}) do not read back" in message
+  assert not (workdir / "checkpoints").exists()
+
+
 def test_a_missing_set_says_how_to_build_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="python -m icl_jax.datasets.build"):
     datasets.load_prompts(tmp_path, "isotropic")

@@ -12,7 +12,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,12 @@ import pytest
 from icl_jax import checkpointing
 from icl_jax import distributed
 from icl_jax import train
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=12", "--config.train.checkpoint_every=6"]
 DEVICES_PER_PROCESS = 2
 DEADLINE_S = 75  # Per phase; each takes 5-20 s on 2 CPU cores.
-
-
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _env(devices: int | None) -> dict:
@@ -122,7 +116,7 @@ def _run_together(processes, deadline_s=DEADLINE_S, on_poll=None, expected_statu
 
 
 def _start_pair(workdir, *extra, devices=DEVICES_PER_PROCESS):
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{helpers.free_port()}"
   return [_start(_command(workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
                           *extra), devices=devices) for i in range(2)]
 
@@ -202,27 +196,59 @@ def test_one_process_resumes_the_checkpoint_of_two(runs, tmp_path):
   _assert_same_curve(_records(workdir), _records(runs["single"]))
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
-  """Cloud TPU preemption: SIGTERM reaches the hosts at different times, here only one of them."""
-  processes = _start_pair(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=10",
-                          "--config.train.log_every=100", "--config.train.steps_per_dispatch=5", devices=1)
-  checkpoints = tmp_path / "checkpoints"
+def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
+  """Cloud TPU preemption: SIGTERM reaches the hosts at different times, here only one of them. Both stop at the
+  same step, after the chunk that follows the one running when the signal came (as one process does)."""
+  chunk = 40  # Steps per chunk: long enough (~1 s here) that the signal lands in the chunk after the logged one.
+  processes = _start_pair(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+                          f"--config.train.log_every={chunk}", f"--config.train.steps_per_dispatch={chunk}", devices=1)
+  metrics = tmp_path / "metrics.jsonl"
+
+  def logged_steps():  # Complete lines only: process 0 may be writing the next one.
+    text = metrics.read_text() if metrics.exists() else ""
+    return [json.loads(line)["step"] for line in text.split("\n")[:-1]]
+
   deadline = time.monotonic() + DEADLINE_S
   try:
-    while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-      assert all(p.poll() is None for p in processes), "a process ended before the first checkpoint"
-      assert time.monotonic() < deadline, "no checkpoint appeared"
-      time.sleep(0.05)
+    while len(logged_steps()) < 2:  # Past compilation, in the steady loop.
+      assert all(p.poll() is None for p in processes), "a process ended before training"
+      assert time.monotonic() < deadline, "no metrics appeared"
+      time.sleep(0.01)
+  except BaseException:
+    _kill(processes)
+    raise
+  logged = logged_steps()[-1]  # Its chunk has ended; the next one runs now.
+  processes[1].send_signal(signal.SIGTERM)
+  p0, p1 = _run_together(processes, deadline_s=30, expected_status=train.EXIT_PREEMPTED)
+  [stop] = _committed_steps(tmp_path)
+  print(f"\nlogged step {logged} when signalled, stopped at {stop}, chunks of {chunk}")
+  for stderr in (p0, p1):
+    assert f"A process received SIGTERM: every process saves a checkpoint at step {stop} and stops." in stderr
+  assert logged < stop <= logged + 2 * chunk, (logged, stop)
+
+
+def test_sigterm_during_start_up_stops_both_after_the_first_chunk(tmp_path):
+  """A notice that comes before the first chunk (preemption while compiling) is not lost: both processes stop
+  at the end of the first chunk of the resumed run."""
+  chunk = 5
+  flags = ("--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=5",
+           f"--config.train.steps_per_dispatch={chunk}")
+  _run_together(_start_pair(tmp_path, *flags[1:], "--config.train.num_steps=10", devices=1))  # Resumed from 10.
+  processes = _start_pair(tmp_path, *flags, "--allow_config_change", devices=1)
+  deadline = time.monotonic() + DEADLINE_S
+  try:
+    while "JAX distributed runtime started" not in _stderr(processes[1]):
+      assert all(p.poll() is None for p in processes), "a process ended before the runtime started"
+      assert time.monotonic() < deadline, "the runtime did not start"
+      time.sleep(0.01)
   except BaseException:
     _kill(processes)
     raise
   processes[1].send_signal(signal.SIGTERM)
-  p0, p1 = _run_together(processes, deadline_s=30, expected_status=train.EXIT_PREEMPTED)
-  assert "SIGTERM received" in p1 and "SIGTERM received" not in p0
+  p0, p1 = _run_together(processes, deadline_s=60, expected_status=train.EXIT_PREEMPTED)
+  assert _committed_steps(tmp_path) == [10, 10 + chunk]
   for stderr in (p0, p1):
-    assert "A process received SIGTERM: every process saves a checkpoint and stops." in stderr
-  last = _committed_steps(tmp_path)[-1]
-  assert 10 <= last < 100000 and last % 5 == 0
+    assert f"every process saves a checkpoint at step {10 + chunk} and stops." in stderr
 
 
 def test_flags_are_checked_before_anything_starts():
@@ -279,7 +305,7 @@ def test_a_slurm_step_finds_its_processes_by_itself(tmp_path):
   """Two tasks of a (simulated) `srun -n 2` step: the process count and ids come from Slurm's environment
   through JAX's cluster detection; only the coordinator address is given, to keep it on 127.0.0.1 (Slurm's
   default would listen on every interface of the first node)."""
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{helpers.free_port()}"
   slurm = lambda i: {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
                      "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1"}
   command = _command(tmp_path / "slurm", "--distributed=auto", f"--coordinator_address={address}")

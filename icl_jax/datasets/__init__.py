@@ -8,15 +8,23 @@ files' hash-shuffled order, each with its `index`). The settings are described i
 linreg_eval/linreg_eval_dataset_builder.py.
 """
 
+import json
 import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from icl_jax import errors
+
 from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 
 SETTINGS = tuple(config.name for config in linreg_eval.Builder.BUILDER_CONFIGS)
 VERSION = str(linreg_eval.Builder.VERSION)
+
+
+class DatasetError(ValueError):
+  """A built set whose files do not read back, or whose prompts are not the ones built or published; the message
+  names the file and says how to rebuild."""
 
 
 def directory(data_dir, setting: str) -> pathlib.Path:
@@ -41,14 +49,35 @@ def build(data_dir, settings=SETTINGS) -> dict[str, str]:
   return hashes
 
 
+def _rebuild(data_dir, setting: str) -> str:
+  return (f"delete {directory(data_dir, setting)} and rebuild it with "
+          f"`python -m icl_jax.datasets.build --data_dir={data_dir} --settings={setting}`")
+
+
 def _builder(data_dir, setting: str):
   _check_setting(setting)
   path = directory(data_dir, setting)
   if not (path / "dataset_info.json").is_file():
     raise FileNotFoundError(f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with "
                             f"`python -m icl_jax.datasets.build --data_dir={data_dir} --settings={setting}`")
+  for name in ("dataset_info.json", "features.json", "metadata.json"):  # TFDS's own errors name no file.
+    try:
+      json.loads((path / name).read_text())
+    except (OSError, ValueError) as e:
+      raise DatasetError(f"{path / name} does not read back ({errors.one_line(e)}): {_rebuild(data_dir, setting)}")
   # From the files alone, as any reader would: the builder code is not needed to read.
   return tfds.builder_from_directory(path)
+
+
+def _records(data_dir, setting: str, builder) -> list[dict]:
+  """Every record of the set, as ArrayRecord reads them (their files' order)."""
+  try:
+    source = builder.as_data_source(linreg_eval.SPLIT)
+    return source.__getitems__(list(range(len(source))))
+  except (OSError, RuntimeError, ValueError) as e:  # ArrayRecord's messages name no file, but for a missing one.
+    files = ", ".join(p.name for p in sorted(directory(data_dir, setting).glob("*.array_record*")))
+    raise DatasetError(f"{directory(data_dir, setting)}: its records ({files or 'none'}) do not read back "
+                       f"({errors.one_line(e)}): {_rebuild(data_dir, setting)}") from e
 
 
 def describe(data_dir, setting: str) -> dict:
@@ -61,26 +90,26 @@ def describe(data_dir, setting: str) -> dict:
 def load_prompts(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The prompts of a built setting, prompt i at row i: xs [B, N, D], ys [B, N], ws [B, D], float32.
 
-  Raises ValueError, naming the file, when the decoded prompts do not hash to the content hash recorded in
-  metadata.json at build time (the files changed since), or to the hash published for this version in the
-  builder's source (not the published set, e.g. built where numpy draws other normals).
+  Raises DatasetError, naming the file, when its files do not read back, or when the decoded prompts do not
+  hash to the content hash recorded in metadata.json at build time (the files changed since), or to the hash
+  published for this version in the builder's source (not the published set, e.g. built where numpy draws
+  other normals).
   """
   builder = _builder(data_dir, setting)
-  source = builder.as_data_source(linreg_eval.SPLIT)
-  records = source.__getitems__(list(range(len(source))))
+  records = _records(data_dir, setting, builder)
   # The files hold records in a hash-shuffled order; each carries its index.
   order = np.argsort([record["index"] for record in records])
   path = directory(data_dir, setting)
   if [records[i]["index"] for i in order] != list(range(len(records))):
-    raise ValueError(f"{path}: the record indices are not 0..{len(records) - 1}")
+    raise DatasetError(f"{path}: the record indices are not 0..{len(records) - 1}: {_rebuild(data_dir, setting)}")
   xs_BxNxD, ys_BxN, ws_BxD = (np.stack([records[i][key] for i in order]) for key in ("xs", "ys", "w"))
   actual = linreg_eval.content_hash(xs_BxNxD, ys_BxN, ws_BxD)
   recorded = builder.info.metadata.get("content_sha256")
   if actual != recorded:
-    raise ValueError(f"{path / 'metadata.json'} records content_sha256 {recorded}, but the prompts in {path} "
-                     f"hash to {actual}: the files changed after the build. Delete {path} and rebuild it.")
+    raise DatasetError(f"{path / 'metadata.json'} records content_sha256 {recorded}, but the prompts in {path} "
+                       f"hash to {actual}: the files changed after the build; {_rebuild(data_dir, setting)}")
   published = linreg_eval.PUBLISHED_SHA256[VERSION][setting]
   if actual != published:
-    raise ValueError(f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
-                     f"published {published} ({linreg_eval.__file__}): this is not the published set.")
+    raise DatasetError(f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
+                       f"published {published} ({linreg_eval.__file__}): this is not the published set.")
   return xs_BxNxD, ys_BxN, ws_BxD

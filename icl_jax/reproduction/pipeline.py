@@ -164,6 +164,11 @@ def check_constructions(n_dims: int, n_points: int, seed: int = 0) -> dict:
           "lsa": {"max_relative_error": max(lsa), "per_layers": lsa}}
 
 
+def selected(runs: list[Run], only: tuple[str, ...] | None) -> list[Run]:
+  """The runs of the experiments named in `only` (all of them for None)."""
+  return [r for r in runs if only is None or r.experiment.name in only]
+
+
 def reproduce(runs: list[Run], root: storage.Path, scale: str, seeds: tuple[int, ...], command: str,
               only: tuple[str, ...] | None = None) -> list | None:
   """Trains and evaluates what is missing of `runs` (from `plan`), grades every claim and writes the report;
@@ -171,7 +176,7 @@ def reproduce(runs: list[Run], root: storage.Path, scale: str, seeds: tuple[int,
   names), trains and evaluates those alone and grades the others from the summaries already under ROOT (NOT
   RUN without), so that a scale too long for one machine's session is run in parts into one root. Holds
   ROOT's lock (each run's workdir has its own), so that two reproductions never share a root."""
-  here = [r for r in runs if only is None or r.experiment.name in only]
+  here = selected(runs, only)
   workdir_lock.prepare(root)
   with workdir_lock.hold(root, f"reproduction ({scale})"):
     if not train_all(here):

@@ -57,7 +57,6 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[storage
     for workdir in workdirs:
       locks.enter_context(workdir_lock.hold(workdir, "sweep training", writer=run_logs.is_writer()))
     checkpoints = [checkpointing.Checkpoints(w / "checkpoints", train_config) for w in workdirs]
-    logs = []
     try:
       with train.preemption_flag() as preempted:
         # Saves of the runs are not atomic together: resume every run from the newest step they all have.
@@ -72,7 +71,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[storage
           train.write_config(workdir, config)
         state = jax.device_put(jax.tree.map(lambda *a: jnp.stack(a), *states), train_step.replicated(mesh))
         step = common or 0
-        logs = [run_logs.MetricsLog(w, step, train_config.num_steps) for w in workdirs]
+        logs = [locks.enter_context(run_logs.MetricsLog(w, step, train_config.num_steps)) for w in workdirs]
         metrics = [train.Metrics(log, train_config, column=m) for m, log in enumerate(logs)]
         run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train_config),
                                                 mesh, hypers)
@@ -83,8 +82,6 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[storage
 
         state, step = train.run_steps(state, step, train_config, run_chunk, metrics, save, preempted)
     finally:
-      for log in logs:
-        log.close()
       for checkpoint in checkpoints:
         checkpoint.close()
     results = []

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
+from icl_jax import errors
 from icl_jax import run_logs
 
 # Not parameters of the network. `wte` is GPT2Model's token embedding, unused because Garg et al. feed
@@ -167,9 +168,8 @@ def load_garg_checkpoint(path: str | pathlib.Path, num_heads: int = 8) -> tuple[
   try:
     loaded = torch.load(path, map_location="cpu", **safe)
   except Exception as e:
-    first_line = (str(e).strip() or "no details").splitlines()[0]
     raise ValueError(f"{path} is not a PyTorch checkpoint of tensors that torch.load(weights_only=True) can read "
-                     f"({type(e).__name__}: {first_line}).") from e
+                     f"({errors.one_line(e)}).") from e
   # Garg et al.'s training state holds the model under "model_state_dict" (next to "optimizer_state_dict" and
   # "train_step"); their periodic model_STEP.pt files are the bare state dict.
   if isinstance(loaded, Mapping) and "model_state_dict" in loaded:
