@@ -196,6 +196,19 @@ def test_one_process_resumes_the_checkpoint_of_two(runs, tmp_path):
   _assert_same_curve(_records(workdir), _records(runs["single"]))
 
 
+def _wait_until(processes, condition, what: str) -> None:
+  """Polls `condition` while all `processes` run; kills them all if one ends first or DEADLINE_S passes."""
+  deadline = time.monotonic() + DEADLINE_S
+  try:
+    while not condition():
+      assert all(p.poll() is None for p in processes), f"a process ended before {what}"
+      assert time.monotonic() < deadline, f"waited {DEADLINE_S} s for {what}"
+      time.sleep(0.01)
+  except BaseException:
+    _kill(processes)
+    raise
+
+
 def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
   """Cloud TPU preemption: SIGTERM reaches the hosts at different times, here only one of them. Both stop at the
   same step, after the chunk that follows the one running when the signal came (as one process does)."""
@@ -208,15 +221,7 @@ def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
     text = metrics.read_text() if metrics.exists() else ""
     return [json.loads(line)["step"] for line in text.split("\n")[:-1]]
 
-  deadline = time.monotonic() + DEADLINE_S
-  try:
-    while len(logged_steps()) < 2:  # Past compilation, in the steady loop.
-      assert all(p.poll() is None for p in processes), "a process ended before training"
-      assert time.monotonic() < deadline, "no metrics appeared"
-      time.sleep(0.01)
-  except BaseException:
-    _kill(processes)
-    raise
+  _wait_until(processes, lambda: len(logged_steps()) >= 2, "two records in metrics.jsonl")  # Past compiling.
   logged = logged_steps()[-1]  # Its chunk has ended; the next one runs now.
   processes[1].send_signal(signal.SIGTERM)
   p0, p1 = _run_together(processes, deadline_s=30, expected_status=train.EXIT_PREEMPTED)
@@ -235,15 +240,7 @@ def test_sigterm_during_start_up_stops_both_after_the_first_chunk(tmp_path):
            f"--config.train.steps_per_dispatch={chunk}")
   _run_together(_start_pair(tmp_path, *flags[1:], "--config.train.num_steps=10", devices=1))  # Resumed from 10.
   processes = _start_pair(tmp_path, *flags, "--allow_config_change", devices=1)
-  deadline = time.monotonic() + DEADLINE_S
-  try:
-    while "JAX distributed runtime started" not in _stderr(processes[1]):
-      assert all(p.poll() is None for p in processes), "a process ended before the runtime started"
-      assert time.monotonic() < deadline, "the runtime did not start"
-      time.sleep(0.01)
-  except BaseException:
-    _kill(processes)
-    raise
+  _wait_until(processes, lambda: "JAX distributed runtime started" in _stderr(processes[1]), "the runtime's start")
   processes[1].send_signal(signal.SIGTERM)
   p0, p1 = _run_together(processes, deadline_s=60, expected_status=train.EXIT_PREEMPTED)
   assert _committed_steps(tmp_path) == [10, 10 + chunk]
