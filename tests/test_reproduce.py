@@ -74,9 +74,11 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   path = elsewhere / "summaries" / "isotropic_seed1.json"
   summary = json.loads(path.read_text())
   summary["config"]["train"]["num_steps"] = 1
+  summary["config"]["eval"]["num_prompts"] = 1  # Unlike a resumed training, a summary's evaluation must match.
   path.write_text(json.dumps(summary))
   with pytest.raises(config_checks.ConfigError, match=r"isotropic_seed1.json summarises a run of another "
-                                                      r"configuration(.|\n)*config.train.num_steps: summarised 1"):
+                                                      r"configuration(.|\n)*config.eval.num_prompts: summarised 1"
+                                                      r"(.|\n)*config.train.num_steps: summarised 1"):
     pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
 
 

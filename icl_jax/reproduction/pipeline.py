@@ -118,9 +118,8 @@ def load_results(run: Run) -> dict | None:
   if not run.summary_path.exists():
     return None
   summary = json.loads(run.summary_path.read_text())
-  saved, current = run_logs.flatten(summary["config"]), run_logs.flatten(run_logs.config_dict(run.config))
-  differences = [f"config.{k}: summarised {saved.get(k)!r}, now {current.get(k)!r}"
-                 for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+  differences = run_logs.config_differences(summary["config"], run_logs.config_dict(run.config), ignore=(),
+                                            saved_as="summarised")
   if differences:
     raise config_checks.ConfigError(
         f"{run.summary_path} summarises a run of another configuration; grading it would report the wrong "
