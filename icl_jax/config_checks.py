@@ -200,7 +200,8 @@ def _eval_errors(config) -> list[str]:
 
 def dataset_errors(config) -> list[str]:
   """Problems with the frozen evaluation set named by config.eval.dataset_dir and dataset_setting: it must
-  be built, of the task's d and n, and hold at least eval.num_prompts prompts."""
+  be built, read back whole with its hashes, be of the task's d and n, and hold at least eval.num_prompts
+  prompts."""
   directory, setting = config.eval.get("dataset_dir"), config.eval.get("dataset_setting")
   if not isinstance(directory, str):
     return [f"config.eval.dataset_dir = {directory!r}: must be a directory, or '' for fresh prompts"]
@@ -211,11 +212,11 @@ def dataset_errors(config) -> list[str]:
             f"`gcloud storage cp --recursive {directory} .`)"]
   if setting not in datasets.SETTINGS:
     return [f"config.eval.dataset_setting = {setting!r}: allowed values are {', '.join(map(repr, datasets.SETTINGS))}"]
-  try:
-    info = datasets.describe(directory, setting)
-    datasets.load_prompts(directory, setting)  # Reads every file and checks the hashes (0.3 s), before any compute.
+  try:  # Reads every file and checks the hashes (0.3 s for 1280 prompts), before any compute.
+    xs_BxNxD, _, _ = datasets.load_prompts(directory, setting)
   except (FileNotFoundError, datasets.DatasetError) as e:
     return [f"config.eval.dataset_dir = {directory!r}: {e}"]
+  info = dict(zip(("num_prompts", "n_points", "n_dims"), xs_BxNxD.shape))
   errors = []
   where = (f"the set {setting!r} in {datasets.directory(directory, setting)} (config.eval.dataset_setting, "
            "dataset_dir)")

@@ -106,8 +106,7 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ("e
   """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs, except those under the
   prefixes `ignore`: by default `eval.*`, as evaluation settings do not change what training computes, so they
   may change between attempts (a summary of results compares them too)."""
-  saved, current = ({k: v for k, v in flatten(c).items() if not k.startswith(ignore)} if ignore else flatten(c)
-                    for c in (saved, current))
+  saved, current = ({k: v for k, v in flatten(c).items() if not k.startswith(ignore)} for c in (saved, current))
   missing = object()
   return [f"config.{key}: {saved_as} {saved.get(key, missing)!r}, now {current.get(key, missing)!r}".replace(
       repr(missing), "(absent)") for key in sorted(saved.keys() | current.keys())
@@ -209,8 +208,7 @@ class MetricsLog:
         self._tensorboard.flush()
         self._mirror.sync()
     except OSError as e:
-      raise workdir_lock.WorkdirError(f"cannot write the TensorBoard events in {self._events}: "
-                                      f"{e.strerror or e}") from e
+      raise self._events_error(e) from e
 
   def __enter__(self) -> "MetricsLog":
     return self
@@ -228,10 +226,13 @@ class MetricsLog:
       self._tensorboard.close()
       self._mirror.close()
     except OSError as e:
-      message = f"cannot write the TensorBoard events in {self._events}: {e.strerror or e}"
       if not error_in_flight:
-        raise workdir_lock.WorkdirError(message) from e
-      logging.warning("%s", message)
+        raise self._events_error(e) from e
+      logging.warning("%s", self._events_error(e))
+
+  def _events_error(self, error: OSError) -> workdir_lock.WorkdirError:
+    return workdir_lock.WorkdirError(f"cannot write the TensorBoard events in {self._events}: "
+                                     f"{error.strerror or error}")
 
 
 _TENSORBOARD_TAGS = {"loss_per_dim": "loss/d", "n_dims": "curriculum/n_dims", "n_points": "curriculum/n_points",

@@ -49,9 +49,12 @@ def build(data_dir, settings=SETTINGS) -> dict[str, str]:
   return hashes
 
 
+def _build_command(data_dir, setting: str) -> str:
+  return f"`python -m icl_jax.datasets.build --data_dir={data_dir} --settings={setting}`"
+
+
 def _rebuild(data_dir, setting: str) -> str:
-  return (f"delete {directory(data_dir, setting)} and rebuild it with "
-          f"`python -m icl_jax.datasets.build --data_dir={data_dir} --settings={setting}`")
+  return f"delete {directory(data_dir, setting)} and rebuild it with {_build_command(data_dir, setting)}"
 
 
 def _builder(data_dir, setting: str):
@@ -59,7 +62,7 @@ def _builder(data_dir, setting: str):
   path = directory(data_dir, setting)
   if not (path / "dataset_info.json").is_file():
     raise FileNotFoundError(f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with "
-                            f"`python -m icl_jax.datasets.build --data_dir={data_dir} --settings={setting}`")
+                            f"{_build_command(data_dir, setting)}")
   for name in ("dataset_info.json", "features.json", "metadata.json"):  # TFDS's own errors name no file.
     try:
       json.loads((path / name).read_text())
@@ -75,8 +78,9 @@ def _records(data_dir, setting: str, builder) -> list[dict]:
     source = builder.as_data_source(linreg_eval.SPLIT)
     return source.__getitems__(list(range(len(source))))
   except (OSError, RuntimeError, ValueError) as e:  # ArrayRecord's messages name no file, but for a missing one.
-    files = ", ".join(p.name for p in sorted(directory(data_dir, setting).glob("*.array_record*")))
-    raise DatasetError(f"{directory(data_dir, setting)}: its records ({files or 'none'}) do not read back "
+    path = directory(data_dir, setting)
+    files = ", ".join(p.name for p in sorted(path.glob("*.array_record*")))
+    raise DatasetError(f"{path}: its records ({files or 'none'}) do not read back "
                        f"({errors.one_line(e)}): {_rebuild(data_dir, setting)}") from e
 
 

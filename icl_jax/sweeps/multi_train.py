@@ -53,9 +53,9 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[storage
   logging.info("Training %d runs together: %s", len(configs), ", ".join(map(str, workdirs)))
   for workdir in workdirs:
     workdir.mkdir(parents=True, exist_ok=True)
-  with contextlib.ExitStack() as locks:  # Each run's workdir, as if trained alone.
+  with contextlib.ExitStack() as held:  # Each run's workdir lock, as if trained alone, then its metrics log.
     for workdir in workdirs:
-      locks.enter_context(workdir_lock.hold(workdir, "sweep training", writer=run_logs.is_writer()))
+      held.enter_context(workdir_lock.hold(workdir, "sweep training", writer=run_logs.is_writer()))
     checkpoints = [checkpointing.Checkpoints(w / "checkpoints", train_config) for w in workdirs]
     try:
       with train.preemption_flag() as preempted:
@@ -71,7 +71,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[storage
           train.write_config(workdir, config)
         state = jax.device_put(jax.tree.map(lambda *a: jnp.stack(a), *states), train_step.replicated(mesh))
         step = common or 0
-        logs = [locks.enter_context(run_logs.MetricsLog(w, step, train_config.num_steps)) for w in workdirs]
+        logs = [held.enter_context(run_logs.MetricsLog(w, step, train_config.num_steps)) for w in workdirs]
         metrics = [train.Metrics(log, train_config, column=m) for m, log in enumerate(logs)]
         run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train_config),
                                                 mesh, hypers)
