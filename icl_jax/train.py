@@ -49,9 +49,10 @@ def preemption_flag():
   leave the others waiting forever in a collective. Agreement comes from JAX's preemption service, which
   `jax.distributed.initialize` starts with its own SIGTERM handler (so none is installed here): once any
   process has the notice, the service picks the step after the largest one any process has reached, and
-  `poll_preemption` finds it within the next chunk on every process, as soon as with one process (JAX logs
-  "SIGTERM caught" on the process that got it). Cost: one call into the runtime per training step, no device
-  work. Orbax's manager does not ask the service (`checkpointing._Manager`: its questions would move the
+  `poll_preemption` finds it within the next chunk on every process, as with one process, when chunks last
+  more than a second: JAX's notifier looks for the signal once a second (it logs "SIGTERM caught" on the
+  process that got it), so shorter chunks may run for that second more. Cost: one call into the runtime per
+  training step, no device work. Orbax's manager does not ask the service (`checkpointing._Manager`: its questions would move the
   service's step count backwards).
   """
   flag = {"set": False, "service": jax.process_count() > 1}

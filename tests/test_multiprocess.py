@@ -212,7 +212,9 @@ def _wait_until(processes, condition, what: str) -> None:
 def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
   """Cloud TPU preemption: SIGTERM reaches the hosts at different times, here only one of them. Both stop at the
   same step, after the chunk that follows the one running when the signal came (as one process does)."""
-  chunk = 40  # Steps per chunk: long enough (~1 s here) that the signal lands in the chunk after the logged one.
+  # Steps per chunk: 2 s on 2 idle cores (10 s when busy), longer than the second JAX's notifier may take to
+  # see the signal plus the service's round trips (with 40 steps, ~1 s, one run stopped a chunk later).
+  chunk = 80
   processes = _start_pair(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
                           f"--config.train.log_every={chunk}", f"--config.train.steps_per_dispatch={chunk}", devices=1)
   metrics = tmp_path / "metrics.jsonl"
@@ -221,10 +223,10 @@ def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
     text = metrics.read_text() if metrics.exists() else ""
     return [json.loads(line)["step"] for line in text.split("\n")[:-1]]
 
-  _wait_until(processes, lambda: len(logged_steps()) >= 2, "two records in metrics.jsonl")  # Past compiling.
+  _wait_until(processes, lambda: len(logged_steps()) >= 1, "a record in metrics.jsonl")  # Past compiling.
   logged = logged_steps()[-1]  # Its chunk has ended; the next one runs now.
   processes[1].send_signal(signal.SIGTERM)
-  p0, p1 = _run_together(processes, deadline_s=30, expected_status=train.EXIT_PREEMPTED)
+  p0, p1 = _run_together(processes, deadline_s=60, expected_status=train.EXIT_PREEMPTED)
   [stop] = _committed_steps(tmp_path)
   print(f"\nlogged step {logged} when signalled, stopped at {stop}, chunks of {chunk}")
   for stderr in (p0, p1):
