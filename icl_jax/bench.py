@@ -1,4 +1,5 @@
-"""Command line: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`.
+"""Command line: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`, or
+`python -m icl_jax.bench --benchmark=roofline [--torch_python=PYTHON]` (its own configs, no --config).
 
 Prints one JSON line per benchmark of `icl_jax.tools.benchmarks` (README, "Speed").
 """
@@ -13,33 +14,58 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
+from icl_jax import config_files
 from icl_jax.tools import benchmarks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
     "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
     "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.", lock_config=True)
-_BENCHMARK = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], list(benchmarks.BENCHMARKS),
-                                     "Benchmarks to run.")
+_BENCHMARK = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], [*benchmarks.BENCHMARKS, "roofline"],
+                                     "Benchmarks to run (roofline: alone, without --config).")
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", 0.0, "The device's peak FLOP/s for MFU; 0: known GPUs only.")
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
     "reference at the same shapes and print the ratio.")
-# benchmarks/ sits next to the package in the repository (an editable install or a checkout).
-_TORCH_REFERENCE = flags.DEFINE_string(
-    "torch_reference", str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_gpt2_linreg.py"),
-    "The PyTorch reference training step.")
+# benchmarks/ and configs/ sit next to the package in the repository (an editable install or a checkout).
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_TORCH_REFERENCE = flags.DEFINE_string("torch_reference", str(_REPO / "benchmarks" / "torch_gpt2_linreg.py"),
+                                       "The PyTorch reference training step.")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")
-flags.mark_flags_as_required(["config"])
+# The roofline benchmark's configs: Garg et al.'s paper model, timed over 20 steps in chunks of 10 (1.3 s a
+# step on 2 CPU cores), and the quick model at batch 64, the two rows of README's speed table.
+ROOFLINE_CONFIG = _REPO / "configs" / "linreg.py"
+ROOFLINE_PAPER = {"train.steps_per_dispatch": 10}
+ROOFLINE_SMALL = {"train.batch_size": 64}
+
+
+def roofline_configs() -> tuple:
+  """The paper and small configs of the roofline benchmark."""
+  module = config_files.load_file(ROOFLINE_CONFIG)
+  paper, small = module.get_config("paper"), module.get_config("quick")
+  for config, overrides in ((paper, ROOFLINE_PAPER), (small, ROOFLINE_SMALL)):
+    config.update_from_flattened_dict(overrides)
+  return paper, small
 
 
 def main(argv):
-  config = cli.checked_config(_CONFIG.value, argv)
+  if _BENCHMARK.value == ["roofline"]:
+    if _CONFIG.value is not None:
+      raise app.UsageError("--benchmark=roofline times its own configs: drop --config")
+  elif "roofline" in _BENCHMARK.value:
+    raise app.UsageError("--benchmark=roofline runs alone: give it as the only --benchmark")
+  elif _CONFIG.value is None:
+    raise app.UsageError("--config is required (except for --benchmark=roofline)")
   if _TORCH_PYTHON.value and shutil.which(_TORCH_PYTHON.value) is None:
     sys.exit(f"error: --torch_python={_TORCH_PYTHON.value}: no such interpreter")
   if _TORCH_PYTHON.value and not pathlib.Path(_TORCH_REFERENCE.value).is_file():
     sys.exit(f"error: --torch_reference={_TORCH_REFERENCE.value}: no such file (it is benchmarks/torch_gpt2_linreg.py "
              "of the repository)")
+  if _BENCHMARK.value == ["roofline"]:
+    paper, small = (cli.checked_config(c, argv) for c in roofline_configs())
+    print(json.dumps(benchmarks.bench_roofline(paper, small, _TORCH_PYTHON.value, _TORCH_REFERENCE.value)), flush=True)
+    return
+  config = cli.checked_config(_CONFIG.value, argv)
   for name in _BENCHMARK.value:
     if name == "train_step":
       line = benchmarks.bench_train_step(config, _PEAK_FLOPS.value, _TIMED_STEPS.value)

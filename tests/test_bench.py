@@ -1,4 +1,8 @@
-"""The benchmark's model-FLOP count is the work the compiled training step does."""
+"""The benchmark's model-FLOP count is the work the compiled training step does; the matmul and roofline
+benchmarks measure what they name."""
+
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +11,8 @@ import pytest
 from configs import linreg
 from icl_jax.tools import benchmarks as bench
 from icl_jax import models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("variant", ["quick", "paper"])
@@ -31,3 +37,15 @@ def test_matmul_benchmark_times_every_product(tiny):
   assert len(rates) == 4 and line["mlp_shape"] == [16 * 11, 16, 64]
   # Two CPU cores do well under 5 TFLOP/s: a higher figure would mean XLA hoisted the product out of the loop.
   assert all(0 < r < 5e12 for r in rates)
+
+
+def test_roofline_grades_the_three_speed_targets(tiny):
+  line = bench.bench_roofline(tiny, tiny, sys.executable, str(REPO / "benchmarks" / "torch_gpt2_linreg.py"),
+                              paper_timed_steps=2)
+  assert set(line["met"]) == set(bench.ROOFLINE_TARGETS) == {"paper_fraction_of_peak", "small_fraction_of_peak",
+                                                             "small_bfloat16_speedup_vs_torch"}
+  # A step faster than the peak matmul would mean a wrong FLOP count or a peak XLA hoisted out of its loop.
+  assert 0 < line["paper_fraction_of_peak"] < 1 and 0 < line["small_fraction_of_peak"] < 1
+  assert line["small_bfloat16_speedup_vs_torch"] == pytest.approx(
+      line["torch_small_ms_per_step"] / line["small_bfloat16_ms_per_step"])
+  assert line["met"]["small_fraction_of_peak"] == (line["small_fraction_of_peak"] >= 0.5)

@@ -9,6 +9,8 @@
     at the same shapes in another interpreter.
   matmul: FLOP/s of one jitted matmul, float32 and bfloat16 (float32 accumulation), at 2048^3 and at the shape
     of the config's MLP: what the device's matmuls can reach, a peak to measure the training step against.
+  roofline (`bench_roofline`): the training steps of the paper and small configs as fractions of the float32
+    matmul peak measured in the same process, and the small config in bfloat16 against PyTorch's float32 step.
 """
 
 import json
@@ -190,6 +192,49 @@ def bench_matmul(config) -> dict:
     repeats = max(3, int(2e10 // (2 * shape[0] * shape[1] * shape[2])))  # ~20 GFLOP per measurement.
     for dtype in (jnp.float32, jnp.bfloat16):
       line[f"{label}_{jnp.dtype(dtype).name}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, repeats)
+  return line
+
+
+# The CPU speed targets (README, "Speed"): model FLOP/s of the float32 training step as a fraction of the
+# float32 matmul peak for the paper and small configs, and the small config's bfloat16 step against PyTorch's
+# float32 one (ratio of times per step).
+ROOFLINE_TARGETS = {"paper_fraction_of_peak": 0.70, "small_fraction_of_peak": 0.50,
+                    "small_bfloat16_speedup_vs_torch": 4.0}
+PEAK_SHAPE = (2048, 2048, 2048)
+
+
+def _float32_matmul_peak(measurements: int = 3) -> float:
+  """The best of `measurements` timings of the float32 2048^3 product, ~40 GFLOP each."""
+  repeats = max(3, int(4e10 // (2 * PEAK_SHAPE[0] * PEAK_SHAPE[1] * PEAK_SHAPE[2])))
+  return max(_matmul_flops_per_s(*PEAK_SHAPE, jnp.float32, repeats) for _ in range(measurements))
+
+
+def bench_roofline(paper, small, torch_python: str = "", torch_reference: str = "",
+                   paper_timed_steps: int = 20) -> dict:
+  """The float32 training steps of `paper` and `small` (GPT-2 configs) as fractions of the float32 matmul peak
+  (`ROOFLINE_TARGETS`), and `small` in bfloat16 against the PyTorch float32 reference when `torch_python` is
+  given. The peak is measured before and after the steps and the higher figure kept, so that a clock that
+  drifts during the run cannot flatter the fractions."""
+  peak = _float32_matmul_peak()
+  bfloat16 = small.copy_and_resolve_references()
+  bfloat16.model.dtype = "bfloat16"
+  steps = {"paper": bench_train_step(paper, timed_steps=paper_timed_steps), "small": bench_train_step(small),
+           "small_bfloat16": bench_train_step(bfloat16)}
+  peak = max(peak, _float32_matmul_peak())
+  line = {"name": "roofline", "float32_matmul_peak_flops_per_s": peak, "peak_shape": list(PEAK_SHAPE),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  for label, step in steps.items():
+    line[f"{label}_ms_per_step"] = step["ms_per_step"]
+    line[f"{label}_flops_per_s"] = step["achieved_flops_per_s"]
+  line["paper_fraction_of_peak"] = steps["paper"]["achieved_flops_per_s"] / peak
+  line["small_fraction_of_peak"] = steps["small"]["achieved_flops_per_s"] / peak
+  line["small_bfloat16_speedup_vs_torch"] = None
+  if torch_python:
+    reference = bench_torch(small, torch_python, torch_reference)
+    line["torch_small_ms_per_step"] = reference["ms_per_step"]
+    line["small_bfloat16_speedup_vs_torch"] = reference["ms_per_step"] / steps["small_bfloat16"]["ms_per_step"]
+  line["targets"] = ROOFLINE_TARGETS
+  line["met"] = {k: line[k] >= target for k, target in ROOFLINE_TARGETS.items() if line[k] is not None}
   return line
 
 
