@@ -17,6 +17,8 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
+from icl_jax.reproduction import experiments
+from icl_jax.reproduction import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -128,3 +130,20 @@ def gcs_emulator(bucket: str):
     finally:
       server.terminate()
       server.wait(timeout=10)
+
+
+COMMITTED_REPORT = REPO / "docs" / "medium_report"
+
+
+def regrade_committed_report(root, monkeypatch) -> dict:
+  """Copies the committed medium report's summaries into `root` (a local or gs:// path) and regrades them
+  there (only=() trains and evaluates nothing; trying to would fail the test); returns root's report.json."""
+  for summary in (COMMITTED_REPORT / "summaries").iterdir():
+    (root / "summaries").mkdir(parents=True, exist_ok=True)
+    (root / "summaries" / summary.name).write_text(summary.read_text())
+  monkeypatch.setattr(pipeline.multi_train, "train_group", lambda *args: pytest.fail("trained a summarised run"))
+  monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))
+  seeds = (0, 1, 2)
+  plan = pipeline.plan("medium", root, seeds, experiments.default_config_dir())
+  assert pipeline.reproduce(plan, root, "medium", seeds, "regrade", only=())
+  return json.loads((root / "report.json").read_text())

@@ -1,5 +1,6 @@
 """Workdirs and roots on Cloud Storage (gs://), end to end against a local emulator (helpers.gcs_emulator):
-train, kill -9 and SIGTERM, resume bit-identically, evaluate, sweep, and the workdir lock."""
+train, kill -9 and SIGTERM, resume bit-identically, evaluate, sweep, regrade a reproduction, and the workdir
+lock."""
 
 import json
 import signal
@@ -151,3 +152,12 @@ def test_a_sweep_on_gs_trains_evaluates_and_reports(gcs):
   stamps = {n: (root / n / "eval" / "results.json").stat().mtime for n in names}
   assert grid.run_sweep(config, root)  # Finished: neither trained nor evaluated again.
   assert stamps == {n: (root / n / "eval" / "results.json").stat().mtime for n in names}
+
+
+def test_a_reproduction_root_on_gs_regrades_the_committed_report(gcs, monkeypatch):
+  root = storage.path(f"gs://{BUCKET}/medium")
+  report = helpers.regrade_committed_report(root, monkeypatch)
+  assert report["claims"] == json.loads((helpers.COMMITTED_REPORT / "report.json").read_text())["claims"]
+  assert (root / "REPORT.md").read_text().startswith("# Reproduction report: scale `medium`")
+  assert (root / "figures" / "best_match.png").stat().length > 0
+  assert not (root / workdir_lock.LOCK_FILE).exists()  # Released.

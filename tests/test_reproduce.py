@@ -82,6 +82,13 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
     pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
 
 
+def test_the_committed_medium_report_is_what_its_summaries_grade(tmp_path, monkeypatch):
+  """docs/medium_report/report.json is what `python -m icl_jax.reproduce` makes of the committed summaries:
+  every claim's verdict and numbers."""
+  assert helpers.regrade_committed_report(tmp_path, monkeypatch)["claims"] == json.loads(
+      (helpers.COMMITTED_REPORT / "report.json").read_text())["claims"]
+
+
 def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeypatch):
   """A stopped group (its checkpoints saved) ends the reproduction with None: nothing later trains, nothing is
   evaluated or graded, and the same call resumes (the resumption itself: test_multi_train)."""
