@@ -86,7 +86,9 @@ def main(argv):
                           f"--seeds={','.join(map(str, seeds))}"] + ([f"--experiments={','.join(only)}"] * bool(only)))
     grades = pipeline.reproduce(runs, root, scale, seeds, command, only)
     if grades is None:
-      sys.exit(train.EXIT_PREEMPTED)  # Stopped by SIGTERM with checkpoints; rerun to resume.
+      logging.warning("Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same "
+                      "command to resume).", train.EXIT_PREEMPTED)
+      sys.exit(train.EXIT_PREEMPTED)
   except (config_checks.ConfigError, distributed.DistributedFlagError, workdir_lock.WorkdirError,
           checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError, FloatingPointError,
           FileNotFoundError) as e:
