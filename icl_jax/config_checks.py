@@ -9,7 +9,6 @@ from icl_jax import data
 from icl_jax import datasets
 from icl_jax import models
 from icl_jax import optim
-from icl_jax import storage
 from icl_jax import train_step
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import probes
@@ -207,9 +206,6 @@ def dataset_errors(config) -> list[str]:
     return [f"config.eval.dataset_dir = {directory!r}: must be a directory, or '' for fresh prompts"]
   if not directory:
     return []
-  if storage.is_remote(directory):  # Its ArrayRecord files are read by path, untested on Cloud Storage.
-    return [f"config.eval.dataset_dir = {directory!r}: must be a local directory (copy the set there, e.g. "
-            f"`gcloud storage cp --recursive {directory} .`)"]
   if setting not in datasets.SETTINGS:
     return [f"config.eval.dataset_setting = {setting!r}: allowed values are {', '.join(map(repr, datasets.SETTINGS))}"]
   try:  # Reads every file and checks the hashes (0.3 s for 1280 prompts), before any compute.

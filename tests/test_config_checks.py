@@ -39,7 +39,6 @@ from tests.helpers import assert_field_error
     ("eval.sim_w_queries", 10, "config.eval.sim_w_queries = 10: must be an integer >= config.task.n_dims = 20"),
     ("eval.fit_layers", (5, 3), "config.eval.fit_layers = (5, 3): must be (first, last) with 1 <= first <= last"),
     ("eval.confidence", 1.0, "config.eval.confidence = 1.0: must be a number in (0, 1)"),
-    ("eval.dataset_dir", "gs://bucket/sets", "config.eval.dataset_dir = 'gs://bucket/sets': must be a local directory"),
 ])
 def test_invalid_field_is_named(field, value, expected):
   assert_field_error(linreg.get_config(), field, value, expected)

@@ -1,6 +1,6 @@
 """Workdirs and roots on Cloud Storage (gs://), end to end against a local emulator (helpers.gcs_emulator):
-train, kill -9 and SIGTERM, resume bit-identically, evaluate, sweep, regrade a reproduction, and the workdir
-lock."""
+train, kill -9 and SIGTERM, resume bit-identically, evaluate, sweep, regrade a reproduction, read a frozen
+evaluation set, and the workdir lock."""
 
 import json
 import signal
@@ -8,9 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from etils import epath
 
+from configs import linreg
+from icl_jax import config_checks
+from icl_jax import datasets
 from icl_jax import storage
 from icl_jax import train
 from icl_jax import workdir_lock
@@ -161,3 +165,32 @@ def test_a_reproduction_root_on_gs_regrades_the_committed_report(gcs, monkeypatc
   assert (root / "REPORT.md").read_text().startswith("# Reproduction report: scale `medium`")
   assert (root / "figures" / "best_match.png").stat().length > 0
   assert not (root / workdir_lock.LOCK_FILE).exists()  # Released.
+
+
+def test_a_frozen_set_on_gs_reads_as_the_local_one_and_its_faults_name_it(gcs, tmp_path):
+  datasets.build(tmp_path, settings=("noisy",))
+  local = datasets.directory(tmp_path, "noisy")
+
+  def upload(name: str) -> str:
+    remote = storage.path(f"gs://{BUCKET}/{name}") / local.relative_to(tmp_path)
+    remote.mkdir(parents=True, exist_ok=True)
+    for item in local.iterdir():
+      (remote / item.name).write_bytes(item.read_bytes())
+    return f"gs://{BUCKET}/{name}"
+
+  sets = upload("sets")
+  for got, want in zip(datasets.load_prompts(sets, "noisy"), datasets.load_prompts(tmp_path, "noisy")):
+    np.testing.assert_array_equal(got, want)
+  config = linreg.get_config()
+  config.eval.update(dataset_dir=sets, dataset_setting="noisy")
+  assert config_checks.dataset_errors(config) == []
+
+  with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/nothing: no linreg_eval .* set 'noisy' there; "
+                                              "build it locally"):
+    datasets.load_prompts(f"gs://{BUCKET}/nothing", "noisy")
+  damaged = upload("damaged")
+  [records] = local.glob("*.array_record*")
+  (storage.path(damaged) / local.relative_to(tmp_path) / records.name).write_bytes(b"junk")
+  with pytest.raises(datasets.DatasetError, match=f"{damaged} \\(read through its local copy .*\\): .*"
+                                                  f"its records \\({records.name}\\) do not read back"):
+    datasets.load_prompts(damaged, "noisy")

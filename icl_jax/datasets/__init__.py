@@ -2,19 +2,24 @@
 
   python -m icl_jax.datasets.build --data_dir=DIR   # DIR/linreg_eval/{isotropic,kappa100,noisy}/1.0.0
 
-`load_prompts(DIR, setting)` reads a setting back as numpy arrays in index order and checks its content hash;
-`tfds.data_source("linreg_eval/SETTING", data_dir=DIR, split="test")` gives the records themselves (in the
+`load_prompts(DIR, setting)` reads a setting back as numpy arrays in index order and checks its content hash
+(DIR may be gs://: its files are read through a local copy); `tfds.data_source("linreg_eval/SETTING", data_dir=DIR, split="test")` gives the records themselves (in the
 files' hash-shuffled order, each with its `index`). The settings are described in
 linreg_eval/linreg_eval_dataset_builder.py.
 """
 
+import atexit
+import functools
 import json
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from icl_jax import errors
+from icl_jax import storage
 
 from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 
@@ -97,8 +102,39 @@ def load_prompts(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.nda
   Raises DatasetError, naming the file, when its files do not read back, or when the decoded prompts do not
   hash to the content hash recorded in metadata.json at build time (the files changed since), or to the hash
   published for this version in the builder's source (not the published set, e.g. built where numpy draws
-  other normals).
+  other normals). A gs:// `data_dir` is read through a local copy of the setting's files (ArrayRecord reads
+  local files only; 1280 prompts are a few MB), made once per process; its errors name both.
   """
+  if not storage.is_remote(data_dir):
+    return _load_local(data_dir, setting)
+  _check_setting(setting)
+  copy = _local_copy(str(data_dir), setting)
+  if not (directory(copy, setting) / "dataset_info.json").is_file():
+    raise FileNotFoundError(f"{data_dir}: no linreg_eval {VERSION} set {setting!r} there; build it locally with "
+                            f"`python -m icl_jax.datasets.build --data_dir=DIR --settings={setting}` and copy it "
+                            f"there: `gcloud storage cp --recursive DIR/{linreg_eval.Builder.name} {data_dir}`")
+  try:
+    return _load_local(copy, setting)
+  except (FileNotFoundError, DatasetError) as e:
+    raise type(e)(f"{data_dir} (read through its local copy {copy}): {e}") from e
+
+
+@functools.cache
+def _local_copy(data_dir: str, setting: str) -> pathlib.Path:
+  """A fresh local data_dir holding the files of `setting` under the gs:// `data_dir` (none if it has no such
+  set), removed when the process exits."""
+  remote = storage.path(data_dir) / linreg_eval.Builder.name / setting / VERSION
+  root = pathlib.Path(tempfile.mkdtemp(prefix="icl_jax_linreg_eval_"))
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  local = directory(root, setting)
+  local.mkdir(parents=True)
+  for item in remote.iterdir() if remote.is_dir() else ():
+    if item.is_file():
+      (local / item.name).write_bytes(item.read_bytes())
+  return root
+
+
+def _load_local(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   builder = _builder(data_dir, setting)
   records = _records(data_dir, setting, builder)
   # The files hold records in a hash-shuffled order; each carries its index.
