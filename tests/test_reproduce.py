@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from icl_jax import config_checks
 from icl_jax.reproduction import claims
 from icl_jax.reproduction import experiments
 from icl_jax.reproduction import pipeline
+from icl_jax.reproduction import report
 from tests import helpers
 
 SEEDS = (0, 1)
@@ -212,3 +214,16 @@ def test_bad_flags_are_one_error_line(tmp_path, args, message):
   out = _reproduce("--scale=smoke", f"--root={tmp_path / 'r'}", *args, cwd=helpers.REPO)
   assert out.returncode != 0 and message in out.stderr, out.stderr
   assert not (tmp_path / "r").exists()
+
+
+def test_one_seeds_figure_bars_span_the_steps_within_its_interval():
+  """With one seed the figure's bars are the steps whose SimE is within the bootstrap interval of the best
+  (not that interval of SimE values, which once drew negative error bars)."""
+  summary = json.loads((helpers.COMMITTED_REPORT / "summaries" / "noisy_seed0.json").read_text())
+  summary["config"] = ml_collections.ConfigDict(summary["config"])
+  within = summary["eval"]["best_match_interval"]["newton"]["within_interval"]
+  best, low, high = report._series([summary], "newton", np.asarray)
+  np.testing.assert_array_equal(low, [min(w) for w in within])
+  np.testing.assert_array_equal(high, [max(w) for w in within])
+  assert np.all(low <= best) and np.all(best <= high)
+  assert report.figure({"noisy": [summary]}) is not None

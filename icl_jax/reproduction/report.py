@@ -102,11 +102,13 @@ def run_rows(runs, results: dict) -> list[dict]:
 
 
 def _series(results: list[dict], key: str, transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Mean and 90% t-interval over seeds (the run's bootstrap interval with one seed) of a best-match curve."""
+  """Mean and 90% t-interval over seeds of a best-match curve; with one seed, its best matches and the range of
+  steps whose SimE is within the bootstrap interval of the best (the evaluation's `within_interval`; its
+  `low`/`high` bound the SimE, not the steps)."""
   if len(results) == 1:
-    best, interval = results[0]["eval"]["best_match"][key], results[0]["eval"]["best_match_interval"][key]
-    return transform(np.asarray(best, float)), transform(np.asarray(interval["low"], float)), transform(
-        np.asarray(interval["high"], float))
+    best = results[0]["eval"]["best_match"][key]
+    within = results[0]["eval"]["best_match_interval"][key]["within_interval"]
+    return tuple(transform(np.asarray(v, float)) for v in (best, [min(w) for w in within], [max(w) for w in within]))
   per_layer = [claims_lib.aggregate([(v, None, None) for v in layer])
                for layer in zip(*(transform(np.asarray(r["eval"]["best_match"][key], float)) for r in results))]
   return tuple(np.asarray([getattr(q, f) for q in per_layer]) for f in ("mean", "low", "high"))
