@@ -49,7 +49,8 @@ def roofline_configs() -> tuple:
 
 
 def main(argv):
-  if _BENCHMARK.value == ["roofline"]:
+  roofline = _BENCHMARK.value == ["roofline"]
+  if roofline:
     if _CONFIG.value is not None:
       raise app.UsageError("--benchmark=roofline times its own configs: drop --config")
   elif "roofline" in _BENCHMARK.value:
@@ -61,7 +62,7 @@ def main(argv):
   if _TORCH_PYTHON.value and not pathlib.Path(_TORCH_REFERENCE.value).is_file():
     sys.exit(f"error: --torch_reference={_TORCH_REFERENCE.value}: no such file (it is benchmarks/torch_gpt2_linreg.py "
              "of the repository)")
-  if _BENCHMARK.value == ["roofline"]:
+  if roofline:
     paper, small = (cli.checked_config(c, argv) for c in roofline_configs())
     print(json.dumps(benchmarks.bench_roofline(paper, small, _TORCH_PYTHON.value, _TORCH_REFERENCE.value)), flush=True)
     return

@@ -52,8 +52,8 @@ def preemption_flag():
   `poll_preemption` finds it within the next chunk on every process, as with one process, when chunks last
   more than a second: JAX's notifier looks for the signal once a second (it logs "SIGTERM caught" on the
   process that got it), so shorter chunks may run for that second more. Cost: one call into the runtime per
-  training step, no device work. Orbax's manager does not ask the service (`checkpointing._Manager`: its questions would move the
-  service's step count backwards).
+  training step, no device work. Orbax's manager does not ask the service (`checkpointing._Manager`: its
+  questions would move the service's step count backwards).
   """
   flag = {"set": False, "service": jax.process_count() > 1}
   if flag["service"] or threading.current_thread() is not threading.main_thread():

@@ -138,8 +138,8 @@ COMMITTED_REPORT = REPO / "docs" / "medium_report"
 def regrade_committed_report(root, monkeypatch) -> dict:
   """Copies the committed medium report's summaries into `root` (a local or gs:// path) and regrades them
   there (only=() trains and evaluates nothing; trying to would fail the test); returns root's report.json."""
+  (root / "summaries").mkdir(parents=True, exist_ok=True)
   for summary in (COMMITTED_REPORT / "summaries").iterdir():
-    (root / "summaries").mkdir(parents=True, exist_ok=True)
     (root / "summaries" / summary.name).write_text(summary.read_text())
   monkeypatch.setattr(pipeline.multi_train, "train_group", lambda *args: pytest.fail("trained a summarised run"))
   monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))

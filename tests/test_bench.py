@@ -1,7 +1,6 @@
 """The benchmark's model-FLOP count is the work the compiled training step does; the matmul and roofline
 benchmarks measure what they name."""
 
-import pathlib
 import sys
 
 import jax
@@ -11,8 +10,7 @@ import pytest
 from configs import linreg
 from icl_jax.tools import benchmarks as bench
 from icl_jax import models
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import helpers
 
 
 @pytest.mark.parametrize("variant", ["quick", "paper"])
@@ -40,7 +38,7 @@ def test_matmul_benchmark_times_every_product(tiny):
 
 
 def test_roofline_grades_the_three_speed_targets(tiny):
-  line = bench.bench_roofline(tiny, tiny, sys.executable, str(REPO / "benchmarks" / "torch_gpt2_linreg.py"),
+  line = bench.bench_roofline(tiny, tiny, sys.executable, str(helpers.REPO / "benchmarks" / "torch_gpt2_linreg.py"),
                               paper_timed_steps=2)
   assert set(line["met"]) == set(bench.ROOFLINE_TARGETS) == {"paper_fraction_of_peak", "small_fraction_of_peak",
                                                              "small_bfloat16_speedup_vs_torch"}

@@ -3,8 +3,9 @@
   python -m icl_jax.datasets.build --data_dir=DIR   # DIR/linreg_eval/{isotropic,kappa100,noisy}/1.0.0
 
 `load_prompts(DIR, setting)` reads a setting back as numpy arrays in index order and checks its content hash
-(DIR may be gs://: its files are read through a local copy); `tfds.data_source("linreg_eval/SETTING", data_dir=DIR, split="test")` gives the records themselves (in the
-files' hash-shuffled order, each with its `index`). The settings are described in
+(DIR may be gs://: its files are read through a local copy); `tfds.data_source("linreg_eval/SETTING",
+data_dir=DIR, split="test")` gives the records themselves (in the files' hash-shuffled order, each with its
+`index`). The settings are described in
 linreg_eval/linreg_eval_dataset_builder.py.
 """
 

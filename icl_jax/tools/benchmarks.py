@@ -168,9 +168,11 @@ def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
   return {"name": "torch_train_step", **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
-def _matmul_flops_per_s(m: int, k: int, n: int, dtype, repeats: int) -> float:
-  """One [m, k] x [k, n] product per iteration of a jitted loop; each iteration's left operand depends on the
-  previous result, so that XLA cannot hoist the product out of the loop."""
+def _matmul_flops_per_s(m: int, k: int, n: int, dtype, flops: float) -> float:
+  """One [m, k] x [k, n] product per iteration of a jitted loop, about `flops` in all (at least 3 products);
+  each iteration's left operand depends on the previous result, so that XLA cannot hoist the product out of
+  the loop."""
+  repeats = max(3, int(flops // (2 * m * k * n)))
   a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
 
   def body(_, carry):
@@ -189,9 +191,8 @@ def bench_matmul(config) -> dict:
   shapes = {"2048x2048x2048": (2048, 2048, 2048), "mlp": (tokens, m.width, m.mlp_ratio * m.width)}
   line = {"name": "matmul", "mlp_shape": list(shapes["mlp"]), "device": jax.devices()[0].device_kind}
   for label, shape in shapes.items():
-    repeats = max(3, int(2e10 // (2 * shape[0] * shape[1] * shape[2])))  # ~20 GFLOP per measurement.
     for dtype in (jnp.float32, jnp.bfloat16):
-      line[f"{label}_{jnp.dtype(dtype).name}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, repeats)
+      line[f"{label}_{jnp.dtype(dtype).name}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, flops=2e10)
   return line
 
 
@@ -205,8 +206,7 @@ PEAK_SHAPE = (2048, 2048, 2048)
 
 def _float32_matmul_peak(measurements: int = 3) -> float:
   """The best of `measurements` timings of the float32 2048^3 product, ~40 GFLOP each."""
-  repeats = max(3, int(4e10 // (2 * PEAK_SHAPE[0] * PEAK_SHAPE[1] * PEAK_SHAPE[2])))
-  return max(_matmul_flops_per_s(*PEAK_SHAPE, jnp.float32, repeats) for _ in range(measurements))
+  return max(_matmul_flops_per_s(*PEAK_SHAPE, jnp.float32, flops=4e10) for _ in range(measurements))
 
 
 def bench_roofline(paper, small, torch_python: str = "", torch_reference: str = "",
