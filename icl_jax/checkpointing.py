@@ -57,7 +57,8 @@ class Checkpoints:
     self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=train.keep_checkpoints, keep_period=train.keep_period or None,
                                            enable_async_checkpointing=True, create=True)
-    self._manager = _Manager(self.directory, options=options)
+    # The handler named, so that `item_metadata` can read a checkpoint's shapes before a restore is tried.
+    self._manager = _Manager(self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
   def __enter__(self) -> "Checkpoints":
     return self
@@ -93,6 +94,7 @@ class Checkpoints:
     """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings)."""
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
     try:
+      _check_layout(self._manager.item_metadata(step), abstract)
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax and TensorStore raise many types for a mismatched or damaged checkpoint.
       raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
@@ -130,6 +132,35 @@ class Checkpoints:
       logging.warning("The checkpoint %s does not restore; moved it to %s and resumed from an older one. "
                       "The newest failure: %s", self.directory / str(step), aside, errors.one_line(reason))
     self._manager.reload()
+
+
+def _leaf_names(tree) -> dict:
+  """{dotted path: leaf}, the path spelled as Orbax names a checkpoint's arrays (`opt_state.0.mu.h_0...`)."""
+  def name(key) -> str:
+    for attribute in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey.
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {".".join(name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_layout(saved, abstract) -> None:
+  """Raises ValueError naming the first array whose shape or dtype differs between a checkpoint's metadata and
+  the state it would restore into, or the arrays only one of them has. Checked before Orbax's restore, whose
+  error for a different model size is one of TensorStore's, and whose asyncio threads print tracebacks while it
+  unwinds."""
+  saved_leaves, wanted_leaves = _leaf_names(saved), _leaf_names(abstract)
+  for only_in, leaves in (("the checkpoint", set(saved_leaves) - set(wanted_leaves)),
+                          ("this configuration's state", set(wanted_leaves) - set(saved_leaves))):
+    if leaves:
+      raise ValueError(f"only {only_in} has {len(leaves)} arrays, e.g. {sorted(leaves)[0]}")
+  differ = [name for name, want in wanted_leaves.items()
+            if (tuple(saved_leaves[name].shape), np.dtype(saved_leaves[name].dtype)) != (want.shape, want.dtype)]
+  if differ:
+    saved_leaf, want = saved_leaves[differ[0]], wanted_leaves[differ[0]]
+    raise ValueError(f"{differ[0]} is saved as {np.dtype(saved_leaf.dtype)}{list(saved_leaf.shape)}, this "
+                     f"configuration's state has {np.dtype(want.dtype)}{list(want.shape)}"
+                     + (f" ({len(differ) - 1} more arrays differ)" if len(differ) > 1 else ""))
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: storage.Path) -> tuple[dict, int | None]:

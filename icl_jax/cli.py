@@ -92,15 +92,21 @@ def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_col
 def exit_with_error(error: Exception) -> None:
   """One `error:` line (also logged) and exit status 1. After a failed checkpoint save or restore the process
   leaves at once (os._exit): Orbax's blocked save threads would otherwise keep the interpreter from ever
-  exiting, and its asyncio threads print tracebacks while the interpreter shuts down (silenced from here on, so
-  that the error line stays the last one)."""
+  exiting, and its asyncio threads print tracebacks while a failed restore unwinds or the interpreter shuts down
+  (silenced from here on, so that the error line stays the last one)."""
   leave_at_once = isinstance(error, (checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError))
   if leave_at_once:  # Orbax's threads die with the process: their last words would follow the error line.
     threading.excepthook = sys.unraisablehook = lambda *args: None
     std_logging.getLogger("asyncio").disabled = True
   logging.error("%s", error)
-  print(f"error: {error}", file=sys.stderr, flush=True)
   if leave_at_once:
     logging.flush()
+    sys.stderr.flush()
+    # A thread may be printing at this moment: from here on everyone's stderr is /dev/null, and the error line
+    # goes through a copy of the original descriptor, last.
+    original_stderr = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(original_stderr, f"error: {error}\n".encode())
     os._exit(1)
+  print(f"error: {error}", file=sys.stderr, flush=True)
   sys.exit(1)

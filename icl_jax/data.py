@@ -150,7 +150,13 @@ def sample_batch(step_key: jax.Array, first_index: jax.Array, batch_size: int,
     rotation_DxD = run_rotation(task)
   indices_B = first_index + jnp.arange(batch_size)
   keys_B = jax.vmap(lambda i: jax.random.fold_in(examples_key, i))(indices_B)
-  return jax.vmap(lambda k: _sample_prompt(k, rotation_DxD, task, n_dims, hyper))(keys_B)
+  if rotation_DxD is None:
+    return jax.vmap(lambda k: _sample_prompt(k, None, task, n_dims, hyper))(keys_B)
+  # One copy of the shared eigenbasis per prompt, so that its products are batched matmuls as for "per_prompt".
+  # Shared, they would be one [B*N, D] matmul, which XLA's CPU kernels may round differently (last bit, seen on
+  # one CI CPU) for a device's slice of the batch than for the whole batch, whose rows the slice must equal.
+  rotations_BxDxD = jnp.broadcast_to(rotation_DxD, (batch_size, *rotation_DxD.shape))
+  return jax.vmap(lambda k, r: _sample_prompt(k, r, task, n_dims, hyper))(keys_B, rotations_BxDxD)
 
 
 def run_rotation(task: ml_collections.ConfigDict) -> jax.Array:
