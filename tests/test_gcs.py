@@ -161,8 +161,7 @@ def test_a_sweep_on_gs_trains_evaluates_and_reports(gcs):
 def test_a_reproduction_root_on_gs_regrades_the_committed_report(gcs, monkeypatch):
   root = storage.path(f"gs://{BUCKET}/medium")
   report = helpers.regrade_committed_report(root, monkeypatch)
-  assert helpers.graded_claims(report) == helpers.graded_claims(
-      json.loads((helpers.COMMITTED_REPORT / "report.json").read_text()))
+  helpers.assert_grades_as_committed(report)
   assert (root / "REPORT.md").read_text().startswith("# Reproduction report: scale `medium`")
   assert (root / "figures" / "best_match.png").stat().length > 0
   assert not (root / workdir_lock.LOCK_FILE).exists()  # Released.
