@@ -244,3 +244,22 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_one_below_resumes(
   assert len(warnings) == 1 and "checkpoints/8" in warnings[0]
   assert [p.name.split(".")[0] for p in (broken / "checkpoints").glob("8.unreadable-*")] == ["8"]
   np.testing.assert_array_equal(helpers.losses(broken)[1], helpers.losses(straight)[1])
+
+
+@pytest.mark.parametrize("like, message", [
+    ({"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}, "a is saved as float32[2], this "
+     "configuration's state has float32[3] (1 more arrays differ)"),
+    ({"a": np.zeros(2, np.float32), "b": np.zeros(1, np.int32)}, "b is saved as float32[1], this configuration's "
+     "state has int32[1]"),
+    ({"a": np.zeros(2, np.float32)}, "only the checkpoint has 1 arrays, e.g. b"),
+    ({"a": np.zeros(2, np.float32), "b": np.zeros(1, np.float32), "c": np.zeros(1, np.float32)},
+     "only this configuration's state has 1 arrays, e.g. c"),
+])
+def test_a_checkpoint_of_another_layout_names_the_array_before_restoring(tiny, tmp_path, like, message):
+  saved = {"a": np.ones(2, np.float32), "b": np.ones(1, np.float32)}
+  with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
+    checkpoints.save(1, jax.device_put(saved))
+  with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
+    with pytest.raises(checkpointing.CheckpointRestoreError, match=re.escape(message)):
+      checkpoints.restore(1, jax.device_put(like))
+    np.testing.assert_array_equal(checkpoints.restore(1, jax.device_put(saved))["a"], saved["a"])
