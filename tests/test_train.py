@@ -107,7 +107,8 @@ def test_training_chunks_of_any_length_compile_once(tiny):
   sizes = set()
   for length in (3, 1, 2, 3, 3):  # Crosses curriculum changes at steps 3, 6, 9 and 12.
     state, metrics = run_chunk(state, length)
-    sizes.update(zip(np.asarray(metrics["n_dims"])[:length].tolist(), np.asarray(metrics["n_points"])[:length].tolist()))
+    sizes.update(zip(np.asarray(metrics["n_dims"])[:length].tolist(),
+                     np.asarray(metrics["n_points"])[:length].tolist()))
   assert int(state.step) == 12 and len(sizes) > 1
   assert run_chunk._cache_size() == 1
 
