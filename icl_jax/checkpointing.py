@@ -136,12 +136,8 @@ class Checkpoints:
 
 def _leaf_names(tree) -> dict:
   """{dotted path: leaf}, the path spelled as Orbax names a checkpoint's arrays (`opt_state.0.mu.h_0...`)."""
-  def name(key) -> str:
-    for attribute in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey.
-      if hasattr(key, attribute):
-        return str(getattr(key, attribute))
-    return str(key)
-  return {".".join(name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_layout(saved, abstract) -> None:
