@@ -1,7 +1,9 @@
 """Command line: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`, or
 `python -m icl_jax.bench --benchmark=roofline [--torch_python=PYTHON]` (its own configs, no --config).
 
-Prints one JSON line per benchmark of `icl_jax.tools.benchmarks` (README, "Speed").
+Prints one JSON line per benchmark of `icl_jax.tools.benchmarks` (README, "Speed"). JAX's own options are
+flags too: on a multi-core CPU, `--jax_num_cpu_devices=2` times the data-parallel step on two CPU devices, as
+`python -m icl_jax.main` trains with the same flag.
 """
 
 import json
@@ -9,6 +11,7 @@ import pathlib
 import shutil
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -82,4 +85,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  jax.config.config_with_absl()
   app.run(main, flags_parser=cli.parse_flags)

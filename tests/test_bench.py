@@ -47,3 +47,4 @@ def test_roofline_grades_the_three_speed_targets(tiny):
   assert line["small_bfloat16_speedup_vs_torch"] == pytest.approx(
       line["torch_small_ms_per_step"] / line["small_bfloat16_ms_per_step"])
   assert line["met"]["small_fraction_of_peak"] == (line["small_fraction_of_peak"] >= 0.5)
+  assert line["devices"] == jax.device_count()  # The steps ran data-parallel over every device.

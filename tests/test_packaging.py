@@ -1,6 +1,7 @@
 """What a new user meets first: the package installs from pyproject.toml, runs from any directory, refers to
 nothing outside the repository, and answers a mistyped override with one line."""
 
+import json
 import os
 import pathlib
 import re
@@ -88,7 +89,9 @@ def test_bench_finds_its_pytorch_reference_and_refuses_a_missing_interpreter():
 
 def test_bench_runs_the_pytorch_reference_without_a_path_argument():
   result = subprocess.run([sys.executable, "-m", "icl_jax.bench", "--config=tests/tiny_config.py",
-                           "--benchmark=train_step", f"--torch_python={sys.executable}"], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+                           "--benchmark=train_step", f"--torch_python={sys.executable}", "--jax_num_cpu_devices=2"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '"name": "torch_train_step"' in result.stdout and '"name": "speedup_vs_torch"' in result.stdout
+  step = json.loads(result.stdout.splitlines()[0])
+  assert step["name"] == "train_step" and step["devices"] == 2  # JAX's own flags reach the benchmark.

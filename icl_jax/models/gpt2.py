@@ -7,8 +7,9 @@ pairs before it. Parameter names follow Hugging Face's (`h_{i}/attn/c_attn`, `ln
 released PyTorch checkpoint maps onto them one to one.
 
 Mixed precision: `config.model.dtype` ("float32" or "bfloat16") is the dtype of the activations and of every
-matmul's inputs. Parameters stay float32 (cast to the dtype where a matmul uses them), and softmax, LayerNorm
-(statistics and output), the read-out and so the predictions and the loss are computed in float32.
+matmul's inputs. Parameters stay float32 (cast to the dtype where a matmul uses them); biases are added, and
+softmax, LayerNorm (statistics and output), the read-out and so the predictions and the loss are computed, in
+float32.
 
 Hidden states follow Hugging Face's convention: entry 0 is the embedding (read-in + positions), entry l for
 1 <= l < L is the residual stream after block l *without* the final LayerNorm, and entry L is after it (the
@@ -34,12 +35,31 @@ def interleave(xs_BxNxD: jax.Array, ys_BxN: jax.Array) -> jax.Array:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _torch_linear(features: int, fan_in: int, name: str, dtype=jnp.float32) -> nn.Dense:
+class Dense(nn.Module):
+  """nn.Dense with float32 parameters, its matmul in `dtype` and its bias added in float32 (output cast back to
+  `dtype`). The float32 bias makes the bias gradient a float32 sum over batch and positions: from a bfloat16
+  cotangent, XLA's CPU backend computes that sum by a windowed reduction that took a fifth of the small
+  config's bfloat16 step (README, "Speed"). Parameter names and shapes are nn.Dense's."""
+
+  features: int
+  kernel_init: nn.initializers.Initializer
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return (y.astype(jnp.float32) + bias.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
+
+
+def _torch_linear(features: int, fan_in: int, name: str, dtype=jnp.float32) -> Dense:
   """A Dense layer with torch.nn.Linear's default U(+-1/sqrt(fan_in)) initialisation: Garg et al.'s read-in and
   read-out are nn.Linear."""
   bound = 1.0 / math.sqrt(fan_in)
   init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-  return nn.Dense(features, kernel_init=init, bias_init=init, dtype=dtype, name=name)
+  return Dense(features, kernel_init=init, bias_init=init, dtype=dtype, name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,7 +76,7 @@ class CausalSelfAttention(nn.Module):
     """With `x_positions_only`, only the x tokens (even positions) query: returns [B, ceil(T / 2), W]."""
     width = h_BxTxW.shape[-1]
     head_dim = width // self.num_heads
-    dense = lambda features, std, name: nn.Dense(features, kernel_init=nn.initializers.normal(std),
+    dense = lambda features, std, name: Dense(features, kernel_init=nn.initializers.normal(std),
                                                  dtype=self.dtype, name=name)
     c_attn, c_proj = dense(3 * width, self.init_std, "c_attn"), dense(width, self.proj_std, "c_proj")
     # Softmax in float32 (its exp and sum lose most of bfloat16's 8 bits), probabilities back to the dtype.
@@ -101,10 +121,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxW):
     width = h_BxTxW.shape[-1]
-    h_BxTxF = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), dtype=self.dtype,
+    h_BxTxF = Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), dtype=self.dtype,
                        name="c_fc")(h_BxTxW)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new".
-    return nn.Dense(width, kernel_init=nn.initializers.normal(self.proj_std), dtype=self.dtype,
+    return Dense(width, kernel_init=nn.initializers.normal(self.proj_std), dtype=self.dtype,
                     name="c_proj")(h_BxTxF)
 
 

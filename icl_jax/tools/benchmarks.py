@@ -222,7 +222,7 @@ def bench_roofline(paper, small, torch_python: str = "", torch_reference: str = 
            "small_bfloat16": bench_train_step(bfloat16)}
   peak = max(peak, _float32_matmul_peak())
   line = {"name": "roofline", "float32_matmul_peak_flops_per_s": peak, "peak_shape": list(PEAK_SHAPE),
-          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+          "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__}
   for label, step in steps.items():
     line[f"{label}_ms_per_step"] = step["ms_per_step"]
     line[f"{label}_flops_per_s"] = step["achieved_flops_per_s"]
