@@ -110,6 +110,10 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
     batch = sample(state, hyper) if cached is None else cached
 
     def loss_fn(params):
+      # Varying over the devices from here on, as a replicated parameter becomes where it meets the device's
+      # batch; the transpose of the cast sums the gradient over devices, as before. Made explicit so that a
+      # custom_vjp in the model (`gpt2.mixed_matmul`) returns a parameter gradient of the parameter's type.
+      params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
       if loss_positions == "last":
         return jax.lax.pmean(last_position_loss(model, params, batch, sizes.n_points), AXIS)
       preds_BxN = model.apply({"params": params}, batch.xs_BxNxD, batch.ys_BxN)

@@ -7,15 +7,17 @@ pairs before it. Parameter names follow Hugging Face's (`h_{i}/attn/c_attn`, `ln
 released PyTorch checkpoint maps onto them one to one.
 
 Mixed precision: `config.model.dtype` ("float32" or "bfloat16") is the dtype of the activations and of every
-matmul's inputs. Parameters stay float32 (cast to the dtype where a matmul uses them); biases are added, and
-softmax, LayerNorm (statistics and output), the read-out and so the predictions and the loss are computed, in
-float32.
+matmul's inputs. Parameters stay float32 (cast to the dtype where a matmul uses them); matmuls accumulate in
+float32, and biases are added, softmax, LayerNorm (statistics and output), the read-out and so the predictions
+and the loss are computed, in float32. Attention's q, k, v and head outputs change layout in float32 and are
+cast at the batched matmuls.
 
 Hidden states follow Hugging Face's convention: entry 0 is the embedding (read-in + positions), entry l for
 1 <= l < L is the residual stream after block l *without* the final LayerNorm, and entry L is after it (the
 read-out's input). Per-layer probes read these, so they need no second model.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -35,23 +37,61 @@ def interleave(xs_BxNxD: jax.Array, ys_BxN: jax.Array) -> jax.Array:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _contract_last(a, b, dtype):
+  """a [..., K] times b [K, F] from `dtype` inputs, accumulated and returned in float32."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x, kernel_KxF, dtype):
+  """x [..., K] (in `dtype`) times kernel [K, F] (float32, cast to `dtype`), accumulated and returned in
+  float32; the gradients are `dtype` matmuls with float32 results too (x's then cast to `dtype`).
+
+  Why not JAX's own transpose: it would multiply the float32 cotangent by a `dtype` operand, which XLA runs as
+  a float32 matmul. And why float32 results: XLA's CPU backend runs bfloat16 matmuls with bfloat16 results at
+  float32 speed, with float32 results ~3x faster (README, "Speed")."""
+  return _contract_last(x, kernel_KxF, dtype)
+
+
+def _mixed_matmul_fwd(x, kernel_KxF, dtype):
+  kernel_KxF = kernel_KxF.astype(dtype)
+  return _contract_last(x, kernel_KxF, dtype), (x, kernel_KxF)
+
+
+def _mixed_matmul_bwd(dtype, residuals, g):
+  x, kernel_KxF = residuals
+  g = g.astype(dtype)
+  batch = tuple(range(x.ndim - 1))
+  dkernel_KxF = jax.lax.dot_general(x, g, ((batch, batch), ((), ())), preferred_element_type=jnp.float32)
+  return _contract_last(g, kernel_KxF.T, dtype).astype(dtype), dkernel_KxF
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 class Dense(nn.Module):
-  """nn.Dense with float32 parameters, its matmul in `dtype` and its bias added in float32 (output cast back to
-  `dtype`). The float32 bias makes the bias gradient a float32 sum over batch and positions: from a bfloat16
-  cotangent, XLA's CPU backend computes that sum by a windowed reduction that took a fifth of the small
-  config's bfloat16 step (README, "Speed"). Parameter names and shapes are nn.Dense's."""
+  """nn.Dense with float32 parameters, its matmul from `dtype` inputs (`mixed_matmul` in bfloat16), its bias
+  added in float32 and its output in `out_dtype` (default: `dtype`). The float32 bias makes the bias gradient
+  a float32 sum over batch and positions: from a bfloat16 cotangent, XLA's CPU backend computes that sum by a
+  windowed reduction that took a fifth of the small config's bfloat16 step (README, "Speed"). Parameter names
+  and shapes are nn.Dense's."""
 
   features: int
   kernel_init: nn.initializers.Initializer
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
   dtype: jnp.dtype = jnp.float32
+  out_dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-    return (y.astype(jnp.float32) + bias.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
+    if self.dtype == jnp.float32:
+      y = _contract_last(x, kernel, jnp.float32)
+    else:
+      y = mixed_matmul(x.astype(self.dtype), kernel, self.dtype)
+    return (y + bias.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.out_dtype or self.dtype)
 
 
 def _torch_linear(features: int, fan_in: int, name: str, dtype=jnp.float32) -> Dense:
@@ -76,9 +116,13 @@ class CausalSelfAttention(nn.Module):
     """With `x_positions_only`, only the x tokens (even positions) query: returns [B, ceil(T / 2), W]."""
     width = h_BxTxW.shape[-1]
     head_dim = width // self.num_heads
-    dense = lambda features, std, name: Dense(features, kernel_init=nn.initializers.normal(std),
-                                                 dtype=self.dtype, name=name)
-    c_attn, c_proj = dense(3 * width, self.init_std, "c_attn"), dense(width, self.proj_std, "c_proj")
+    dense = lambda features, std, name, out_dtype=None: Dense(
+        features, kernel_init=nn.initializers.normal(std), dtype=self.dtype, out_dtype=out_dtype, name=name)
+    # q, k, v and the heads' outputs change layout in float32 and meet the dtype only at the batched matmuls:
+    # the same numbers as casting first, and XLA's CPU backend moves float32 ~4x faster than bfloat16.
+    c_attn = dense(3 * width, self.init_std, "c_attn", out_dtype=jnp.float32)
+    c_proj = dense(width, self.proj_std, "c_proj")
+    cast = lambda *arrays: tuple(a.astype(self.dtype) for a in arrays)
     # Softmax in float32 (its exp and sum lose most of bfloat16's 8 bits), probabilities back to the dtype.
     softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     split_heads = lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], 3, self.num_heads, head_dim), -3, 0)
@@ -89,14 +133,16 @@ class CausalSelfAttention(nn.Module):
     q_BxTxHxK = q_BxTxHxK[:, ::step]
     # Heads before positions for the two batched matmuls: on CPU this layout runs them ~1.7x faster than
     # einsums over [B, T, H, K].
-    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = (jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
+    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = cast(*(jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)))
     logits_BxHxTxT = (q_BxHxTxK @ jnp.swapaxes(k_BxHxTxK, -1, -2)) * scale
     causal_TxT = jnp.arange(0, t, step)[:, None] >= jnp.arange(t)[None, :]
     probs_BxHxTxT = softmax(jnp.where(causal_TxT, logits_BxHxTxT.astype(jnp.float32), _MASKED))
-    out_BxTxW = jnp.swapaxes(probs_BxHxTxT @ v_BxHxTxK, 1, 2).reshape(*q_BxTxHxK.shape[:2], width)
+    out_BxHxTxK = (probs_BxHxTxT @ v_BxHxTxK).astype(jnp.float32)
+    out_BxTxW = jnp.swapaxes(out_BxHxTxK, 1, 2).reshape(*q_BxTxHxK.shape[:2], width)
     if g_BxNxQxW is None:
       return c_proj(out_BxTxW), None
-    qg_BxNxQxHxK, kg_BxNxQxHxK, vg_BxNxQxHxK = split_heads(c_attn(g_BxNxQxW))
+    qg_BxNxQxHxK, kg_BxNxQxHxK, vg_BxNxQxHxK = cast(*split_heads(c_attn(g_BxNxQxW)))
+    k_BxTxHxK, v_BxTxHxK = cast(k_BxTxHxK, v_BxTxHxK)
     n = g_BxNxQxW.shape[1]
     # The query of prefix n stands where x_n does: it sees the 2n tokens (x_0, y_0, ..., y_{n-1}) and itself.
     sees_NxT = jnp.arange(t)[None, :] < 2 * jnp.arange(n)[:, None]
