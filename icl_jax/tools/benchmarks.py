@@ -168,15 +168,16 @@ def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
   return {"name": "torch_train_step", **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
-def _matmul_flops_per_s(m: int, k: int, n: int, dtype, flops: float) -> float:
-  """One [m, k] x [k, n] product per iteration of a jitted loop, about `flops` in all (at least 3 products);
-  each iteration's left operand depends on the previous result, so that XLA cannot hoist the product out of
-  the loop."""
+def _matmul_flops_per_s(m: int, k: int, n: int, dtype, flops: float, out_dtype=jnp.float32) -> float:
+  """One [m, k] x [k, n] product from `dtype` inputs to `out_dtype` per iteration of a jitted loop, about
+  `flops` in all (at least 3 products); each iteration's left operand depends on the previous result, so that
+  XLA cannot hoist the product out of the loop."""
   repeats = max(3, int(flops // (2 * m * k * n)))
   a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
 
   def body(_, carry):
-    return jnp.dot(a * carry.astype(dtype), b, preferred_element_type=jnp.float32)[0, 0] * 1e-9 + 1.0
+    product = jnp.dot(a * carry.astype(dtype), b, preferred_element_type=out_dtype)
+    return product[0, 0].astype(jnp.float32) * 1e-9 + 1.0
 
   loop = jax.jit(lambda: jax.lax.fori_loop(0, repeats, body, jnp.float32(1.0)))
   jax.block_until_ready(loop())
@@ -186,13 +187,16 @@ def _matmul_flops_per_s(m: int, k: int, n: int, dtype, flops: float) -> float:
 
 
 def bench_matmul(config) -> dict:
-  """FLOP/s of isolated matmuls on the first device: large, and at the config's MLP shape."""
+  """FLOP/s of isolated matmuls on the first device, large and at the config's MLP shape: float32, bfloat16
+  inputs with a float32 result (as the model's, `models.gpt2.mixed_matmul`) and with a bfloat16 result."""
   m, tokens = config.model, config.train.batch_size * (2 * config.task.n_points - 1)
   shapes = {"2048x2048x2048": (2048, 2048, 2048), "mlp": (tokens, m.width, m.mlp_ratio * m.width)}
+  kinds = {"float32": (jnp.float32, jnp.float32), "bfloat16": (jnp.bfloat16, jnp.float32),
+           "bfloat16_to_bfloat16": (jnp.bfloat16, jnp.bfloat16)}
   line = {"name": "matmul", "mlp_shape": list(shapes["mlp"]), "device": jax.devices()[0].device_kind}
   for label, shape in shapes.items():
-    for dtype in (jnp.float32, jnp.bfloat16):
-      line[f"{label}_{jnp.dtype(dtype).name}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, flops=2e10)
+    for kind, (dtype, out_dtype) in kinds.items():
+      line[f"{label}_{kind}_flops_per_s"] = _matmul_flops_per_s(*shape, dtype, flops=2e10, out_dtype=out_dtype)
   return line
 
 
