@@ -120,6 +120,30 @@ def test_bfloat16_computes_matmuls_in_bfloat16_and_the_rest_in_float32(quick):
   assert outputs.query_preds_BxNxQ.dtype == jnp.float32 and np.all(np.isfinite(outputs.query_preds_BxNxQ))
 
 
+def test_mixed_matmul_gradients_are_the_matmuls_of_the_rounded_operands():
+  """gpt2.mixed_matmul's custom gradients: in float32 exactly JAX's own; in bfloat16 the float32 products of the
+  bfloat16-rounded operands and cotangent (the input's gradient then rounded to bfloat16). Tolerances set before
+  measuring: float32 reassociation (1e-6) and one bfloat16 rounding (2^-8)."""
+  x_BxTxK = jax.random.normal(jax.random.key(0), (3, 5, 16))
+  kernel_KxF = jax.random.normal(jax.random.key(1), (16, 8))
+  w_BxTxF = jax.random.normal(jax.random.key(2), (3, 5, 8))
+  plain = lambda x, k: jnp.sum(w_BxTxF * jnp.einsum("btk,kf->btf", x, k))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    mixed = lambda x, k: jnp.sum(w_BxTxF * gpt2.mixed_matmul(x, k, dtype))
+    x = x_BxTxK.astype(dtype)
+    dx, dkernel = jax.grad(mixed, argnums=(0, 1))(x, kernel_KxF)
+    assert dx.dtype == dtype and dkernel.dtype == jnp.float32
+    round_trip = lambda a: a.astype(dtype).astype(jnp.float32)
+    w = round_trip(w_BxTxF)
+    dx_reference, dkernel_reference = jnp.einsum("btf,kf->btk", w, round_trip(kernel_KxF)), jnp.einsum(
+        "btk,btf->kf", round_trip(x_BxTxK), w)
+    if dtype == jnp.float32:
+      dx_reference, dkernel_reference = jax.grad(plain, argnums=(0, 1))(x_BxTxK, kernel_KxF)
+    tolerance = 1e-6 if dtype == jnp.float32 else 2.0 ** -8
+    np.testing.assert_allclose(dx.astype(jnp.float32), dx_reference, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(dkernel, dkernel_reference, rtol=1e-6, atol=1e-5)
+
+
 def _equations(jaxpr):
   """Every equation of `jaxpr`, inside sub-jaxprs (pjit, custom_jvp, ...) too."""
   for equation in jaxpr.eqns:

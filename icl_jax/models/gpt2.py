@@ -168,10 +168,10 @@ class MLP(nn.Module):
   def __call__(self, h_BxTxW):
     width = h_BxTxW.shape[-1]
     h_BxTxF = Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), dtype=self.dtype,
-                       name="c_fc")(h_BxTxW)
+                    name="c_fc")(h_BxTxW)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new".
     return Dense(width, kernel_init=nn.initializers.normal(self.proj_std), dtype=self.dtype,
-                    name="c_proj")(h_BxTxF)
+                 name="c_proj")(h_BxTxF)
 
 
 class Block(nn.Module):
