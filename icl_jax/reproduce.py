@@ -82,8 +82,9 @@ def main(argv):
     if _DRY_RUN.value:
       _dry_run(pipeline.selected(runs, only))
       return
+    selection = [f"--experiments={','.join(only)}"] if only else []
     command = shlex.join(["python", "-m", "icl_jax.reproduce", f"--scale={scale}", f"--root={_ROOT.value}",
-                          f"--seeds={','.join(map(str, seeds))}"] + ([f"--experiments={','.join(only)}"] * bool(only)))
+                          f"--seeds={','.join(map(str, seeds))}", *selection])
     grades = pipeline.reproduce(runs, root, scale, seeds, command, only)
     if grades is None:
       logging.warning("Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same "

@@ -51,6 +51,12 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   assert [g.verdict for g in again] == [g.verdict for g in grades]
   assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/results.json")}
   assert metrics == {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
+  # So does the command line, given no --experiments (every experiment), and REPORT.md names its command.
+  out = _reproduce("--scale=smoke", f"--root={tmp_path}", "--seeds=0,1", cwd=helpers.REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/results.json")}
+  assert f"python -m icl_jax.reproduce --scale=smoke --root={tmp_path} --seeds=0,1" in (
+      tmp_path / "REPORT.md").read_text()
 
   # A root holding only the runs' summaries (a few kB each, what a committed report keeps) grades the same
   # without any checkpoint, training or evaluation.
