@@ -6,7 +6,7 @@
 
 from ml_collections import config_dict
 
-from icl_jax import config_files
+from icl_jax.runtime import config_files
 
 linreg = config_files.load("linreg.py", next_to=__file__)
 

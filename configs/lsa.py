@@ -23,7 +23,7 @@ of config.model are replaced by the LSA's. `--mode=eval` runs Ahn et al.'s analy
 
 from ml_collections import config_dict
 
-from icl_jax import config_files
+from icl_jax.runtime import config_files
 
 linreg = config_files.load("linreg.py", next_to=__file__)
 

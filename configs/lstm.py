@@ -13,7 +13,7 @@ changes nothing.
 
 from ml_collections import config_dict
 
-from icl_jax import config_files
+from icl_jax.runtime import config_files
 
 linreg = config_files.load("linreg.py", next_to=__file__)
 

@@ -4,12 +4,12 @@
   python -m icl_jax.sweep --config=configs/sweep_depth_kappa.py:quick --root=runs/sweep_q  # 2-core CPU
 
 Every field of configs/linreg.py applies to all runs; `sweep.*` lists the values each run takes. Runs that
-share a depth (and so every shape) train together as one vmapped program (icl_jax/sweeps/multi_train.py).
+share a depth (and so every shape) train together as one vmapped program (icl_jax/sweep/multi_train.py).
 """
 
 from ml_collections import config_dict
 
-from icl_jax import config_files
+from icl_jax.runtime import config_files
 
 linreg = config_files.load("linreg.py", next_to=__file__)
 

@@ -17,10 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from icl_jax import errors
+from icl_jax.runtime import errors
 from icl_jax import models
 from icl_jax import optim
-from icl_jax import storage
+from icl_jax.runtime import storage
 from icl_jax import train_step
 
 GARG_PARAMS_DIR = "garg_params"  # A converted Garg et al. checkpoint's parameters, inside its workdir.

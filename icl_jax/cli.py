@@ -15,8 +15,8 @@ from absl import logging
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
-from icl_jax import config_files
-from icl_jax import run_logs
+from icl_jax.runtime import config_files
+from icl_jax.runtime import run_logs
 
 
 def override_errors(argv: list[str]) -> list[str]:

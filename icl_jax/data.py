@@ -38,7 +38,7 @@ class Curriculum(NamedTuple):
 
 
 class Hyper(NamedTuple):
-  """Task settings that may differ between models trained together in one program (`icl_jax.sweeps.multi_train`).
+  """Task settings that may differ between models trained together in one program (`icl_jax.sweep.multi_train`).
 
   Python floats (from the config: the sampler then skips what they switch off) or traced scalars (one per
   vmapped model: both paths are computed and the value selects, so each model draws exactly the samples it

@@ -15,11 +15,11 @@ from ml_collections import config_flags
 from icl_jax import checkpointing
 from icl_jax import cli
 from icl_jax import config_checks
-from icl_jax import distributed
+from icl_jax.runtime import distributed
 from icl_jax.analysis import evaluate
-from icl_jax import run_logs
+from icl_jax.runtime import run_logs
 from icl_jax import train
-from icl_jax import workdir_lock
+from icl_jax.runtime import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "

@@ -23,10 +23,10 @@ from icl_jax import config_checks
 from icl_jax.analysis import evaluate
 from icl_jax import models
 from icl_jax import optim
-from icl_jax import run_logs
-from icl_jax import storage
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 from icl_jax import train_step
-from icl_jax import workdir_lock
+from icl_jax.runtime import workdir_lock
 
 
 class ConfigChangedError(RuntimeError):

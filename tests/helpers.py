@@ -18,8 +18,8 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
-from icl_jax.reproduction import experiments
-from icl_jax.reproduction import pipeline
+from icl_jax.reproduce import experiments
+from icl_jax.reproduce import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import linreg
-from icl_jax.tools import benchmarks as bench
+from icl_jax.bench import benchmarks
 from icl_jax import models
 from tests import helpers
 
@@ -26,11 +26,11 @@ def test_flop_count_matches_the_compiled_training_step(variant):
   cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   # XLA also counts the element-wise work (softmax, LayerNorm, GELU, ...) that model FLOPs leave out.
-  assert 0.0 < cost["flops"] - bench.gpt2_flops_per_step(config) < 0.06 * cost["flops"]
+  assert 0.0 < cost["flops"] - benchmarks.gpt2_flops_per_step(config) < 0.06 * cost["flops"]
 
 
 def test_matmul_benchmark_times_every_product(tiny):
-  line = bench.bench_matmul(tiny)
+  line = benchmarks.bench_matmul(tiny)
   rates = [v for k, v in line.items() if k.endswith("_flops_per_s")]
   assert len(rates) == 6 and line["mlp_shape"] == [16 * 11, 16, 64]
   # Two CPU cores do well under 5 TFLOP/s: a higher figure would mean XLA hoisted the product out of the loop.
@@ -38,9 +38,9 @@ def test_matmul_benchmark_times_every_product(tiny):
 
 
 def test_roofline_grades_the_three_speed_targets(tiny):
-  line = bench.bench_roofline(tiny, tiny, sys.executable, str(helpers.REPO / "benchmarks" / "torch_gpt2_linreg.py"),
+  line = benchmarks.bench_roofline(tiny, tiny, sys.executable, str(helpers.REPO / "benchmarks" / "torch_gpt2_linreg.py"),
                               paper_timed_steps=2)
-  assert set(line["met"]) == set(bench.ROOFLINE_TARGETS) == {"paper_fraction_of_peak", "small_fraction_of_peak",
+  assert set(line["met"]) == set(benchmarks.ROOFLINE_TARGETS) == {"paper_fraction_of_peak", "small_fraction_of_peak",
                                                              "small_bfloat16_speedup_vs_torch"}
   # A step faster than the peak matmul would mean a wrong FLOP count or a peak XLA hoisted out of its loop.
   assert 0 < line["paper_fraction_of_peak"] < 1 and 0 < line["small_fraction_of_peak"] < 1

@@ -1,4 +1,4 @@
-"""The private JAX functions that `icl_jax.distributed` binds the CPU collectives with still exist, with the
+"""The private JAX functions that `icl_jax.runtime.distributed` binds the CPU collectives with still exist, with the
 keywords it passes: a JAX release that changes them fails here instead of silently binding gloo to every
 interface of a multi-process test."""
 
@@ -6,7 +6,7 @@ import inspect
 
 import jax
 
-from icl_jax import distributed
+from icl_jax.runtime import distributed
 
 
 def test_private_gloo_api_is_as_checked():

@@ -17,7 +17,7 @@ from icl_jax import checkpointing
 from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
-from icl_jax import run_logs
+from icl_jax.runtime import run_logs
 from icl_jax import train
 from icl_jax.analysis import probing
 from icl_jax.analysis import probes
@@ -248,9 +248,9 @@ def test_eval_refuses_a_model_other_than_the_saved_one(tmp_path):
 
 
 def test_eval_benchmark_reports_its_time(tiny):
-  from icl_jax.tools import benchmarks as bench
+  from icl_jax.bench import benchmarks
 
-  line = bench.bench_eval(tiny)
+  line = benchmarks.bench_eval(tiny)
   assert line["name"] == "eval" and line["seconds"] > 0 and line["first_call_with_compilation_s"] >= line["seconds"]
   assert set(line["stages_s"]) == {"probes_s", "model_s", "algorithms_s", "metrics_s", "sim_w_s"}
 

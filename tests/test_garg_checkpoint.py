@@ -23,7 +23,7 @@ from configs import linreg
 from icl_jax import checkpointing
 from icl_jax import models
 from icl_jax.analysis import probing
-from icl_jax.tools import garg as garg_checkpoint
+from icl_jax.garg_checkpoint import convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_DIMS, N_POINTS, NUM_LAYERS = 20, 41, 12
@@ -81,14 +81,14 @@ def garg(tmp_path_factory):
   model = _garg_model()
   path = tmp_path_factory.mktemp("garg") / "state.pt"
   torch.save({"model_state_dict": _garg_state_dict(model), "optimizer_state_dict": {}, "train_step": 0}, path)
-  params, overrides = garg_checkpoint.load_garg_checkpoint(path)
+  params, overrides = convert.load_garg_checkpoint(path)
   return model, path, params, overrides
 
 
 def test_the_released_structure_is_the_paper_config(garg):
   _, _, params, overrides = garg
   paper = linreg.get_config()
-  assert garg_checkpoint.garg_config(overrides, linreg.get_config()).to_dict() == paper.to_dict()
+  assert convert.garg_config(overrides, linreg.get_config()).to_dict() == paper.to_dict()
   model = models.build_model(paper.model)
   like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, N_POINTS, N_DIMS)), np.zeros((1, N_POINTS)))
   assert jax.tree.structure(params) == jax.tree.structure(like["params"])
@@ -105,7 +105,7 @@ def test_converted_model_matches_pytorch_predictions_and_every_hidden_state(garg
   with torch.no_grad():
     torch_preds_BxN, torch_hidden_LxBxTxW = torch_model(torch.from_numpy(xs_BxNxD), torch.from_numpy(ys_BxN))
 
-  model = models.build_model(garg_checkpoint.garg_config(overrides, linreg.get_config()).model)
+  model = models.build_model(convert.garg_config(overrides, linreg.get_config()).model)
   preds_BxN, hidden_LxBxTxW = model.apply({"params": params}, xs_BxNxD, ys_BxN, return_hidden=True)
   assert hidden_LxBxTxW.shape == torch_hidden_LxBxTxW.shape == (NUM_LAYERS + 1, 3, 2 * N_POINTS, 256)
   for layer in range(NUM_LAYERS + 1):
@@ -120,9 +120,9 @@ def test_bare_and_in_memory_state_dicts_convert_the_same(garg, tmp_path):
   torch_model, _, params, _ = garg
   path = tmp_path / "model_500000.pt"
   torch.save(torch_model.state_dict(), path)
-  bare, _ = garg_checkpoint.load_garg_checkpoint(path)
+  bare, _ = convert.load_garg_checkpoint(path)
   jax.tree.map(np.testing.assert_array_equal, bare, params)
-  in_memory, _ = garg_checkpoint.convert_state_dict(torch_model.state_dict())
+  in_memory, _ = convert.convert_state_dict(torch_model.state_dict())
   jax.tree.map(np.testing.assert_array_equal, in_memory, params)
 
 
@@ -155,7 +155,7 @@ def test_command_line_names_a_file_that_is_not_a_checkpoint(tmp_path):
 
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'state.pt'}: no such file")):
-    garg_checkpoint.load_garg_checkpoint(tmp_path / "state.pt")
+    convert.load_garg_checkpoint(tmp_path / "state.pt")
 
 
 @pytest.mark.parametrize("contents, message", [
@@ -166,7 +166,7 @@ def test_other_pytorch_files_are_named(tmp_path, contents, message):
   path = tmp_path / "state.pt"
   torch.save(contents, path)
   with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
-    garg_checkpoint.load_garg_checkpoint(path)
+    convert.load_garg_checkpoint(path)
 
 
 def _numpy_state_dict(model):
@@ -186,12 +186,12 @@ def test_bad_state_dicts_name_the_source_and_the_key(garg, edit, message):
   state_dict = _numpy_state_dict(garg[0])
   edit(state_dict)
   with pytest.raises(ValueError, match=r"^state\.pt.*" + message):
-    garg_checkpoint.convert_state_dict(state_dict, source="state.pt")
+    convert.convert_state_dict(state_dict, source="state.pt")
 
 
 def test_num_heads_must_divide_the_width(garg):
   with pytest.raises(ValueError, match="num_heads = 7 must be a positive divisor of state.pt's model width 256"):
-    garg_checkpoint.convert_state_dict(_numpy_state_dict(garg[0]), num_heads=7, source="state.pt")
+    convert.convert_state_dict(_numpy_state_dict(garg[0]), num_heads=7, source="state.pt")
 
 
 @pytest.mark.parametrize("num_layers", [3, 6])

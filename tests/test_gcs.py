@@ -15,9 +15,9 @@ from etils import epath
 from configs import linreg
 from icl_jax import config_checks
 from icl_jax import datasets
-from icl_jax import storage
+from icl_jax.runtime import storage
 from icl_jax import train
-from icl_jax import workdir_lock
+from icl_jax.runtime import workdir_lock
 from tests import helpers
 from tests import tiny_config
 
@@ -140,8 +140,8 @@ def test_a_missing_bucket_is_one_error_line(gcs):
 
 
 def test_a_sweep_on_gs_trains_evaluates_and_reports(gcs):
-  from icl_jax.sweeps import grid
-  from icl_jax.sweeps import report
+  from icl_jax.sweep import grid
+  from icl_jax.sweep import report
 
   config = tiny_config.get_config()
   config.sweep = dict(num_layers=(1, 2), kappa=(1.0,), seeds=(0,), evaluate=True)

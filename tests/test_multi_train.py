@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from icl_jax.sweeps import multi_train
+from icl_jax.sweep import multi_train
 from icl_jax import train
 from tests import helpers
 from tests import tiny_config

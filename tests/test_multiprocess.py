@@ -21,7 +21,7 @@ import jax
 import pytest
 
 from icl_jax import checkpointing
-from icl_jax import distributed
+from icl_jax.runtime import distributed
 from icl_jax import train
 from tests import helpers
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from icl_jax import config_checks
-from icl_jax.reproduction import claims
-from icl_jax.reproduction import experiments
-from icl_jax.reproduction import pipeline
-from icl_jax.reproduction import report
+from icl_jax.reproduce import claims
+from icl_jax.reproduce import experiments
+from icl_jax.reproduce import pipeline
+from icl_jax.reproduce import report
 from tests import helpers
 
 SEEDS = (0, 1)

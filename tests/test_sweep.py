@@ -5,8 +5,8 @@ import json
 import pytest
 
 from icl_jax import config_checks
-from icl_jax.sweeps import grid as sweep
-from icl_jax.sweeps import report as sweep_report
+from icl_jax.sweep import grid
+from icl_jax.sweep import report
 from tests import tiny_config
 
 
@@ -18,12 +18,12 @@ def _sweep_config():
 
 def test_sweep_trains_evaluates_reports_and_resumes(tmp_path):
   config = _sweep_config()
-  runs = sweep.validate(config)
+  runs = grid.validate(config)
   assert len(runs) == 8 and {r.eval.fit_layers for r in runs} == {(1, 1), (1, 2)}
-  sweep.run_sweep(config, tmp_path)
-  names = [sweep.run_name(r) for r in runs]
+  grid.run_sweep(config, tmp_path)
+  names = [grid.run_name(r) for r in runs]
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
-  entries = sweep_report.write(runs, tmp_path, names)
+  entries = report.write(runs, tmp_path, names)
   assert [(e["num_layers"], e["kappa"]) for e in entries] == [(1, 1.0), (1, 100.0), (2, 1.0), (2, 100.0)]
   for e in entries:
     assert e["final_error_per_dim"]["seeds"] == 2
@@ -37,7 +37,7 @@ def test_sweep_trains_evaluates_reports_and_resumes(tmp_path):
   # A second call finds everything done and neither trains nor evaluates again.
   stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval/results.json")}
   metrics = {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
-  sweep.run_sweep(config, tmp_path)
+  grid.run_sweep(config, tmp_path)
   assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval/results.json")}
   assert metrics == {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
 
@@ -46,11 +46,11 @@ def test_bad_sweep_values_are_named():
   config = _sweep_config()
   config.sweep.kappa = ()
   with pytest.raises(config_checks.ConfigError, match=r"config.sweep.kappa = \(\)"):
-    sweep.validate(config)
+    grid.validate(config)
   config = _sweep_config()
   config.sweep.kappa = (0.5,)
   with pytest.raises(config_checks.ConfigError, match=r"run L1_kappa0.5_seed0: (.|\n)*config.task.kappa = 0.5"):
-    sweep.validate(config)
+    grid.validate(config)
 
 
 def test_a_sigterm_stops_the_sweep_before_the_next_group(tmp_path, monkeypatch):
@@ -64,7 +64,7 @@ def test_a_sigterm_stops_the_sweep_before_the_next_group(tmp_path, monkeypatch):
     groups.append([w.name for w in workdirs])
     return [{"step": 3, "final": None, "preempted": True} for _ in runs]
 
-  monkeypatch.setattr(sweep.multi_train, "train_group", preempted_group)
-  monkeypatch.setattr(sweep.evaluate, "evaluate", lambda *args: pytest.fail("evaluated an unfinished run"))
-  assert sweep.run_sweep(config, tmp_path) is False
+  monkeypatch.setattr(grid.multi_train, "train_group", preempted_group)
+  monkeypatch.setattr(grid.evaluate, "evaluate", lambda *args: pytest.fail("evaluated an unfinished run"))
+  assert grid.run_sweep(config, tmp_path) is False
   assert len(groups) == 1

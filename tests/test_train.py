@@ -10,7 +10,7 @@ import pytest
 from icl_jax import checkpointing
 from icl_jax import models
 from icl_jax import optim
-from icl_jax import run_logs
+from icl_jax.runtime import run_logs
 from icl_jax import train
 from icl_jax import train_step
 from tests import helpers

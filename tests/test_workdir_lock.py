@@ -11,7 +11,7 @@ import time
 import pytest
 
 from icl_jax import train
-from icl_jax import workdir_lock
+from icl_jax.runtime import workdir_lock
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

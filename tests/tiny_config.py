@@ -3,7 +3,7 @@
 Also usable from the command line: `python -m icl_jax.main --config=tests/tiny_config.py --workdir=DIR`.
 """
 
-from icl_jax import config_files
+from icl_jax.runtime import config_files
 
 linreg = config_files.load("../configs/linreg.py", next_to=__file__)
 

@@ -11,9 +11,9 @@ import ml_collections
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
-from icl_jax import run_logs
-from icl_jax import storage
-from icl_jax import workdir_lock
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
+from icl_jax.runtime import workdir_lock
 from icl_jax.analysis import lsa_analysis
 from icl_jax.analysis import probing
 

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib import lines, patches, ticker
 from matplotlib.figure import Figure
 
-from icl_jax import storage
+from icl_jax.runtime import storage
 
 DPI = 150
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,

@@ -20,8 +20,8 @@ from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import datasets
 from icl_jax import models
-from icl_jax import run_logs
-from icl_jax import storage
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 from icl_jax import train_step
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import figures

@@ -19,8 +19,8 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from icl_jax import errors
-from icl_jax import storage
+from icl_jax.runtime import errors
+from icl_jax.runtime import storage
 
 from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 

@@ -3,7 +3,7 @@
   python -m icl_jax.garg_checkpoint --checkpoint=models/linear_regression/pretrained/state.pt \
       --config=configs/linreg.py --workdir=runs/garg
 
-The conversion itself is `icl_jax.tools.garg`; this module only parses flags.
+The conversion itself is `icl_jax.garg_checkpoint.convert`; this module only parses flags.
 """
 
 import sys
@@ -13,8 +13,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from icl_jax import run_logs
-from icl_jax.tools import garg
+from icl_jax.runtime import run_logs
+from icl_jax.garg_checkpoint import convert
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Garg et al.'s state.pt (or a model_STEP.pt).")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,8 +30,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run_logs.quiet_orbax()
   try:
-    params, overrides = garg.load_garg_checkpoint(_CHECKPOINT.value, num_heads=_NUM_HEADS.value)
-    garg.write_workdir(_WORKDIR.value, params, garg.garg_config(overrides, _CONFIG.value, source=_CHECKPOINT.value))
+    params, overrides = convert.load_garg_checkpoint(_CHECKPOINT.value, num_heads=_NUM_HEADS.value)
+    convert.write_workdir(_WORKDIR.value, params, convert.garg_config(overrides, _CONFIG.value, source=_CHECKPOINT.value))
   except (OSError, ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -1,8 +1,8 @@
 """Command line: `python -m icl_jax.reproduce --scale=medium --root=DIR [--seeds=0,1,2]`, the papers' claims graded.
 
 Trains (resuming, skipping finished runs, the seeds of an experiment together), evaluates and grades every
-experiment of the scale (`icl_jax/reproduction/experiments.py`) against the claims of
-`icl_jax/reproduction/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry_run` prints
+experiment of the scale (`icl_jax/reproduce/experiments.py`) against the claims of
+`icl_jax/reproduce/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry_run` prints
 the runs and their projected training time on this machine (from one timed step of each shape) and trains
 nothing. `--experiments=isotropic,kappa100` trains and evaluates those alone and grades the rest from the
 summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one root. A
@@ -22,13 +22,13 @@ from absl import logging
 from icl_jax import checkpointing
 from icl_jax import cli
 from icl_jax import config_checks
-from icl_jax import distributed
-from icl_jax import run_logs
-from icl_jax import storage
+from icl_jax.runtime import distributed
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 from icl_jax import train
-from icl_jax import workdir_lock
-from icl_jax.reproduction import experiments
-from icl_jax.reproduction import pipeline
+from icl_jax.runtime import workdir_lock
+from icl_jax.reproduce import experiments
+from icl_jax.reproduce import pipeline
 
 _SCALE = flags.DEFINE_enum("scale", None, list(experiments.SCALES), "Which configurations to run and grade.")
 _ROOT = flags.DEFINE_string("root", None, "Directory of the reproduction: one workdir per run, and the report.")

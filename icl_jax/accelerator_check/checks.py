@@ -28,9 +28,9 @@ import time
 
 import ml_collections
 
-from icl_jax import run_logs
+from icl_jax.runtime import run_logs
 from icl_jax import train
-from icl_jax.tools import benchmarks
+from icl_jax.bench import benchmarks
 
 
 @dataclasses.dataclass(frozen=True)

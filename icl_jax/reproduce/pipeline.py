@@ -17,19 +17,19 @@ import numpy as np
 from absl import logging
 
 from icl_jax import config_checks
-from icl_jax import distributed
-from icl_jax import run_logs
-from icl_jax import storage
-from icl_jax import workdir_lock
+from icl_jax.runtime import distributed
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
+from icl_jax.runtime import workdir_lock
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import constructions
 from icl_jax.analysis import evaluate
 from icl_jax.analysis import probing
-from icl_jax.reproduction import experiments
-from icl_jax.reproduction import report
-from icl_jax.sweeps import grid
-from icl_jax.sweeps import multi_train
-from icl_jax.tools import benchmarks
+from icl_jax.reproduce import experiments
+from icl_jax.reproduce import report
+from icl_jax.sweep import grid
+from icl_jax.sweep import multi_train
+from icl_jax.bench import benchmarks
 
 
 SUMMARIES_DIR = "summaries"

@@ -18,11 +18,11 @@ from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
 from icl_jax import optim
-from icl_jax import run_logs
-from icl_jax import storage
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 from icl_jax import train
 from icl_jax import train_step
-from icl_jax import workdir_lock
+from icl_jax.runtime import workdir_lock
 
 # Fields that may differ between runs trained together; everything else must be equal.
 PER_RUN_FIELDS = ("seed", "task.kappa", "task.noise_std")

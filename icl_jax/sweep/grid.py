@@ -12,10 +12,10 @@ from absl import logging
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
-from icl_jax import distributed
-from icl_jax import storage
+from icl_jax.runtime import distributed
+from icl_jax.runtime import storage
 from icl_jax.analysis import evaluate
-from icl_jax.sweeps import multi_train
+from icl_jax.sweep import multi_train
 
 def run_name(config: ml_collections.ConfigDict) -> str:
   return f"L{config.model.num_layers}_kappa{config.task.kappa:g}_seed{config.seed}"

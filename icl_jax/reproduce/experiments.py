@@ -16,7 +16,7 @@ import pathlib
 
 import ml_collections
 
-from icl_jax import config_files
+from icl_jax.runtime import config_files
 
 SCALES = ("smoke", "quick", "medium", "paper")
 DEFAULT_SEEDS = (0, 1, 2)

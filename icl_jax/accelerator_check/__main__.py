@@ -1,7 +1,7 @@
 """Command line: `python -m icl_jax.accelerator_check --config=configs/linreg.py --out=DIR [--tiny]`.
 
 Checks this machine's accelerator path in one run and writes DIR/accelerator_check.json
-(`icl_jax.tools.accelerator_check`): versions and devices, the accelerator-relevant tests on the default backend,
+(`icl_jax.accelerator_check.checks`): versions and devices, the accelerator-relevant tests on the default backend,
 the training step in float32 and bfloat16 at two batch sizes with MFU, the projected time of the config's run,
 float32 against bfloat16 loss curves, and the full evaluation. About 8 minutes on one H100/H200-class GPU with
 the paper config; `--tiny --config=tests/tiny_config.py` runs every part on a CPU in under two minutes.
@@ -15,25 +15,25 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
-from icl_jax.tools import accelerator_check
+from icl_jax.accelerator_check import checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant]: configs/linreg.py (the paper's run) for the full check, "
     "tests/tiny_config.py with --tiny. Override any field with --config.FIELD=VALUE.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Directory for accelerator_check.json (created if missing).")
-_TINY = flags.DEFINE_bool("tiny", False, "Small sizes (accelerator_check.SIZES['tiny']) and the tests on CPU: the "
+_TINY = flags.DEFINE_bool("tiny", False, "Small sizes (checks.SIZES['tiny']) and the tests on CPU: the "
                           "same steps in under two minutes on a CPU, as CI runs it.")
 flags.mark_flags_as_required(["config", "out"])
 
 # The tests run from the checkout the package sits in (an editable install or the repository itself).
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def main(argv):
   config = cli.checked_config(_CONFIG.value, argv)
   if not (REPO / "tests" / "conftest.py").is_file():
     sys.exit(f"error: no tests/ next to the package in {REPO}: run from a checkout (pip install -e .)")
-  path = accelerator_check.run_check(config, REPO, pathlib.Path(_OUT.value), _TINY.value)
+  path = checks.run_check(config, REPO, pathlib.Path(_OUT.value), _TINY.value)
   print(f"Wrote {path}", flush=True)
 
 

@@ -1,7 +1,7 @@
 """Command line: `python -m icl_jax.sweep --config=configs/sweep_depth_kappa.py --root=DIR`, a grid of runs.
 
 `--shard=i/N` takes every N-th group of runs, so N processes on one machine (launch/local_sweep.sh) or N
-machines share a sweep; `--stage=report` only re-reads the finished runs. The logic is `icl_jax.sweeps`.
+machines share a sweep; `--stage=report` only re-reads the finished runs. The logic is `icl_jax.sweep`.
 """
 
 import sys
@@ -14,13 +14,13 @@ from ml_collections import config_flags
 from icl_jax import checkpointing
 from icl_jax import cli
 from icl_jax import config_checks
-from icl_jax import distributed
-from icl_jax import run_logs
-from icl_jax import storage
+from icl_jax.runtime import distributed
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 from icl_jax import train
-from icl_jax import workdir_lock
-from icl_jax.sweeps import grid
-from icl_jax.sweeps import report
+from icl_jax.runtime import workdir_lock
+from icl_jax.sweep import grid
+from icl_jax.sweep import report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweep_depth_kappa.py:quick.",
                                           lock_config=True)

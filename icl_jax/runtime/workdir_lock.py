@@ -21,7 +21,7 @@ import socket
 
 from absl import logging
 
-from icl_jax import storage
+from icl_jax.runtime import storage
 
 LOCK_FILE = "lock.json"
 _held: dict[str, int] = {}  # Workdirs this process holds, with their nesting depth.

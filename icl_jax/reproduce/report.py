@@ -7,10 +7,10 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from icl_jax import run_logs
-from icl_jax import storage
-from icl_jax.reproduction import claims as claims_lib
-from icl_jax.reproduction import experiments
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
+from icl_jax.reproduce import claims as claims_lib
+from icl_jax.reproduce import experiments
 
 matplotlib.use("Agg")
 
@@ -63,7 +63,7 @@ def markdown(scale: str, seeds: tuple[int, ...], grades: list[claims_lib.Grade],
       "How to read it: a measured value is the mean over seeds with its 90% Student-t interval across seeds in "
       "brackets; with one seed, the run's own 90% bootstrap interval over prompts where the evaluation has one. "
       "A band or bound grades the mean; a comparison passes only if the two intervals are disjoint. Tolerances "
-      "are fixed in `icl_jax/reproduction/claims.py` with their sources; DERIVED values are computed from the "
+      "are fixed in `icl_jax/reproduce/claims.py` with their sources; DERIVED values are computed from the "
       "papers' figures, not printed in them.", "",
       "| experiment | claim | the papers (source) | measured (seeds) | tolerance | verdict |",
       "|---|---|---|---|---|---|",

@@ -1,7 +1,7 @@
 """Command line: `python -m icl_jax.bench --config=configs/linreg.py [--config.FIELD=VALUE ...]`, or
 `python -m icl_jax.bench --benchmark=roofline [--torch_python=PYTHON]` (its own configs, no --config).
 
-Prints one JSON line per benchmark of `icl_jax.tools.benchmarks` (README, "Speed"). JAX's own options are
+Prints one JSON line per benchmark of `icl_jax.bench.benchmarks` (README, "Speed"). JAX's own options are
 flags too: on a multi-core CPU, `--jax_num_cpu_devices=2` times the data-parallel step on two CPU devices, as
 `python -m icl_jax.main` trains with the same flag.
 """
@@ -17,8 +17,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
-from icl_jax import config_files
-from icl_jax.tools import benchmarks
+from icl_jax.runtime import config_files
+from icl_jax.bench import benchmarks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
@@ -31,7 +31,7 @@ _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
     "reference at the same shapes and print the ratio.")
 # benchmarks/ and configs/ sit next to the package in the repository (an editable install or a checkout).
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _TORCH_REFERENCE = flags.DEFINE_string("torch_reference", str(_REPO / "benchmarks" / "torch_gpt2_linreg.py"),
                                        "The PyTorch reference training step.")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")

@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 
 from icl_jax import checkpointing
 from icl_jax import config_checks
-from icl_jax import errors
-from icl_jax import run_logs
+from icl_jax.runtime import errors
+from icl_jax.runtime import run_logs
 
 # Not parameters of the network. `wte` is GPT2Model's token embedding, unused because Garg et al. feed
 # inputs_embeds. `attn.bias` (the causal mask) and `attn.masked_bias` (the value that masked logits are set to)

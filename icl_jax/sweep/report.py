@@ -13,8 +13,8 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from scipy import stats
 
-from icl_jax import run_logs
-from icl_jax import storage
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 
 CONFIDENCE = 0.9
 

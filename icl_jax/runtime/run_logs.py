@@ -20,8 +20,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from icl_jax import storage
-from icl_jax import workdir_lock
+from icl_jax.runtime import storage
+from icl_jax.runtime import workdir_lock
 
 # Packages whose versions go into every provenance record.
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy", "tensorflow-datasets")

@@ -1,0 +1,1 @@
+"""`python -m icl_jax.bench`: speed and memory benchmarks (README, "Speed")."""
