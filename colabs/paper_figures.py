@@ -94,7 +94,7 @@ from IPython.display import Image, Markdown, display
 
 from configs import linreg
 from icl_jax import checkpointing, train
-from icl_jax.analysis import figures, probing, similarity
+from icl_jax.analysis import evaluate, figures, probing, similarity
 
 print(f"JAX {jax.__version__}, backend {jax.default_backend()!r}: {jax.devices()}")
 logging.set_verbosity(logging.INFO)
@@ -272,5 +272,5 @@ for grid in ("newton", "gd", "gd_log"):
 # All figures, SimW heatmaps and error against context length included, as PNG and PDF files:
 
 # %%
-paths = figures.write_all(results, out)
+paths = evaluate.write_figures(figures.makers(results), figures.STYLE, out)
 print("\n".join(sorted(str(p) for p in paths if p.suffix == ".png")))

@@ -19,20 +19,19 @@ from absl import logging
 
 from icl_jax.runtime import errors
 from icl_jax import models
-from icl_jax import optim
 from icl_jax.runtime import storage
-from icl_jax import train_step
 
+_ITEM = "default"  # The directory of the state inside a step's directory (the manager's one item).
 GARG_PARAMS_DIR = "garg_params"  # A converted Garg et al. checkpoint's parameters, inside its workdir.
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.UserError, RuntimeError):
   """A checkpoint could not be written (permissions, a full disk, a path in the way). Orbax's save threads may
   stay blocked after it, so a program should exit at once (os._exit) rather than wait for them; the checkpoints
   already committed are untouched."""
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(errors.UserError, RuntimeError):
   """No checkpoint of the directory restores into the requested state; the message says which and why."""
 
 
@@ -90,18 +89,28 @@ class Checkpoints:
       raise CheckpointSaveError(f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: "
                                 f"{errors.one_line(e)}") from e
 
-  def restore(self, step: int, like):
-    """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings)."""
+  def restore(self, step: int, like, partial: bool = False):
+    """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings). With `partial`,
+    `like` is a dict of some of the saved top-level entries (e.g. {"params": ...}) and only those are read, so
+    that an evaluation builds no optimiser state."""
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
     try:
-      _check_layout(self._manager.item_metadata(step), abstract)
+      metadata = self._manager.item_metadata(step)
+      if partial:
+        _check_layout({k: v for k, v in dict(metadata).items() if k in abstract}, abstract)
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                                   dtype=a.dtype), abstract)
+        return ocp.PyTreeCheckpointer().restore(
+            self.directory / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True))
+      _check_layout(metadata, abstract)
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax and TensorStore raise many types for a mismatched or damaged checkpoint.
       raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
                                    "configuration's state (damaged, or written by a different model or optimiser?): "
                                    f"{errors.one_line(e)}") from e
 
-  def restore_latest(self, like) -> tuple[object, int | None]:
+  def restore_latest(self, like, partial: bool = False) -> tuple[object, int | None]:
     """(state, step) of the newest checkpoint that restores, or (like, None) when there is none.
 
     An unreadable newer checkpoint (truncated, junk, a failed copy) is moved aside to STEP.unreadable-TIME,
@@ -112,7 +121,7 @@ class Checkpoints:
     first_error = None
     for step in steps:
       try:
-        state = self.restore(step, like)
+        state = self.restore(step, like, partial)
       except CheckpointRestoreError as e:
         first_error = first_error or e
         continue
@@ -161,27 +170,35 @@ def _check_layout(saved, abstract) -> None:
 
 def load_params(config: ml_collections.ConfigDict, workdir: storage.Path) -> tuple[dict, int | None]:
   """The parameters of the latest checkpoint in `workdir` and its step, or of a converted Garg et al.
-  checkpoint (step None)."""
+  checkpoint (step None), on the first local device; no optimiser state is built or read."""
   workdir = storage.path(workdir)
   if (workdir / GARG_PARAMS_DIR).exists():
     return load_garg_params(workdir), None
   directory = workdir / "checkpoints"
   with Checkpoints(directory, config.train) as checkpoints:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint to evaluate; train first, or convert Garg et al.'s "
-                              "checkpoint with `python -m icl_jax.garg_checkpoint`.")
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train_step.AXIS,))
-    like = train_step.init_state(config, models.build_model(config.model), optim.make_optimizer(config.train), mesh)
-    state, step = checkpoints.restore_latest(like)
-    return state.params, step
+    if checkpoints.latest_step() is None:
+      raise errors.MissingFileError(f"{directory}: no checkpoint to evaluate; train first, or convert Garg et al.'s "
+                                    "checkpoint with `python -m icl_jax.garg_checkpoint`.")
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    like = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                   _abstract_params(config))}
+    state, step = checkpoints.restore_latest(like, partial=True)
+    return state["params"], step
+
+
+def _abstract_params(config: ml_collections.ConfigDict):
+  """Shapes and dtypes of the parameters of `config.model` for `config.task`, computed without any array."""
+  model = models.build_model(config.model)
+  xs_1xNxD = jax.ShapeDtypeStruct((1, config.task.n_points, config.task.n_dims), jnp.float32)
+  ys_1xN = jax.ShapeDtypeStruct((1, config.task.n_points), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), xs_1xNxD, ys_1xN)["params"]
 
 
 def load_saved_config(workdir: str | storage.Path) -> ml_collections.ConfigDict:
   """The configuration saved in WORKDIR/config.json."""
   path = storage.path(workdir) / "config.json"
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file; is {workdir} a workdir of icl_jax.main or "
+    raise errors.MissingFileError(f"{path}: no such file; is {workdir} a workdir of icl_jax.main or "
                             "icl_jax.garg_checkpoint?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
@@ -192,10 +209,8 @@ def load_garg_params(workdir: str | storage.Path) -> dict:
   config = load_saved_config(workdir)
   path = storage.path(workdir) / GARG_PARAMS_DIR
   if not path.is_dir():
-    raise FileNotFoundError(f"{path}: no such directory; is {workdir} a workdir written by icl_jax.garg_checkpoint?")
-  model = models.build_model(config.model)
-  xs_1xNxD = jnp.zeros((1, config.task.n_points, config.task.n_dims))
-  like = jax.eval_shape(model.init, jax.random.key(0), xs_1xNxD, xs_1xNxD[..., 0])["params"]
+    raise errors.MissingFileError(f"{path}: no such directory; is {workdir} a workdir written by icl_jax.garg_checkpoint?")
+  like = _abstract_params(config)
   try:
     # Shapes without a sharding restore as numpy arrays: the caller places them on its own devices.
     return ocp.StandardCheckpointer().restore(path, like)

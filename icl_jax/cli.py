@@ -14,9 +14,9 @@ from absl import flags
 from absl import logging
 
 from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax.runtime import config_files
-from icl_jax.runtime import run_logs
+from icl_jax.runtime import errors
+from icl_jax.analysis import evaluate
 
 
 def override_errors(argv: list[str]) -> list[str]:
@@ -30,14 +30,14 @@ def override_errors(argv: list[str]) -> list[str]:
     config = module.get_config(variant) if variant else module.get_config()
   except Exception:  # noqa: BLE001  (a broken config file is reported by the flag parser itself)
     return []
-  fields = list(run_logs.flatten(run_logs.config_dict(config)))
-  errors = []
+  fields = list(config_files.flatten(config_files.config_dict(config)))
+  found = []
   for match in (re.match(r"--config\.([\w.]+)(=|$)", a) for a in argv):
     if match and match.group(1) not in fields and not any(f.startswith(match.group(1) + ".") for f in fields):
       close = _closest(match.group(1), fields)
       hint = f"; did you mean {' or '.join(f'--config.{c}' for c in close)}?" if close else ""
-      errors.append(f"--config.{match.group(1)}: {config_arg} has no field {match.group(1)!r}{hint}")
-  return errors
+      found.append(f"--config.{match.group(1)}: {config_arg} has no field {match.group(1)!r}{hint}")
+  return found
 
 
 def _closest(path: str, fields: list[str]) -> list[str]:
@@ -83,8 +83,8 @@ def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_col
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config_checks.validate(config, num_devices=1)
-  except config_checks.ConfigError as e:
+    evaluate.validate(config, num_devices=1)
+  except errors.ConfigError as e:
     sys.exit(f"error: {e}")
   return config
 

@@ -26,7 +26,7 @@ SPECTRA = ("two_level", "log_spaced", "explicit")
 ROTATIONS = ("per_prompt", "per_batch", "per_run")
 W_DISTRIBUTIONS = ("identity", "inverse_covariance")
 # Folded into key(task.rotation_seed) for the eigenbasis of rotation="per_run", so that it is independent of the
-# run's other streams (train_step.run_keys splits key(seed)).
+# run's other streams (`run_keys` splits key(seed)).
 _RUN_ROTATION_TAG = 0x5EED
 
 
@@ -38,7 +38,7 @@ class Curriculum(NamedTuple):
 
 
 class Hyper(NamedTuple):
-  """Task settings that may differ between models trained together in one program (`icl_jax.sweep.multi_train`).
+  """Task settings that may differ between models trained together in one program (`icl_jax.train.train_runs`).
 
   Python floats (from the config: the sampler then skips what they switch off) or traced scalars (one per
   vmapped model: both paths are computed and the value selects, so each model draws exactly the samples it
@@ -188,3 +188,9 @@ def data_step(step: jax.Array, task: ml_collections.ConfigDict) -> jax.Array:
 def step_key(data_key: jax.Array, step: jax.Array) -> jax.Array:
   """The key of the global batch at `step`: a pure function of the run's data key and the step."""
   return jax.random.fold_in(data_key, step)
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+  """Independent keys for parameter initialisation, the training data stream and evaluation prompts."""
+  init, train_data, evaluation = jax.random.split(jax.random.key(seed), 3)
+  return {"init": init, "data": train_data, "eval": evaluation}

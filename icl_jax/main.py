@@ -12,14 +12,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from icl_jax import checkpointing
 from icl_jax import cli
-from icl_jax import config_checks
 from icl_jax.runtime import distributed
 from icl_jax.analysis import evaluate
 from icl_jax.runtime import run_logs
 from icl_jax import train
-from icl_jax.runtime import workdir_lock
+from icl_jax.runtime import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
@@ -59,11 +57,9 @@ def main(argv):
         sys.exit(train.EXIT_PREEMPTED)
     else:
       _refuse_distributed_eval()
-      config_checks.validate(_CONFIG.value, num_devices=1)  # Evaluation runs on one device.
+      evaluate.validate(_CONFIG.value, num_devices=1)  # Evaluation runs on one device.
       evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, train.ConfigChangedError, FloatingPointError, FileNotFoundError,
-          distributed.DistributedFlagError, workdir_lock.WorkdirError, checkpointing.CheckpointSaveError,
-          checkpointing.CheckpointRestoreError) as e:
+  except errors.UserError as e:
     cli.exit_with_error(e)
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -19,17 +20,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from icl_jax import checkpointing
-from icl_jax import config_checks
-from icl_jax.analysis import evaluate
+from icl_jax import data
 from icl_jax import models
 from icl_jax import optim
+from icl_jax import train_step
+from icl_jax.analysis import evaluate
+from icl_jax.runtime import config_files
+from icl_jax.runtime import errors
 from icl_jax.runtime import run_logs
 from icl_jax.runtime import storage
-from icl_jax import train_step
 from icl_jax.runtime import workdir_lock
 
 
-class ConfigChangedError(RuntimeError):
+class ConfigChangedError(errors.UserError, RuntimeError):
   """The workdir holds a run with a different configuration."""
 
 
@@ -99,9 +102,9 @@ def check_saved_config(workdir: storage.Path, config: ml_collections.ConfigDict,
   config.json is rewritten by `write_config` only once the checkpoint has restored, and for a changed config
   only with its first checkpoint, so a failed or diverging attempt leaves it as it was."""
   path = workdir / "config.json"
-  current = run_logs.config_dict(config)
+  current = config_files.config_dict(config)
   if resuming and path.exists():
-    differences = run_logs.config_differences(json.loads(path.read_text()), current)
+    differences = config_files.config_differences(json.loads(path.read_text()), current)
     if differences and not allow_config_change:
       raise ConfigChangedError(
           f"{workdir} holds a run with a different configuration; resuming it would mix two experiments. "
@@ -117,7 +120,7 @@ def write_config(workdir: storage.Path, config: ml_collections.ConfigDict) -> No
   """(Re)writes WORKDIR/config.json, whole then renamed: other processes reading it at the same moment never
   see a partial file."""
   if run_logs.is_writer():
-    text = json.dumps(run_logs.config_dict(config), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(config_files.config_dict(config), indent=2, sort_keys=True) + "\n"
     run_logs.write_atomically(workdir / "config.json", text)
 
 
@@ -152,7 +155,7 @@ class Metrics:
       host = {name: values[:, self._column] for name, values in host.items()}
     bad = np.flatnonzero(~np.isfinite(host["loss"]))
     if bad.size:
-      raise FloatingPointError(
+      raise errors.NonFiniteError(
           f"non-finite training loss {host['loss'][bad[0]]} at step {first_step + bad[0]}; stopping without saving "
           "this state. Lower config.train.learning_rate or set config.train.grad_clip_norm.")
     end = first_step + num_steps
@@ -188,6 +191,24 @@ def make_mesh(devices) -> Mesh:
   return Mesh(np.asarray(devices), (train_step.AXIS,))
 
 
+# Fields that may differ between runs trained together; everything else must be equal.
+PER_RUN_FIELDS = ("seed", "task.kappa", "task.noise_std")
+
+
+def shared_part(config: ml_collections.ConfigDict) -> dict:
+  """The config without the fields a run may change within a group: runs with equal shared parts group."""
+  flat = config_files.flatten(config_files.config_dict(config))
+  return {k: v for k, v in flat.items() if k not in PER_RUN_FIELDS}
+
+
+def split_into_groups(configs: list[ml_collections.ConfigDict]) -> list[list[int]]:
+  """Indices of `configs` grouped by their shared part, in first-appearance order."""
+  groups: dict[str, list[int]] = {}
+  for i, config in enumerate(configs):
+    groups.setdefault(repr(sorted(shared_part(config).items())), []).append(i)
+  return list(groups.values())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, *, devices=None,
                        allow_config_change: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir` and returns its final metrics and error curve.
@@ -198,64 +219,111 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | storage
     devices: devices to train on (default: all devices of all processes).
     allow_config_change: resume even if the saved config differs (the differences are logged).
   """
+  return train_runs([config], [workdir], devices=devices, allow_config_change=allow_config_change)[0]
+
+
+def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list, *, devices=None,
+               allow_config_change: bool = False) -> list[dict]:
+  """Trains (or resumes) runs that differ only in PER_RUN_FIELDS as one compiled program, their states stacked
+  on a model axis that the step vmaps over (a single run is a group of one, not stacked); returns each run's
+  result. Each run keeps its own workdir, lock, checkpoints, config.json and metrics.jsonl, exactly as if
+  trained alone, and gets the same losses (tests/test_train.py)."""
   devices = jax.devices() if devices is None else list(devices)
-  config_checks.validate(config, len(devices))
-  workdir = storage.path(workdir)
-  workdir_lock.prepare(workdir)
-  with workdir_lock.hold(workdir, "training", writer=run_logs.is_writer()):
-    return _train_and_evaluate(config, workdir, devices, allow_config_change)
+  for config in configs:
+    evaluate.validate(config, len(devices))
+  workdirs = [storage.path(w) for w in workdirs]
+  shared = shared_part(configs[0])
+  for config, workdir in zip(configs[1:], workdirs[1:]):
+    if shared_part(config) != shared:
+      raise errors.ConfigError(f"{workdir}: only {PER_RUN_FIELDS} may differ between runs trained together")
+  for workdir in workdirs:
+    workdir_lock.prepare(workdir)
+  with contextlib.ExitStack() as locks:
+    for workdir in workdirs:
+      locks.enter_context(workdir_lock.hold(workdir, "training", writer=run_logs.is_writer()))
+    return _train_runs(configs, workdirs, devices, allow_config_change)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.Path, devices: list,
-                        allow_config_change: bool) -> dict:
-  train = config.train
+def _restore(checkpoints: list[checkpointing.Checkpoints], states: list) -> tuple[list, int | None]:
+  """Each run's newest checkpoint that restores, all at one step: saves of a group are not atomic together, so
+  a group resumes from the newest step every run has."""
+  restored = [c.restore_latest(s) for c, s in zip(checkpoints, states)]
+  steps = [step for _, step in restored]
+  if None in steps:
+    return states, None
+  common = min(steps)
+  return [state if step == common else c.restore(common, like)
+          for c, like, (state, step) in zip(checkpoints, states, restored)], common
+
+
+def _train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[storage.Path], devices: list,
+                allow_config_change: bool) -> list[dict]:
+  base, train = configs[0], configs[0].train
   mesh = make_mesh(devices)
-  model = models.build_model(config.model)
+  model = models.build_model(base.model)
   optimizer = optim.make_optimizer(train)
-  schedule = optim.learning_rate_schedule(train)
-  state = train_step.init_state(config, model, optimizer, mesh)
+  states = [train_step.init_state(c, model, optimizer, mesh) for c in configs]
   if run_logs.is_writer():
-    parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  logging.info("Model %s has %s parameters; training on %d %s devices (%s, %d processes), %s.", config.model.family,
-               f"{num_params:,}", len(devices), devices[0].platform.upper(), devices[0].device_kind,
-               jax.process_count(), config.model.get("dtype", "float32"))
-
-  with checkpointing.Checkpoints(workdir / "checkpoints", train) as checkpoints, preemption_flag() as preempted:
-    latest = checkpoints.latest_step()
-    changed = check_saved_config(workdir, config, latest is not None, allow_config_change)
-    if latest is not None:
-      state, latest = checkpoints.restore_latest(state)
-      logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
-    if not changed:
-      write_config(workdir, config)
+    parameter_overview.log_parameter_overview(states[0].params, msg="Model parameters")
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(states[0].params))
+  logging.info("Model %s has %s parameters; training %d run(s) on %d %s devices (%s, %d processes), %s: %s.",
+               base.model.family, f"{num_params:,}", len(configs), len(devices), devices[0].platform.upper(),
+               devices[0].device_kind, jax.process_count(), base.model.get("dtype", "float32"),
+               ", ".join(map(str, workdirs)))
+  stacked = len(configs) > 1
+  with contextlib.ExitStack() as held:
+    checkpoints = [held.enter_context(checkpointing.Checkpoints(w / "checkpoints", train)) for w in workdirs]
+    preempted = held.enter_context(preemption_flag())
+    changed = [check_saved_config(w, c, ck.latest_step() is not None, allow_config_change)
+               for c, w, ck in zip(configs, workdirs, checkpoints)]
+    states, step = _restore(checkpoints, states)
+    if step is not None:
+      logging.info("Resumed from step %d: %s.", step, ", ".join(str(c.directory) for c in checkpoints))
+    for config, workdir, change in zip(configs, workdirs, changed):
+      if not change:
+        write_config(workdir, config)
+    if stacked:
+      state = jax.device_put(jax.tree.map(lambda *a: jnp.stack(a), *states), train_step.replicated(mesh))
+      hypers = data.Hyper(jnp.asarray([c.task.kappa for c in configs], jnp.float32),
+                          jnp.asarray([c.task.noise_std for c in configs], jnp.float32))
+    else:
+      state, hypers = states[0], None
+    run_state = (lambda state, m: jax.tree.map(lambda a: a[m], state)) if stacked else (lambda state, m: state)
 
     def save(step, state):
-      checkpoints.save(step, state)
-      if changed:  # config.json describes the newest checkpoint: the new config's from its first one on.
-        write_config(workdir, config)
-    step = int(jax.device_get(state.step))
+      for m, (config, workdir, change) in enumerate(zip(configs, workdirs, changed)):
+        checkpoints[m].save(step, run_state(state, m))
+        if change:  # config.json describes the newest checkpoint: the new config's from its first one on.
+          write_config(workdir, config)
+
+    step = int(jax.device_get(states[0].step))
     if run_logs.is_writer():
-      provenance = {**run_logs.provenance(), "start_step": step}
-      run_logs.write_atomically(workdir / "provenance.json", json.dumps(provenance, indent=2) + "\n")
-    with run_logs.MetricsLog(workdir, step, train.num_steps) as log:
-      metrics = Metrics(log, train)
-      run_chunk = train_step.make_train_chunk(config, model, optimizer, schedule, mesh)
-      start_time = time.perf_counter()
-      try:
-        state, step = run_steps(state, step, train, run_chunk, [metrics], save, preempted)
-      except FloatingPointError as e:
-        kept = checkpoints.latest_step()
-        raise FloatingPointError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None
-                                            else "No checkpoint had been written yet: a rerun starts from step 0.")
-                                 ) from None
+      for workdir in workdirs:
+        provenance = {**run_logs.provenance(), "start_step": step}
+        run_logs.write_atomically(workdir / "provenance.json", json.dumps(provenance, indent=2) + "\n")
+    logs = [held.enter_context(run_logs.MetricsLog(w, step, train.num_steps)) for w in workdirs]
+    metrics = [Metrics(log, train, column=m if stacked else None) for m, log in enumerate(logs)]
+    run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train), mesh,
+                                            hypers)
+    start_time = time.perf_counter()
+    try:
+      state, step = run_steps(state, step, train, run_chunk, metrics, save, preempted)
+    except errors.NonFiniteError as e:
+      kept = min((c.latest_step() for c in checkpoints), key=lambda s: -1 if s is None else s)
+      raise errors.NonFiniteError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None
+                                             else "No checkpoint had been written yet: a rerun starts from step 0.")
+                                  ) from None
   logging.info("Trained to step %d in %.1f s.", step, time.perf_counter() - start_time)
-  result = {"step": step, "num_params": num_params, "final": metrics.last, "preempted": preempted["set"]}
-  if step == train.num_steps:
-    result["error_curve"] = write_error_curve(config, model, state.params, mesh, workdir)
-    if config.eval.after_training:
-      result["evaluation"] = evaluate.evaluate(config, workdir, params=state.params)
-  return result
+  results = []
+  for m, (config, workdir) in enumerate(zip(configs, workdirs)):
+    result = {"step": step, "num_params": num_params, "final": metrics[m].last, "preempted": preempted["set"]}
+    if step == train.num_steps:
+      params = run_state(state, m).params
+      result["error_curve"] = write_error_curve(config, model, params, mesh, workdir)
+      if config.eval.after_training:
+        result["evaluation"] = evaluate.evaluate(config, workdir, params=params)
+    results.append(result)
+  return results
 
 
 def write_error_curve(config, model, params, mesh, workdir: storage.Path) -> dict:

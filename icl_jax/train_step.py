@@ -31,12 +31,6 @@ class TrainState:
   data_key: jax.Array  # Raw uint32 key data of the data stream (checkpointable as a plain array).
 
 
-def run_keys(seed: int) -> dict[str, jax.Array]:
-  """Independent keys for parameter initialisation, the training data stream and evaluation prompts."""
-  init, train_data, evaluation = jax.random.split(jax.random.key(seed), 3)
-  return {"init": init, "data": train_data, "eval": evaluation}
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -47,7 +41,7 @@ def init_state(config: ml_collections.ConfigDict, model, optimizer: optax.Gradie
   task = config.task
 
   def init():
-    keys = run_keys(config.seed)
+    keys = data.run_keys(config.seed)
     xs_BxNxD = jnp.zeros((1, task.n_points, task.n_dims))
     params = model.init(keys["init"], xs_BxNxD, jnp.zeros((1, task.n_points)))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
@@ -172,7 +166,7 @@ def make_error_curve(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Ca
 
   def sums(params, batch_index):
     # Prompt j is example j of one stream whatever the device count and batch size.
-    key = data.step_key(run_keys(config.seed)["eval"], 0)
+    key = data.step_key(data.run_keys(config.seed)["eval"], 0)
     first = (batch_index * mesh.size + jax.lax.axis_index(AXIS)) * local_batch
     prompts = data.sample_batch(key, first, local_batch, task, full)
     preds_BxN = model.apply({"params": params}, prompts.xs_BxNxD, prompts.ys_BxN)

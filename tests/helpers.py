@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
+from icl_jax.runtime import errors
+from icl_jax.analysis import evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,8 @@ def assert_field_error(config, field: str, value, expected: str) -> None:
   for part in section.split("."):
     node = node[part]
   node[name] = value
-  with pytest.raises(config_checks.ConfigError) as info:
-    config_checks.validate(config, num_devices=8)
+  with pytest.raises(errors.ConfigError) as info:
+    evaluate.validate(config, num_devices=8)
   assert expected in str(info.value)
 
 
@@ -142,7 +143,7 @@ def regrade_committed_report(root, monkeypatch) -> dict:
   (root / "summaries").mkdir(parents=True, exist_ok=True)
   for summary in (COMMITTED_REPORT / "summaries").iterdir():
     (root / "summaries" / summary.name).write_text(summary.read_text())
-  monkeypatch.setattr(pipeline.multi_train, "train_group", lambda *args: pytest.fail("trained a summarised run"))
+  monkeypatch.setattr(pipeline.train, "train_runs", lambda *args: pytest.fail("trained a summarised run"))
   monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))
   seeds = (0, 1, 2)
   plan = pipeline.plan("medium", root, seeds, experiments.default_config_dir())

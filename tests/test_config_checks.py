@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from configs import linreg
-from icl_jax import config_checks
+from icl_jax.runtime import errors
+from icl_jax.analysis import evaluate
 from tests.helpers import assert_field_error
 
 
@@ -54,23 +55,23 @@ def test_non_finite_numbers_are_refused_in_every_float_field(field, value):
   config = linreg.get_config("quick")
   section, _, name = field.rpartition(".")
   config[section][name] = value
-  with pytest.raises(config_checks.ConfigError) as info:
-    config_checks.validate(config, num_devices=1)
+  with pytest.raises(errors.ConfigError) as info:
+    evaluate.validate(config, num_devices=1)
   lines = [line for line in str(info.value).splitlines() if f"config.{field} = " in line]
   assert lines == [f"  config.{field} = {value!r}: must be a finite number"]
 
 
 def test_paper_and_quick_configs_are_valid():
   for variant in ("paper", "quick"):
-    config_checks.validate(linreg.get_config(variant), num_devices=8)
+    evaluate.validate(linreg.get_config(variant), num_devices=8)
 
 
 def test_all_errors_are_reported_together():
   config = linreg.get_config()
   config.task.kappa = 0.0
   config.train.num_steps = 0
-  with pytest.raises(config_checks.ConfigError) as info:
-    config_checks.validate(config, num_devices=1)
+  with pytest.raises(errors.ConfigError) as info:
+    evaluate.validate(config, num_devices=1)
   assert "config.task.kappa" in str(info.value) and "config.train.num_steps" in str(info.value)
 
 

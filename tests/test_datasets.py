@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import datasets
 from icl_jax.analysis import probing
 from icl_jax import models
 from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
+from icl_jax.runtime import errors
+from icl_jax.analysis import evaluate
 from tests import tiny_config
 
 SIZE = 1280
@@ -152,8 +153,8 @@ def test_a_damaged_set_is_refused_naming_its_file(built, tmp_path, name, damage,
     datasets.load_prompts(tmp_path, "noisy")
   assert name in str(error.value) and says in str(error.value) and rebuild in str(error.value)
   # Before any compute, as one config error.
-  with pytest.raises(config_checks.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*{name}"):
-    config_checks.validate(_config(tmp_path), num_devices=1)
+  with pytest.raises(errors.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*{name}"):
+    evaluate.validate(_config(tmp_path), num_devices=1)
 
 
 def test_the_cli_refuses_a_damaged_set_in_one_line_before_training(built, tmp_path):
@@ -195,19 +196,19 @@ def _config(data_dir):
 def test_config_checks_name_the_field_and_the_directory(built, tmp_path):
   data_dir, _, _ = built
   config = _config(data_dir)
-  config_checks.validate(config, num_devices=1)
+  evaluate.validate(config, num_devices=1)
   config.task.n_points = 11
   config.eval.num_prompts = SIZE + 1
-  with pytest.raises(config_checks.ConfigError) as error:
-    config_checks.validate(config, num_devices=1)
+  with pytest.raises(errors.ConfigError) as error:
+    evaluate.validate(config, num_devices=1)
   message = str(error.value)
   where = str(datasets.directory(data_dir, "noisy"))
   assert f"config.task.n_points = 11 differs from the n_points = 41 of the set 'noisy' in {where}" in message
   assert f"config.eval.num_prompts = {SIZE + 1} exceeds the {SIZE} prompts" in message
   config.eval.dataset_setting = "kappa10"
-  with pytest.raises(config_checks.ConfigError, match="config.eval.dataset_setting = 'kappa10': allowed values"):
-    config_checks.validate(config, num_devices=1)
-  with pytest.raises(config_checks.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*no linreg_eval"):
+  with pytest.raises(errors.ConfigError, match="config.eval.dataset_setting = 'kappa10': allowed values"):
+    evaluate.validate(config, num_devices=1)
+  with pytest.raises(errors.ConfigError, match=f"config.eval.dataset_dir = '{tmp_path}': .*no linreg_eval"):
     probing.Evaluator(_config(tmp_path))
 
 

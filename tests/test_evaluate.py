@@ -14,14 +14,14 @@ from flax import linen as nn
 from configs import linreg
 from configs import linreg_ill_conditioned
 from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
-from icl_jax.runtime import run_logs
 from icl_jax import train
 from icl_jax.analysis import probing
 from icl_jax.analysis import probes
 from icl_jax.analysis import similarity
+from icl_jax.runtime import config_files
+from icl_jax.runtime import errors
 from tests import helpers
 from tests import tiny_config
 
@@ -227,7 +227,7 @@ def test_eval_without_a_run_says_so_and_creates_nothing(tmp_path):
     result = _eval(workdir)
     assert result.returncode == 1 and "config.json: no such file" in result.stderr, result.stderr[-2000:]
     assert not (workdir / "checkpoints").exists() and "Traceback" not in result.stderr
-  (tmp_path / "config.json").write_text(json.dumps(run_logs.config_dict(tiny_config.get_config())))
+  (tmp_path / "config.json").write_text(json.dumps(config_files.config_dict(tiny_config.get_config())))
   result = _eval(tmp_path)
   assert result.returncode == 1 and "no checkpoint to evaluate" in result.stderr
 
@@ -272,7 +272,7 @@ def test_kappa100_gd_step_is_stable_at_the_papers_size():
   prompts = data.sample_batch(data.step_key(jax.random.key(0), 0), 0, 1280, config.task, config.task.n_dims)
   probing.check_gd_stability(config, prompts.xs_BxNxD)
   config.eval.gd_learning_rate = 0.01
-  with pytest.raises(config_checks.ConfigError, match=r"config.eval.gd_learning_rate = 0.01 makes gradient descent "
+  with pytest.raises(errors.ConfigError, match=r"config.eval.gd_learning_rate = 0.01 makes gradient descent "
                                                       r"diverge on \d+\.\d% of the 1280 evaluation prompts"):
     probing.check_gd_stability(config, prompts.xs_BxNxD)
 
@@ -303,7 +303,7 @@ def test_fit_layers_default_to_the_middle_and_are_checked_against_the_model(tiny
     assert probing.fit_layers(tiny) == expected
   tiny.model.num_layers = 6
   tiny.eval.fit_layers = (3, 9)
-  with pytest.raises(config_checks.ConfigError, match=r"config.eval.fit_layers = \(3, 9\): the model has 6 layers"):
+  with pytest.raises(errors.ConfigError, match=r"config.eval.fit_layers = \(3, 9\): the model has 6 layers"):
     probing.Evaluator(tiny)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from matplotlib import image, patches
 
+from icl_jax.analysis import evaluate
 from icl_jax.analysis import figures
 from icl_jax.analysis import similarity
 
@@ -101,8 +102,8 @@ STEMS = ["error_vs_layer", "error_vs_context", "best_match"] + [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_write_all_writes_every_figure_as_png_and_pdf(case, tmp_path):
-  paths = figures.write_all(synthetic_results(**CASES[case]), tmp_path / "eval")
+def test_every_figure_is_written_as_png_and_pdf(case, tmp_path):
+  paths = evaluate.write_figures(figures.makers(synthetic_results(**CASES[case])), figures.STYLE, tmp_path / "eval")
 
   assert sorted(p.name for p in paths) == sorted(f"{s}.{e}" for s in STEMS for e in ("png", "pdf"))
   for path in paths:

@@ -22,6 +22,7 @@ from torch import nn
 from configs import linreg
 from icl_jax import checkpointing
 from icl_jax import models
+from icl_jax.analysis import evaluate
 from icl_jax.analysis import probing
 from icl_jax.garg_checkpoint import convert
 
@@ -206,6 +207,6 @@ def test_garg_small_and_tiny_models_convert_and_evaluate(num_layers, tmp_path):
   assert config.model.num_layers == num_layers and config.eval.fit_layers is None
   config.eval.update(num_prompts=64, probe_prompts=32, sim_w_prompts=2, sim_w_queries=24, bootstrap_samples=50,
                      batch_size=32)
-  results = probing.evaluate(config, tmp_path / "run")
+  results = evaluate.evaluate(config, tmp_path / "run")
   assert results["fits"]["layers"] == list(probing.fit_layers(config)) == [num_layers // 5 + 1, -(-3 * num_layers // 4)]
   assert len(results["best_match"]["newton"]) == num_layers and (tmp_path / "run" / "eval" / "results.json").exists()

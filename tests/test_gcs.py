@@ -13,7 +13,6 @@ import pytest
 from etils import epath
 
 from configs import linreg
-from icl_jax import config_checks
 from icl_jax import datasets
 from icl_jax.runtime import storage
 from icl_jax import train
@@ -183,7 +182,7 @@ def test_a_frozen_set_on_gs_reads_as_the_local_one_and_its_faults_name_it(gcs, t
     np.testing.assert_array_equal(got, want)
   config = linreg.get_config()
   config.eval.update(dataset_dir=sets, dataset_setting="noisy")
-  assert config_checks.dataset_errors(config) == []
+  assert datasets.config_errors(config) == []
 
   with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/nothing: no linreg_eval .* set 'noisy' there; "
                                               "build it locally"):

@@ -1,5 +1,6 @@
-"""The package's architecture, as README's module map states it: import directions, no cycles, flags only in
-the entry modules, and every `python -m icl_jax...` command of the docs naming a module and flags that exist."""
+"""The package's architecture, as README's package map states it: the layers and their import directions, no
+cycles, flags only in the programs, no program beside a twin library, and every `python -m icl_jax...` command of
+the docs naming a program and flags that exist."""
 
 import ast
 import os
@@ -15,9 +16,14 @@ from icl_jax.analysis import evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "icl_jax"
-# Programs: each parses its own flags at import time, and no library module imports them.
-ENTRY_MODULES = {"icl_jax.main", "icl_jax.sweep", "icl_jax.bench", "icl_jax.garg_checkpoint",
-                 "icl_jax.datasets.build", "icl_jax.accelerator_check", "icl_jax.reproduce"}
+# Programs, by the name `python -m` takes: main.py and datasets/build.py, and every package with a __main__.py
+# (the program beside the library it drives). Each parses its own flags at import time; no library imports one.
+PROGRAM_FILES = {"icl_jax.main": PACKAGE / "main.py", "icl_jax.datasets.build": PACKAGE / "datasets" / "build.py",
+                 **{f"icl_jax.{p.parent.name}": p for p in sorted(PACKAGE.glob("*/__main__.py"))}}
+# The layers, bottom up: runtime/ imports nothing above it; models/ is a leaf; the analysis reaches training only
+# through evaluate.py's restore.
+TRAINING = {"icl_jax.checkpointing", "icl_jax.train", "icl_jax.train_step", "icl_jax.optim", "icl_jax.config_checks"}
+WORKDIR = {"icl_jax.runtime.workdir_lock", "icl_jax.runtime.run_logs", "icl_jax.runtime.storage"}
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "colabs" / "README.md",
         *sorted((REPO / "launch").glob("*.sh")), *sorted((REPO / "configs").glob("*.py")),
         *sorted((REPO / "colabs").glob("*.py"))]
@@ -29,6 +35,7 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+ENTRY_MODULES = {_module_name(path) for path in PROGRAM_FILES.values()}
 
 
 def _resolve(name: str) -> str | None:
@@ -98,10 +105,43 @@ def test_no_library_module_imports_an_entry_module():
   assert not offenders, offenders
 
 
-def test_training_does_not_import_sweeps_or_tools():
-  training = [n for n in GRAPH if n.count(".") == 1 and n not in ENTRY_MODULES]
-  offenders = {n: sorted(t for t in GRAPH[n] if t.startswith(("icl_jax.sweep", "icl_jax.tools"))) for n in training}
+def test_runtime_imports_nothing_above_it():
+  above = {n: sorted(t for t in GRAPH[n] if not t.startswith("icl_jax.runtime")) for n in GRAPH
+           if n.startswith("icl_jax.runtime")}
+  assert not any(above.values()), above
+
+
+def test_analysis_reaches_training_and_workdirs_only_through_evaluate():
+  offenders = {n: sorted(GRAPH[n] & (TRAINING | WORKDIR)) for n in GRAPH
+               if n.startswith("icl_jax.analysis") and n != "icl_jax.analysis.evaluate"}
   assert not any(offenders.values()), offenders
+  assert "icl_jax.optim" not in GRAPH["icl_jax.checkpointing"] | GRAPH["icl_jax.analysis.evaluate"]
+  assert "icl_jax.train_step" not in GRAPH["icl_jax.checkpointing"] | GRAPH["icl_jax.analysis.evaluate"]
+
+
+def test_config_checks_import_no_analysis():
+  assert not {t for t in GRAPH["icl_jax.config_checks"] if t.startswith("icl_jax.analysis")}
+
+
+def test_training_does_not_import_the_programs_packages():
+  programs = tuple(f"{name}." for name in PROGRAM_FILES if name.count(".") == 1)
+  training = [n for n in GRAPH if n.count(".") == 1 and n not in ENTRY_MODULES]
+  offenders = {n: sorted(t for t in GRAPH[n] if t.startswith(programs)) for n in training}
+  assert not any(offenders.values()), offenders
+
+
+def test_programs_have_no_twins():
+  """A program is main.py, datasets/build.py or its package's __main__.py: no module at the top of the package
+  runs flags beside a library of the same topic in a subpackage."""
+  runners = {name for name, path in MODULES.items() if "app.run(" in path.read_text()}
+  assert runners == ENTRY_MODULES
+
+
+def test_programs_catch_one_error_type():
+  for name in ENTRY_MODULES - {"icl_jax.datasets.build"}:
+    handlers = [node for node in ast.walk(ast.parse(MODULES[name].read_text())) if isinstance(node, ast.ExceptHandler)
+                and isinstance(node.type, ast.Tuple) and len(node.type.elts) > 3]
+    assert not handlers, f"{name} catches a tuple of {len(handlers[0].type.elts)} errors; catch errors.UserError"
 
 
 def test_every_family_has_an_evaluation():
@@ -140,12 +180,12 @@ COMMANDS = _documented_commands()
 
 
 def test_the_docs_name_the_programs():
-  assert ENTRY_MODULES <= set(COMMANDS)
+  assert set(PROGRAM_FILES) <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("module", sorted(COMMANDS))
 def test_documented_commands_exist_with_their_flags(module):
-  assert module in ENTRY_MODULES, f"the docs run `python -m {module}`, which is not a program"
+  assert module in PROGRAM_FILES, f"the docs run `python -m {module}`, which is not a program"
   result = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   # absl prints the help and exits with 1; anything else (an import error) is a traceback.

@@ -12,7 +12,6 @@ import pytest
 from configs import linreg
 from configs import lsa as lsa_config
 from icl_jax.analysis import algorithms
-from icl_jax import config_checks
 from icl_jax.analysis import constructions
 from icl_jax import data
 from icl_jax.analysis import evaluate
@@ -300,15 +299,15 @@ def test_lsa_model_fields_are_checked():
 
 def test_configs_are_valid():
   for variant in ("paper", "quick"):
-    config_checks.validate(lsa_config.get_config(variant), num_devices=8)
-  config_checks.validate(linreg.get_config(), num_devices=8)
+    evaluate.validate(lsa_config.get_config(variant), num_devices=8)
+  evaluate.validate(linreg.get_config(), num_devices=8)
   # The new fields are optional: a config without them means their defaults.
   config = linreg.get_config()
   for field in ("w_distribution", "resample_every"):
     del config.task[field]
   for field in ("loss_positions", "clip_per_matrix"):
     del config.train[field]
-  config_checks.validate(config, num_devices=8)
+  evaluate.validate(config, num_devices=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

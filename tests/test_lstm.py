@@ -10,10 +10,11 @@ import pytest
 
 from configs import lstm as lstm_config
 from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax.analysis import probing
 from icl_jax import models
 from icl_jax import train
+from icl_jax.runtime import errors
+from icl_jax.analysis import evaluate
 
 
 def test_paper_model_has_torch_lstm_parameter_count():
@@ -79,8 +80,8 @@ def test_query_stream_equals_putting_each_query_in_place_of_x_n(quick):
 
 def test_validate_names_each_bad_field(tiny):
   tiny.model.update(family="lstm", num_layers=0, width=0, num_heads=3, n_positions=1)  # Neither is read.
-  with pytest.raises(config_checks.ConfigError) as error:
-    config_checks.validate(tiny, 1)
+  with pytest.raises(errors.ConfigError) as error:
+    evaluate.validate(tiny, 1)
   fields = [line.split(" = ")[0].strip() for line in str(error.value).splitlines()[1:]]
   assert [f for f in fields if f.startswith("config.model.")] == ["config.model.num_layers", "config.model.width"]
 

@@ -9,11 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from icl_jax import config_checks
 from icl_jax.reproduce import claims
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
 from icl_jax.reproduce import report
+from icl_jax.runtime import errors
 from tests import helpers
 
 SEEDS = (0, 1)
@@ -65,7 +65,7 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   assert max((tmp_path / "summaries" / name).stat().st_size for name in summaries) < 30_000
   elsewhere = tmp_path / "elsewhere"
   shutil.copytree(tmp_path / "summaries", elsewhere / "summaries")
-  monkeypatch.setattr(pipeline.multi_train, "train_group", lambda *args: pytest.fail("trained a summarised run"))
+  monkeypatch.setattr(pipeline.train, "train_runs", lambda *args: pytest.fail("trained a summarised run"))
   monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))
   regraded = pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
   assert [(g.verdict, g.quantities) for g in regraded] == [(g.verdict, g.quantities) for g in grades]
@@ -84,7 +84,7 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   summary["config"]["train"]["num_steps"] = 1
   summary["config"]["eval"]["num_prompts"] = 1  # Unlike a resumed training, a summary's evaluation must match.
   path.write_text(json.dumps(summary))
-  with pytest.raises(config_checks.ConfigError, match=r"isotropic_seed1.json summarises a run of another "
+  with pytest.raises(errors.ConfigError, match=r"isotropic_seed1.json summarises a run of another "
                                                       r"configuration(.|\n)*config.eval.num_prompts: summarised 1"
                                                       r"(.|\n)*config.train.num_steps: summarised 1"):
     pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
@@ -98,14 +98,14 @@ def test_the_committed_medium_report_is_what_its_summaries_grade(tmp_path, monke
 
 def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeypatch):
   """A stopped group (its checkpoints saved) ends the reproduction with None: nothing later trains, nothing is
-  evaluated or graded, and the same call resumes (the resumption itself: test_multi_train)."""
+  evaluated or graded, and the same call resumes (the resumption itself: test_train)."""
   groups = []
 
   def preempted_group(configs, workdirs):
     groups.append([w.name for w in workdirs])
     return [{"step": 20, "final": None, "preempted": True} for _ in configs]
 
-  monkeypatch.setattr(pipeline.multi_train, "train_group", preempted_group)
+  monkeypatch.setattr(pipeline.train, "train_runs", preempted_group)
   monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated an unfinished run"))
   assert pipeline.reproduce(_plan(tmp_path), tmp_path, "smoke", SEEDS, "cmd") is None
   assert groups == [["isotropic_seed0", "isotropic_seed1"]]
@@ -127,7 +127,7 @@ def test_an_invalid_experiment_config_is_named_before_any_compute(tmp_path, monk
   broken = experiments.Experiment("broken", "a 2-layer model fit over layers 1-5", "linreg.py",
                                   (("eval.fit_layers", (1, 5)),))
   monkeypatch.setattr(experiments, "EXPERIMENTS", experiments.EXPERIMENTS + (broken,))
-  with pytest.raises(config_checks.ConfigError, match=r"broken_seed0: config.eval.fit_layers = \(1, 5\)"):
+  with pytest.raises(errors.ConfigError, match=r"broken_seed0: config.eval.fit_layers = \(1, 5\)"):
     _plan(tmp_path, "smoke", (0,))
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from icl_jax import config_checks
 from icl_jax.sweep import grid
 from icl_jax.sweep import report
+from icl_jax.runtime import errors
 from tests import tiny_config
 
 
@@ -29,11 +29,11 @@ def test_sweep_trains_evaluates_reports_and_resumes(tmp_path):
     assert e["final_error_per_dim"]["seeds"] == 2
     assert e["final_error_per_dim"]["low"] <= e["final_error_per_dim"]["mean"] <= e["final_error_per_dim"]["high"]
     assert len(e["newton_steps_per_layer"]["mean"]) == e["num_layers"]
-  report = tmp_path / "sweep"
-  assert json.loads((report / "results.json").read_text()) == entries
-  assert "| 2 | 100 | 2 |" in (report / "report.md").read_text()
+  out = tmp_path / "sweep"
+  assert json.loads((out / "results.json").read_text()) == entries
+  assert "| 2 | 100 | 2 |" in (out / "report.md").read_text()
   for stem in ("final_error_vs_depth", "newton_steps_vs_layer", "newton_slope_depth_kappa"):
-    assert (report / f"{stem}.png").stat().st_size > 0 and (report / f"{stem}.pdf").stat().st_size > 0
+    assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
   # A second call finds everything done and neither trains nor evaluates again.
   stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval/results.json")}
   metrics = {p: p.read_text() for p in tmp_path.glob("*/metrics.jsonl")}
@@ -45,11 +45,11 @@ def test_sweep_trains_evaluates_reports_and_resumes(tmp_path):
 def test_bad_sweep_values_are_named():
   config = _sweep_config()
   config.sweep.kappa = ()
-  with pytest.raises(config_checks.ConfigError, match=r"config.sweep.kappa = \(\)"):
+  with pytest.raises(errors.ConfigError, match=r"config.sweep.kappa = \(\)"):
     grid.validate(config)
   config = _sweep_config()
   config.sweep.kappa = (0.5,)
-  with pytest.raises(config_checks.ConfigError, match=r"run L1_kappa0.5_seed0: (.|\n)*config.task.kappa = 0.5"):
+  with pytest.raises(errors.ConfigError, match=r"run L1_kappa0.5_seed0: (.|\n)*config.task.kappa = 0.5"):
     grid.validate(config)
 
 
@@ -64,7 +64,7 @@ def test_a_sigterm_stops_the_sweep_before_the_next_group(tmp_path, monkeypatch):
     groups.append([w.name for w in workdirs])
     return [{"step": 3, "final": None, "preempted": True} for _ in runs]
 
-  monkeypatch.setattr(grid.multi_train, "train_group", preempted_group)
+  monkeypatch.setattr(grid.train, "train_runs", preempted_group)
   monkeypatch.setattr(grid.evaluate, "evaluate", lambda *args: pytest.fail("evaluated an unfinished run"))
   assert grid.run_sweep(config, tmp_path) is False
   assert len(groups) == 1

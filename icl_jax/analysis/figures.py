@@ -1,22 +1,20 @@
 """Fu et al. (2024)'s figures from `evaluate`'s results: error/d against layer and against context length,
 SimE and SimW heatmaps with each layer's best match, and the best-matching steps per layer with their fits.
 
-`write_all(results, out_dir)` takes the dict that `probing.evaluate` writes as results.json (plain lists)
-and writes every figure as PNG and PDF. The figures are built with matplotlib's object API (`Figure`), which
+`makers(results)` takes the dict that `evaluate` writes as results.json (plain lists) and returns every
+figure's drawing function by file stem; `evaluate.write_figures` saves them as PNG and PDF. The figures are built with matplotlib's object API (`Figure`), which
 needs no backend and registers nothing with pyplot: a figure is freed once its last reference goes, so
 nothing stays open after saving, even in a long training process.
 """
 
 import functools
+from typing import Callable
 
 import matplotlib
 import numpy as np
 from matplotlib import lines, patches, ticker
 from matplotlib.figure import Figure
 
-from icl_jax.runtime import storage
-
-DPI = 150
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
          "ytick.labelsize": 10, "legend.fontsize": 9, "figure.titlesize": 12}
 PAPER_LENGTHS = (5, 10, 15, 20, 22, 25, 30, 35)  # Context lengths of Fu et al.'s Fig. 2 (d = 20, 41 points).
@@ -39,25 +37,16 @@ GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps", "
 GREY = "0.45"
 
 
-def write_all(results: dict, out_dir: storage.Path) -> list[storage.Path]:
-  """Writes every figure as `<stem>.png` and `<stem>.pdf` into `out_dir`; returns the paths written."""
-  out_dir = storage.path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  makers = {"error_vs_layer": functools.partial(error_vs_layer, results),
-            "error_vs_context": functools.partial(error_vs_context, results),
-            "best_match": functools.partial(best_match, results)}
+def makers(results: dict) -> dict[str, Callable[[], Figure]]:
+  """Every figure of `results` by file stem, drawn when called (under STYLE, which must be in force both when
+  the text is laid out and when it is drawn)."""
+  found = {"error_vs_layer": functools.partial(error_vs_layer, results),
+           "error_vs_context": functools.partial(error_vs_context, results),
+           "best_match": functools.partial(best_match, results)}
   for metric in METRIC_NAMES:
     for grid in results["grids"]:
-      makers[f"{metric}_{grid}_heatmap"] = functools.partial(similarity_heatmap, results, metric, grid)
-  paths = []
-  # The style must be in force both when the text is laid out and when it is drawn.
-  with matplotlib.rc_context(STYLE):
-    for stem, make in makers.items():
-      figure = make()
-      for suffix in (".png", ".pdf"):
-        paths.append(out_dir / f"{stem}{suffix}")
-        storage.save_figure(figure, paths[-1], dpi=DPI)
-  return paths
+      found[f"{metric}_{grid}_heatmap"] = functools.partial(similarity_heatmap, results, metric, grid)
+  return found
 
 
 def error_vs_layer(results: dict) -> Figure:

@@ -1,11 +1,10 @@
 """Ahn et al. 2023's analysis of a trained linear self-attention (models/lsa.py): which preconditioner A_i each
 layer learned (a_i and Dist(Sigma^1/2 A_i Sigma^1/2, I), Theorem 3) and how its test loss compares with
-(preconditioned) GD and least squares. `--mode=eval` on an LSA run calls `evaluate`, which writes
-WORKDIR/lsa_analysis/results.json and the figures lsa_analysis.{png,pdf} and lsa_matrices.{png,pdf}. README
+(preconditioned) GD and least squares. `analyse` returns the dict that `evaluate` writes as
+WORKDIR/lsa_analysis/results.json, `FIGURES` draw lsa_analysis.{png,pdf} and lsa_matrices.{png,pdf} from it. README
 ("Other model families") says how A_i is read off the weights and what each number means.
 """
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +12,10 @@ import matplotlib
 import matplotlib.ticker
 import ml_collections
 import numpy as np
-from absl import logging
 from matplotlib.figure import Figure
 
-from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import models
-from icl_jax.runtime import run_logs
-from icl_jax.runtime import storage
-from icl_jax import train_step
 from icl_jax.analysis import algorithms
 from icl_jax.analysis.precision import highest_precision
 from icl_jax.models import lsa
@@ -32,7 +25,7 @@ PAPER_A = (-0.69, -0.43, -1.71)
 # Step sizes searched for L-step (preconditioned) GD: the mean-gradient Hessian is ~ Sigma (~ I after Sigma^-1
 # preconditioning), so steps beyond ~2 / lambda_max diverge; the grid spans well past both ends.
 STEP_GRID = tuple(float(v) for v in np.geomspace(0.01, 4.0, 121))
-DPI = 150
+STYLE = {"font.size": 10}  # matplotlib rc settings of the figures.
 TUNE_PROMPTS = 2048  # Prompts of the step-size search, apart from the test prompts.
 
 
@@ -128,7 +121,7 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
   num_layers, n = config.model.num_layers, task.n_points
   layers = layer_report(params, sigma_DxD)
 
-  eval_key = train_step.run_keys(config.seed)["eval"]
+  eval_key = data.run_keys(config.seed)["eval"]
   test = _prompts(task, jax.random.fold_in(eval_key, 1), num_prompts)
   tune = _prompts(task, jax.random.fold_in(eval_key, 2), tune_prompts)
   model = models.build_model(config.model)
@@ -257,38 +250,6 @@ def figure_matrices(results: dict) -> Figure:
   return figure
 
 
-def write(results: dict, out_dir: storage.Path) -> list[storage.Path]:
-  """results.json and the figures (PNG and PDF) into `out_dir`; returns the paths written."""
-  out_dir.mkdir(parents=True, exist_ok=True)
-  paths = [out_dir / "results.json"]
-  run_logs.write_atomically(paths[0], json.dumps(results, indent=2) + "\n")
-  with matplotlib.rc_context({"font.size": 10}):
-    for stem, make in (("lsa_analysis", figure_summary), ("lsa_matrices", figure_matrices)):
-      figure = make(results)
-      for suffix in (".png", ".pdf"):
-        paths.append(out_dir / f"{stem}{suffix}")
-        storage.save_figure(figure, paths[-1], dpi=DPI)
-  return paths
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, params: dict | None = None) -> dict:
-  """Analyses the latest checkpoint in `workdir` (or `params`) on `config.eval.num_prompts` test prompts; writes
-  WORKDIR/lsa_analysis/ and returns the results."""
-  config_checks.validate(config, num_devices=1)
-  workdir = storage.path(workdir)
-  step = None
-  if params is None:
-    params, step = checkpointing.load_params(config, workdir)
-  results = analyse(config, jax.device_get(params), config.eval.num_prompts, TUNE_PROMPTS)
-  results["step"] = step
-  results["provenance"] = {**run_logs.provenance(), "config": run_logs.config_dict(config)}
-  if run_logs.is_writer():
-    write(results, workdir / "lsa_analysis")
-  for line in summary_lines(results):
-    logging.info("%s", line)
-  return results
-
-
 def summary_lines(results: dict) -> list[str]:
   paper = results.get("paper", {}).get("a")
   lines = []
@@ -304,3 +265,8 @@ def summary_lines(results: dict) -> list[str]:
   lines.append("test loss at t = {}: ".format(results["context_lengths"][-1]) +
                ", ".join(f"{name} {value:.4g}" for name, value in final.items()))
   return lines
+
+
+def figures(results: dict) -> dict:
+  """The figures of `results` by file stem, drawn when called."""
+  return {"lsa_analysis": lambda: figure_summary(results), "lsa_matrices": lambda: figure_matrices(results)}

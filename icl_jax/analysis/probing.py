@@ -2,11 +2,10 @@
 
 Each layer's read-out (`probes`) and each algorithm setting (`algorithm_weights`) predict every position of
 `eval.num_prompts` fresh prompts from the points before it; `Evaluator` compares them (error/d, SimE, SimW, best
-matches and their fits) and `evaluate` writes WORKDIR/eval/results.json and the figures.
+matches and their fits) and returns the dict that `evaluate` writes as WORKDIR/eval/results.json.
 """
 
 import functools
-import json
 import time
 
 import jax
@@ -15,19 +14,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax import data
 from icl_jax import datasets
 from icl_jax import models
-from icl_jax.runtime import run_logs
-from icl_jax.runtime import storage
-from icl_jax import train_step
 from icl_jax.analysis import algorithms
-from icl_jax.analysis import figures
 from icl_jax.analysis import probes
 from icl_jax.analysis import similarity
 from icl_jax.analysis.precision import highest_precision
+from icl_jax.runtime import config_files
+from icl_jax.runtime import errors
 
 # Algorithm families with a grid of steps: each layer gets a best match on each.
 GRIDS = ("newton", "gd", "gd_log", "cg", "bfgs", "lbfgs")
@@ -43,7 +38,7 @@ PAPER_TABLE1 = {"gpt2": {"newton": 0.991, "gd": 0.957, "online_gd": 0.806},
 def eval_keys(seed: int) -> dict[str, jax.Array]:
   """Independent streams: evaluation prompts, probe-fitting prompts, SimW prompts, bootstrap draws, and the
   random start of fixed-step online GD."""
-  evaluation = train_step.run_keys(seed)["eval"]
+  evaluation = data.run_keys(seed)["eval"]
   names = ("prompts", "probes", "sim_w", "bootstrap")
   return {**dict(zip(names, jax.random.split(evaluation, len(names)))),
           "online_gd": jax.random.fold_in(evaluation, 100)}
@@ -57,7 +52,7 @@ def fit_layers(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return num_layers // 5 + 1, max(num_layers // 5 + 1, -(-3 * num_layers // 4))
   first, last = layers
   if last > num_layers:
-    raise config_checks.ConfigError(
+    raise errors.ConfigError(
         f"config.eval.fit_layers = {tuple(layers)}: the model has {num_layers} layers; allowed values are "
         f"(first, last) with 1 <= first <= last <= {num_layers}, or None for the middle layers")
   return int(first), int(last)
@@ -157,7 +152,7 @@ def check_gd_stability(config: ml_collections.ConfigDict, xs_BxNxD) -> None:
                                              e.gd_gradient_scale == "mean")
   worst_B = e.gd_learning_rate * np.asarray(lambda_max_B, np.float64)
   if np.any(worst_B >= 2):
-    raise config_checks.ConfigError(
+    raise errors.ConfigError(
         f"config.eval.gd_learning_rate = {e.gd_learning_rate:g} makes gradient descent diverge on "
         f"{np.mean(worst_B >= 2):.1%} of the {len(worst_B)} evaluation prompts (eta * lambda_max of the "
         f"Hessian up to {worst_B.max():.3g} >= 2); allowed values are below {2 / worst_B.max() * e.gd_learning_rate:.3g} "
@@ -176,12 +171,12 @@ def _largest_hessian_eigenvalue(xs_BxNxD, mask_TxN, ridge: float, mean: bool) ->
 
 
 def check_finite(labels_K: list[str], preds_KxBxN: np.ndarray) -> None:
-  """FloatingPointError naming the first predictor (of `labels_K`) with a non-finite prediction and the share of
+  """NonFiniteError naming the first predictor (of `labels_K`) with a non-finite prediction and the share of
   prompts affected: nothing non-finite reaches a similarity, a best match or a figure."""
   bad_KxB = ~np.all(np.isfinite(preds_KxBxN), axis=-1)
   if np.any(bad_KxB):
     k = int(np.flatnonzero(bad_KxB.any(axis=1))[0])
-    raise FloatingPointError(f"{labels_K[k]}: non-finite predictions on {bad_KxB[k].mean():.1%} of the "
+    raise errors.NonFiniteError(f"{labels_K[k]}: non-finite predictions on {bad_KxB[k].mean():.1%} of the "
                              f"{bad_KxB.shape[1]} evaluation prompts; nothing was written")
 
 
@@ -231,9 +226,9 @@ def _tolist(tree):
 def dataset_prompts(config: ml_collections.ConfigDict) -> data.Batch:
   """The first `eval.num_prompts` prompts, by index, of the frozen set `eval.dataset_setting` in
   `eval.dataset_dir` (icl_jax/datasets)."""
-  errors = config_checks.dataset_errors(config)
-  if errors:
-    raise config_checks.ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+  found = datasets.config_errors(config)
+  if found:
+    raise errors.ConfigError("invalid configuration:\n  " + "\n  ".join(found))
   arrays = datasets.load_prompts(config.eval.dataset_dir, config.eval.dataset_setting)
   return data.Batch(*(jnp.asarray(a[:config.eval.num_prompts]) for a in arrays))
 
@@ -359,8 +354,8 @@ def _summarise(config, error, sim_e, sim_w, timings) -> dict:
   best_intervals = lambda b: {k: {f: v[f] for f in ("low", "high", "within_interval", "choice_fraction")}
                               for k, v in b.items()}
   return {
-      "settings": {"eval": {**run_logs.config_dict(config.eval), "fit_layers": fits["layers"]},
-                   "task": run_logs.config_dict(config.task), "model": run_logs.config_dict(config.model),
+      "settings": {"eval": {**config_files.config_dict(config.eval), "fit_layers": fits["layers"]},
+                   "task": config_files.config_dict(config.task), "model": config_files.config_dict(config.model),
                    "seed": config.seed},
       "layers": list(range(1, config.model.num_layers + 1)),
       "context_lengths": list(range(config.task.n_points)),
@@ -409,28 +404,6 @@ def _table1(config, sim_e: dict, best: dict) -> dict:
   }
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir, params: dict | None = None) -> dict:
-  """Evaluates the latest checkpoint in `workdir` (or `params`); writes WORKDIR/eval/results.json and figures."""
-  workdir = storage.path(workdir)
-  step = None
-  if params is None:
-    params, step = checkpointing.load_params(config, workdir)
-  results = Evaluator(config)(params)
-  results["settings"]["checkpoint_step"] = step
-  results["provenance"] = {**run_logs.provenance(), "config": run_logs.config_dict(config)}
-  _log_summary(results)
-  out = workdir / "eval"
-  if run_logs.is_writer():
-    out.mkdir(parents=True, exist_ok=True)
-    run_logs.write_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
-    pngs = [p for p in figures.write_all(results, out) if p.suffix == ".png"]
-    run_logs.write_evaluation_summary(workdir, step or 0, summary_scalars(results), pngs,
-                                      _hparams(config))
-    logging.info("Wrote %s and %d figures (PNG and PDF) in %s; TensorBoard: tensorboard --logdir %s",
-                 out / "results.json", len(pngs), out, workdir / "tensorboard")
-  return results
-
-
 def summary_scalars(results: dict) -> dict[str, float]:
   """The evaluation's headline numbers, as TensorBoard tags."""
   scalars = {}
@@ -444,13 +417,7 @@ def summary_scalars(results: dict) -> dict[str, float]:
   return scalars
 
 
-def _hparams(config: ml_collections.ConfigDict) -> dict:
-  """The run's model, task and training settings as TensorBoard hyper-parameters (scalars and strings)."""
-  flat = run_logs.flatten({k: run_logs.config_dict(config[k]) for k in ("model", "task", "train")})
-  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-
-
-def _log_summary(results: dict) -> None:
+def log_summary(results: dict) -> None:
   t, fits = results["timing"], results["fits"]
   logging.info("Evaluation in %.1f s (incl. compilation): %s.", t["total_s"],
                ", ".join(f"{k[:-2]} {v:.1f}" for k, v in t.items() if k != "total_s"))

@@ -2,7 +2,7 @@
 
   eval: the full default evaluation (`analysis.probing.Evaluator`) of a freshly initialised model of the
     config's size, once with compilation, then again after it.
-  multi_train: training 4 runs of the config's shape as one vmapped program (`sweeps.multi_train`) against
+  multi_train: training 4 runs of the config's shape as one vmapped program (`train.train_runs`) against
     training them one after another, in model-steps per second, on one device.
   train_step: the training step at the curriculum's final size on all devices: time per step, prompts/s,
     model FLOPs, achieved FLOP/s and MFU, compile time and peak memory; `bench_torch` times a PyTorch reference

@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from icl_jax.runtime import config_fields
 from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 
@@ -28,7 +29,7 @@ SETTINGS = tuple(config.name for config in linreg_eval.Builder.BUILDER_CONFIGS)
 VERSION = str(linreg_eval.Builder.VERSION)
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError, ValueError):
   """A built set whose files do not read back, or whose prompts are not the ones built or published; the message
   names the file and says how to rebuild."""
 
@@ -67,7 +68,7 @@ def _builder(data_dir, setting: str):
   _check_setting(setting)
   path = directory(data_dir, setting)
   if not (path / "dataset_info.json").is_file():
-    raise FileNotFoundError(f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with "
+    raise errors.MissingFileError(f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with "
                             f"{_build_command(data_dir, setting)}")
   for name in ("dataset_info.json", "features.json", "metadata.json"):  # TFDS's own errors name no file.
     try:
@@ -111,7 +112,7 @@ def load_prompts(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.nda
   _check_setting(setting)
   copy = _local_copy(str(data_dir), setting)
   if not (directory(copy, setting) / "dataset_info.json").is_file():
-    raise FileNotFoundError(f"{data_dir}: no linreg_eval {VERSION} set {setting!r} there; build it locally with "
+    raise errors.MissingFileError(f"{data_dir}: no linreg_eval {VERSION} set {setting!r} there; build it locally with "
                             f"`python -m icl_jax.datasets.build --data_dir=DIR --settings={setting}` and copy it "
                             f"there: `gcloud storage cp --recursive DIR/{linreg_eval.Builder.name} {data_dir}`")
   try:
@@ -136,6 +137,16 @@ def _local_copy(data_dir: str, setting: str) -> pathlib.Path:
 
 
 def _load_local(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The set read once per process while its files stay the same (names, sizes and modification times)."""
+  path = directory(data_dir, setting)
+  files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+                ) if path.is_dir() else ()
+  return _read_local(str(data_dir), setting, files)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_local(data_dir: str, setting: str, files: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  del files  # Only part of the cache key.
   builder = _builder(data_dir, setting)
   records = _records(data_dir, setting, builder)
   # The files hold records in a hash-shuffled order; each carries its index.
@@ -153,4 +164,35 @@ def _load_local(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndar
   if actual != published:
     raise DatasetError(f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
                        f"published {published} ({linreg_eval.__file__}): this is not the published set.")
+  for array in (xs_BxNxD, ys_BxN, ws_BxD):
+    array.setflags(write=False)  # Shared by every reader of the cache.
   return xs_BxNxD, ys_BxN, ws_BxD
+
+
+def config_errors(config) -> list[str]:
+  """Problems with the frozen evaluation set named by config.eval.dataset_dir and dataset_setting: it must
+  be built, read back whole with its hashes, be of the task's d and n, and hold at least eval.num_prompts
+  prompts."""
+  directory_, setting = config.eval.get("dataset_dir"), config.eval.get("dataset_setting")
+  if not isinstance(directory_, str):
+    return [f"config.eval.dataset_dir = {directory_!r}: must be a directory, or '' for fresh prompts"]
+  if not directory_:
+    return []
+  if setting not in SETTINGS:
+    return [f"config.eval.dataset_setting = {setting!r}: allowed values are {', '.join(map(repr, SETTINGS))}"]
+  try:
+    xs_BxNxD, _, _ = load_prompts(directory_, setting)
+  except (FileNotFoundError, DatasetError) as e:
+    return [f"config.eval.dataset_dir = {directory_!r}: {e}"]
+  info = dict(zip(("num_prompts", "n_points", "n_dims"), xs_BxNxD.shape))
+  found = []
+  where = f"the set {setting!r} in {directory(directory_, setting)} (config.eval.dataset_setting, dataset_dir)"
+  for field in ("n_dims", "n_points"):
+    value = config.task.get(field)
+    if value != info[field]:
+      found.append(f"config.task.{field} = {value!r} differs from the {field} = {info[field]} of {where}")
+  prompts = config.eval.get("num_prompts")
+  if config_fields.is_int(prompts) and prompts > info["num_prompts"]:
+    found.append(f"config.eval.num_prompts = {prompts} exceeds the {info['num_prompts']} prompts of {where}: "
+                 f"allowed values are 1..{info['num_prompts']}")
+  return found

@@ -22,9 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax.runtime import errors
 from icl_jax.runtime import run_logs
+from icl_jax.runtime import config_files
+from icl_jax.analysis import evaluate
 
 # Not parameters of the network. `wte` is GPT2Model's token embedding, unused because Garg et al. feed
 # inputs_embeds. `attn.bias` (the causal mask) and `attn.masked_bias` (the value that masked logits are set to)
@@ -158,7 +159,7 @@ def load_garg_checkpoint(path: str | pathlib.Path, num_heads: int = 8) -> tuple[
     raise ImportError("reading Garg et al.'s PyTorch checkpoint needs torch, which is only needed for this "
                       "conversion: pip install torch") from e
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file (Garg et al.'s model is linear_regression/pretrained/state.pt "
+    raise errors.MissingFileError(f"{path}: no such file (Garg et al.'s model is linear_regression/pretrained/state.pt "
                             "in the models.zip of dtsip/in-context-learning).")
   # Tensors and plain containers only: a pickle can run code. torch < 1.13 (Garg et al.'s environment has 1.11)
   # has no such mode.
@@ -190,8 +191,8 @@ def garg_config(overrides: Mapping[str, int], base: ml_collections.ConfigDict,
   config = ml_collections.ConfigDict(base.to_dict())
   config.update_from_flattened_dict(dict(overrides))
   try:
-    config_checks.validate(config, num_devices=1)
-  except config_checks.ConfigError as e:
+    evaluate.validate(config, num_devices=1)
+  except errors.ConfigError as e:
     raise ValueError(f"{source}: its model does not fit the configuration it is converted into: {e}") from e
   return config
 
@@ -201,9 +202,9 @@ def write_workdir(workdir: str | pathlib.Path, params: dict, config: ml_collecti
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   config_path = workdir / "config.json"
-  current = run_logs.config_dict(config)
+  current = config_files.config_dict(config)
   if config_path.exists():
-    differences = run_logs.config_differences(json.loads(config_path.read_text()), current)
+    differences = config_files.config_differences(json.loads(config_path.read_text()), current)
     if differences:
       raise ValueError(f"{config_path} holds a different configuration; use a new --workdir. Differing fields:\n  "
                        + "\n  ".join(differences))

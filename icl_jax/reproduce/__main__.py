@@ -19,16 +19,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from icl_jax import checkpointing
 from icl_jax import cli
-from icl_jax import config_checks
-from icl_jax.runtime import distributed
 from icl_jax.runtime import run_logs
 from icl_jax.runtime import storage
 from icl_jax import train
-from icl_jax.runtime import workdir_lock
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
+from icl_jax.runtime import errors
 
 _SCALE = flags.DEFINE_enum("scale", None, list(experiments.SCALES), "Which configurations to run and grade.")
 _ROOT = flags.DEFINE_string("root", None, "Directory of the reproduction: one workdir per run, and the report.")
@@ -90,9 +87,7 @@ def main(argv):
       logging.warning("Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same "
                       "command to resume).", train.EXIT_PREEMPTED)
       sys.exit(train.EXIT_PREEMPTED)
-  except (config_checks.ConfigError, distributed.DistributedFlagError, workdir_lock.WorkdirError,
-          checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError, FloatingPointError,
-          FileNotFoundError) as e:
+  except errors.UserError as e:
     cli.exit_with_error(e)
   for grade in grades:
     logging.info("%-8s %s/%s", grade.verdict, grade.claim.experiment, grade.claim.id)

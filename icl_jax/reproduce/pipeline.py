@@ -1,7 +1,7 @@
 """Trains, evaluates and grades one scale of experiments under a root directory, resumably.
 
 ROOT/{experiment}_seed{seed}/ is each run's workdir, with everything `python -m icl_jax.main` writes there. The
-seeds of an experiment share every shape and train together (`sweeps.multi_train`); a finished run is skipped,
+seeds of an experiment share every shape and train together (`train.train_runs`); a finished run is skipped,
 an interrupted one resumes from its checkpoints, an evaluated one is not evaluated again. The constructions
 need no training: they are checked on fresh prompts at every call (seconds).
 """
@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from icl_jax import config_checks
 from icl_jax.runtime import distributed
 from icl_jax.runtime import run_logs
 from icl_jax.runtime import storage
@@ -28,8 +27,10 @@ from icl_jax.analysis import probing
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import report
 from icl_jax.sweep import grid
-from icl_jax.sweep import multi_train
+from icl_jax import train
 from icl_jax.bench import benchmarks
+from icl_jax.runtime import config_files
+from icl_jax.runtime import errors
 
 
 SUMMARIES_DIR = "summaries"
@@ -62,31 +63,31 @@ class Run:
 def plan(scale: str, root: storage.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
   """Every run of `scale`, each config validated: one ConfigError lists every problem, before any compute."""
   if not (pathlib.Path(config_dir) / "linreg.py").is_file():
-    raise FileNotFoundError(f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)")
-  runs, errors = [], []
+    raise errors.MissingFileError(f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)")
+  runs, found = [], []
   for experiment in experiments.EXPERIMENTS:
     for seed in seeds:
       config = experiments.experiment_config(experiment, scale, seed, config_dir)
       try:
-        config_checks.validate(config, jax.device_count())
+        evaluate.validate(config, jax.device_count())
         if config.model.family in ("gpt2", "lstm"):
           probing.fit_layers(config)  # Whether the fit's layers exist, which the evaluation would find late.
-      except (config_checks.ConfigError, distributed.DistributedFlagError) as e:
-        errors.append(f"{experiments.run_name(experiment, seed)}: {e}")
+      except (errors.ConfigError, distributed.DistributedFlagError) as e:
+        found.append(f"{experiments.run_name(experiment, seed)}: {e}")
       runs.append(Run(experiment, seed, config, root / experiments.run_name(experiment, seed)))
-  if errors:
-    raise config_checks.ConfigError(f"scale {scale!r}:\n  " + "\n  ".join(errors))
+  if found:
+    raise errors.ConfigError(f"scale {scale!r}:\n  " + "\n  ".join(found))
   return runs
 
 
 def train_all(runs: list[Run]) -> bool:
   """Trains every unfinished run without a summary, the seeds of an experiment together. False if a SIGTERM
   stopped it (the checkpoints saved; rerun to resume), True when every run is trained."""
-  for group in multi_train.split_into_groups([r.config for r in runs]):
+  for group in train.split_into_groups([r.config for r in runs]):
     pending = [runs[i] for i in group if not runs[i].is_trained()]
     logging.info("%s: %d runs, %d to train.", runs[group[0]].experiment.name, len(group), len(pending))
     if pending:
-      results = multi_train.train_group([r.config for r in pending], [r.workdir for r in pending])
+      results = train.train_runs([r.config for r in pending], [r.workdir for r in pending])
       if any(r["preempted"] for r in results):
         return False
   return True
@@ -107,7 +108,7 @@ def evaluate_all(runs: list[Run]) -> None:
     results = json.loads(run.results_path.read_text())
     curve_path = run.workdir / "error_curve.json"
     fields = SUMMARY_FIELDS["lsa" if run.config.model.family == "lsa" else "probed"]
-    summary = {"config": run_logs.config_dict(run.config), "eval": {k: results[k] for k in fields},
+    summary = {"config": config_files.config_dict(run.config), "eval": {k: results[k] for k in fields},
                "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None}
     run.summary_path.parent.mkdir(parents=True, exist_ok=True)
     run_logs.write_atomically(run.summary_path, json.dumps(summary, indent=1) + "\n")
@@ -118,10 +119,10 @@ def load_results(run: Run) -> dict | None:
   if not run.summary_path.exists():
     return None
   summary = json.loads(run.summary_path.read_text())
-  differences = run_logs.config_differences(summary["config"], run_logs.config_dict(run.config), ignore=(),
+  differences = config_files.config_differences(summary["config"], config_files.config_dict(run.config), ignore=(),
                                             saved_as="summarised")
   if differences:
-    raise config_checks.ConfigError(
+    raise errors.ConfigError(
         f"{run.summary_path} summarises a run of another configuration; grading it would report the wrong "
         "experiment. Differing fields:\n  " + "\n  ".join(differences) + "\nDelete it to train the run anew.")
   return {**summary, "config": ml_collections.ConfigDict(summary["config"])}
@@ -194,7 +195,7 @@ def projected_cost(runs: list[Run]) -> list[dict]:
   """Per experiment: its training's shape, steps and the hours they take on this machine's devices, from a
   timed training step at the final curriculum size (the seeds of a group run vmapped: about seeds x one)."""
   rows = []
-  for group in multi_train.split_into_groups([r.config for r in runs]):
+  for group in train.split_into_groups([r.config for r in runs]):
     members = [runs[i] for i in group]
     config = ml_collections.ConfigDict(members[0].config.to_dict())
     # Chunks of up to TIMED_CHUNK steps: a small run's dispatch overhead counts, a paper-size step stays brief.

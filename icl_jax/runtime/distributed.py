@@ -31,10 +31,12 @@ import jax
 from absl import flags
 from absl import logging
 
+from icl_jax.runtime import errors
+
 MODES = ("detect", "auto", "explicit", "off")
 
 
-class DistributedFlagError(ValueError):
+class DistributedFlagError(errors.UserError, ValueError):
   """The distributed flags are inconsistent; the message names the flag."""
 
 

@@ -1,4 +1,24 @@
-"""One-line descriptions of exceptions, for the `error:` lines and messages that name a file."""
+"""The errors a user causes and can fix, and one-line descriptions of any exception.
+
+Every program catches `UserError` alone and prints its message as one `error:` line with exit status 1; any
+other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+  """An error the user can fix (a field, a file, a flag, a workdir); the message names it and says how."""
+
+
+class ConfigError(UserError, ValueError):
+  """An invalid configuration; the message names each offending field and its allowed values."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or directory the run needs is not there; the message says which program writes it."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """A loss or prediction that is inf or nan; the message says where and what was kept."""
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

@@ -17,7 +17,6 @@ import subprocess
 import time
 
 import jax
-import ml_collections
 from absl import logging
 
 from icl_jax.runtime import storage
@@ -84,33 +83,6 @@ def write_evaluation_summary(workdir: storage.Path, step: int, scalars: dict[str
     for path in figures:
       writer.add_image(f"eval/{path.stem}", storage.read_png(path)[..., :3], step, dataformats="HWC")
     writer.add_hparams(hparams, scalars, name="hparams", global_step=step)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def config_dict(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ("eval.",),
-                       saved_as: str = "saved") -> list[str]:
-  """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs, except those under the
-  prefixes `ignore`: by default `eval.*`, as evaluation settings do not change what training computes, so they
-  may change between attempts (a summary of results compares them too)."""
-  saved, current = ({k: v for k, v in flatten(c).items() if not k.startswith(ignore)} for c in (saved, current))
-  missing = object()
-  return [f"config.{key}: {saved_as} {saved.get(key, missing)!r}, now {current.get(key, missing)!r}".replace(
-      repr(missing), "(absent)") for key in sorted(saved.keys() | current.keys())
-          if saved.get(key, missing) != current.get(key, missing)]
 
 
 def write_atomically(path: storage.Path, text: str) -> None:

@@ -21,13 +21,14 @@ import socket
 
 from absl import logging
 
+from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 
 LOCK_FILE = "lock.json"
 _held: dict[str, int] = {}  # Workdirs this process holds, with their nesting depth.
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(errors.UserError, RuntimeError):
   """A workdir that cannot be used (a file, read-only, full); the message names the path and the reason."""
 
 

@@ -11,16 +11,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from icl_jax import checkpointing
 from icl_jax import cli
-from icl_jax import config_checks
 from icl_jax.runtime import distributed
 from icl_jax.runtime import run_logs
 from icl_jax.runtime import storage
 from icl_jax import train
-from icl_jax.runtime import workdir_lock
 from icl_jax.sweep import grid
 from icl_jax.sweep import report
+from icl_jax.runtime import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweep_depth_kappa.py:quick.",
                                           lock_config=True)
@@ -55,9 +53,7 @@ def main(argv):
     if stage in ("all", "report"):
       runs = grid.validate(config)
       report.write(runs, root, [grid.run_name(r) for r in runs])
-  except (config_checks.ConfigError, distributed.DistributedFlagError, workdir_lock.WorkdirError,
-          checkpointing.CheckpointSaveError, checkpointing.CheckpointRestoreError, FloatingPointError,
-          FileNotFoundError) as e:
+  except errors.UserError as e:
     cli.exit_with_error(e)
 
 

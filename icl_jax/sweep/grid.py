@@ -1,7 +1,7 @@
 """A depth x kappa x seed grid of runs (configs/sweep_depth_kappa.py), trained and evaluated resumably.
 
 Each run has its own workdir, ROOT/L{depth}_kappa{kappa}_seed{seed}, with everything a single run writes. Runs
-of equal depth train together (`multi_train`); a finished run is skipped, an interrupted one resumes from its
+of equal depth train together (`train.train_runs`); a finished run is skipped, an interrupted one resumes from its
 checkpoints. `run_sweep` takes every N-th group of runs (a shard), so N processes or machines share a sweep.
 """
 
@@ -11,11 +11,11 @@ import ml_collections
 from absl import logging
 
 from icl_jax import checkpointing
-from icl_jax import config_checks
 from icl_jax.runtime import distributed
+from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 from icl_jax.analysis import evaluate
-from icl_jax.sweep import multi_train
+from icl_jax import train
 
 def run_name(config: ml_collections.ConfigDict) -> str:
   return f"L{config.model.num_layers}_kappa{config.task.kappa:g}_seed{config.seed}"
@@ -41,19 +41,19 @@ def expand(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]
 def validate(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """The runs of the sweep, each checked; one message lists every problem."""
   sweep = config.get("sweep")
-  errors = []
+  found = []
   for field, kind in (("num_layers", int), ("kappa", (int, float)), ("seeds", int)):
     values = sweep.get(field) if sweep is not None else None
     if not (isinstance(values, (tuple, list)) and values and all(isinstance(v, kind) for v in values)):
-      errors.append(f"config.sweep.{field} = {values!r}: must be a non-empty tuple of numbers")
-  if errors:
-    raise config_checks.ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
+      found.append(f"config.sweep.{field} = {values!r}: must be a non-empty tuple of numbers")
+  if found:
+    raise errors.ConfigError("invalid sweep:\n  " + "\n  ".join(found))
   runs = expand(config)
   for run in runs:
     try:
-      config_checks.validate(run, jax.device_count())
-    except (config_checks.ConfigError, distributed.DistributedFlagError) as e:
-      raise config_checks.ConfigError(f"run {run_name(run)}: {e}") from e
+      evaluate.validate(run, jax.device_count())
+    except (errors.ConfigError, distributed.DistributedFlagError) as e:
+      raise errors.ConfigError(f"run {run_name(run)}: {e}") from e
   return runs
 
 
@@ -69,14 +69,14 @@ def run_sweep(config: ml_collections.ConfigDict, root: storage.Path, shard: tupl
   stopped it (the group's checkpoints saved; no later group starts), True when every group is done."""
   runs = validate(config)
   index, count = shard
-  for g, group in enumerate(multi_train.split_into_groups(runs)):
+  for g, group in enumerate(train.split_into_groups(runs)):
     if g % count != index:
       continue
     workdirs = {i: root / run_name(runs[i]) for i in group}
     pending = [i for i in group if not is_trained(runs[i], workdirs[i])]
     logging.info("Group %d: %d runs, %d to train.", g, len(group), len(pending))
     if pending:
-      results = multi_train.train_group([runs[i] for i in pending], [workdirs[i] for i in pending])
+      results = train.train_runs([runs[i] for i in pending], [workdirs[i] for i in pending])
       if any(r["preempted"] for r in results):
         logging.info("Group %d stopped by SIGTERM; the sweep stops here (rerun to resume).", g)
         return False
