@@ -21,9 +21,16 @@ class Regressor(torch.nn.Module):
 
   def __init__(self, args: argparse.Namespace):
     super().__init__()
-    config = transformers.GPT2Config(n_positions=2 * args.points, n_embd=args.embd, n_layer=args.layers,
-                                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     use_cache=False)
+    config = transformers.GPT2Config(
+      n_positions=2 * args.points,
+      n_embd=args.embd,
+      n_layer=args.layers,
+      n_head=args.heads,
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      use_cache=False,
+    )
     self.read_in = torch.nn.Linear(args.dims, args.embd)
     self.backbone = transformers.GPT2Model(config)
     self.read_out = torch.nn.Linear(args.embd, 1)
@@ -62,16 +69,33 @@ def time_steps(args: argparse.Namespace) -> dict:
     loss = step()
   synchronise()
   seconds = (time.perf_counter() - start) / args.steps
-  return {"impl": "torch + transformers GPT2Model", "device": str(device), "torch": torch.__version__,
-          "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-          "params": sum(p.numel() for p in model.parameters()), "ms_per_step": 1e3 * seconds,
-          "steps_per_s": 1 / seconds, "final_loss": float(loss.detach()), **vars(args)}
+  return {
+    "impl": "torch + transformers GPT2Model",
+    "device": str(device),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "threads": torch.get_num_threads(),
+    "params": sum(p.numel() for p in model.parameters()),
+    "ms_per_step": 1e3 * seconds,
+    "steps_per_s": 1 / seconds,
+    "final_loss": float(loss.detach()),
+    **vars(args),
+  }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  for name, default in (("layers", 12), ("embd", 256), ("heads", 8), ("dims", 20), ("points", 41), ("batch", 64),
-                        ("steps", 10), ("warmup", 3), ("seed", 0)):
+  for name, default in (
+    ("layers", 12),
+    ("embd", 256),
+    ("heads", 8),
+    ("dims", 20),
+    ("points", 41),
+    ("batch", 64),
+    ("steps", 10),
+    ("warmup", 3),
+    ("seed", 0),
+  ):
     parser.add_argument(f"--{name}", type=int, default=default)
   print(json.dumps(time_steps(parser.parse_args())), flush=True)
 

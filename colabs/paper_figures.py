@@ -113,8 +113,9 @@ PAPER = {
 
 
 def show(make_figure, *args):
-  """Draws `make_figure(*args)`, one of icl_jax.analysis.figures' functions, as a PNG in the output. Those functions return
-  a matplotlib Figure that belongs to no pyplot backend, so the PNG is rendered here rather than left to one."""
+  """Draws `make_figure(*args)`, one of icl_jax.analysis.figures' functions, as a PNG in the output. Those
+  functions return a matplotlib Figure that belongs to no pyplot backend, so the PNG is rendered here rather than
+  left to one."""
   with matplotlib.rc_context(figures.STYLE):  # The style must be in force when the text is laid out and drawn.
     buffer = io.BytesIO()
     make_figure(*args).savefig(buffer, format="png", dpi=100)

@@ -139,7 +139,8 @@ print("best-matching Newton steps per layer:", results["best_match"]["newton"],
 print("best-matching GD steps (log grid):    ", results["best_match"]["gd_log"],
       f"({fits['gd_log']['doublings_per_layer']:.2f} doublings/layer, R² {fits['gd_log']['r2']:.3f})")
 print("last layer's best SimE [90% interval]:",
-      {k: f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in results["last_layer_best"]["sim_e"].items()})
+      {k: f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+       for k, v in results["last_layer_best"]["sim_e"].items()})
 print("evaluation time (s):", {k: round(v, 1) for k, v in results["timing"].items()})
 figure_dir = workdir / "eval"
 print(sorted(p.name for p in figure_dir.glob("*.png")))

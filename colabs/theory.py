@@ -362,9 +362,9 @@ if ipywidgets is not None:  # On Colab: the same plot for any κ, starting from 
 # are trained with Adam on fresh prompts with w ~ N(0, Σ⁻¹), n = 20, and κ = `train_kappa`. Dist(M, I) =
 # min_c ‖M − cI‖_F / ‖M‖_F (Ahn et al.'s measure) is near 0 for the whitened Σ^{1/2} A_i Σ^{1/2} and far from 0
 # for the A_i themselves. (With `train_steps = 5000` and `train_batch = 1024`, the defaults, every whitened Dist is
-# below 0.02 and a_i = 0.69, 0.42, 1.72; a CI-size run leaves the later layers less converged.) The full experiment, with
-# the LSA model family trained like any other model of the project and its layers read off, is `configs/lsa.py`
-# and `--mode=eval` on an LSA run.
+# below 0.02 and a_i = 0.69, 0.42, 1.72; a CI-size run leaves the later layers less converged.) The full
+# experiment, with the LSA model family trained like any other model of the project and its layers read off, is
+# `configs/lsa.py` and `--mode=eval` on an LSA run.
 
 # %%
 train_points = 20

@@ -1,7 +1,7 @@
 """Fu et al. §4.3: the paper's set-up on ill-conditioned data, Cov(x) with condition number 100.
 
-  python -m icl_jax.main --config=configs/linreg_ill_conditioned.py --workdir=runs/kappa100
-  python -m icl_jax.main --config=configs/linreg_ill_conditioned.py:quick --workdir=runs/kappa100_quick
+python -m icl_jax.main --config=configs/linreg_ill_conditioned.py --workdir=runs/kappa100
+python -m icl_jax.main --config=configs/linreg_ill_conditioned.py:quick --workdir=runs/kappa100_quick
 """
 
 from ml_collections import config_dict

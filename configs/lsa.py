@@ -6,11 +6,11 @@ D = diag(1, 1, 0.25, 0.0625, 1), then its layers read off (Theorem 3: A_i ~ a_i 
   python -m icl_jax.main --config=configs/lsa.py:quick --workdir=runs/lsa_quick --mode=eval   # read off A_i
 
 Sources, by tag: [P2] the paper (Ahn, Cheng, Daneshmand, Sra, NeurIPS 2023, arXiv:2306.00297), [R2] its code,
-github.com/chengxiang/LinearTransformer at b6ddc35 and its notebooks. §4.3's runs are, by every detail [P2] gives (5 runs, 30,000 iterations, batch 20,000 resampled every
-100 steps, per-matrix clipping at 0.01), those of [R2]'s `rotation demonstration-Adam-p0.ipynb` (5 seeds,
-max_iters 30,000, `zero_p()` after every step, i.e. the sparse form of Theorem 3), whose optimiser values the
-paper does not state; `rotation demonstration-Adam.ipynb` is the full-form variant (3 seeds, 100k iterations,
-lr 0.1 halved every 4000 steps). Every field below says where its value comes from.
+github.com/chengxiang/LinearTransformer at b6ddc35 and its notebooks. §4.3's runs are, by every detail [P2]
+gives (5 runs, 30,000 iterations, batch 20,000 resampled every 100 steps, per-matrix clipping at 0.01), those
+of [R2]'s `rotation demonstration-Adam-p0.ipynb` (5 seeds, max_iters 30,000, `zero_p()` after every step, i.e.
+the sparse form of Theorem 3), whose optimiser values the paper does not state; `rotation
+demonstration-Adam.ipynb` is the full-form variant (3 seeds, 100k iterations, lr 0.1 halved every 4000 steps). Every field below says where its value comes from.
 
 The sparse form is the default here because it reproduces Fig. 2: trained as below, the three layers give
 a_i = -0.690, -0.424, -1.717 (paper: -0.69, -0.43, -1.71) with Dist <= 0.02, while the full form
@@ -18,7 +18,8 @@ a_i = -0.690, -0.424, -1.717 (paper: -0.69, -0.43, -1.71) with Dist <= 0.02, whi
 GD++-like pattern of the paper's §5.1 (Fig. 5: -0.38, -2.40, -9.59), and a 30x lower loss.
 
 Everything not set here is configs/linreg.py's (checkpointing, logging, evaluation fields); the GPT-2 fields
-of config.model are replaced by the LSA's. `--mode=eval` runs Ahn et al.'s analysis (icl_jax/analysis/lsa_analysis.py), not the GPT-2 probes.
+of config.model are replaced by the LSA's. `--mode=eval` runs Ahn et al.'s analysis
+(icl_jax/analysis/lsa_analysis.py), not the GPT-2 probes.
 """
 
 from ml_collections import config_dict

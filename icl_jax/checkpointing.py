@@ -17,8 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from icl_jax.runtime import errors
 from icl_jax import models
+from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 
 _ITEM = "default"  # The directory of the state inside a step's directory (the manager's one item).
@@ -54,8 +54,12 @@ class Checkpoints:
 
   def __init__(self, directory: storage.Path, train: ml_collections.ConfigDict):
     self.directory = storage.path(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=train.keep_checkpoints, keep_period=train.keep_period or None,
-                                           enable_async_checkpointing=True, create=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=train.keep_checkpoints,
+      keep_period=train.keep_period or None,
+      enable_async_checkpointing=True,
+      create=True,
+    )
     # The handler named, so that `item_metadata` can read a checkpoint's shapes before a restore is tried.
     self._manager = _Manager(self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
@@ -69,8 +73,9 @@ class Checkpoints:
     try:  # An error is already leaving the block: a failure to close must not replace it.
       self.close()
     except Exception as close_error:  # noqa: BLE001
-      logging.warning("Closing the checkpoints in %s after an error failed too: %s", self.directory,
-                      errors.one_line(close_error))
+      logging.warning(
+        "Closing the checkpoints in %s after an error failed too: %s", self.directory, errors.one_line(close_error)
+      )
 
   def close(self) -> None:
     try:
@@ -86,8 +91,9 @@ class Checkpoints:
     try:  # Also raises the failure of the previous, asynchronous save.
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     except Exception as e:
-      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: "
-                                f"{errors.one_line(e)}") from e
+      raise CheckpointSaveError(
+        f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: {errors.one_line(e)}"
+      ) from e
 
   def restore(self, step: int, like, partial: bool = False):
     """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings). With `partial`,
@@ -98,17 +104,21 @@ class Checkpoints:
       metadata = self._manager.item_metadata(step)
       if partial:
         _check_layout({k: v for k, v in dict(metadata).items() if k in abstract}, abstract)
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                                   dtype=a.dtype), abstract)
+        restore_args = jax.tree.map(
+          lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract
+        )
         return ocp.PyTreeCheckpointer().restore(
-            self.directory / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=restore_args, partial_restore=True))
+          self.directory / str(step) / _ITEM,
+          args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True),
+        )
       _check_layout(metadata, abstract)
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax and TensorStore raise many types for a mismatched or damaged checkpoint.
-      raise CheckpointRestoreError(f"cannot restore the checkpoint {self.directory / str(step)} into this "
-                                   "configuration's state (damaged, or written by a different model or optimiser?): "
-                                   f"{errors.one_line(e)}") from e
+      raise CheckpointRestoreError(
+        f"cannot restore the checkpoint {self.directory / str(step)} into this "
+        "configuration's state (damaged, or written by a different model or optimiser?): "
+        f"{errors.one_line(e)}"
+      ) from e
 
   def restore_latest(self, like, partial: bool = False) -> tuple[object, int | None]:
     """(state, step) of the newest checkpoint that restores, or (like, None) when there is none.
@@ -138,15 +148,21 @@ class Checkpoints:
       aside = self.directory / f"{step}.unreadable-{stamp}"
       if jax.process_index() == 0:
         (self.directory / str(step)).rename(aside)
-      logging.warning("The checkpoint %s does not restore; moved it to %s and resumed from an older one. "
-                      "The newest failure: %s", self.directory / str(step), aside, errors.one_line(reason))
+      logging.warning(
+        "The checkpoint %s does not restore; moved it to %s and resumed from an older one. The newest failure: %s",
+        self.directory / str(step),
+        aside,
+        errors.one_line(reason),
+      )
     self._manager.reload()
 
 
 def _leaf_names(tree) -> dict:
   """{dotted path: leaf}, the path spelled as Orbax names a checkpoint's arrays (`opt_state.0.mu.h_0...`)."""
-  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="."): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _check_layout(saved, abstract) -> None:
@@ -155,17 +171,24 @@ def _check_layout(saved, abstract) -> None:
   error for a different model size is one of TensorStore's, and whose asyncio threads print tracebacks while it
   unwinds."""
   saved_leaves, wanted_leaves = _leaf_names(saved), _leaf_names(abstract)
-  for only_in, leaves in (("the checkpoint", set(saved_leaves) - set(wanted_leaves)),
-                          ("this configuration's state", set(wanted_leaves) - set(saved_leaves))):
+  for only_in, leaves in (
+    ("the checkpoint", set(saved_leaves) - set(wanted_leaves)),
+    ("this configuration's state", set(wanted_leaves) - set(saved_leaves)),
+  ):
     if leaves:
       raise ValueError(f"only {only_in} has {len(leaves)} arrays, e.g. {sorted(leaves)[0]}")
-  differ = [name for name, want in wanted_leaves.items()
-            if (tuple(saved_leaves[name].shape), np.dtype(saved_leaves[name].dtype)) != (want.shape, want.dtype)]
+  differ = [
+    name
+    for name, want in wanted_leaves.items()
+    if (tuple(saved_leaves[name].shape), np.dtype(saved_leaves[name].dtype)) != (want.shape, want.dtype)
+  ]
   if differ:
     saved_leaf, want = saved_leaves[differ[0]], wanted_leaves[differ[0]]
-    raise ValueError(f"{differ[0]} is saved as {np.dtype(saved_leaf.dtype)}{list(saved_leaf.shape)}, this "
-                     f"configuration's state has {np.dtype(want.dtype)}{list(want.shape)}"
-                     + (f" ({len(differ) - 1} more arrays differ)" if len(differ) > 1 else ""))
+    raise ValueError(
+      f"{differ[0]} is saved as {np.dtype(saved_leaf.dtype)}{list(saved_leaf.shape)}, this "
+      f"configuration's state has {np.dtype(want.dtype)}{list(want.shape)}"
+      + (f" ({len(differ) - 1} more arrays differ)" if len(differ) > 1 else "")
+    )
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: storage.Path) -> tuple[dict, int | None]:
@@ -177,11 +200,16 @@ def load_params(config: ml_collections.ConfigDict, workdir: storage.Path) -> tup
   directory = workdir / "checkpoints"
   with Checkpoints(directory, config.train) as checkpoints:
     if checkpoints.latest_step() is None:
-      raise errors.MissingFileError(f"{directory}: no checkpoint to evaluate; train first, or convert Garg et al.'s "
-                                    "checkpoint with `python -m icl_jax.garg_checkpoint`.")
+      raise errors.MissingFileError(
+        f"{directory}: no checkpoint to evaluate; train first, or convert Garg et al.'s "
+        "checkpoint with `python -m icl_jax.garg_checkpoint`."
+      )
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    like = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                                   _abstract_params(config))}
+    like = {
+      "params": jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), _abstract_params(config)
+      )
+    }
     state, step = checkpoints.restore_latest(like, partial=True)
     return state["params"], step
 
@@ -198,8 +226,9 @@ def load_saved_config(workdir: str | storage.Path) -> ml_collections.ConfigDict:
   """The configuration saved in WORKDIR/config.json."""
   path = storage.path(workdir) / "config.json"
   if not path.is_file():
-    raise errors.MissingFileError(f"{path}: no such file; is {workdir} a workdir of icl_jax.main or "
-                            "icl_jax.garg_checkpoint?")
+    raise errors.MissingFileError(
+      f"{path}: no such file; is {workdir} a workdir of icl_jax.main or icl_jax.garg_checkpoint?"
+    )
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -209,11 +238,14 @@ def load_garg_params(workdir: str | storage.Path) -> dict:
   config = load_saved_config(workdir)
   path = storage.path(workdir) / GARG_PARAMS_DIR
   if not path.is_dir():
-    raise errors.MissingFileError(f"{path}: no such directory; is {workdir} a workdir written by icl_jax.garg_checkpoint?")
+    raise errors.MissingFileError(
+      f"{path}: no such directory; is {workdir} a workdir written by icl_jax.garg_checkpoint?"
+    )
   like = _abstract_params(config)
   try:
     # Shapes without a sharding restore as numpy arrays: the caller places them on its own devices.
     return ocp.StandardCheckpointer().restore(path, like)
   except (ValueError, KeyError) as e:
-    raise ValueError(f"{path} does not hold the parameters of the model in {storage.path(workdir) / 'config.json'}: "
-                     f"{e}") from e
+    raise ValueError(
+      f"{path} does not hold the parameters of the model in {storage.path(workdir) / 'config.json'}: {e}"
+    ) from e

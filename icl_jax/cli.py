@@ -14,9 +14,9 @@ from absl import flags
 from absl import logging
 
 from icl_jax import checkpointing
+from icl_jax.analysis import evaluate
 from icl_jax.runtime import config_files
 from icl_jax.runtime import errors
-from icl_jax.analysis import evaluate
 
 
 def override_errors(argv: list[str]) -> list[str]:
@@ -44,8 +44,11 @@ def _closest(path: str, fields: list[str]) -> list[str]:
   """Up to three fields like `path`: those of its section whose words' initials spell its last part ("lr" ->
   "learning_rate"), then the most similar spellings."""
   section, _, name = path.rpartition(".")
-  initials = [f for f in fields if f.rpartition(".")[0] == section and
-              "".join(w[0] for w in f.rpartition(".")[2].split("_") if w) == name]
+  initials = [
+    f
+    for f in fields
+    if f.rpartition(".")[0] == section and "".join(w[0] for w in f.rpartition(".")[2].split("_") if w) == name
+  ]
   similar = difflib.get_close_matches(path, fields, n=3, cutoff=0.5)
   return list(dict.fromkeys(initials + similar))[:3]
 

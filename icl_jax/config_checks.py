@@ -10,8 +10,13 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import train_step
 from icl_jax.runtime import config_fields
-from icl_jax.runtime.config_fields import check_choice, check_int, check_real, get, is_int, is_real, present
-
+from icl_jax.runtime.config_fields import check_choice
+from icl_jax.runtime.config_fields import check_int
+from icl_jax.runtime.config_fields import check_real
+from icl_jax.runtime.config_fields import get
+from icl_jax.runtime.config_fields import is_int
+from icl_jax.runtime.config_fields import is_real
+from icl_jax.runtime.config_fields import present
 
 
 def _task_errors(config) -> list[str]:
@@ -32,8 +37,10 @@ def _task_errors(config) -> list[str]:
       check_int(found, config, f"task.curriculum.{prefix}_interval", 1)
       start, stop = get(config, f"task.curriculum.{prefix}_start"), get(config, f"task.{end}")
       if is_int(start) and is_int(stop) and start > stop:
-        found.append(f"config.task.curriculum.{prefix}_start = {start} exceeds config.task.{end} = {stop}: "
-                      f"allowed values are 1..{stop}")
+        found.append(
+          f"config.task.curriculum.{prefix}_start = {start} exceeds config.task.{end} = {stop}: "
+          f"allowed values are 1..{stop}"
+        )
   return found
 
 
@@ -43,8 +50,7 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 
 def _train_errors(config, num_devices: int) -> list[str]:
   found = []
-  for field in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                "steps_per_dispatch"):
+  for field in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_dispatch"):
     check_int(found, config, f"train.{field}", 1)
   check_int(found, config, "train.keep_period", 0)
   check_int(found, config, "train.warmup_steps", 0)
@@ -60,10 +66,11 @@ def _train_errors(config, num_devices: int) -> list[str]:
   check_choice(found, config, "train.matmul_precision", MATMUL_PRECISIONS)
   batch = config.train.batch_size
   if is_int(batch) and batch >= 1 and batch % num_devices:
-    found.append(f"config.train.batch_size = {batch} is not divisible by the {num_devices} devices: allowed "
-                  f"values are multiples of {num_devices}")
+    found.append(
+      f"config.train.batch_size = {batch} is not divisible by the {num_devices} devices: allowed "
+      f"values are multiples of {num_devices}"
+    )
   return found
-
 
 
 def _ahn_errors(config) -> list[str]:
@@ -76,10 +83,11 @@ def _ahn_errors(config) -> list[str]:
     check_int(found, config, "task.resample_every", 1)
   if get(config, "task.spectrum") == "explicit":
     values, n_dims = get(config, "task.eigenvalues"), get(config, "task.n_dims")
-    if not (isinstance(values, (tuple, list)) and len(values) == n_dims and
-            all(is_real(v) and v > 0 for v in values)):
-      found.append(f"config.task.eigenvalues = {values!r}: with config.task.spectrum = 'explicit' must be a tuple "
-                    f"of config.task.n_dims = {n_dims!r} numbers > 0 (the eigenvalues of Cov(x))")
+    if not (isinstance(values, (tuple, list)) and len(values) == n_dims and all(is_real(v) and v > 0 for v in values)):
+      found.append(
+        f"config.task.eigenvalues = {values!r}: with config.task.spectrum = 'explicit' must be a tuple "
+        f"of config.task.n_dims = {n_dims!r} numbers > 0 (the eigenvalues of Cov(x))"
+      )
   if get(config, "task.rotation") == "per_run":
     check_int(found, config, "task.rotation_seed", 0)
   if present(config, "train.loss_positions"):
@@ -90,8 +98,9 @@ def _ahn_errors(config) -> list[str]:
     check_int(found, config, "train.decay_every", 1)
     factor = get(config, "train.decay_factor")
     if not (is_real(factor) and 0 < factor <= 1):
-      found.append(f"config.train.decay_factor = {factor!r}: with config.train.schedule = 'step_decay' must be "
-                    "a number in (0, 1]")
+      found.append(
+        f"config.train.decay_factor = {factor!r}: with config.train.schedule = 'step_decay' must be a number in (0, 1]"
+      )
   return found
 
 

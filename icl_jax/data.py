@@ -16,7 +16,8 @@ Sigma^-1) (w_distribution="inverse_covariance"), and one batch for resample_ever
 (`data_step`).
 """
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,8 +99,9 @@ def random_rotation(key: jax.Array, d: int) -> jax.Array:
   return q_DxD * jnp.sign(jnp.diagonal(r_DxD))[None, :]
 
 
-def _sample_prompt(key: jax.Array, rotation_DxD: jax.Array | None, task: ml_collections.ConfigDict,
-                   n_dims: jax.Array, hyper: Hyper) -> Batch:
+def _sample_prompt(
+  key: jax.Array, rotation_DxD: jax.Array | None, task: ml_collections.ConfigDict, n_dims: jax.Array, hyper: Hyper
+) -> Batch:
   """One prompt: xs [N, D], ys [N], w [D]."""
   key_x, key_w, key_noise, key_rot = jax.random.split(key, 4)
   d, n = task.n_dims, task.n_points
@@ -126,8 +128,14 @@ def _sample_prompt(key: jax.Array, rotation_DxD: jax.Array | None, task: ml_coll
   return Batch(xs_NxD, ys_N, w_D)
 
 
-def sample_batch(step_key: jax.Array, first_index: jax.Array, batch_size: int,
-                 task: ml_collections.ConfigDict, n_dims: jax.Array, hyper: Hyper | None = None) -> Batch:
+def sample_batch(
+  step_key: jax.Array,
+  first_index: jax.Array,
+  batch_size: int,
+  task: ml_collections.ConfigDict,
+  n_dims: jax.Array,
+  hyper: Hyper | None = None,
+) -> Batch:
   """Examples [first_index, first_index + batch_size) of the global batch whose key is `step_key`.
 
   Args:
@@ -174,8 +182,10 @@ def covariance_matrix(task: ml_collections.ConfigDict) -> jax.Array:
     return (rotation_DxD * covariance_spectrum(task)[None, :]) @ rotation_DxD.T
   if task.spectrum != "explicit" and task.kappa == 1.0:
     return jnp.eye(task.n_dims)
-  raise ValueError(f"config.task.rotation = {task.rotation!r} draws a new eigenbasis of Cov(x) per prompt or per "
-                   "batch, so no single covariance describes the data; use rotation='per_run' (or kappa = 1).")
+  raise ValueError(
+    f"config.task.rotation = {task.rotation!r} draws a new eigenbasis of Cov(x) per prompt or per "
+    "batch, so no single covariance describes the data; use rotation='per_run' (or kappa = 1)."
+  )
 
 
 def data_step(step: jax.Array, task: ml_collections.ConfigDict) -> jax.Array:

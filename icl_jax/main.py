@@ -13,30 +13,42 @@ from absl import logging
 from ml_collections import config_flags
 
 from icl_jax import cli
-from icl_jax.runtime import distributed
-from icl_jax.analysis import evaluate
-from icl_jax.runtime import run_logs
 from icl_jax import train
+from icl_jax.analysis import evaluate
+from icl_jax.runtime import distributed
 from icl_jax.runtime import errors
+from icl_jax.runtime import run_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
-    "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
-    "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.", lock_config=True)
+  "config",
+  None,
+  "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
+  "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
+  "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train: train (or resume) the run in --workdir; eval: evaluate its latest checkpoint "
-                          "layer by layer, writing WORKDIR/eval/results.json and figures.")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "eval"],
+  "train: train (or resume) the run in --workdir; eval: evaluate its latest checkpoint "
+  "layer by layer, writing WORKDIR/eval/results.json and figures.",
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume a workdir even if its saved config differs from this one.")
+  "allow_config_change", False, "Resume a workdir even if its saved config differs from this one."
+)
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)  # --help lists them too.
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _refuse_distributed_eval() -> None:
-  given = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
-           if _DISTRIBUTED_FLAGS[name].value is not None]
+  given = [
+    f"--{name}"
+    for name in ("coordinator_address", "num_processes", "process_id")
+    if _DISTRIBUTED_FLAGS[name].value is not None
+  ]
   if _DISTRIBUTED_FLAGS["distributed"].value in ("auto", "explicit"):
     given.insert(0, f"--distributed={_DISTRIBUTED_FLAGS['distributed'].value}")
   if given:
@@ -52,8 +64,11 @@ def main(argv):
       distributed.initialize_from_flags(_DISTRIBUTED_FLAGS)
       result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
       if result["preempted"]:
-        logging.info("Stopped by SIGTERM at step %d with a checkpoint; exit status %d (rerun to resume).",
-                     result["step"], train.EXIT_PREEMPTED)
+        logging.info(
+          "Stopped by SIGTERM at step %d with a checkpoint; exit status %d (rerun to resume).",
+          result["step"],
+          train.EXIT_PREEMPTED,
+        )
         sys.exit(train.EXIT_PREEMPTED)
     else:
       _refuse_distributed_eval()

@@ -96,8 +96,9 @@ def poll_preemption(flag: dict, first_step: int, end: int) -> bool:
   return flag["set"]
 
 
-def check_saved_config(workdir: storage.Path, config: ml_collections.ConfigDict, resuming: bool,
-                        allow_config_change: bool) -> bool:
+def check_saved_config(
+  workdir: storage.Path, config: ml_collections.ConfigDict, resuming: bool, allow_config_change: bool
+) -> bool:
   """Refuses to resume a run whose saved config differs, unless allowed; True if it differs (and is allowed).
   config.json is rewritten by `write_config` only once the checkpoint has restored, and for a changed config
   only with its first checkpoint, so a failed or diverging attempt leaves it as it was."""
@@ -107,9 +108,11 @@ def check_saved_config(workdir: storage.Path, config: ml_collections.ConfigDict,
     differences = config_files.config_differences(json.loads(path.read_text()), current)
     if differences and not allow_config_change:
       raise ConfigChangedError(
-          f"{workdir} holds a run with a different configuration; resuming it would mix two experiments. "
-          "Differing fields:\n  " + "\n  ".join(differences) +
-          "\nUse a new --workdir, or pass --allow_config_change to resume with the new values on purpose.")
+        f"{workdir} holds a run with a different configuration; resuming it would mix two experiments. "
+        "Differing fields:\n  "
+        + "\n  ".join(differences)
+        + "\nUse a new --workdir, or pass --allow_config_change to resume with the new values on purpose."
+      )
     if differences:
       logging.warning("Resuming with a changed configuration:\n  %s", "\n  ".join(differences))
       return True
@@ -156,8 +159,9 @@ class Metrics:
     bad = np.flatnonzero(~np.isfinite(host["loss"]))
     if bad.size:
       raise errors.NonFiniteError(
-          f"non-finite training loss {host['loss'][bad[0]]} at step {first_step + bad[0]}; stopping without saving "
-          "this state. Lower config.train.learning_rate or set config.train.grad_clip_norm.")
+        f"non-finite training loss {host['loss'][bad[0]]} at step {first_step + bad[0]}; stopping without saving "
+        "this state. Lower config.train.learning_rate or set config.train.grad_clip_norm."
+      )
     end = first_step + num_steps
     record = {name: float(values[-1]) for name, values in host.items()}
     record["loss_per_dim"] = record["loss"] / record["n_dims"]
@@ -166,13 +170,18 @@ class Metrics:
       self._log.write(end, record)
 
 
-def run_steps(state, step: int, train: ml_collections.ConfigDict, run_chunk, metrics: list[Metrics], save,
-              preempted: dict):
+def run_steps(
+  state, step: int, train: ml_collections.ConfigDict, run_chunk, metrics: list[Metrics], save, preempted: dict
+):
   """Dispatches chunks from `step` to `train.num_steps` (or a preemption), checkpointing with `save(step,
   state)` at every `train.checkpoint_every` steps and at the end; returns (state, step)."""
   while step < train.num_steps and not preempted["set"]:
-    end = min(train.num_steps, step + train.steps_per_dispatch, _boundary(step, train.log_every),
-              _boundary(step, train.checkpoint_every))
+    end = min(
+      train.num_steps,
+      step + train.steps_per_dispatch,
+      _boundary(step, train.log_every),
+      _boundary(step, train.checkpoint_every),
+    )
     state, chunk_metrics = run_chunk(state, end - step)
     for m in metrics:
       m.push(step, end - step, chunk_metrics)
@@ -209,8 +218,9 @@ def split_into_groups(configs: list[ml_collections.ConfigDict]) -> list[list[int
   return list(groups.values())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, *, devices=None,
-                       allow_config_change: bool = False) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | storage.Path, *, devices=None, allow_config_change: bool = False
+) -> dict:
   """Trains (or resumes) the run in `workdir` and returns its final metrics and error curve.
 
   Args:
@@ -222,8 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | storage
   return train_runs([config], [workdir], devices=devices, allow_config_change=allow_config_change)[0]
 
 
-def train_runs(configs: list[ml_collections.ConfigDict], workdirs: list, *, devices=None,
-               allow_config_change: bool = False) -> list[dict]:
+def train_runs(
+  configs: list[ml_collections.ConfigDict], workdirs: list, *, devices=None, allow_config_change: bool = False
+) -> list[dict]:
   """Trains (or resumes) runs that differ only in PER_RUN_FIELDS as one compiled program, their states stacked
   on a model axis that the step vmaps over (a single run is a group of one, not stacked); returns each run's
   result. Each run keeps its own workdir, lock, checkpoints, config.json and metrics.jsonl, exactly as if
@@ -252,12 +263,15 @@ def _restore(checkpoints: list[checkpointing.Checkpoints], states: list) -> tupl
   if None in steps:
     return states, None
   common = min(steps)
-  return [state if step == common else c.restore(common, like)
-          for c, like, (state, step) in zip(checkpoints, states, restored)], common
+  return [
+    state if step == common else c.restore(common, like)
+    for c, like, (state, step) in zip(checkpoints, states, restored)
+  ], common
 
 
-def _train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[storage.Path], devices: list,
-                allow_config_change: bool) -> list[dict]:
+def _train_runs(
+  configs: list[ml_collections.ConfigDict], workdirs: list[storage.Path], devices: list, allow_config_change: bool
+) -> list[dict]:
   base, train = configs[0], configs[0].train
   mesh = make_mesh(devices)
   model = models.build_model(base.model)
@@ -266,16 +280,26 @@ def _train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[storage
   if run_logs.is_writer():
     parameter_overview.log_parameter_overview(states[0].params, msg="Model parameters")
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(states[0].params))
-  logging.info("Model %s has %s parameters; training %d run(s) on %d %s devices (%s, %d processes), %s: %s.",
-               base.model.family, f"{num_params:,}", len(configs), len(devices), devices[0].platform.upper(),
-               devices[0].device_kind, jax.process_count(), base.model.get("dtype", "float32"),
-               ", ".join(map(str, workdirs)))
+  logging.info(
+    "Model %s has %s parameters; training %d run(s) on %d %s devices (%s, %d processes), %s: %s.",
+    base.model.family,
+    f"{num_params:,}",
+    len(configs),
+    len(devices),
+    devices[0].platform.upper(),
+    devices[0].device_kind,
+    jax.process_count(),
+    base.model.get("dtype", "float32"),
+    ", ".join(map(str, workdirs)),
+  )
   stacked = len(configs) > 1
   with contextlib.ExitStack() as held:
     checkpoints = [held.enter_context(checkpointing.Checkpoints(w / "checkpoints", train)) for w in workdirs]
     preempted = held.enter_context(preemption_flag())
-    changed = [check_saved_config(w, c, ck.latest_step() is not None, allow_config_change)
-               for c, w, ck in zip(configs, workdirs, checkpoints)]
+    changed = [
+      check_saved_config(w, c, ck.latest_step() is not None, allow_config_change)
+      for c, w, ck in zip(configs, workdirs, checkpoints)
+    ]
     states, step = _restore(checkpoints, states)
     if step is not None:
       logging.info("Resumed from step %d: %s.", step, ", ".join(str(c.directory) for c in checkpoints))
@@ -284,8 +308,10 @@ def _train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[storage
         write_config(workdir, config)
     if stacked:
       state = jax.device_put(jax.tree.map(lambda *a: jnp.stack(a), *states), train_step.replicated(mesh))
-      hypers = data.Hyper(jnp.asarray([c.task.kappa for c in configs], jnp.float32),
-                          jnp.asarray([c.task.noise_std for c in configs], jnp.float32))
+      hypers = data.Hyper(
+        jnp.asarray([c.task.kappa for c in configs], jnp.float32),
+        jnp.asarray([c.task.noise_std for c in configs], jnp.float32),
+      )
     else:
       state, hypers = states[0], None
     run_state = (lambda state, m: jax.tree.map(lambda a: a[m], state)) if stacked else (lambda state, m: state)
@@ -303,16 +329,20 @@ def _train_runs(configs: list[ml_collections.ConfigDict], workdirs: list[storage
         run_logs.write_atomically(workdir / "provenance.json", json.dumps(provenance, indent=2) + "\n")
     logs = [held.enter_context(run_logs.MetricsLog(w, step, train.num_steps)) for w in workdirs]
     metrics = [Metrics(log, train, column=m if stacked else None) for m, log in enumerate(logs)]
-    run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train), mesh,
-                                            hypers)
+    run_chunk = train_step.make_train_chunk(base, model, optimizer, optim.learning_rate_schedule(train), mesh, hypers)
     start_time = time.perf_counter()
     try:
       state, step = run_steps(state, step, train, run_chunk, metrics, save, preempted)
     except errors.NonFiniteError as e:
       kept = min((c.latest_step() for c in checkpoints), key=lambda s: -1 if s is None else s)
-      raise errors.NonFiniteError(f"{e} " + (f"The last good checkpoint, step {kept}, is kept." if kept is not None
-                                             else "No checkpoint had been written yet: a rerun starts from step 0.")
-                                  ) from None
+      raise errors.NonFiniteError(
+        f"{e} "
+        + (
+          f"The last good checkpoint, step {kept}, is kept."
+          if kept is not None
+          else "No checkpoint had been written yet: a rerun starts from step 0."
+        )
+      ) from None
   logging.info("Trained to step %d in %.1f s.", step, time.perf_counter() - start_time)
   results = []
   for m, (config, workdir) in enumerate(zip(configs, workdirs)):
@@ -330,16 +360,20 @@ def write_error_curve(config, model, params, mesh, workdir: storage.Path) -> dic
   """Error/d at each context length on `config.eval.num_prompts` fresh prompts, vs predicting zero."""
   curve = train_step.make_error_curve(config, model, mesh)(params)
   summary = {
-      "num_prompts": config.eval.num_prompts,
-      "error_per_dim": curve["error_per_dim"].tolist(),
-      "zero_per_dim": curve["zero_per_dim"].tolist(),
-      "last_error_per_dim": float(curve["error_per_dim"][-1]),
-      "last_zero_per_dim": float(curve["zero_per_dim"][-1]),
+    "num_prompts": config.eval.num_prompts,
+    "error_per_dim": curve["error_per_dim"].tolist(),
+    "zero_per_dim": curve["zero_per_dim"].tolist(),
+    "last_error_per_dim": float(curve["error_per_dim"][-1]),
+    "last_zero_per_dim": float(curve["zero_per_dim"][-1]),
   }
   summary["last_ratio_to_zero"] = summary["last_error_per_dim"] / summary["last_zero_per_dim"]
-  logging.info("error/d at the last context length (%d points): %.4g; predicting zero: %.4g; ratio %.4g.",
-               config.task.n_points, summary["last_error_per_dim"], summary["last_zero_per_dim"],
-               summary["last_ratio_to_zero"])
+  logging.info(
+    "error/d at the last context length (%d points): %.4g; predicting zero: %.4g; ratio %.4g.",
+    config.task.n_points,
+    summary["last_error_per_dim"],
+    summary["last_zero_per_dim"],
+    summary["last_ratio_to_zero"],
+  )
   if run_logs.is_writer():
     run_logs.write_atomically(workdir / "error_curve.json", json.dumps(summary, indent=2) + "\n")
   return summary

@@ -7,14 +7,17 @@ the gradient of a replicated parameter is already summed over devices; different
 the gradient of the global-batch loss.)
 """
 
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from icl_jax import data
 
@@ -35,8 +38,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def init_state(config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation,
-               mesh: Mesh) -> TrainState:
+def init_state(
+  config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
   """The step-0 state, created directly in its replicated sharding."""
   task = config.task
 
@@ -44,8 +48,12 @@ def init_state(config: ml_collections.ConfigDict, model, optimizer: optax.Gradie
     keys = data.run_keys(config.seed)
     xs_BxNxD = jnp.zeros((1, task.n_points, task.n_dims))
     params = model.init(keys["init"], xs_BxNxD, jnp.zeros((1, task.n_points)))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      data_key=jax.random.key_data(keys["data"]))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      data_key=jax.random.key_data(keys["data"]),
+    )
 
   return jax.jit(init, out_shardings=replicated(mesh))()
 
@@ -71,9 +79,14 @@ def last_position_loss(model, params, batch: data.Batch, n_points: jax.Array) ->
   return jnp.mean(jnp.square(preds_B - ys_B))
 
 
-def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule, mesh: Mesh, hypers: data.Hyper | None = None
-                     ) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
+def make_train_chunk(
+  config: ml_collections.ConfigDict,
+  model,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  mesh: Mesh,
+  hypers: data.Hyper | None = None,
+) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
   """Returns `run(state, num_steps) -> (state, metrics)`: up to `steps_per_dispatch` steps in one call.
 
   One compiled program serves every chunk length (the count is a traced loop bound), so changing it never
@@ -115,10 +128,16 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": jnp.asarray(schedule(state.step)),
-               "n_dims": sizes.n_dims, "n_points": sizes.n_points}
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": jnp.asarray(schedule(state.step)),
+      "n_dims": sizes.n_dims,
+      "n_points": sizes.n_points,
+    }
+    new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     return new_state, metrics
 
   if hypers is None:
@@ -128,8 +147,10 @@ def make_train_chunk(config: ml_collections.ConfigDict, model, optimizer: optax.
     step_fn, models_shape = (lambda state, _: jax.vmap(one_step)(state, hypers)), hypers.kappa.shape
 
   def run(state: TrainState, num_steps: jax.Array):
-    buffers = {name: jnp.zeros((max_steps,) + models_shape, jnp.int32 if name.startswith("n_") else jnp.float32)
-               for name in METRICS}
+    buffers = {
+      name: jnp.zeros((max_steps,) + models_shape, jnp.int32 if name.startswith("n_") else jnp.float32)
+      for name in METRICS
+    }
 
     def body(i, carry):
       state, buffers, batch = carry
@@ -180,7 +201,9 @@ def make_error_curve(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Ca
   def curve(params) -> dict:
     totals = [sharded(params, jnp.asarray(i, jnp.int32)) for i in range(num_batches)]
     scale = 1.0 / (num_prompts * task.n_dims)
-    return {"error_per_dim": jax.device_get(sum(t[0] for t in totals)) * scale,
-            "zero_per_dim": jax.device_get(sum(t[1] for t in totals)) * scale}
+    return {
+      "error_per_dim": jax.device_get(sum(t[0] for t in totals)) * scale,
+      "zero_per_dim": jax.device_get(sum(t[1] for t in totals)) * scale,
+    }
 
   return curve

@@ -30,25 +30,25 @@ REQUIREMENTS = REPO_ROOT / "requirements.txt"
 
 # Runtime (software) version per accelerator family: https://cloud.google.com/tpu/docs/runtimes
 DEFAULT_RUNTIMES = {
-    "v2": "tpu-ubuntu2204-base",
-    "v3": "tpu-ubuntu2204-base",
-    "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
+  "v2": "tpu-ubuntu2204-base",
+  "v3": "tpu-ubuntu2204-base",
+  "v4": "tpu-ubuntu2204-base",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v5p": "v2-alpha-tpuv5",
+  "v6e": "v2-alpha-tpuv6e",
 }
 
 # flag dest -> (flag, environment variable, description). Flags override the environment.
 PARAMETERS = {
-    "name": ("--name", "TPU_NAME", "the TPU VM's name, e.g. icl-paper"),
-    "zone": ("--zone", "TPU_ZONE", "the zone, e.g. us-central2-b (v4) or us-west4-a (v5e)"),
-    "type": ("--type", "TPU_TYPE", "the accelerator type, e.g. v4-8 or v5litepod-16"),
-    "runtime": ("--runtime", "TPU_RUNTIME", "the TPU software version, e.g. tpu-ubuntu2204-base"),
-    "project": ("--project", "GCP_PROJECT", "the Google Cloud project (default: gcloud's configured project)"),
+  "name": ("--name", "TPU_NAME", "the TPU VM's name, e.g. icl-paper"),
+  "zone": ("--zone", "TPU_ZONE", "the zone, e.g. us-central2-b (v4) or us-west4-a (v5e)"),
+  "type": ("--type", "TPU_TYPE", "the accelerator type, e.g. v4-8 or v5litepod-16"),
+  "runtime": ("--runtime", "TPU_RUNTIME", "the TPU software version, e.g. tpu-ubuntu2204-base"),
+  "project": ("--project", "GCP_PROJECT", "the Google Cloud project (default: gcloud's configured project)"),
 }
 REQUIRED = {
-    "create": ("name", "zone", "type", "runtime"),
-    "all": ("name", "zone", "type", "runtime"),
+  "create": ("name", "zone", "type", "runtime"),
+  "all": ("name", "zone", "type", "runtime"),
 }  # Every other subcommand: name and zone.
 
 MAIN_CONFIG = "configs/linreg.py"
@@ -125,8 +125,10 @@ def resolve(args: argparse.Namespace, environ) -> None:
   for dest in ("workdir", "root"):
     value = getattr(args, dest, None)
     if value is not None and not (_is_plain_path(value.removeprefix("gs://")) and value.strip("/")):
-      problems.append(f"--{dest}={value!r}: a path of letters, digits and ._-/ (or gs://BUCKET/PATH); it is "
-                      "used in remote copy commands")
+      problems.append(
+        f"--{dest}={value!r}: a path of letters, digits and ._-/ (or gs://BUCKET/PATH); it is "
+        "used in remote copy commands"
+      )
   if getattr(args, "python", None) and not re.fullmatch(r"python3\.[0-9]+", args.python):
     problems.append(f"--python={args.python!r} must be a command like python3.11 (an apt package of that name)")
   bad = [a for a in getattr(args, "overrides", []) if not re.match(r"--config\.[A-Za-z0-9_.]+=", a)]
@@ -149,9 +151,11 @@ def check_job_directory(args: argparse.Namespace) -> None:
   hosts = num_hosts(args.type) if args.type else None
   if hosts and hosts > 1 and args.command in ("run", "all") and not _job_dir(args).startswith("gs://"):
     flag = "--root" if args.sweep else "--workdir"
-    raise UsageError(f"{flag}={_job_dir(args)} is local, but {args.type} has {hosts} hosts, each with its own disk: "
-                     f"their checkpoints and logs would not meet. Give {flag}=gs://BUCKET/PATH, a directory every "
-                     "host reaches (see launch/README.md).")
+    raise UsageError(
+      f"{flag}={_job_dir(args)} is local, but {args.type} has {hosts} hosts, each with its own disk: "
+      f"their checkpoints and logs would not meet. Give {flag}=gs://BUCKET/PATH, a directory every "
+      "host reaches (see launch/README.md)."
+    )
 
 
 def warnings(args: argparse.Namespace) -> list[str]:
@@ -160,8 +164,10 @@ def warnings(args: argparse.Namespace) -> list[str]:
     return []
   out = []
   if args.command in ("run", "all") and distributed_mode(args) in ("none", "off"):
-    out.append(f"warning: {args.type} has {hosts} hosts but the job gets no --distributed=auto, so they do not "
-               "join one JAX runtime.")
+    out.append(
+      f"warning: {args.type} has {hosts} hosts but the job gets no --distributed=auto, so they do not "
+      "join one JAX runtime."
+    )
   return out
 
 
@@ -201,8 +207,11 @@ def _queued(args: argparse.Namespace, *words: str) -> list[str]:
 
 def create_command(args: argparse.Namespace) -> list[str]:
   if args.queued:  # The queued resource and its TPU VM (node) share the name, so ssh and scp find the node.
-    command = _queued(args, "create", args.name) + [f"--node-id={args.name}", f"--accelerator-type={args.type}",
-                                                     f"--runtime-version={args.runtime}"]
+    command = _queued(args, "create", args.name) + [
+      f"--node-id={args.name}",
+      f"--accelerator-type={args.type}",
+      f"--runtime-version={args.runtime}",
+    ]
   else:
     command = _gcloud(args, "create", args.name) + [f"--accelerator-type={args.type}", f"--version={args.runtime}"]
   if args.spot:
@@ -227,27 +236,38 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
   directory = shlex.quote(args.remote_dir)
   python = args.python
   install = [
-      f"cd {directory}",
-      f"if ! {python} -c \"import ensurepip\" >/dev/null 2>&1; then sudo apt-get update -qq && "
-      f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {python} {python}-venv; fi",
-      f"{python} -m venv .venv",
-      ".venv/bin/python -m pip install -q --upgrade pip",
-      shlex.join([".venv/bin/python", "-m", "pip", "install", "-q", "-r", "requirements.txt",
-                  f"jax[tpu]>={jax_lower_bound()}", *pip_extra(args)]),
-      ".venv/bin/python -c \"import jax; print('jax', jax.__version__)\"",
+    f"cd {directory}",
+    f'if ! {python} -c "import ensurepip" >/dev/null 2>&1; then sudo apt-get update -qq && '
+    f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {python} {python}-venv; fi",
+    f"{python} -m venv .venv",
+    ".venv/bin/python -m pip install -q --upgrade pip",
+    shlex.join(
+      [
+        ".venv/bin/python",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "-r",
+        "requirements.txt",
+        f"jax[tpu]>={jax_lower_bound()}",
+        *pip_extra(args),
+      ]
+    ),
+    ".venv/bin/python -c \"import jax; print('jax', jax.__version__)\"",
   ]
   if args.repo_url:
     fetch = [
-        f"if [ ! -d {directory}/.git ]; then git clone -q {shlex.quote(args.repo_url)} {directory}; fi",
-        f"git -C {directory} fetch -q origin {shlex.quote(args.ref)}",
-        f"git -C {directory} checkout -q --detach FETCH_HEAD",
+      f"if [ ! -d {directory}/.git ]; then git clone -q {shlex.quote(args.repo_url)} {directory}; fi",
+      f"git -C {directory} fetch -q origin {shlex.quote(args.ref)}",
+      f"git -C {directory} checkout -q --detach FETCH_HEAD",
     ]
     return [_ssh(args, "all", _script("set -e", *fetch, *install))]
   unpack = [f"mkdir -p {directory}", f"tar -xzf {REMOTE_TARBALL} -C {directory}", f"rm -f {REMOTE_TARBALL}"]
   return [
-      ["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={args.tarball}", "HEAD"],
-      _gcloud(args, "scp", args.tarball, f"{args.name}:{REMOTE_TARBALL}", "--worker=all"),
-      _ssh(args, "all", _script("set -e", *unpack, *install)),
+    ["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={args.tarball}", "HEAD"],
+    _gcloud(args, "scp", args.tarball, f"{args.name}:{REMOTE_TARBALL}", "--worker=all"),
+    _ssh(args, "all", _script("set -e", *unpack, *install)),
   ]
 
 
@@ -274,8 +294,13 @@ def job_argv(args: argparse.Namespace) -> list[str]:
   if args.sweep:
     argv = [".venv/bin/python", "-m", "icl_jax.sweep", f"--config={args.config or SWEEP_CONFIG}", f"--root={args.root}"]
   else:
-    argv = [".venv/bin/python", "-m", "icl_jax.main", f"--config={args.config or MAIN_CONFIG}",
-            f"--workdir={args.workdir}"]
+    argv = [
+      ".venv/bin/python",
+      "-m",
+      "icl_jax.main",
+      f"--config={args.config or MAIN_CONFIG}",
+      f"--workdir={args.workdir}",
+    ]
   mode = distributed_mode(args)
   if mode != "none":
     argv.append(f"--distributed={mode}")
@@ -292,20 +317,21 @@ def launch_command(args: argparse.Namespace) -> list[str]:
   if args.command_line is not None:
     return _ssh(args, args.worker, _script(f"cd {directory}", args.command_line))
   job = shlex.join(job_argv(args))
-  inner = _script(f"{job} >> {STATE}/job.log 2>&1 &", f"echo $! > {STATE}/job.pid", "wait $!",
-                  f"echo $? > {STATE}/job.exit")
+  inner = _script(
+    f"{job} >> {STATE}/job.log 2>&1 &", f"echo $! > {STATE}/job.pid", "wait $!", f"echo $? > {STATE}/job.exit"
+  )
   script = _script(
-      "set -e",
-      f"cd {directory}",
-      f"mkdir -p {STATE}",
-      f"if [ -f {STATE}/job.pid ] && [ ! -f {STATE}/job.exit ] && kill -0 \"$(cat {STATE}/job.pid)\" 2>/dev/null; "
-      f"then echo \"$(hostname): a job is already running (pid $(cat {STATE}/job.pid)); stop it first "
-      f"(launch/tpu.py stop)\" >&2; exit 1; fi",
-      f"rm -f {STATE}/job.pid {STATE}/job.exit",
-      f"echo \"=== $(date -u +%FT%TZ) $(hostname): \"{shlex.quote(job)} >> {STATE}/job.log",
-      f"nohup sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &",
-      f"i=0; while [ ! -s {STATE}/job.pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done",
-      f"echo \"$(hostname): started pid $(cat {STATE}/job.pid), log {args.remote_dir}/{STATE}/job.log\"",
+    "set -e",
+    f"cd {directory}",
+    f"mkdir -p {STATE}",
+    f'if [ -f {STATE}/job.pid ] && [ ! -f {STATE}/job.exit ] && kill -0 "$(cat {STATE}/job.pid)" 2>/dev/null; '
+    f'then echo "$(hostname): a job is already running (pid $(cat {STATE}/job.pid)); stop it first '
+    f'(launch/tpu.py stop)" >&2; exit 1; fi',
+    f"rm -f {STATE}/job.pid {STATE}/job.exit",
+    f'echo "=== $(date -u +%FT%TZ) $(hostname): "{shlex.quote(job)} >> {STATE}/job.log',
+    f"nohup sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &",
+    f"i=0; while [ ! -s {STATE}/job.pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done",
+    f'echo "$(hostname): started pid $(cat {STATE}/job.pid), log {args.remote_dir}/{STATE}/job.log"',
   )
   return _ssh(args, "all", script)
 
@@ -315,11 +341,11 @@ def status_command(args: argparse.Namespace, lines: int = 5) -> list[str]:
   directory = shlex.quote(args.remote_dir)
   pid = f"{STATE}/job.pid"
   script = _script(
-      f"cd {directory} 2>/dev/null || {{ echo \"{STATUS_MARK} none\"; exit 0; }}",
-      f"tail -n {lines} {STATE}/job.log 2>/dev/null || true",
-      f"if [ -f {STATE}/job.exit ]; then echo \"{STATUS_MARK} done $(cat {STATE}/job.exit)\"; "
-      f"elif [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then echo \"{STATUS_MARK} running\"; "
-      f"elif [ -f {pid} ]; then echo \"{STATUS_MARK} lost\"; else echo \"{STATUS_MARK} none\"; fi",
+    f'cd {directory} 2>/dev/null || {{ echo "{STATUS_MARK} none"; exit 0; }}',
+    f"tail -n {lines} {STATE}/job.log 2>/dev/null || true",
+    f'if [ -f {STATE}/job.exit ]; then echo "{STATUS_MARK} done $(cat {STATE}/job.exit)"; '
+    f'elif [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "{STATUS_MARK} running"; '
+    f'elif [ -f {pid} ]; then echo "{STATUS_MARK} lost"; else echo "{STATUS_MARK} none"; fi',
   )
   return _ssh(args, "0", script)
 
@@ -328,10 +354,15 @@ def stop_command(args: argparse.Namespace) -> list[str]:
   """SIGTERM to the job on every worker: the trainer saves a checkpoint and exits."""
   directory = shlex.quote(args.remote_dir)
   pid = f"{STATE}/job.pid"
-  return _ssh(args, "all", _script(
+  return _ssh(
+    args,
+    "all",
+    _script(
       f"cd {directory}",
-      f"if [ -f {pid} ] && [ ! -f {STATE}/job.exit ] && kill -TERM \"$(cat {pid})\" 2>/dev/null; then "
-      f"echo \"$(hostname): sent SIGTERM to pid $(cat {pid})\"; else echo \"$(hostname): no running job\"; fi"))
+      f'if [ -f {pid} ] && [ ! -f {STATE}/job.exit ] && kill -TERM "$(cat {pid})" 2>/dev/null; then '
+      f'echo "$(hostname): sent SIGTERM to pid $(cat {pid})"; else echo "$(hostname): no running job"; fi',
+    ),
+  )
 
 
 def fetch_plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -345,9 +376,15 @@ def fetch_plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
   else:
     dest = os.path.dirname(job_dir.rstrip("/")) or "."
   local = os.path.join(dest, base)
-  plan = [("mkdir", ["mkdir", "-p", local]),
-          ("run", _gcloud(args, "scp", f"{args.name}:{args.remote_dir}/{STATE}/job.log",
-                          os.path.join(local, "launch.log"), "--worker=0"))]
+  plan = [
+    ("mkdir", ["mkdir", "-p", local]),
+    (
+      "run",
+      _gcloud(
+        args, "scp", f"{args.name}:{args.remote_dir}/{STATE}/job.log", os.path.join(local, "launch.log"), "--worker=0"
+      ),
+    ),
+  ]
   if job_dir.startswith("gs://"):
     storage = ["gcloud", "storage", "cp", "--recursive", job_dir.rstrip("/"), dest]
     plan.append(("run", storage + ([f"--project={args.project}"] if args.project else [])))
@@ -509,8 +546,9 @@ def do_all(runner: Runner, args) -> int:
   try:
     do_create(runner, args)
   except (StepError, KeyboardInterrupt) as e:
-    runner.note(f"error: {e or 'interrupted'}. If a TPU VM was left behind, delete it with: "
-                f"{shlex.join(delete_command(args))}")
+    runner.note(
+      f"error: {e or 'interrupted'}. If a TPU VM was left behind, delete it with: {shlex.join(delete_command(args))}"
+    )
     return 1
   try:
     launched = False
@@ -530,15 +568,16 @@ def do_all(runner: Runner, args) -> int:
           runner.note(f"error: {e}")
   finally:
     if args.keep:
-      runner.note(f"--keep: the TPU VM {args.name} is still running (and billed); delete it with: "
-                  f"{shlex.join(delete_command(args))}")
+      runner.note(
+        f"--keep: the TPU VM {args.name} is still running (and billed); delete it with: "
+        f"{shlex.join(delete_command(args))}"
+      )
     else:
       try:
         runner.run(delete_command(args), step="delete")
       except StepError as e:
         failures.append(str(e))
-        runner.note(f"error: {e}. DELETE THE VM BY HAND, it is billed until then: "
-                    f"{shlex.join(delete_command(args))}")
+        runner.note(f"error: {e}. DELETE THE VM BY HAND, it is billed until then: {shlex.join(delete_command(args))}")
   return 1 if failures else 0
 
 
@@ -551,67 +590,112 @@ def _parser() -> argparse.ArgumentParser:
   group = common.add_argument_group("TPU VM (flags override the environment variables)")
   for dest, (flag, variable, description) in PARAMETERS.items():
     group.add_argument(flag, dest=dest, metavar=variable, help=f"{description} [env {variable}]")
-  common.add_argument("--remote-dir", default="icl_jax",
-                      help="the repository's directory on the workers, relative to the home directory")
+  common.add_argument(
+    "--remote-dir", default="icl_jax", help="the repository's directory on the workers, relative to the home directory"
+  )
   common.add_argument("--dry-run", action="store_true", help="print every command, one per line, run nothing")
-  common.add_argument("--queued", action="store_true",
-                      help="create (and delete) the TPU VM through a queued resource, `gcloud compute tpus "
-                           "queued-resources`: the request waits in Google's queue until capacity is free")
+  common.add_argument(
+    "--queued",
+    action="store_true",
+    help="create (and delete) the TPU VM through a queued resource, `gcloud compute tpus "
+    "queued-resources`: the request waits in Google's queue until capacity is free",
+  )
 
   create = argparse.ArgumentParser(add_help=False)
   kind = create.add_mutually_exclusive_group()
   kind.add_argument("--spot", action="store_true", help="a Spot TPU VM: much cheaper, may be preempted any time")
   kind.add_argument("--preemptible", action="store_true", help="a preemptible TPU VM (the older, time-limited kind)")
-  create.add_argument("--queue-poll", type=float, default=60.0,
-                      help="with --queued: seconds between checks of the queued resource's state")
-  create.add_argument("--queue-timeout", type=float, default=24.0,
-                      help="with --queued: hours to wait for the queued resource to become ACTIVE")
-  create.add_argument("--create-arg", action="append", default=[], metavar="ARG",
-                      help="an extra flag for `gcloud compute tpus tpu-vm create`, e.g. "
-                           "--create-arg=--reserved (repeatable)")
+  create.add_argument(
+    "--queue-poll",
+    type=float,
+    default=60.0,
+    help="with --queued: seconds between checks of the queued resource's state",
+  )
+  create.add_argument(
+    "--queue-timeout",
+    type=float,
+    default=24.0,
+    help="with --queued: hours to wait for the queued resource to become ACTIVE",
+  )
+  create.add_argument(
+    "--create-arg",
+    action="append",
+    default=[],
+    metavar="ARG",
+    help="an extra flag for `gcloud compute tpus tpu-vm create`, e.g. --create-arg=--reserved (repeatable)",
+  )
 
   setup = argparse.ArgumentParser(add_help=False)
   setup.add_argument("--repo-url", help="git clone this URL on the workers instead of copying `git archive HEAD`")
   setup.add_argument("--ref", default="HEAD", help="with --repo-url: the branch, tag or commit to check out")
-  setup.add_argument("--python", default="python3.11",
-                     help="the Python (>= 3.11) for the workers' virtual environment; installed with apt if missing "
-                          "(Ubuntu 22.04 images have 3.10)")
-  setup.add_argument("--pip-extra", action="append", default=[], metavar="PACKAGE",
-                     help="another package to install on the workers (repeatable), e.g. gcsfs for gs:// paths; "
-                          "`all` adds gcsfs itself when the workdir or root is gs://...")
-  setup.add_argument("--tarball", default=os.path.join(tempfile.gettempdir(), "icl_jax-src.tar.gz"),
-                     help="where the local `git archive` goes")
+  setup.add_argument(
+    "--python",
+    default="python3.11",
+    help="the Python (>= 3.11) for the workers' virtual environment; installed with apt if missing "
+    "(Ubuntu 22.04 images have 3.10)",
+  )
+  setup.add_argument(
+    "--pip-extra",
+    action="append",
+    default=[],
+    metavar="PACKAGE",
+    help="another package to install on the workers (repeatable), e.g. gcsfs for gs:// paths; "
+    "`all` adds gcsfs itself when the workdir or root is gs://...",
+  )
+  setup.add_argument(
+    "--tarball",
+    default=os.path.join(tempfile.gettempdir(), "icl_jax-src.tar.gz"),
+    help="where the local `git archive` goes",
+  )
 
   job = argparse.ArgumentParser(add_help=False)
   job.add_argument("--sweep", action="store_true", help="run (or fetch) the sweep, python -m icl_jax.sweep")
-  job.add_argument("--workdir", default="runs/paper",
-                   help="icl_jax.main's --workdir: relative to --remote-dir, absolute, or gs://BUCKET/PATH")
+  job.add_argument(
+    "--workdir",
+    default="runs/paper",
+    help="icl_jax.main's --workdir: relative to --remote-dir, absolute, or gs://BUCKET/PATH",
+  )
   job.add_argument("--root", default="runs/sweep", help="with --sweep: icl_jax.sweep's --root (same forms)")
 
   run = argparse.ArgumentParser(add_help=False)
   run.add_argument("--config", help=f"the config file (default {MAIN_CONFIG}, with --sweep {SWEEP_CONFIG})")
-  run.add_argument("--distributed", choices=["auto", "detect", "off", "none"],
-                   help="passed to the job as --distributed=...: auto starts JAX's multi-host runtime "
-                        "(jax.distributed.initialize()) on every worker; none passes no such flag. Default: auto")
+  run.add_argument(
+    "--distributed",
+    choices=["auto", "detect", "off", "none"],
+    help="passed to the job as --distributed=...: auto starts JAX's multi-host runtime "
+    "(jax.distributed.initialize()) on every worker; none passes no such flag. Default: auto",
+  )
   run.add_argument("--poll", type=float, default=300.0, help="with --wait: seconds between status checks")
-  run.add_argument("--max-unreachable", type=int, default=6,
-                   help="with --wait: give up after this many failed status checks in a row")
+  run.add_argument(
+    "--max-unreachable", type=int, default=6, help="with --wait: give up after this many failed status checks in a row"
+  )
 
   fetch = argparse.ArgumentParser(add_help=False)
-  fetch.add_argument("--dest", help="local directory that receives the workdir (default: the workdir's parent, "
-                                    "e.g. runs/ for runs/paper)")
+  fetch.add_argument(
+    "--dest",
+    help="local directory that receives the workdir (default: the workdir's parent, e.g. runs/ for runs/paper)",
+  )
 
-  parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+  parser = argparse.ArgumentParser(
+    prog="launch/tpu.py",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    allow_abbrev=False,
+  )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  add = lambda name, parents, text: sub.add_parser(name, parents=[common, *parents], help=text, description=text,
-                                                   allow_abbrev=False)
+  add = lambda name, parents, text: sub.add_parser(
+    name, parents=[common, *parents], help=text, description=text, allow_abbrev=False
+  )
   add("create", [create], "create the TPU VM or pod slice")
   add("setup", [setup], "copy the repository to every worker and install it (with jax[tpu])")
   p = add("run", [job, run], "start the job on every worker (extra --config.FIELD=VALUE are passed through)")
   p.add_argument("--wait", action="store_true", help="wait until the job ends; fail if it fails")
-  p.add_argument("--command", dest="command_line", metavar="CMD",
-                 help="run CMD in the repository directory instead of the job (in the foreground)")
+  p.add_argument(
+    "--command",
+    dest="command_line",
+    metavar="CMD",
+    help="run CMD in the repository directory instead of the job (in the foreground)",
+  )
   p.add_argument("--worker", default="all", help="with --command: the workers (all, 0, 1-3, ...)")
   add("status", [], "show the end of worker 0's job log and whether the job runs")
   add("stop", [], "send SIGTERM to the job on every worker (it saves a checkpoint and exits)")

@@ -17,10 +17,10 @@ from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
+from icl_jax.analysis import evaluate
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
 from icl_jax.runtime import errors
-from icl_jax.analysis import evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,9 +71,9 @@ def tensorboard_events(directory):
   for path in sorted(pathlib.Path(directory).rglob("events.out.tfevents.*")):
     data, offset = path.read_bytes(), 0
     while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
       event = event_pb2.Event()
-      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      event.ParseFromString(data[offset + 12 : offset + 12 + length])
       events.append(event)
       offset += 12 + length + 4
   return events
@@ -110,9 +110,27 @@ def gcs_emulator(bucket: str):
   binary = next(p for p in binaries.iterdir() if p.name.startswith(prefix))
   url = f"http://127.0.0.1:{free_port()}"
   with tempfile.TemporaryDirectory() as storage_root:
-    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1],
-                               "-backend", "filesystem", "-filesystem-root", storage_root, "-external-url", url,
-                               "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+      [
+        str(binary),
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        url.rsplit(":", 1)[1],
+        "-backend",
+        "filesystem",
+        "-filesystem-root",
+        storage_root,
+        "-external-url",
+        url,
+        "-log-level",
+        "error",
+      ],
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
     try:
       deadline = time.monotonic() + 30
       while True:
@@ -123,12 +141,20 @@ def gcs_emulator(bucket: str):
           if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"fake-gcs-server ({binary}) did not start (exit status {server.poll()})") from None
           time.sleep(0.1)
-      request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
-                                       data=json.dumps({"name": bucket}).encode(),
-                                       headers={"Content-Type": "application/json"})
+      request = urllib.request.Request(
+        f"{url}/storage/v1/b?project=test",
+        method="POST",
+        data=json.dumps({"name": bucket}).encode(),
+        headers={"Content-Type": "application/json"},
+      )
       urllib.request.urlopen(request, timeout=10).close()
-      yield {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-             "GOOGLE_CLOUD_PROJECT": "test", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+      yield {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        "GOOGLE_CLOUD_PROJECT": "test",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+      }
     finally:
       server.terminate()
       server.wait(timeout=10)
@@ -157,8 +183,10 @@ def assert_grades_as_committed(report: dict) -> None:
   relative 1e-9 or an absolute 1e-12 (BLAS libraries round the least-squares fits differently: the slope of
   flat best matches is 1.6e-16 on one CPU, 5.0e-16 on another)."""
   committed = json.loads((COMMITTED_REPORT / "report.json").read_text())
-  got, want = ([c if c["experiment"] != "constructions" else (c["id"], c["verdict"]) for c in r["claims"]]
-               for r in (report, committed))
+  got, want = (
+    [c if c["experiment"] != "constructions" else (c["id"], c["verdict"]) for c in r["claims"]]
+    for r in (report, committed)
+  )
   if not _close(got, want):
     assert got == want  # pytest's diff of the two.
 

@@ -36,8 +36,7 @@ def _prompts(seed, b, n, d, dtype, kappa=1.0, noise=0.0):
 
 def _lstsq(xs, ys):
   """Minimum-norm least squares in float64, prompt by prompt."""
-  return np.stack([np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)[0]
-                   for x, y in zip(xs, ys)])
+  return np.stack([np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)[0] for x, y in zip(xs, ys)])
 
 
 def _to_numpy(array, dtype):
@@ -79,8 +78,11 @@ def _largest_eigenvalue(s_BxDxD):
 # Least squares.
 
 
-@pytest.mark.parametrize("n, d, kappa", [(30, 8, 1.0), (5, 8, 1.0), (30, 8, 1e4), (5, 8, 1e4)],
-                         ids=["overdetermined", "underdetermined", "ill_conditioned", "ill_conditioned_under"])
+@pytest.mark.parametrize(
+  "n, d, kappa",
+  [(30, 8, 1.0), (5, 8, 1.0), (30, 8, 1e4), (5, 8, 1e4)],
+  ids=["overdetermined", "underdetermined", "ill_conditioned", "ill_conditioned_under"],
+)
 def test_least_squares_matches_numpy_lstsq(dtype, n, d, kappa):
   xs, ys, _ = _prompts(0, 4, n, d, dtype, kappa=kappa)
   ws = _to_numpy(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys)), dtype)
@@ -121,13 +123,13 @@ def test_ridge_matches_closed_form(dtype, n):
 # Iterative Newton.
 
 NEWTON_CASES = {
-    # name: (n, d, kappa of Sigma, steps). kappa(S) ~ kappa^2 needs log2(kappa(S)^2) steps before the quadratic
-    # phase; in float32, rank-deficient S (n < d) must stop before null-space rounding, which doubles each
-    # step, takes over (see `iterative_newton`).
-    "overdetermined": (40, 10, 1.0, 30),
-    "underdetermined": (6, 10, 1.0, 30),
-    "ill_conditioned": (40, 10, 1e4, 50),
-    "ill_conditioned_underdetermined": (6, 10, 1e4, 36),
+  # name: (n, d, kappa of Sigma, steps). kappa(S) ~ kappa^2 needs log2(kappa(S)^2) steps before the quadratic
+  # phase; in float32, rank-deficient S (n < d) must stop before null-space rounding, which doubles each
+  # step, takes over (see `iterative_newton`).
+  "overdetermined": (40, 10, 1.0, 30),
+  "underdetermined": (6, 10, 1.0, 30),
+  "ill_conditioned": (40, 10, 1e4, 50),
+  "ill_conditioned_underdetermined": (6, 10, 1e4, 36),
 }
 
 
@@ -175,8 +177,7 @@ def test_newton_spectral_alpha_generic_data_stalls_in_top_direction(dtype):
   # O(eps) has been squared up to O(1), ~log2(1/eps) steps (then it converges or diverges, by the sign of the
   # rounding); all other directions converge as usual. 12 steps keep float32 (2^-23) well inside the stall.
   xs, ys, _ = _prompts(5, 4, 40, 10, dtype)
-  ws = _whole(_to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 12, alpha="spectral"),
-                        dtype))
+  ws = _whole(_to_numpy(algorithms.iterative_newton(jnp.asarray(xs), jnp.asarray(ys), 12, alpha="spectral"), dtype))
   ols = _lstsq(xs, ys)
   top_BxD = np.linalg.eigh(np.einsum("bni,bnj->bij", xs.astype(np.float64), xs.astype(np.float64)))[1][..., -1]
   top_share = np.einsum("bkd,bd->bk", ws[:, 1:], top_BxD) / np.einsum("bd,bd->b", ols, top_BxD)[:, None]
@@ -197,22 +198,25 @@ def test_gradient_descent_converges_to_least_squares(dtype, gradient_scale, n, d
   lambda_max = np.max(_largest_eigenvalue(np.einsum("bni,bnj->bij", xs, xs)))
   hessian_lambda_max = lambda_max if gradient_scale == "sum" else lambda_max / n
   learning_rate = 1.0 / hessian_lambda_max  # Below 2 / lambda_max: converges.
-  ws = _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), (4000,), learning_rate,
-                                             gradient_scale), dtype)
+  ws = _to_numpy(
+    algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), (4000,), learning_rate, gradient_scale), dtype
+  )
   assert ws.shape == (4, 1, n + 1, d)
   ws = _whole(ws)
   np.testing.assert_allclose(ws[:, 0], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
   # Above 2 / lambda_max it diverges.
-  diverged = algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), (200,), 2.5 / hessian_lambda_max,
-                                         gradient_scale)
+  diverged = algorithms.gradient_descent(
+    jnp.asarray(xs), jnp.asarray(ys), (200,), 2.5 / hessian_lambda_max, gradient_scale
+  )
   assert np.max(np.abs(_whole(_to_numpy(diverged, dtype)))) > 1e3
 
 
 def test_gradient_descent_iterates(dtype):
   xs, ys, _ = _prompts(7, 3, 12, 5, dtype)
   ws_sum = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), 0.01), dtype))
-  ws_mean = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), 0.12, "mean"),
-                             dtype))
+  ws_mean = _whole(
+    _to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), 0.12, "mean"), dtype)
+  )
   assert ws_sum.shape == ws_mean.shape == (3, 4, 5)
   for x, y, w_sum, w_mean in zip(xs.astype(np.float64), ys.astype(np.float64), ws_sum, ws_mean):
     w = np.zeros(5)
@@ -230,12 +234,16 @@ def test_gradient_descent_unsorted_steps_match_a_loop_of_updates(dtype, gradient
   xs, ys, _ = _prompts(8, 4, 12, 6, dtype, kappa=30.0)
   learning_rate = 0.01 if gradient_scale == "sum" else 0.15
   steps = (300, 1, 37, 0, 64, 5, 64)  # Unsorted, with 0 and a repeat.
-  at = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), steps, learning_rate,
-                                                    gradient_scale), dtype))
+  at = _whole(
+    _to_numpy(
+      algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), steps, learning_rate, gradient_scale), dtype
+    )
+  )
   assert at.shape == (4, len(steps), 6)
   scale = 1.0 if gradient_scale == "sum" else 12.0
-  loop = np.stack([_gd_loop(x, y, steps, learning_rate, scale) for x, y in zip(xs.astype(np.float64),
-                                                                              ys.astype(np.float64))])
+  loop = np.stack(
+    [_gd_loop(x, y, steps, learning_rate, scale) for x, y in zip(xs.astype(np.float64), ys.astype(np.float64))]
+  )
   nonzero = [i for i, step in enumerate(steps) if step]
   assert _max_relative_error(at[:, nonzero], loop[:, nonzero]) < RTOL[dtype] / 10
   assert np.all(at[:, steps.index(0)] == 0)  # Zero steps: w_0 = 0 exactly.
@@ -256,11 +264,13 @@ def test_float64_hyperparameters_keep_float32_data_float32():
   with jax.enable_x64(True):
     learning_rate = np.float64(0.01)  # Strongly typed: would promote float32 data if used as is.
     preconditioner = jnp.eye(4, dtype=jnp.float64)
-    weights = (algorithms.gradient_descent(xs, ys, (3,), learning_rate),
-               algorithms.gradient_descent(xs, ys, [2], learning_rate, "mean", preconditioner),
-               algorithms.least_squares(xs, ys, ridge=np.float64(0.5)),
-               algorithms.iterative_newton(xs, ys, 2),
-               algorithms.online_gradient_descent(xs, ys))
+    weights = (
+      algorithms.gradient_descent(xs, ys, (3,), learning_rate),
+      algorithms.gradient_descent(xs, ys, [2], learning_rate, "mean", preconditioner),
+      algorithms.least_squares(xs, ys, ridge=np.float64(0.5)),
+      algorithms.iterative_newton(xs, ys, 2),
+      algorithms.online_gradient_descent(xs, ys),
+    )
     for result in weights + tuple(algorithms.predict(ws, xs) for ws in weights):
       assert result.dtype == jnp.float32
 
@@ -281,7 +291,9 @@ def test_online_gradient_descent_fits_each_new_point(dtype):
   np.testing.assert_array_equal(ws[:, 5], ws[:, 4])
   # Each step is the projection onto {w : x_t . w = y_t}, a step along x_t.
   x, y = xs.astype(np.float64), ys.astype(np.float64)
-  expected = ws[:, 2] + ((y[:, 2] - np.einsum("bd,bd->b", x[:, 2], ws[:, 2])) / np.sum(x[:, 2]**2, -1))[:, None] * x[:, 2]
+  expected = (
+    ws[:, 2] + ((y[:, 2] - np.einsum("bd,bd->b", x[:, 2], ws[:, 2])) / np.sum(x[:, 2] ** 2, -1))[:, None] * x[:, 2]
+  )
   np.testing.assert_allclose(ws[:, 3], expected, rtol=RTOL[dtype] / 10)
 
 
@@ -293,8 +305,12 @@ def test_preconditioned_gradient_descent_one_step_to_least_squares(dtype, shared
   s_BxDxD = np.einsum("bni,bnj->bij", xs.astype(np.float64), xs.astype(np.float64))
   preconditioner = np.linalg.inv(s_BxDxD / 30)
   preconditioner = (preconditioner[0] if shared else preconditioner).astype(dtype)
-  ws = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(3), 1.0, "mean",
-                                                     jnp.asarray(preconditioner)), dtype))
+  ws = _whole(
+    _to_numpy(
+      algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(3), 1.0, "mean", jnp.asarray(preconditioner)),
+      dtype,
+    )
+  )
   assert ws.shape == (4, 3, 6)
   assert np.all(ws[:, 0] == 0)
   np.testing.assert_allclose(ws[:, 1], _lstsq(xs, ys), rtol=RTOL[dtype], atol=RTOL[dtype])
@@ -307,8 +323,14 @@ def test_preconditioned_gradient_descent_iterates(dtype, gradient_scale):
   root = np.random.default_rng(17).normal(size=(3, 4, 4))
   preconditioner = (root @ root.transpose(0, 2, 1) / 4 + np.eye(4)).astype(dtype)  # SPD, not commuting with S.
   learning_rate = 0.02 if gradient_scale == "sum" else 0.2
-  ws = _whole(_to_numpy(algorithms.gradient_descent(jnp.asarray(xs), jnp.asarray(ys), range(4), learning_rate,
-                                                     gradient_scale, jnp.asarray(preconditioner)), dtype))
+  ws = _whole(
+    _to_numpy(
+      algorithms.gradient_descent(
+        jnp.asarray(xs), jnp.asarray(ys), range(4), learning_rate, gradient_scale, jnp.asarray(preconditioner)
+      ),
+      dtype,
+    )
+  )
   scale = 1 if gradient_scale == "sum" else 10
   for x, y, p, w_k in zip(xs.astype(np.float64), ys.astype(np.float64), preconditioner.astype(np.float64), ws):
     w = np.zeros(4)
@@ -337,14 +359,14 @@ def _prefix_cases(dtype):
   """name -> (function of (xs, ys) returning every prefix's weights, stacked iterates on axis 1?)."""
   preconditioner = jnp.asarray(np.diag([1.0, 0.5, 2.0, 1.5]), dtype)
   return {
-      "least_squares": (algorithms.least_squares, False),
-      "ridge": (lambda x, y: algorithms.least_squares(x, y, ridge=0.3), False),
-      "newton": (lambda x, y: algorithms.iterative_newton(x, y, 6), True),
-      "newton_spectral": (lambda x, y: algorithms.iterative_newton(x, y, 3, "spectral"), True),
-      "gd_sum": (lambda x, y: algorithms.gradient_descent(x, y, range(7), 0.05), True),
-      "gd_mean": (lambda x, y: algorithms.gradient_descent(x, y, [9, 0, 2], 0.3, "mean"), True),
-      "pgd": (lambda x, y: algorithms.gradient_descent(x, y, range(5), 0.3, "mean", preconditioner), True),
-      "online_gd": (algorithms.online_gradient_descent, False),
+    "least_squares": (algorithms.least_squares, False),
+    "ridge": (lambda x, y: algorithms.least_squares(x, y, ridge=0.3), False),
+    "newton": (lambda x, y: algorithms.iterative_newton(x, y, 6), True),
+    "newton_spectral": (lambda x, y: algorithms.iterative_newton(x, y, 3, "spectral"), True),
+    "gd_sum": (lambda x, y: algorithms.gradient_descent(x, y, range(7), 0.05), True),
+    "gd_mean": (lambda x, y: algorithms.gradient_descent(x, y, [9, 0, 2], 0.3, "mean"), True),
+    "pgd": (lambda x, y: algorithms.gradient_descent(x, y, range(5), 0.3, "mean", preconditioner), True),
+    "online_gd": (algorithms.online_gradient_descent, False),
   }
 
 
@@ -363,8 +385,9 @@ def test_prefix_weights_and_predictions_equal_brute_force(dtype, case):
   assert np.all(weights[:, :, 0] == 0) and np.all(predictions[:, :, 0] == 0)  # No points seen yet.
   # The predictions are the weights of the prefix before each query applied to it.
   from_weights = np.einsum("bktd,btd->bkt", weights[:, :, :-1], xs.astype(np.float64))
-  np.testing.assert_allclose(predictions, from_weights, rtol=PREDICTION_RTOL[dtype],
-                             atol=PREDICTION_RTOL[dtype] * np.max(np.abs(from_weights)))
+  np.testing.assert_allclose(
+    predictions, from_weights, rtol=PREDICTION_RTOL[dtype], atol=PREDICTION_RTOL[dtype] * np.max(np.abs(from_weights))
+  )
   for t in PREFIXES:
     w = _whole(_to_numpy(weights_fn(jnp.asarray(xs[:, :t]), jnp.asarray(ys[:, :t])), dtype))
     w = w if has_iterates else w[:, None]
@@ -379,10 +402,12 @@ def test_prefix_functions_are_finite_on_zero_padded_dimensions(dtype):
   xs, ys, _ = _prompts(15, 2, 9, 6, dtype)
   xs[:, :, 3:] = 0
   xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  for weights in (algorithms.least_squares(xs, ys),
-                  algorithms.iterative_newton(xs, ys, 23),
-                  algorithms.gradient_descent(xs, ys, (1, 4096), 0.01),
-                  algorithms.online_gradient_descent(xs, ys)):
+  for weights in (
+    algorithms.least_squares(xs, ys),
+    algorithms.iterative_newton(xs, ys, 23),
+    algorithms.gradient_descent(xs, ys, (1, 4096), 0.01),
+    algorithms.online_gradient_descent(xs, ys),
+  ):
     weights = _to_numpy(weights, dtype)
     assert np.all(np.isfinite(weights))
     assert np.all(weights[..., 3:] == 0)  # Zero coordinates stay exactly zero.
@@ -394,8 +419,9 @@ def test_steps_may_be_a_list_range_or_numpy_array():
   expected = np.asarray(algorithms.gradient_descent(xs, ys, (3, 1), 0.1))
   for steps in ([3, 1], np.array([3, 1]), range(3, 0, -2)):
     np.testing.assert_array_equal(np.asarray(algorithms.gradient_descent(xs, ys, steps, 0.1)), expected)
-  np.testing.assert_array_equal(np.asarray(algorithms.gradient_descent(xs, ys, steps=[3, 1], learning_rate=0.1)),
-                                expected)
+  np.testing.assert_array_equal(
+    np.asarray(algorithms.gradient_descent(xs, ys, steps=[3, 1], learning_rate=0.1)), expected
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,7 +430,9 @@ def test_steps_may_be_a_list_range_or_numpy_array():
 XS, YS = jnp.ones((2, 3, 4)), jnp.ones((2, 3))
 
 
-@pytest.mark.parametrize("call, argument", [
+@pytest.mark.parametrize(
+  "call, argument",
+  [
     (lambda: algorithms.iterative_newton(XS, YS, 3, alpha="l2"), "alpha"),
     (lambda: algorithms.iterative_newton(XS, YS, -1), "num_steps"),
     (lambda: algorithms.iterative_newton(XS, YS, 2.5), "num_steps"),
@@ -423,7 +451,8 @@ XS, YS = jnp.ones((2, 3, 4)), jnp.ones((2, 3))
     (lambda: algorithms.conjugate_gradient(XS, YS, -1), "num_steps"),
     (lambda: algorithms.bfgs(XS, YS, 1.5), "num_steps"),
     (lambda: algorithms.lbfgs(XS, YS, 3, 0), "memory"),
-])
+  ],
+)
 def test_bad_arguments_raise_value_error_naming_them(call, argument):
   with pytest.raises(ValueError, match=argument):
     call()
@@ -450,7 +479,7 @@ def _np_cg(s, b, num_steps):
       r_new = r_new - sum((q @ r_new) * q for q in basis)
     p = r_new + (r_new @ r_new) / (r @ r) * p if r @ r > 0 else r_new
     r = r_new
-    basis.append(r / np.linalg.norm(r) if r @ r > (100 * np.finfo(np.float64).eps)**2 * (b @ b) else 0 * r)
+    basis.append(r / np.linalg.norm(r) if r @ r > (100 * np.finfo(np.float64).eps) ** 2 * (b @ b) else 0 * r)
     out.append(w)
   return np.stack(out)
 
@@ -490,10 +519,14 @@ def _np_lbfgs(s, b, num_steps, memory):
 
 
 QN_STEPS, QN_MEMORY = 25, 4
-QN_METHODS = {"cg": (lambda x, y: algorithms.conjugate_gradient(x, y, QN_STEPS), lambda s, b: _np_cg(s, b, QN_STEPS)),
-              "bfgs": (lambda x, y: algorithms.bfgs(x, y, QN_STEPS), lambda s, b: _np_bfgs(s, b, QN_STEPS)),
-              "lbfgs": (lambda x, y: algorithms.lbfgs(x, y, QN_STEPS, QN_MEMORY),
-                        lambda s, b: _np_lbfgs(s, b, QN_STEPS, QN_MEMORY))}
+QN_METHODS = {
+  "cg": (lambda x, y: algorithms.conjugate_gradient(x, y, QN_STEPS), lambda s, b: _np_cg(s, b, QN_STEPS)),
+  "bfgs": (lambda x, y: algorithms.bfgs(x, y, QN_STEPS), lambda s, b: _np_bfgs(s, b, QN_STEPS)),
+  "lbfgs": (
+    lambda x, y: algorithms.lbfgs(x, y, QN_STEPS, QN_MEMORY),
+    lambda s, b: _np_lbfgs(s, b, QN_STEPS, QN_MEMORY),
+  ),
+}
 # (n, d, kappa of Sigma): prefixes of these prompts include rank-deficient ones (t < d) in every case.
 QN_CASES = {"isotropic": (30, 8, 1.0), "rank_deficient": (5, 8, 1.0), "kappa100": (41, 20, 100.0)}
 
@@ -520,7 +553,7 @@ def test_cg_bfgs_lbfgs_match_float64_references(method, case):
       perturbed = reference(s, b * (1 + 1e-13))
       scale = np.maximum(np.linalg.norm(expected, axis=-1), 1e-300)
       determined = np.linalg.norm(perturbed - expected, axis=-1) / scale < 1e-8
-      assert determined[:d // 2].all()  # The sensitive steps, if any, come late.
+      assert determined[: d // 2].all()  # The sensitive steps, if any, come late.
       error = np.linalg.norm(ws[i, :, t] - expected, axis=-1) / scale
       assert np.all(error[determined] < 1e-4), (t, i, error)
       compared += determined.sum()
@@ -534,8 +567,10 @@ def test_cg_bfgs_and_lbfgs_are_one_algorithm_on_a_quadratic():
   with jax.enable_x64(True):
     xs, ys, _ = _prompts(20, 2, 30, 6, np.float64, kappa=10.0)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-    cg, bfgs, lbfgs = (np.asarray(f(xs, ys, 6)) for f in (algorithms.conjugate_gradient, algorithms.bfgs,
-                                                           lambda x, y, k: algorithms.lbfgs(x, y, k, 2)))
+    cg, bfgs, lbfgs = (
+      np.asarray(f(xs, ys, 6))
+      for f in (algorithms.conjugate_gradient, algorithms.bfgs, lambda x, y, k: algorithms.lbfgs(x, y, k, 2))
+    )
     ols = np.asarray(algorithms.least_squares(xs, ys))
   np.testing.assert_allclose(bfgs, cg, rtol=1e-8, atol=1e-10)
   np.testing.assert_allclose(lbfgs, cg, rtol=1e-8, atol=1e-10)
@@ -544,14 +579,18 @@ def test_cg_bfgs_and_lbfgs_are_one_algorithm_on_a_quadratic():
 
 def test_cg_bfgs_lbfgs_float32_and_ridge():
   xs, ys, _ = _prompts(21, 3, 12, 5, np.float32)
-  for fn in (lambda x, y, **k: algorithms.conjugate_gradient(x, y, 8, **k), lambda x, y, **k: algorithms.bfgs(x, y, 8, **k),
-             lambda x, y, **k: algorithms.lbfgs(x, y, 8, 3, **k)):
+  for fn in (
+    lambda x, y, **k: algorithms.conjugate_gradient(x, y, 8, **k),
+    lambda x, y, **k: algorithms.bfgs(x, y, 8, **k),
+    lambda x, y, **k: algorithms.lbfgs(x, y, 8, 3, **k),
+  ):
     ws = fn(jnp.asarray(xs), jnp.asarray(ys))
     assert ws.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(ws)))
     np.testing.assert_allclose(np.asarray(ws)[:, -1, -1], _lstsq(xs, ys), rtol=1e-3, atol=1e-4)
     ridge = np.asarray(fn(jnp.asarray(xs), jnp.asarray(ys), ridge=0.5))[:, -1, -1]
-    np.testing.assert_allclose(ridge, np.asarray(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys), 0.5))[:, -1],
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+      ridge, np.asarray(algorithms.least_squares(jnp.asarray(xs), jnp.asarray(ys), 0.5))[:, -1], rtol=1e-3, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", ["newton", "gd"])

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import linreg
-from icl_jax.bench import benchmarks
 from icl_jax import models
+from icl_jax.bench import benchmarks
 from tests import helpers
 
 
@@ -38,13 +38,18 @@ def test_matmul_benchmark_times_every_product(tiny):
 
 
 def test_roofline_grades_the_three_speed_targets(tiny):
-  line = benchmarks.bench_roofline(tiny, tiny, sys.executable, str(helpers.REPO / "benchmarks" / "torch_gpt2_linreg.py"),
-                              paper_timed_steps=2)
-  assert set(line["met"]) == set(benchmarks.ROOFLINE_TARGETS) == {"paper_fraction_of_peak", "small_fraction_of_peak",
-                                                             "small_bfloat16_speedup_vs_torch"}
+  line = benchmarks.bench_roofline(
+    tiny, tiny, sys.executable, str(helpers.REPO / "benchmarks" / "torch_gpt2_linreg.py"), paper_timed_steps=2
+  )
+  assert (
+    set(line["met"])
+    == set(benchmarks.ROOFLINE_TARGETS)
+    == {"paper_fraction_of_peak", "small_fraction_of_peak", "small_bfloat16_speedup_vs_torch"}
+  )
   # A step faster than the peak matmul would mean a wrong FLOP count or a peak XLA hoisted out of its loop.
   assert 0 < line["paper_fraction_of_peak"] < 1 and 0 < line["small_fraction_of_peak"] < 1
   assert line["small_bfloat16_speedup_vs_torch"] == pytest.approx(
-      line["torch_small_ms_per_step"] / line["small_bfloat16_ms_per_step"])
+    line["torch_small_ms_per_step"] / line["small_bfloat16_ms_per_step"]
+  )
   assert line["met"]["small_fraction_of_peak"] == (line["small_fraction_of_peak"] >= 0.5)
   assert line["devices"] == jax.device_count()  # The steps ran data-parallel over every device.

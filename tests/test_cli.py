@@ -14,8 +14,13 @@ from icl_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Long enough to be interrupted between checkpoints, short enough for CI.
-FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=1500", "--config.train.checkpoint_every=100",
-         "--config.train.log_every=50", "--config.train.steps_per_dispatch=10"]
+FLAGS = [
+  "--config=tests/tiny_config.py",
+  "--config.train.num_steps=1500",
+  "--config.train.checkpoint_every=100",
+  "--config.train.log_every=50",
+  "--config.train.steps_per_dispatch=10",
+]
 
 
 def _command(workdir):
@@ -29,8 +34,9 @@ def _env():
 
 
 def _start(workdir):
-  return subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    _command(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
 
 
 def _wait_for_checkpoint(process, workdir, timeout=120):
@@ -123,22 +129,25 @@ def test_a_failed_checkpoint_save_exits_at_once_and_keeps_the_last_checkpoint(tm
   flags = ["--config=tests/tiny_config.py", "--config.train.num_steps=12", f"--workdir={workdir}"]
   start = time.monotonic()
   env = {**_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-  result = subprocess.run([sys.executable, str(script), *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, str(script), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 1 and time.monotonic() - start < 60, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "saving a checkpoint" in errors[0] and "Permission denied" in errors[0]
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
   assert not (workdir / "lock.json").exists()
-  finished = subprocess.run([sys.executable, "-m", "icl_jax.main", *flags], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+  finished = subprocess.run(
+    [sys.executable, "-m", "icl_jax.main", *flags], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+  )
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert "Resumed from" in finished.stderr and "at step 4" in finished.stderr
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, "-m", "icl_jax.main", *args], cwd=REPO, env=_env(), capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "icl_jax.main", *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+  )
 
 
 def _one_error_line(result, expected: str, orbax_noise: bool = False) -> None:
@@ -159,8 +168,10 @@ def test_expected_failures_are_one_error_line(tmp_path):
   """Each of these used to end in a traceback (up to 209 lines for a damaged checkpoint)."""
   (tmp_path / "a_file").write_text("")
   tiny = "--config=tests/tiny_config.py"
-  _one_error_line(_main("--config=/nonexistent/linreg.py", f"--workdir={tmp_path / 'w'}"),
-                  "--config: [Errno 2] No such file or directory: '/nonexistent/linreg.py'")
+  _one_error_line(
+    _main("--config=/nonexistent/linreg.py", f"--workdir={tmp_path / 'w'}"),
+    "--config: [Errno 2] No such file or directory: '/nonexistent/linreg.py'",
+  )
   _one_error_line(_main(tiny, f"--workdir={tmp_path / 'a_file'}"), "is a file, not a directory")
   _one_error_line(_main(tiny, f"--workdir={tmp_path / 'a_file' / 'run'}"), "cannot create it (Not a directory)")
 
@@ -173,13 +184,17 @@ def test_a_checkpoint_that_does_not_restore_is_one_error_line(tmp_path):
   naming the first array that differs, before Orbax tries to restore it."""
   tiny, run = "--config=tests/tiny_config.py", tmp_path / "run"
   assert _main(tiny, "--config.train.num_steps=4", f"--workdir={run}").returncode == 0
-  wider = _main(tiny, "--config.train.num_steps=8", "--config.model.width=32", "--allow_config_change",
-                f"--workdir={run}")
+  wider = _main(
+    tiny, "--config.train.num_steps=8", "--config.model.width=32", "--allow_config_change", f"--workdir={run}"
+  )
   _one_error_line(wider, f"cannot restore the checkpoint {run / 'checkpoints' / '4'}", orbax_noise=True)
   assert "is saved as float32[48], this configuration's state has float32[96]" in wider.stderr, wider.stderr[-3000:]
   for path in (run / "checkpoints" / "4").rglob("*"):
     if path.is_file():
       path.write_bytes(b"junk")
-  _one_error_line(_main(tiny, "--config.train.num_steps=8", "--allow_config_change", f"--workdir={run}"),
-                  "cannot restore the checkpoint", orbax_noise=True)
+  _one_error_line(
+    _main(tiny, "--config.train.num_steps=8", "--allow_config_change", f"--workdir={run}"),
+    "cannot restore the checkpoint",
+    orbax_noise=True,
+  )
   assert (run / "checkpoints" / "4").is_dir()  # Not moved aside: there is nothing older to resume from.

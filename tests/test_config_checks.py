@@ -6,12 +6,14 @@ import sys
 import pytest
 
 from configs import linreg
-from icl_jax.runtime import errors
 from icl_jax.analysis import evaluate
+from icl_jax.runtime import errors
 from tests.helpers import assert_field_error
 
 
-@pytest.mark.parametrize("field, value, expected", [
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
     ("task.kappa", 0.5, "config.task.kappa = 0.5: must be a number >= 1.0"),
     ("task.noise_std", -0.1, "config.task.noise_std = -0.1: must be a number >= 0.0"),
     ("task.n_points", 150, "config.model.n_positions = 202: allowed n_points <= 101"),
@@ -32,22 +34,38 @@ from tests.helpers import assert_field_error
     ("task.curriculum.points_interval", 0, "config.task.curriculum.points_interval = 0: must be an integer >= 1"),
     ("eval.num_prompts", 0, "config.eval.num_prompts = 0: must be an integer >= 1"),
     ("eval.readout", "mlp", "config.eval.readout = 'mlp': allowed values are 'least_squares', 'trained', 'model'"),
-    ("eval.newton_alpha", "l2",
-     "config.eval.newton_alpha = 'l2': allowed values are 'frobenius', 'frobenius_2', 'spectral'"),
+    (
+      "eval.newton_alpha",
+      "l2",
+      "config.eval.newton_alpha = 'l2': allowed values are 'frobenius', 'frobenius_2', 'spectral'",
+    ),
     ("eval.gd_gradient_scale", "avg", "config.eval.gd_gradient_scale = 'avg': allowed values are 'sum', 'mean'"),
     ("eval.gd_steps", (), "config.eval.gd_steps = (): must be a non-empty tuple of integers >= 1"),
     ("eval.gd_log_steps", (0, 2), "config.eval.gd_log_steps = (0, 2): must be a non-empty tuple of integers >= 1"),
     ("eval.sim_w_queries", 10, "config.eval.sim_w_queries = 10: must be an integer >= config.task.n_dims = 20"),
     ("eval.fit_layers", (5, 3), "config.eval.fit_layers = (5, 3): must be (first, last) with 1 <= first <= last"),
     ("eval.confidence", 1.0, "config.eval.confidence = 1.0: must be a number in (0, 1)"),
-])
+  ],
+)
 def test_invalid_field_is_named(field, value, expected):
   assert_field_error(linreg.get_config(), field, value, expected)
 
 
-@pytest.mark.parametrize("field", ["task.kappa", "task.noise_std", "train.learning_rate", "train.weight_decay",
-                                   "train.adam_eps", "model.init_std", "model.layer_norm_epsilon", "eval.ridge",
-                                   "eval.gd_learning_rate", "eval.probe_ridge"])
+@pytest.mark.parametrize(
+  "field",
+  [
+    "task.kappa",
+    "task.noise_std",
+    "train.learning_rate",
+    "train.weight_decay",
+    "train.adam_eps",
+    "model.init_std",
+    "model.layer_norm_epsilon",
+    "eval.ridge",
+    "eval.gd_learning_rate",
+    "eval.probe_ridge",
+  ],
+)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_numbers_are_refused_in_every_float_field(field, value):
   """inf used to pass (kappa, noise_std, learning_rate, weight_decay, adam_eps): the run compiled and then
@@ -77,8 +95,18 @@ def test_all_errors_are_reported_together():
 
 def test_command_line_reports_bad_field_and_exits_before_compiling(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "icl_jax.main", "--config=configs/linreg.py:quick", f"--workdir={tmp_path}",
-       "--config.task.kappa=0.5"], capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "icl_jax.main",
+      "--config=configs/linreg.py:quick",
+      f"--workdir={tmp_path}",
+      "--config.task.kappa=0.5",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1
   assert "config.task.kappa = 0.5: must be a number >= 1.0" in result.stderr
   assert not (tmp_path / "checkpoints").exists()

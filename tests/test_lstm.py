@@ -10,11 +10,11 @@ import pytest
 
 from configs import lstm as lstm_config
 from icl_jax import checkpointing
-from icl_jax.analysis import probing
 from icl_jax import models
 from icl_jax import train
-from icl_jax.runtime import errors
 from icl_jax.analysis import evaluate
+from icl_jax.analysis import probing
+from icl_jax.runtime import errors
 
 
 def test_paper_model_has_torch_lstm_parameter_count():
@@ -48,8 +48,9 @@ def test_shapes_and_hidden_states(quick):
   read_in, read_out = params["read_in"], params["read_out"]
   tokens = jnp.stack([xs, jnp.zeros_like(xs).at[..., 0].set(ys)], axis=2).reshape(2, 22, -1)
   np.testing.assert_allclose(hidden[0], tokens @ read_in["kernel"] + read_in["bias"][None, None], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(hidden[-1][:, ::2] @ read_out["kernel"][:, 0] + read_out["bias"][0], preds,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    hidden[-1][:, ::2] @ read_out["kernel"][:, 0] + read_out["bias"][0], preds, rtol=1e-5, atol=1e-6
+  )
   assert np.all(np.abs(hidden[1:]) < 1)
 
 
@@ -58,8 +59,8 @@ def test_predictions_are_causal(quick):
   preds = apply({"params": params}, xs, ys)
   k = 4  # Changing x_{k+1} and y_k must leave the predictions for y_0..y_k unchanged, and change later ones.
   preds2 = apply({"params": params}, xs.at[:, k + 1].add(1.0), ys.at[:, k].add(1.0))
-  np.testing.assert_array_equal(preds[:, :k + 1], preds2[:, :k + 1])
-  assert not np.allclose(preds[:, k + 1:], preds2[:, k + 1:])
+  np.testing.assert_array_equal(preds[:, : k + 1], preds2[:, : k + 1])
+  assert not np.allclose(preds[:, k + 1 :], preds2[:, k + 1 :])
 
 
 def test_query_stream_equals_putting_each_query_in_place_of_x_n(quick):

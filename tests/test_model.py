@@ -52,8 +52,9 @@ def test_hugging_face_convention_only_last_hidden_state_is_normalised(quick):
   preds, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
   # The last entry is the read-out's input: applying the read-out to it gives the predictions.
   read_out = params["read_out"]
-  np.testing.assert_allclose(hidden[-1][:, ::2] @ read_out["kernel"][:, 0] + read_out["bias"][0], preds,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    hidden[-1][:, ::2] @ read_out["kernel"][:, 0] + read_out["bias"][0], preds, rtol=1e-5, atol=1e-5
+  )
   # ln_f has scale 1 and bias 0 at initialisation: only the last entry has zero mean and unit variance per token.
   assert np.allclose(hidden[-1].mean(-1), 0, atol=1e-5) and np.allclose(hidden[-1].var(-1), 1, atol=1e-3)
   for layer in range(hidden.shape[0] - 1):
@@ -65,8 +66,8 @@ def test_predictions_are_causal(quick):
   preds = model.apply({"params": params}, xs, ys)
   k = 4  # Changing x_{k+1} and y_k must leave the predictions for y_0..y_k unchanged, and change later ones.
   preds2 = model.apply({"params": params}, xs.at[:, k + 1].add(1.0), ys.at[:, k].add(1.0))
-  np.testing.assert_array_equal(preds[:, :k + 1], preds2[:, :k + 1])
-  assert not np.allclose(preds[:, k + 1:], preds2[:, k + 1:])
+  np.testing.assert_array_equal(preds[:, : k + 1], preds2[:, : k + 1])
+  assert not np.allclose(preds[:, k + 1 :], preds2[:, k + 1 :])
 
 
 def test_tokens_interleave_x_and_padded_y():
@@ -140,7 +141,7 @@ def test_mixed_matmul_gradients_are_the_matmuls_of_the_rounded_operands():
       w = round_trip(w_BxTxF)
       dx_reference = jnp.einsum("btf,kf->btk", w, round_trip(kernel_KxF))
       dkernel_reference = jnp.einsum("btk,btf->kf", round_trip(x_BxTxK), w)
-    tolerance = 1e-6 if dtype == jnp.float32 else 2.0 ** -8
+    tolerance = 1e-6 if dtype == jnp.float32 else 2.0**-8
     np.testing.assert_allclose(dx.astype(jnp.float32), dx_reference, rtol=tolerance, atol=tolerance)
     np.testing.assert_allclose(dkernel, dkernel_reference, rtol=1e-6, atol=1e-5)
 
@@ -160,5 +161,7 @@ def _equations(jaxpr):
 def test_other_families_refuse_bfloat16(family):
   config = linreg.get_config("quick")
   config.model.family, config.model.dtype = family, "bfloat16"
-  assert any("config.model.dtype = 'bfloat16'" in e and "float32 only" in e
-             for e in models.REGISTRY[family].validate(config.model, config.task))
+  assert any(
+    "config.model.dtype = 'bfloat16'" in e and "float32 only" in e
+    for e in models.REGISTRY[family].validate(config.model, config.task)
+  )

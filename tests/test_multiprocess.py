@@ -21,8 +21,8 @@ import jax
 import pytest
 
 from icl_jax import checkpointing
-from icl_jax.runtime import distributed
 from icl_jax import train
+from icl_jax.runtime import distributed
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,8 +46,9 @@ def _command(workdir, *extra):
 
 def _start(command, devices=None, extra_env=None):
   log = tempfile.TemporaryFile("w+")  # Not a pipe: a full pipe would block a chatty process.
-  process = subprocess.Popen(command, cwd=REPO, env={**_env(devices), **(extra_env or {})}, stdout=subprocess.DEVNULL,
-                             stderr=log, text=True)
+  process = subprocess.Popen(
+    command, cwd=REPO, env={**_env(devices), **(extra_env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True
+  )
   process.log = log
   return process
 
@@ -87,7 +88,7 @@ def _listening_sockets(pids) -> set[str]:
         continue
       address, port = fields[1].split(":")
       raw = bytes.fromhex(address)
-      raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # Host-order 32-bit words.
+      raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # Host-order 32-bit words.
       ip = ipaddress.ip_address(raw)
       ip = getattr(ip, "ipv4_mapped", None) or ip
       found.add(f"{ip}:{int(port, 16)}")
@@ -111,14 +112,20 @@ def _run_together(processes, deadline_s=DEADLINE_S, on_poll=None, expected_statu
   stderrs = [_stderr(p) for p in processes]
   for i, (p, stderr) in enumerate(zip(processes, stderrs)):
     assert p.returncode == expected_status, (
-        f"process {i} ended with {p.returncode} (deadline {deadline_s} s):\n{stderr[-4000:]}")
+      f"process {i} ended with {p.returncode} (deadline {deadline_s} s):\n{stderr[-4000:]}"
+    )
   return stderrs
 
 
 def _start_pair(workdir, *extra, devices=DEVICES_PER_PROCESS):
   address = f"127.0.0.1:{helpers.free_port()}"
-  return [_start(_command(workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-                          *extra), devices=devices) for i in range(2)]
+  return [
+    _start(
+      _command(workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *extra),
+      devices=devices,
+    )
+    for i in range(2)
+  ]
 
 
 def _records(workdir):
@@ -171,7 +178,8 @@ def test_two_processes_train_the_same_curve_as_one(runs):
   single_curve = json.loads((runs["single"] / "error_curve.json").read_text())
   assert pair_curve["error_per_dim"] == pytest.approx(single_curve["error_per_dim"], abs=1e-5)
   assert json.loads((runs["pair"] / "config.json").read_text()) == json.loads(
-      (runs["single"] / "config.json").read_text())
+    (runs["single"] / "config.json").read_text()
+  )
   assert _committed_steps(runs["pair"]) == [6, 12]
   assert not list(runs["pair"].glob("**/*.orbax-checkpoint-tmp*"))
 
@@ -215,8 +223,14 @@ def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
   # Steps per chunk: 2 s on 2 idle cores (10 s when busy), longer than the second JAX's notifier may take to
   # see the signal plus the service's round trips (with 40 steps, ~1 s, one run stopped a chunk later).
   chunk = 80
-  processes = _start_pair(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
-                          f"--config.train.log_every={chunk}", f"--config.train.steps_per_dispatch={chunk}", devices=1)
+  processes = _start_pair(
+    tmp_path,
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=100000",
+    f"--config.train.log_every={chunk}",
+    f"--config.train.steps_per_dispatch={chunk}",
+    devices=1,
+  )
   metrics = tmp_path / "metrics.jsonl"
 
   def logged_steps():  # Complete lines only: process 0 may be writing the next one.
@@ -238,8 +252,12 @@ def test_sigterm_during_start_up_stops_both_after_the_first_chunk(tmp_path):
   """A notice that comes before the first chunk (preemption while compiling) is not lost: both processes stop
   at the end of the first chunk of the resumed run."""
   chunk = 5
-  flags = ("--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=5",
-           f"--config.train.steps_per_dispatch={chunk}")
+  flags = (
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=100000",
+    "--config.train.log_every=5",
+    f"--config.train.steps_per_dispatch={chunk}",
+  )
   _run_together(_start_pair(tmp_path, *flags[1:], "--config.train.num_steps=10", devices=1))  # Resumed from 10.
   processes = _start_pair(tmp_path, *flags, "--allow_config_change", devices=1)
   _wait_until(processes, lambda: "JAX distributed runtime started" in _stderr(processes[1]), "the runtime's start")
@@ -263,7 +281,10 @@ def test_flags_are_checked_before_anything_starts():
     distributed.plan("explicit", "127.0.0.1:x", 2, 0)
   with pytest.raises(distributed.DistributedFlagError, match="wildcard"):
     distributed.plan("explicit", "0.0.0.0:1234", 2, 0)
-  with pytest.raises(distributed.DistributedFlagError, match="--distributed=off runs one process; drop --coordinator_address, --num_processes, --process_id"):
+  with pytest.raises(
+    distributed.DistributedFlagError,
+    match="--distributed=off runs one process; drop --coordinator_address, --num_processes, --process_id",
+  ):
     distributed.plan("off", "127.0.0.1:1234", 2, 0)
   with pytest.raises(distributed.DistributedFlagError, match="--num_processes=0 must be at least 1"):
     distributed.plan("explicit", "127.0.0.1:1234", 0, 0)
@@ -277,8 +298,13 @@ def test_plans():
   assert distributed.plan(environ={"TPU_WORKER_HOSTNAMES": "a"}).kwargs is None  # One host.
   assert distributed.plan("auto", environ={}).kwargs == {}
   explicit = distributed.plan("detect", "10.0.0.1:8476", 4, 3, environ={})
-  assert explicit.kwargs == {"coordinator_address": "10.0.0.1:8476", "coordinator_bind_address": "10.0.0.1:8476",
-                             "num_processes": 4, "process_id": 3, "cluster_detection_method": "deactivate"}
+  assert explicit.kwargs == {
+    "coordinator_address": "10.0.0.1:8476",
+    "coordinator_bind_address": "10.0.0.1:8476",
+    "num_processes": 4,
+    "process_id": 3,
+    "cluster_detection_method": "deactivate",
+  }
   slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
   assert distributed.plan(environ=slurm).mode == "auto"  # A task of `srun -n 2`.
   assert distributed.plan(environ={**slurm, "SLURM_NTASKS": "1"}).kwargs is None
@@ -292,9 +318,14 @@ def test_plans():
 
 
 def test_bad_flags_stop_the_command_line_with_a_message(tmp_path):
-  result = subprocess.run(_command(tmp_path, "--coordinator_address=127.0.0.1:1", "--num_processes=2",
-                                   "--process_id=5"), cwd=REPO, env=_env(None), capture_output=True, text=True,
-                          timeout=DEADLINE_S)
+  result = subprocess.run(
+    _command(tmp_path, "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=5"),
+    cwd=REPO,
+    env=_env(None),
+    capture_output=True,
+    text=True,
+    timeout=DEADLINE_S,
+  )
   assert result.returncode == 1
   assert "error: --process_id=5 is out of range for --num_processes=2" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
@@ -305,8 +336,14 @@ def test_a_slurm_step_finds_its_processes_by_itself(tmp_path):
   through JAX's cluster detection; only the coordinator address is given, to keep it on 127.0.0.1 (Slurm's
   default would listen on every interface of the first node)."""
   address = f"127.0.0.1:{helpers.free_port()}"
-  slurm = lambda i: {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
-                     "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1"}
+  slurm = lambda i: {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "127.0.0.1",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": str(i),
+    "SLURM_LOCALID": str(i),
+    "SLURM_STEP_NUM_NODES": "1",
+  }
   command = _command(tmp_path / "slurm", "--distributed=auto", f"--coordinator_address={address}")
   p0, p1 = _run_together([_start(command, DEVICES_PER_PROCESS, slurm(i)) for i in range(2)])
   assert "process 0 of 2, 2 local / 4 global devices" in p0, p0[-3000:]

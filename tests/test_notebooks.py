@@ -39,18 +39,26 @@ NOTEBOOKS = [COLABS / f"{name}.py" for name in sorted(render.NOTEBOOKS)]
 CELL_TIMEOUT_S = 300  # The CI-size notebooks take about a minute each on a 2-core CPU; this only catches a hang.
 # The smaller sizes CI runs (each notebook's parameters cell names them in its comments).
 CI_PARAMETERS = {
-    "quickstart": {"num_steps": 800, "eval_prompts": 256},
-    "paper_figures": {"eval_overrides": {"num_prompts": 128, "probe_prompts": 64, "sim_w_prompts": 4,
-                                         "sim_w_queries": 32, "bootstrap_samples": 200}},
-    "theory": {"num_prompts": 32, "max_newton_steps": 10, "lsa_prompts": 2048, "train_steps": 1000,
-               "train_batch": 256},
+  "quickstart": {"num_steps": 800, "eval_prompts": 256},
+  "paper_figures": {
+    "eval_overrides": {
+      "num_prompts": 128,
+      "probe_prompts": 64,
+      "sim_w_prompts": 4,
+      "sim_w_queries": 32,
+      "bootstrap_samples": 200,
+    }
+  },
+  "theory": {"num_prompts": 32, "max_newton_steps": 10, "lsa_prompts": 2048, "train_steps": 1000, "train_batch": 256},
 }
 # Images each notebook shows at least: a figure that silently renders as text ("<Figure size ...>") fails.
 MIN_IMAGES = {"quickstart": 10, "paper_figures": 5, "theory": 4}
 # The one place the repository's URL is set (see colabs/README.md); every badge and REPO_URL derives from it.
 REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
-BADGE = f"https://colab.research.google.com/github/{REPOSITORY.removeprefix('https://github.com/')}" \
-        "/blob/main/colabs/{name}.ipynb"
+BADGE = (
+  f"https://colab.research.google.com/github/{REPOSITORY.removeprefix('https://github.com/')}"
+  "/blob/main/colabs/{name}.ipynb"
+)
 
 
 def _cells(notebook: nbformat.NotebookNode) -> list[tuple[str, str]]:
@@ -104,8 +112,13 @@ def test_notebook_layout(path):
 
 def test_every_link_is_the_pyproject_repository():
   """Every github.com/…/icl_jax link of the tracked text files is pyproject.toml's [project.urls] Repository."""
-  files = subprocess.run(["git", "ls-files", "*.md", "*.py", "*.ipynb", "*.cff", "*.toml"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout.split()
+  files = subprocess.run(
+    ["git", "ls-files", "*.md", "*.py", "*.ipynb", "*.cff", "*.toml"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.split()
   pattern = r"(?:github\.com|google\.com/github)/([\w.-]+/icl_jax)\b"  # Clone URLs and Colab badges.
   links = {m for f in files for m in re.findall(pattern, (REPO / f).read_text())}
   assert links == {REPOSITORY.removeprefix("https://github.com/")}
@@ -128,8 +141,9 @@ def _local_origin(tmp_path: pathlib.Path) -> pathlib.Path:
   """A git repository holding this working tree's files (tracked and new, not ignored): what the install cell
   clones in place of GitHub."""
   origin = tmp_path / "origin"
-  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.split()
+  files = subprocess.run(
+    ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+  ).stdout.split()
   for name in files:
     if (REPO / name).is_file():
       (origin / name).parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +163,12 @@ def test_install_cell_against_a_local_clone(tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   python = venv / "bin" / "python"
-  site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+  site = subprocess.run(
+    [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   # The runtime's preinstalled packages: this interpreter's, as plain path entries. Unlike a site directory, a
   # path entry's own .pth files are not read, so an editable install of this repository stays invisible.
   runtime = [p for p in sys.path if p.endswith("site-packages")]
@@ -161,15 +179,24 @@ def test_install_cell_against_a_local_clone(tmp_path):
   colab.mkdir()
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_NUMPY_RANK_PROMOTION")}
   env["ICL_JAX_REPO_URL"] = str(origin)
-  result = subprocess.run([str(python), "-c", cell + "\n" + probe], cwd=colab, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+  result = subprocess.run(
+    [str(python), "-c", cell + "\n" + probe],
+    cwd=colab,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert f"keeping the installed jax=={jax.__version__}" in result.stdout and "(cpu)" in result.stdout
   imported = result.stdout.split("IMPORTED ")[-1].split()
   assert imported == [str(colab / "icl_jax_repo" / "icl_jax" / "__init__.py"), jax.__version__]
 
 
-@pytest.mark.parametrize("accelerator, cuda, versions, expected, replaces", [
+@pytest.mark.parametrize(
+  "accelerator, cuda, versions, expected, replaces",
+  [
     ("cpu", "", {"jax": "0.10.2", "jaxlib": "0.10.2"}, ["-c"], False),
     ("gpu", "12.4", {"jax": "0.10.2", "jaxlib": "0.10.2", "jax-cuda12-plugin": "0.10.2"}, ["-c"], False),
     ("gpu", "12.4", {"jax": "0.10.2", "jaxlib": "0.10.2"}, ["jax[cuda12]>=0.10.2"], True),
@@ -177,7 +204,8 @@ def test_install_cell_against_a_local_clone(tmp_path):
     ("tpu", "", {"jax": "0.10.2", "jaxlib": "0.10.2", "libtpu": "0.0.20"}, ["-c"], False),
     ("tpu", "", {"jax": "0.10.2", "jaxlib": "0.10.2"}, ["jax[tpu]>=0.10.2"], True),
     ("cpu", "", {"jax": "0.4.30", "jaxlib": "0.4.30"}, ["jax>=0.10.2"], True),
-])
+  ],
+)
 def test_install_plan(accelerator, cuda, versions, expected, replaces):
   """Keep a recent jax that has the accelerator's plugin (pinned by a constraints file); otherwise install the
   build the accelerator needs, flagging that a kernel which imported the old jax must restart."""
@@ -186,11 +214,12 @@ def test_install_plan(accelerator, cuda, versions, expected, replaces):
   assert all(e in flat for e in expected) and chosen.replaces_jax == replaces
   assert chosen.pip_commands[-1][:4] == ("install", "-q", "-e", "/checkout")
   assert install.version_tuple("0.4.30.dev20240101+cuda12") == (0, 4, 30)
-  assert install.jax_minimum(REPO) == re.search(r"^jax>=([0-9.]+)", (REPO / "requirements.txt").read_text(),
-                                                  flags=re.MULTILINE).group(1)
+  assert install.jax_minimum(REPO) == re.search(
+    r"^jax>=([0-9.]+)", (REPO / "requirements.txt").read_text(), flags=re.MULTILINE
+  ).group(1)
 
 
-DELIBERATE_FAILURE = '''# %% tags=["parameters"]
+DELIBERATE_FAILURE = """# %% tags=["parameters"]
 fail = False
 
 # %%
@@ -198,7 +227,7 @@ print("before the failing cell")
 
 # %%
 assert not fail, "deliberate failure"
-'''
+"""
 
 
 def test_runner_fails_on_a_failing_cell(tmp_path):

@@ -21,26 +21,56 @@ def _env() -> dict:
 
 def test_no_tracked_file_outside_tests_points_outside_the_repository():
   files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-  offenders = [f for f in files if not f.startswith("tests/") and (REPO / f).is_file() and any(
-      needle in (REPO / f).read_text(errors="ignore") for needle in ("../shared", "papers.md", "ecosystem.md"))]
+  offenders = [
+    f
+    for f in files
+    if not f.startswith("tests/")
+    and (REPO / f).is_file()
+    and any(needle in (REPO / f).read_text(errors="ignore") for needle in ("../shared", "papers.md", "ecosystem.md"))
+  ]
   assert not offenders, offenders
 
 
 def test_runs_from_another_directory_with_a_config_given_by_path(tmp_path):
   config = REPO / "configs" / "linreg_ill_conditioned.py"  # Builds on configs/linreg.py, loaded by path.
   result = subprocess.run(
-      [sys.executable, "-m", "icl_jax.main", f"--config={config}:quick", f"--workdir={tmp_path / 'run'}",
-       "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-       "--config.eval.after_training=False"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "icl_jax.main",
+      f"--config={config}:quick",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.train.num_steps=2",
+      "--config.train.log_every=1",
+      "--config.train.checkpoint_every=2",
+      "--config.eval.after_training=False",
+    ],
+    cwd=tmp_path,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "run" / "error_curve.json").exists() and (tmp_path / "run" / "provenance.json").exists()
 
 
 def test_a_mistyped_override_is_one_line_naming_the_field_and_the_closest(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "icl_jax.main", f"--config={REPO / 'configs' / 'linreg.py'}:quick",
-       "--config.train.lr=3", f"--workdir={tmp_path}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-      timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "icl_jax.main",
+      f"--config={REPO / 'configs' / 'linreg.py'}:quick",
+      "--config.train.lr=3",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=tmp_path,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -48,10 +78,16 @@ def test_a_mistyped_override_is_one_line_naming_the_field_and_the_closest(tmp_pa
 
 
 def test_help_lists_the_modes_config_variants_and_distributed_flags():
-  result = subprocess.run([sys.executable, "-m", "icl_jax.main", "--help"], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=120)
-  for needed in ("<train|eval>", "configs/linreg.py:quick", "configs/lsa.py[:quick]", "--distributed",
-                 "--coordinator_address"):
+  result = subprocess.run(
+    [sys.executable, "-m", "icl_jax.main", "--help"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+  )
+  for needed in (
+    "<train|eval>",
+    "configs/linreg.py:quick",
+    "configs/lsa.py[:quick]",
+    "--distributed",
+    "--coordinator_address",
+  ):
     assert needed in result.stdout, needed
 
 
@@ -60,8 +96,11 @@ def test_pyproject_reads_the_requirement_files():
   dynamic = project["tool"]["setuptools"]["dynamic"]
   assert dynamic["dependencies"]["file"] == ["requirements.txt"]
   extras = {name: spec["file"] for name, spec in dynamic["optional-dependencies"].items()}
-  assert extras == {"dev": ["requirements-test.txt"], "tensorboard": ["requirements-tensorboard.txt"],
-                    **{name: [f"requirements-{name}.txt"] for name in ("cuda12", "cuda13", "tpu", "gcs")}}
+  assert extras == {
+    "dev": ["requirements-test.txt"],
+    "tensorboard": ["requirements-tensorboard.txt"],
+    **{name: [f"requirements-{name}.txt"] for name in ("cuda12", "cuda13", "tpu", "gcs")},
+  }
   # The tests of gs:// workdirs install what the gcs extra does.
   requirement_lines = [(REPO / f"requirements-{n}.txt").read_text().splitlines() for n in ("gcs", "test")]
   gcs, test = ({line for line in lines if line and not line.startswith("#")} for lines in requirement_lines)
@@ -69,10 +108,12 @@ def test_pyproject_reads_the_requirement_files():
   # The accelerator extras install jax at requirements.txt's lower bound, never an older one.
   bound = re.search(r"^jax>=([0-9.]+)", (REPO / "requirements.txt").read_text(), flags=re.MULTILINE).group(1)
   for name in ("cuda12", "cuda13", "tpu"):
-    lines = [l for l in (REPO / f"requirements-{name}.txt").read_text().splitlines() if not l.startswith("#")]
+    lines = [line for line in (REPO / f"requirements-{name}.txt").read_text().splitlines() if not line.startswith("#")]
     assert lines == [f"jax[{name}]>={bound}"]
-  assert (REPO / "requirements-dev.txt").read_text().split("\n")[1:3] == ["-r requirements.txt",
-                                                                           "-r requirements-test.txt"]
+  assert (REPO / "requirements-dev.txt").read_text().split("\n")[1:3] == [
+    "-r requirements.txt",
+    "-r requirements-test.txt",
+  ]
   assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")
   citation = (REPO / "CITATION.cff").read_text()
   assert all(arxiv in citation for arxiv in ("2310.17086", "2306.00297", "2208.01066"))
@@ -80,17 +121,35 @@ def test_pyproject_reads_the_requirement_files():
 
 def test_bench_finds_its_pytorch_reference_and_refuses_a_missing_interpreter():
   assert (REPO / "benchmarks" / "torch_gpt2_linreg.py").is_file()
-  result = subprocess.run([sys.executable, "-m", "icl_jax.bench", "--config=configs/linreg.py:quick",
-                           "--torch_python=/nonexistent/python"], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "icl_jax.bench", "--config=configs/linreg.py:quick", "--torch_python=/nonexistent/python"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1 and "error: --torch_python=/nonexistent/python: no such interpreter" in result.stderr
   assert '"name"' not in result.stdout  # Refused before any benchmark ran.
 
 
 def test_bench_runs_the_pytorch_reference_without_a_path_argument():
-  result = subprocess.run([sys.executable, "-m", "icl_jax.bench", "--config=tests/tiny_config.py",
-                           "--benchmark=train_step", f"--torch_python={sys.executable}", "--jax_num_cpu_devices=2"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "icl_jax.bench",
+      "--config=tests/tiny_config.py",
+      "--benchmark=train_step",
+      f"--torch_python={sys.executable}",
+      "--jax_num_cpu_devices=2",
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert '"name": "torch_train_step"' in result.stdout and '"name": "speedup_vs_torch"' in result.stdout
   step = json.loads(result.stdout.splitlines()[0])

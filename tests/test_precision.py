@@ -35,14 +35,14 @@ def _assert_highest(fn, *args) -> None:
 
 
 ALGORITHMS = {
-    "least_squares": lambda x, y: algorithms.least_squares(x, y, 0.1),
-    "iterative_newton": lambda x, y: algorithms.iterative_newton(x, y, 3),
-    "gradient_descent": lambda x, y: algorithms.gradient_descent(x, y, (1, 5), 0.01, "mean", jnp.eye(D)),
-    "conjugate_gradient": lambda x, y: algorithms.conjugate_gradient(x, y, 3),
-    "bfgs": lambda x, y: algorithms.bfgs(x, y, 3),
-    "lbfgs": lambda x, y: algorithms.lbfgs(x, y, 3, 2),
-    "online_gradient_descent": lambda x, y: algorithms.online_gradient_descent(x, y, 0.1, jnp.ones(D)),
-    "predict": lambda x, y: algorithms.predict(algorithms.least_squares(x, y), x),
+  "least_squares": lambda x, y: algorithms.least_squares(x, y, 0.1),
+  "iterative_newton": lambda x, y: algorithms.iterative_newton(x, y, 3),
+  "gradient_descent": lambda x, y: algorithms.gradient_descent(x, y, (1, 5), 0.01, "mean", jnp.eye(D)),
+  "conjugate_gradient": lambda x, y: algorithms.conjugate_gradient(x, y, 3),
+  "bfgs": lambda x, y: algorithms.bfgs(x, y, 3),
+  "lbfgs": lambda x, y: algorithms.lbfgs(x, y, 3, 2),
+  "online_gradient_descent": lambda x, y: algorithms.online_gradient_descent(x, y, 0.1, jnp.ones(D)),
+  "predict": lambda x, y: algorithms.predict(algorithms.least_squares(x, y), x),
 }
 
 
@@ -66,8 +66,9 @@ def test_similarities_run_at_highest_precision():
 def _tiny_programs(tiny, readout="least_squares"):
   tiny.eval.readout = readout
   model = models.build_model(tiny.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, tiny.task.n_points, tiny.task.n_dims)),
-                      jnp.zeros((1, tiny.task.n_points)))["params"]
+  params = model.init(
+    jax.random.key(0), jnp.zeros((1, tiny.task.n_points, tiny.task.n_dims)), jnp.zeros((1, tiny.task.n_points))
+  )["params"]
   return probing._Programs(tiny, model), model, params
 
 

@@ -39,7 +39,8 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   assert [c["verdict"] for c in report["claims"]] == [g.verdict for g in grades]
   markdown = (tmp_path / "REPORT.md").read_text()
   assert markdown.count("| **PASS** |") + markdown.count("| **FAIL** |") + markdown.count("| **NOT RUN** |") == len(
-      claims.CLAIMS)
+    claims.CLAIMS
+  )
   assert "python -m icl_jax.reproduce --scale=smoke" in markdown
   assert (tmp_path / "figures" / "best_match.png").stat().st_size > 0
 
@@ -55,8 +56,9 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   out = _reproduce("--scale=smoke", f"--root={tmp_path}", "--seeds=0,1", cwd=helpers.REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/results.json")}
-  assert f"python -m icl_jax.reproduce --scale=smoke --root={tmp_path} --seeds=0,1" in (
-      tmp_path / "REPORT.md").read_text()
+  assert (
+    f"python -m icl_jax.reproduce --scale=smoke --root={tmp_path} --seeds=0,1" in (tmp_path / "REPORT.md").read_text()
+  )
 
   # A root holding only the runs' summaries (a few kB each, what a committed report keeps) grades the same
   # without any checkpoint, training or evaluation.
@@ -75,18 +77,23 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
   shutil.copytree(tmp_path / "summaries", part / "summaries", ignore=shutil.ignore_patterns("kappa100_*"))
   partial = pipeline.reproduce(_plan(part), part, "smoke", SEEDS, "same", only=("isotropic",))
   assert [(g.verdict, g.quantities) for g in partial if g.claim.experiment != "kappa100"] == [
-      (g.verdict, g.quantities) for g in grades if g.claim.experiment != "kappa100"]
+    (g.verdict, g.quantities) for g in grades if g.claim.experiment != "kappa100"
+  ]
   assert {(g.verdict, g.reason) for g in partial if g.claim.experiment == "kappa100"} == {
-      ("NOT RUN", "no finished run of this experiment")}
+    ("NOT RUN", "no finished run of this experiment")
+  }
   # A summary of another configuration is refused, naming the file and the field.
   path = elsewhere / "summaries" / "isotropic_seed1.json"
   summary = json.loads(path.read_text())
   summary["config"]["train"]["num_steps"] = 1
   summary["config"]["eval"]["num_prompts"] = 1  # Unlike a resumed training, a summary's evaluation must match.
   path.write_text(json.dumps(summary))
-  with pytest.raises(errors.ConfigError, match=r"isotropic_seed1.json summarises a run of another "
-                                                      r"configuration(.|\n)*config.eval.num_prompts: summarised 1"
-                                                      r"(.|\n)*config.train.num_steps: summarised 1"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"isotropic_seed1.json summarises a run of another "
+    r"configuration(.|\n)*config.eval.num_prompts: summarised 1"
+    r"(.|\n)*config.train.num_steps: summarised 1",
+  ):
     pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
 
 
@@ -124,8 +131,9 @@ def test_every_scale_plans_valid_configs(tmp_path):
 
 
 def test_an_invalid_experiment_config_is_named_before_any_compute(tmp_path, monkeypatch):
-  broken = experiments.Experiment("broken", "a 2-layer model fit over layers 1-5", "linreg.py",
-                                  (("eval.fit_layers", (1, 5)),))
+  broken = experiments.Experiment(
+    "broken", "a 2-layer model fit over layers 1-5", "linreg.py", (("eval.fit_layers", (1, 5)),)
+  )
   monkeypatch.setattr(experiments, "EXPERIMENTS", experiments.EXPERIMENTS + (broken,))
   with pytest.raises(errors.ConfigError, match=r"broken_seed0: config.eval.fit_layers = \(1, 5\)"):
     _plan(tmp_path, "smoke", (0,))
@@ -163,8 +171,13 @@ def _results(newton, gd_log, fit=(1, 3)):
     slope, intercept = np.polyfit(layers, np.asarray(steps, float)[layers - 1], 1)
     fits[grid] = {"slope": slope, "r2": 1.0, "slope_interval": [slope - 0.1, slope + 0.1]}
   best = {"value": 0.9, "low": 0.85, "high": 0.95}
-  return {"eval": {"fits": fits, "best_match": {"newton": newton, "gd_log": gd_log},
-                   "last_layer_best": {"sim_e": {"newton": best, "gd": best, "gd_log": best}}}}
+  return {
+    "eval": {
+      "fits": fits,
+      "best_match": {"newton": newton, "gd_log": gd_log},
+      "last_layer_best": {"sim_e": {"newton": best, "gd": best, "gd_log": best}},
+    }
+  }
 
 
 def test_claims_measure_the_fits_and_the_flattening():
@@ -196,8 +209,14 @@ def test_sources_and_tolerances_are_stated_for_every_claim():
 
 
 def _reproduce(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "icl_jax.reproduce", *args], capture_output=True, text=True,
-                        cwd=cwd, env=helpers.subprocess_env(), timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "icl_jax.reproduce", *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=helpers.subprocess_env(),
+    timeout=600,
+  )
 
 
 def test_dry_run_prints_each_experiment_and_its_projected_cost(tmp_path):
@@ -210,11 +229,14 @@ def test_dry_run_prints_each_experiment_and_its_projected_cost(tmp_path):
   assert not any(tmp_path.iterdir())  # Nothing trained, nothing written.
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (("--seeds=0,x",), "--seeds=0,x: expected integers"),
     (("--config_dir=/nonexistent",), "--config_dir=/nonexistent: no linreg.py there"),
     (("--experiments=isotropic,gpt3",), "--experiments=isotropic,gpt3: unknown gpt3; the experiments are isotropic,"),
-])
+  ],
+)
 def test_bad_flags_are_one_error_line(tmp_path, args, message):
   out = _reproduce("--scale=smoke", f"--root={tmp_path / 'r'}", *args, cwd=helpers.REPO)
   assert out.returncode != 0 and message in out.stderr, out.stderr

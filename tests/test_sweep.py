@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from icl_jax.runtime import errors
 from icl_jax.sweep import grid
 from icl_jax.sweep import report
-from icl_jax.runtime import errors
 from tests import tiny_config
 
 

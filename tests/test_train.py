@@ -1,6 +1,5 @@
 """The training loop: multi-device equality, resume, config changes, non-finite losses, checkpoints."""
 
-
 import re
 
 import jax
@@ -10,9 +9,9 @@ import pytest
 from icl_jax import checkpointing
 from icl_jax import models
 from icl_jax import optim
-from icl_jax.runtime import run_logs
 from icl_jax import train
 from icl_jax import train_step
+from icl_jax.runtime import run_logs
 from tests import helpers
 from tests import tiny_config
 
@@ -55,6 +54,7 @@ def test_resume_is_bit_identical_and_works_on_another_device_count(tiny, tmp_pat
 
 def _delete_checkpoint(workdir, step):
   import shutil
+
   shutil.rmtree(workdir / "checkpoints" / str(step))
 
 
@@ -76,8 +76,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
   saved = (tmp_path / "config.json").read_text()
   tiny.train.num_steps = 16
   tiny.train.learning_rate = 1e30
-  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 9.* The last good checkpoint, "
-                                               "step 8, is kept"):
+  with pytest.raises(
+    FloatingPointError, match="non-finite training loss .* at step 9.* The last good checkpoint, step 8, is kept"
+  ):
     train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
   # config.json still describes checkpoint 8 (it used to hold the diverging learning rate, so that the original
   # command was then refused).
@@ -108,8 +109,9 @@ def test_training_chunks_of_any_length_compile_once(tiny):
   sizes = set()
   for length in (3, 1, 2, 3, 3):  # Crosses curriculum changes at steps 3, 6, 9 and 12.
     state, metrics = run_chunk(state, length)
-    sizes.update(zip(np.asarray(metrics["n_dims"])[:length].tolist(),
-                     np.asarray(metrics["n_points"])[:length].tolist()))
+    sizes.update(
+      zip(np.asarray(metrics["n_dims"])[:length].tolist(), np.asarray(metrics["n_points"])[:length].tolist())
+    )
   assert int(state.step) == 12 and len(sizes) > 1
   assert run_chunk._cache_size() == 1
 
@@ -137,10 +139,11 @@ def test_first_training_step_is_pinned(tiny):
   run_chunk = train_step.make_train_chunk(tiny, model, optimizer, optim.learning_rate_schedule(tiny.train), mesh)
   initial = jax.device_get(train_step.init_state(tiny, model, optimizer, mesh).params)
   state, metrics = run_chunk(train_step.init_state(tiny, model, optimizer, mesh), 1)
-  change = sum(float(np.sum(np.abs(a - b))) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
-                                                             jax.tree.leaves(initial)))
-  measured = {"loss": float(metrics["loss"][0]), "grad_norm": float(metrics["grad_norm"][0]),
-              "param_change_l1": change}
+  change = sum(
+    float(np.sum(np.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(initial))
+  )
+  measured = {"loss": float(metrics["loss"][0]), "grad_norm": float(metrics["grad_norm"][0]), "param_change_l1": change}
   for name, value in PINNED_FIRST_STEP.items():
     np.testing.assert_allclose(measured[name], value, rtol=1e-5, err_msg=name)
   assert (int(metrics["n_dims"][0]), int(metrics["n_points"][0])) == (2, 4)  # The curriculum's first sizes.
@@ -151,8 +154,16 @@ def _learnable(config, dtype: str):
   config.task.update(n_dims=2, n_points=6)
   config.task.curriculum.enabled = False
   config.model.update(num_layers=2, num_heads=2, width=32, n_positions=12, dtype=dtype)
-  config.train.update(num_steps=1000, batch_size=64, learning_rate=3e-3, warmup_steps=50, schedule="cosine",
-                      log_every=100, checkpoint_every=500, steps_per_dispatch=50)
+  config.train.update(
+    num_steps=1000,
+    batch_size=64,
+    learning_rate=3e-3,
+    warmup_steps=50,
+    schedule="cosine",
+    log_every=100,
+    checkpoint_every=500,
+    steps_per_dispatch=50,
+  )
   config.eval.num_prompts = 512
   return config
 
@@ -164,13 +175,19 @@ def test_bfloat16_trains_like_float32_and_checkpoints_stay_float32(tiny, tmp_pat
   one = jax.devices()[:1]
   f32 = _learnable(tiny.copy_and_resolve_references(), "float32")
   bf16 = _learnable(tiny.copy_and_resolve_references(), "bfloat16")
-  ratio = {c.model.dtype: train.train_and_evaluate(c, tmp_path / c.model.dtype, devices=one)["error_curve"]
-           ["last_ratio_to_zero"] for c in (f32, bf16)}
+  ratio = {
+    c.model.dtype: train.train_and_evaluate(c, tmp_path / c.model.dtype, devices=one)["error_curve"][
+      "last_ratio_to_zero"
+    ]
+    for c in (f32, bf16)
+  }
   assert ratio["float32"] < 0.5, f"the float32 run did not learn: {ratio}"  # 0.23 when written.
   assert ratio["bfloat16"] <= 1.5 * ratio["float32"], ratio
   state = helpers.final_state(bf16, tmp_path / "bfloat16", devices=one)
-  assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state))} <= {np.dtype(np.float32),
-                                                                                       np.dtype(np.int32)}
+  assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state))} <= {
+    np.dtype(np.float32),
+    np.dtype(np.int32),
+  }
   bf16.train.num_steps = 1100
   resumed = train.train_and_evaluate(bf16, tmp_path / "float32", devices=one, allow_config_change=True)
   assert resumed["step"] == 1100 and np.isfinite(resumed["final"]["loss"])
@@ -248,15 +265,24 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_one_below_resumes(
   np.testing.assert_array_equal(helpers.losses(broken)[1], helpers.losses(straight)[1])
 
 
-@pytest.mark.parametrize("like, message", [
-    ({"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}, "a is saved as float32[2], this "
-     "configuration's state has float32[3] (1 more arrays differ)"),
-    ({"a": np.zeros(2, np.float32), "b": np.zeros(1, np.int32)}, "b is saved as float32[1], this configuration's "
-     "state has int32[1]"),
+@pytest.mark.parametrize(
+  "like, message",
+  [
+    (
+      {"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)},
+      "a is saved as float32[2], this configuration's state has float32[3] (1 more arrays differ)",
+    ),
+    (
+      {"a": np.zeros(2, np.float32), "b": np.zeros(1, np.int32)},
+      "b is saved as float32[1], this configuration's state has int32[1]",
+    ),
     ({"a": np.zeros(2, np.float32)}, "only the checkpoint has 1 arrays, e.g. b"),
-    ({"a": np.zeros(2, np.float32), "b": np.zeros(1, np.float32), "c": np.zeros(1, np.float32)},
-     "only this configuration's state has 1 arrays, e.g. c"),
-])
+    (
+      {"a": np.zeros(2, np.float32), "b": np.zeros(1, np.float32), "c": np.zeros(1, np.float32)},
+      "only this configuration's state has 1 arrays, e.g. c",
+    ),
+  ],
+)
 def test_a_checkpoint_of_another_layout_names_the_array_before_restoring(tiny, tmp_path, like, message):
   saved = {"a": np.ones(2, np.float32), "b": np.ones(1, np.float32)}
   with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
@@ -268,8 +294,11 @@ def test_a_checkpoint_of_another_layout_names_the_array_before_restoring(tiny, t
 
 
 # Runs trained together in one vmapped program get the losses and parameters they get when trained alone.
-SETTINGS = [{"seed": 0, "kappa": 1.0, "noise_std": 0.0}, {"seed": 1, "kappa": 100.0, "noise_std": 0.0},
-            {"seed": 0, "kappa": 10.0, "noise_std": 0.1}]
+SETTINGS = [
+  {"seed": 0, "kappa": 1.0, "noise_std": 0.0},
+  {"seed": 1, "kappa": 100.0, "noise_std": 0.0},
+  {"seed": 0, "kappa": 10.0, "noise_std": 0.1},
+]
 
 
 def _run_config(seed, kappa, noise_std):
@@ -289,8 +318,9 @@ def test_vmapped_runs_equal_separate_runs(tmp_path):
     alone_steps, alone_losses = helpers.losses(tmp_path / f"alone{i}")
     assert steps == alone_steps
     np.testing.assert_allclose(losses, alone_losses, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(results[i]["error_curve"]["error_per_dim"], alone["error_curve"]["error_per_dim"],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+      results[i]["error_curve"]["error_per_dim"], alone["error_curve"]["error_per_dim"], rtol=1e-4
+    )
     a = jax.device_get(helpers.final_state(config, together[i]).params)
     b = jax.device_get(helpers.final_state(config, tmp_path / f"alone{i}").params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)

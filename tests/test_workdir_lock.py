@@ -18,9 +18,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _command(workdir, seed):
-  return [sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", "--config.train.num_steps=300",
-          "--config.train.log_every=10", "--config.train.checkpoint_every=100", f"--config.seed={seed}",
-          f"--workdir={workdir}"]
+  return [
+    sys.executable,
+    "-m",
+    "icl_jax.main",
+    "--config=tests/tiny_config.py",
+    "--config.train.num_steps=300",
+    "--config.train.log_every=10",
+    "--config.train.checkpoint_every=100",
+    f"--config.seed={seed}",
+    f"--workdir={workdir}",
+  ]
 
 
 def test_two_runs_on_one_workdir_one_trains_the_other_stops_naming_it(tmp_path):
@@ -28,8 +36,12 @@ def test_two_runs_on_one_workdir_one_trains_the_other_stops_naming_it(tmp_path):
   metrics.jsonl steps from both). Now exactly one trains; the other exits 1 within seconds, naming the
   holder; the workdir is the winner's alone."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  processes = [subprocess.Popen(_command(tmp_path, seed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+  processes = [
+    subprocess.Popen(
+      _command(tmp_path, seed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    for seed in (0, 1)
+  ]
   start = time.monotonic()
   ended = None
   while ended is None:
@@ -58,8 +70,11 @@ def _dead_pid() -> int:
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny, tmp_path, caplog):
   """What `kill -9` leaves behind: the holder is gone, so the next run takes the lock with a warning."""
-  (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
-      {"host": socket.gethostname(), "pid": _dead_pid(), "purpose": "training", "started": "2026-12-01T00:00:00"}))
+  (tmp_path / workdir_lock.LOCK_FILE).write_text(
+    json.dumps(
+      {"host": socket.gethostname(), "pid": _dead_pid(), "purpose": "training", "started": "2026-12-01T00:00:00"}
+    )
+  )
   with caplog.at_level("WARNING"):
     assert train.train_and_evaluate(tiny, tmp_path)["step"] == tiny.train.num_steps
   assert any("took over the stale lock" in r.getMessage() for r in caplog.records)
@@ -67,11 +82,14 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny, tmp_path, caplog):
 
 
 def test_a_lock_held_on_another_host_is_refused_naming_it(tiny, tmp_path):
-  (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
-      {"host": "node-7", "pid": 4242, "purpose": "training", "started": "2026-12-01T09:00:00+00:00"}))
-  with pytest.raises(workdir_lock.WorkdirLockedError,
-                     match=r"in use: training by pid 4242 on node-7, started 2026-12-01T09:00:00\+00:00; if that "
-                           r"process is gone, delete .*lock.json"):
+  (tmp_path / workdir_lock.LOCK_FILE).write_text(
+    json.dumps({"host": "node-7", "pid": 4242, "purpose": "training", "started": "2026-12-01T09:00:00+00:00"})
+  )
+  with pytest.raises(
+    workdir_lock.WorkdirLockedError,
+    match=r"in use: training by pid 4242 on node-7, started 2026-12-01T09:00:00\+00:00; if that "
+    r"process is gone, delete .*lock.json",
+  ):
     train.train_and_evaluate(tiny, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
 

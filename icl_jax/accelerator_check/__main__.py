@@ -18,11 +18,19 @@ from icl_jax import cli
 from icl_jax.accelerator_check import checks
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file[:variant]: configs/linreg.py (the paper's run) for the full check, "
-    "tests/tiny_config.py with --tiny. Override any field with --config.FIELD=VALUE.", lock_config=True)
+  "config",
+  None,
+  "Experiment config file[:variant]: configs/linreg.py (the paper's run) for the full check, "
+  "tests/tiny_config.py with --tiny. Override any field with --config.FIELD=VALUE.",
+  lock_config=True,
+)
 _OUT = flags.DEFINE_string("out", None, "Directory for accelerator_check.json (created if missing).")
-_TINY = flags.DEFINE_bool("tiny", False, "Small sizes (checks.SIZES['tiny']) and the tests on CPU: the "
-                          "same steps in under two minutes on a CPU, as CI runs it.")
+_TINY = flags.DEFINE_bool(
+  "tiny",
+  False,
+  "Small sizes (checks.SIZES['tiny']) and the tests on CPU: the "
+  "same steps in under two minutes on a CPU, as CI runs it.",
+)
 flags.mark_flags_as_required(["config", "out"])
 
 # The tests run from the checkout the package sits in (an editable install or the repository itself).

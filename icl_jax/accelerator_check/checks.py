@@ -28,9 +28,9 @@ import time
 
 import ml_collections
 
-from icl_jax.runtime import run_logs
 from icl_jax import train
 from icl_jax.bench import benchmarks
+from icl_jax.runtime import run_logs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +43,21 @@ class Sizes:
 
 
 SIZES = {
-    "full": Sizes(batch_sizes=(64, 1024), curve_steps=2000, curve_log_every=100, curve_tail=5,
-                  tests=("tests/test_precision.py", "tests/test_algorithms.py", "tests/test_model.py",
-                         "tests/test_train.py::test_first_training_step_is_pinned")),
-    "tiny": Sizes(batch_sizes=(16, 64), curve_steps=40, curve_log_every=5, curve_tail=2,
-                  tests=("tests/test_precision.py",)),
+  "full": Sizes(
+    batch_sizes=(64, 1024),
+    curve_steps=2000,
+    curve_log_every=100,
+    curve_tail=5,
+    tests=(
+      "tests/test_precision.py",
+      "tests/test_algorithms.py",
+      "tests/test_model.py",
+      "tests/test_train.py::test_first_training_step_is_pinned",
+    ),
+  ),
+  "tiny": Sizes(
+    batch_sizes=(16, 64), curve_steps=40, curve_log_every=5, curve_tail=2, tests=("tests/test_precision.py",)
+  ),
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -59,13 +69,24 @@ def run_tests(repo: pathlib.Path, tests: tuple[str, ...], default_backend: bool)
   if default_backend:
     env["JAX_PLATFORMS"] = ""  # tests/conftest.py only sets it when unset: "" lets JAX pick the accelerator.
   start = time.perf_counter()
-  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=repo,
-                          env=env, capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
   counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", summary)}
-  return {"tests": list(tests), "exit_status": result.returncode, "summary": summary, "counts": counts,
-          "wall_s": time.perf_counter() - start,
-          "failures": result.stdout[-4000:] if result.returncode else ""}
+  return {
+    "tests": list(tests),
+    "exit_status": result.returncode,
+    "summary": summary,
+    "counts": counts,
+    "wall_s": time.perf_counter() - start,
+    "failures": result.stdout[-4000:] if result.returncode else "",
+  }
 
 
 def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
@@ -81,8 +102,11 @@ def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigD
 
 
 def step_benchmarks(config: ml_collections.ConfigDict, sizes: Sizes) -> list[dict]:
-  return [benchmarks.bench_train_step(_with(config, **{"model.dtype": dtype, "train.batch_size": batch}))
-          for dtype in DTYPES for batch in sizes.batch_sizes]
+  return [
+    benchmarks.bench_train_step(_with(config, **{"model.dtype": dtype, "train.batch_size": batch}))
+    for dtype in DTYPES
+    for batch in sizes.batch_sizes
+  ]
 
 
 def projection(config: ml_collections.ConfigDict, steps: list[dict]) -> dict:
@@ -97,16 +121,29 @@ def dtype_curves(config: ml_collections.ConfigDict, sizes: Sizes) -> dict:
   curves = {}
   with tempfile.TemporaryDirectory() as scratch:
     for dtype in DTYPES:
-      run = _with(config, **{"model.dtype": dtype, "train.num_steps": sizes.curve_steps,
-                             "train.log_every": sizes.curve_log_every, "train.checkpoint_every": sizes.curve_steps,
-                             "train.keep_period": 0, "eval.after_training": False})
+      run = _with(
+        config,
+        **{
+          "model.dtype": dtype,
+          "train.num_steps": sizes.curve_steps,
+          "train.log_every": sizes.curve_log_every,
+          "train.checkpoint_every": sizes.curve_steps,
+          "train.keep_period": 0,
+          "eval.after_training": False,
+        },
+      )
       start = time.perf_counter()
       result = train.train_and_evaluate(run, pathlib.Path(scratch) / dtype)
-      records = [json.loads(line) for line in (pathlib.Path(scratch) / dtype / "metrics.jsonl").read_text().splitlines()]
-      curves[dtype] = {"steps": [r["step"] for r in records], "loss": [r["loss"] for r in records],
-                       "wall_s": time.perf_counter() - start,
-                       "last_ratio_to_zero": result["error_curve"]["last_ratio_to_zero"]}
-  tail = {dtype: sum(c["loss"][-sizes.curve_tail:]) / sizes.curve_tail for dtype, c in curves.items()}
+      records = [
+        json.loads(line) for line in (pathlib.Path(scratch) / dtype / "metrics.jsonl").read_text().splitlines()
+      ]
+      curves[dtype] = {
+        "steps": [r["step"] for r in records],
+        "loss": [r["loss"] for r in records],
+        "wall_s": time.perf_counter() - start,
+        "last_ratio_to_zero": result["error_curve"]["last_ratio_to_zero"],
+      }
+  tail = {dtype: sum(c["loss"][-sizes.curve_tail :]) / sizes.curve_tail for dtype, c in curves.items()}
   return {**curves, "final_loss": tail, "final_loss_ratio_bf16_to_f32": tail["bfloat16"] / tail["float32"]}
 
 

@@ -43,8 +43,9 @@ def _steps_tuple(steps) -> tuple[int, ...]:
   if isinstance(steps, np.ndarray) and steps.ndim == 1:
     steps = steps.tolist()  # Python ints for an integer array; floats, which the check rejects, otherwise.
   if not isinstance(steps, (tuple, list, range)) or not steps:
-    raise ValueError(f"steps={steps!r}; must be a non-empty tuple or list of non-negative ints (a static "
-                     "argument, so not a JAX array)")
+    raise ValueError(
+      f"steps={steps!r}; must be a non-empty tuple or list of non-negative ints (a static argument, so not a JAX array)"
+    )
   for step in steps:
     _check_step_count("steps", step)
   return tuple(int(step) for step in steps)
@@ -141,8 +142,9 @@ def _newton(s_BxDxD: jax.Array, b_BxD: jax.Array, num_steps: int, alpha: str) ->
 
 @highest_precision
 @functools.partial(jax.jit, static_argnames=("num_steps", "alpha", "ridge"))
-def iterative_newton(xs: jax.Array, ys: jax.Array, num_steps: int, alpha: str = "frobenius",
-                     ridge: float = 0.0) -> jax.Array:
+def iterative_newton(
+  xs: jax.Array, ys: jax.Array, num_steps: int, alpha: str = "frobenius", ridge: float = 0.0
+) -> jax.Array:
   """Fu et al.'s Iterative Newton w_k = M_k X^T y on every prefix: [B, num_steps + 1, T, D], index k after k
   updates (k = 0: M_0 X^T y).
 
@@ -169,8 +171,14 @@ def iterative_newton(xs: jax.Array, ys: jax.Array, num_steps: int, alpha: str = 
 # c = eta P b / scale, iterated from w_0 = 0.
 
 
-def _gradient_map(s_BxDxD: jax.Array, b_BxD: jax.Array, num_points: jax.Array, learning_rate: jax.Array,
-                  gradient_scale: str, preconditioner: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def _gradient_map(
+  s_BxDxD: jax.Array,
+  b_BxD: jax.Array,
+  num_points: jax.Array,
+  learning_rate: jax.Array,
+  gradient_scale: str,
+  preconditioner: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
   """H [B, D, D] and c [B, D] of the affine gradient step; num_points is the prefix length t."""
   # Casts keep a float64 learning rate or preconditioner (numpy's default) from promoting float32 data.
   step_size = jnp.asarray(learning_rate, s_BxDxD.dtype)
@@ -228,8 +236,15 @@ def _gradient_descent(xs, ys, steps, learning_rate, gradient_scale, precondition
 
 
 @highest_precision
-def gradient_descent(xs: jax.Array, ys: jax.Array, steps, learning_rate: float, gradient_scale: str = "sum",
-                     preconditioner: jax.Array | None = None, ridge: float = 0.0) -> jax.Array:
+def gradient_descent(
+  xs: jax.Array,
+  ys: jax.Array,
+  steps,
+  learning_rate: float,
+  gradient_scale: str = "sum",
+  preconditioner: jax.Array | None = None,
+  ridge: float = 0.0,
+) -> jax.Array:
   """Gradient descent w <- w - eta P grad from w_0 = 0 on every prefix, after each number of updates in `steps`:
   [B, len(steps), T, D]. Costs O(log max(steps)) matrix products, so grids up to thousands of steps are cheap.
 
@@ -273,6 +288,7 @@ def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 class _Floors(NamedTuple):
   """Rounding levels of one problem, computed once before the iterations: a direction p has no curvature when
   p^T S p <= curvature_B * p^T p, and a gradient (or residual) g is converged when g^T g <= gradient_B."""
+
   curvature_B: jax.Array
   gradient_B: jax.Array
 
@@ -314,7 +330,8 @@ def _conjugate_gradient(s_BxDxD, b_BxD, num_steps: int) -> jax.Array:
     p_BxD = r_new_BxD + _ratio(_dot(r_new_BxD, r_new_BxD), _dot(r_BxD, r_BxD))[:, None] * p_BxD
     keep_B = _dot(r_new_BxD, r_new_BxD) > floors.gradient_B
     basis_BxKxD = jax.lax.dynamic_update_index_in_dim(
-        basis_BxKxD, jnp.where(keep_B[:, None], unit(r_new_BxD), 0.0), k + 1, axis=1)
+      basis_BxKxD, jnp.where(keep_B[:, None], unit(r_new_BxD), 0.0), k + 1, axis=1
+    )
     return (w_BxD, r_new_BxD, p_BxD, basis_BxKxD), w_BxD
 
   w0_BxD = jnp.zeros_like(b_BxD)
@@ -364,13 +381,25 @@ def _lbfgs(s_BxDxD, b_BxD, num_steps: int, memory: int) -> jax.Array:
     # H_0 = gamma I with gamma = s^T y / y^T y of the newest pair (Nocedal & Wright eq. 7.20), 1 at first.
     gamma_B = jnp.where(sy_B > 0, _ratio(sy_B, _dot(y_BxD, y_BxD)), gamma_B)
     push = lambda stack, new: jnp.concatenate([stack[:, 1:], new[:, None]], axis=1)
-    carry = (w_BxD + s_BxD, g_BxD + y_BxD, push(ss_BxMxD, s_BxD), push(ys_BxMxD, y_BxD),
-             push(rhos_BxM, _ratio(1.0, sy_B)), gamma_B)
+    carry = (
+      w_BxD + s_BxD,
+      g_BxD + y_BxD,
+      push(ss_BxMxD, s_BxD),
+      push(ys_BxMxD, y_BxD),
+      push(rhos_BxM, _ratio(1.0, sy_B)),
+      gamma_B,
+    )
     return carry, w_BxD + s_BxD
 
   w0_BxD = jnp.zeros_like(b_BxD)
-  init = (w0_BxD, -b_BxD, pairs_BxMxD, pairs_BxMxD, jnp.zeros(pairs_BxMxD.shape[:2], b_BxD.dtype),
-          jnp.ones(b_BxD.shape[:1], b_BxD.dtype))
+  init = (
+    w0_BxD,
+    -b_BxD,
+    pairs_BxMxD,
+    pairs_BxMxD,
+    jnp.zeros(pairs_BxMxD.shape[:2], b_BxD.dtype),
+    jnp.ones(b_BxD.shape[:1], b_BxD.dtype),
+  )
   return _iterates(step, init, num_steps, w0_BxD)
 
 
@@ -413,8 +442,9 @@ def lbfgs(xs: jax.Array, ys: jax.Array, num_steps: int, memory: int, ridge: floa
 
 @highest_precision
 @jax.jit
-def online_gradient_descent(xs: jax.Array, ys: jax.Array, learning_rate: jax.Array | None = None,
-                            w0: jax.Array | None = None) -> jax.Array:
+def online_gradient_descent(
+  xs: jax.Array, ys: jax.Array, learning_rate: jax.Array | None = None, w0: jax.Array | None = None
+) -> jax.Array:
   """One pass over the points, step t on point t alone: [B, T, D], index t after the first t points (one pass
   visits every prefix).
 

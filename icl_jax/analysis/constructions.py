@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 class Block(NamedTuple):
   """Weights of one transformer block (see the module docstring): H heads of ReLU attention, then an MLP."""
+
   query_HxAxR: jax.Array
   key_HxAxR: jax.Array
   value_HxRxR: jax.Array
@@ -57,9 +58,15 @@ def newton_width(d: int) -> int:
 
 
 def _newton_rows(d: int) -> dict[str, slice]:
-  return {"x": slice(0, d), "y": slice(d, d + 1), "x_query": slice(d + 1, 2 * d + 1),
-          "t": slice(2 * d + 1, 3 * d + 1), "w": slice(3 * d + 1, 4 * d + 1),
-          "prediction": slice(4 * d + 1, 4 * d + 2), "one": slice(4 * d + 2, 4 * d + 3)}
+  return {
+    "x": slice(0, d),
+    "y": slice(d, d + 1),
+    "x_query": slice(d + 1, 2 * d + 1),
+    "t": slice(2 * d + 1, 3 * d + 1),
+    "w": slice(3 * d + 1, 4 * d + 1),
+    "prediction": slice(4 * d + 1, 4 * d + 2),
+    "one": slice(4 * d + 2, 4 * d + 3),
+  }
 
 
 def _product_heads(query_AxR: jax.Array, key_AxR: jax.Array, value_RxR: jax.Array) -> tuple[jax.Array, ...]:
@@ -83,11 +90,13 @@ def newton_construction(d: int, n: int, num_steps: int, alpha: jax.Array) -> lis
   pick = lambda block: identity_RxR[rows[block]]  # [rows in block, R]: reads a block from the stream.
   no_mlp = (jnp.zeros((0, newton_width(d))), jnp.zeros((newton_width(d), 0)))
 
-  initialise = Block(*_product_heads(alpha * num_tokens * pick("x"), pick("x"), pick("t").T @ pick("x")),
-                     *no_mlp)
+  initialise = Block(*_product_heads(alpha * num_tokens * pick("x"), pick("x"), pick("t").T @ pick("x")), *no_mlp)
   # The -1/2 leaves t - M S M x / 2 after the attention, so the MLP's t -> 2 t lands on 2 M x - M S M x.
-  newton_step = Block(*_product_heads(-num_tokens / 2 * pick("x"), pick("t"), pick("t").T @ pick("t")),
-                      jnp.concatenate([pick("t"), -pick("t")]), jnp.concatenate([pick("t").T, -pick("t").T], 1))
+  newton_step = Block(
+    *_product_heads(-num_tokens / 2 * pick("x"), pick("t"), pick("t").T @ pick("t")),
+    jnp.concatenate([pick("t"), -pick("t")]),
+    jnp.concatenate([pick("t").T, -pick("t").T], 1),
+  )
   read_weights = Block(*_product_heads(num_tokens * pick("one"), pick("y"), pick("w").T @ pick("t")), *no_mlp)
   # The value is the row one on all T tokens, so the 1/T of the activation is the mean of T equal terms.
   predict = Block(*_product_heads(pick("x_query"), pick("w"), pick("prediction").T @ pick("one")), *no_mlp)
@@ -109,8 +118,7 @@ def newton_readout(h_RxT: jax.Array) -> tuple[jax.Array, jax.Array]:
   return h_RxT[rows["w"], -1], h_RxT[rows["prediction"], -1][0]
 
 
-def newton_transformer(xs: jax.Array, ys: jax.Array, x_query: jax.Array,
-                       num_steps: int) -> tuple[jax.Array, jax.Array]:
+def newton_transformer(xs: jax.Array, ys: jax.Array, x_query: jax.Array, num_steps: int) -> tuple[jax.Array, jax.Array]:
   """The Newton construction run on each prompt with alpha = 1 / ||S S^T||_F (Fu et al.'s code, the default
   of algorithms.iterative_newton): w_k [B, D] and the prediction x_query . w_k [B].
 

@@ -7,7 +7,8 @@ registers its evaluation here, so that models never import the analysis.
 """
 
 import json
-from typing import Callable, NamedTuple
+from typing import Callable
+from typing import NamedTuple
 
 import jax
 import matplotlib
@@ -67,9 +68,9 @@ class Evaluation(NamedTuple):
 
 _PROBING = Evaluation(_probe, "eval", figures.makers, figures.STYLE, probing.summary_scalars, probing.log_summary)
 EVALUATIONS: dict[str, Evaluation] = {
-    "gpt2": _PROBING,
-    "lstm": _PROBING,
-    "lsa": Evaluation(_analyse_lsa, "lsa_analysis", lsa_analysis.figures, lsa_analysis.STYLE, None, _log_lsa),
+  "gpt2": _PROBING,
+  "lstm": _PROBING,
+  "lsa": Evaluation(_analyse_lsa, "lsa_analysis", lsa_analysis.figures, lsa_analysis.STYLE, None, _log_lsa),
 }
 
 # Model and task fields that say how the model was trained, not what it is: the curriculum, the data's
@@ -81,14 +82,19 @@ def check_saved_model(config: ml_collections.ConfigDict, workdir: storage.Path) 
   """Raises ConfigError unless `config`'s model and task fields equal those of WORKDIR/config.json (a training
   run's, or a converted Garg et al. checkpoint's), naming each differing field; MissingFileError without it."""
   saved = checkpointing.load_saved_config(workdir).to_dict()
-  differences = [line for line in config_files.config_differences(saved, config_files.config_dict(config))
-                 if line.startswith(("config.model.", "config.task.")) and
-                 not line.removeprefix("config.").startswith(_TRAINING_ONLY_FIELDS)]
+  differences = [
+    line
+    for line in config_files.config_differences(saved, config_files.config_dict(config))
+    if line.startswith(("config.model.", "config.task."))
+    and not line.removeprefix("config.").startswith(_TRAINING_ONLY_FIELDS)
+  ]
   if differences:
     raise errors.ConfigError(
-        f"{workdir / 'config.json'} describes another model or task than the one requested; evaluating would "
-        "report the wrong model. Differing fields:\n  " + "\n  ".join(differences) +
-        "\nDrop these overrides (the saved values are used as given by --config), or evaluate another workdir.")
+      f"{workdir / 'config.json'} describes another model or task than the one requested; evaluating would "
+      "report the wrong model. Differing fields:\n  "
+      + "\n  ".join(differences)
+      + "\nDrop these overrides (the saved values are used as given by --config), or evaluate another workdir."
+    )
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, params: dict | None = None) -> dict:
@@ -117,8 +123,13 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: storage.Path, params: 
     pngs = [p for p in write_figures(evaluation.figures(results), evaluation.style, out) if p.suffix == ".png"]
     if evaluation.scalars is not None:
       run_logs.write_evaluation_summary(workdir, step or 0, evaluation.scalars(results), pngs, _hparams(config))
-    logging.info("Wrote %s and %d figures (PNG and PDF) in %s; TensorBoard: tensorboard --logdir %s",
-                 out / "results.json", len(pngs), out, workdir / "tensorboard")
+    logging.info(
+      "Wrote %s and %d figures (PNG and PDF) in %s; TensorBoard: tensorboard --logdir %s",
+      out / "results.json",
+      len(pngs),
+      out,
+      workdir / "tensorboard",
+    )
   return results
 
 

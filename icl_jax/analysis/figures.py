@@ -2,9 +2,10 @@
 SimE and SimW heatmaps with each layer's best match, and the best-matching steps per layer with their fits.
 
 `makers(results)` takes the dict that `evaluate` writes as results.json (plain lists) and returns every
-figure's drawing function by file stem; `evaluate.write_figures` saves them as PNG and PDF. The figures are built with matplotlib's object API (`Figure`), which
-needs no backend and registers nothing with pyplot: a figure is freed once its last reference goes, so
-nothing stays open after saving, even in a long training process.
+figure's drawing function by file stem; `evaluate.write_figures` saves them as PNG and PDF. The figures are
+built with matplotlib's object API (`Figure`), which needs no backend and registers nothing with pyplot: a
+figure is freed once its last reference goes, so nothing stays open after saving, even in a long training
+process.
 """
 
 import functools
@@ -12,11 +13,20 @@ from typing import Callable
 
 import matplotlib
 import numpy as np
-from matplotlib import lines, patches, ticker
+from matplotlib import lines
+from matplotlib import patches
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
-STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
-         "ytick.labelsize": 10, "legend.fontsize": 9, "figure.titlesize": 12}
+STYLE = {
+  "font.size": 11,
+  "axes.titlesize": 12,
+  "axes.labelsize": 11,
+  "xtick.labelsize": 10,
+  "ytick.labelsize": 10,
+  "legend.fontsize": 9,
+  "figure.titlesize": 12,
+}
 PAPER_LENGTHS = (5, 10, 15, 20, 22, 25, 30, 35)  # Context lengths of Fu et al.'s Fig. 2 (d = 20, 41 points).
 NUM_LENGTHS = 6  # Context lengths drawn instead when fewer than MIN_PAPER_LENGTHS of Fu et al.'s exist.
 MIN_PAPER_LENGTHS = 4
@@ -26,23 +36,39 @@ MAX_TICK_LABELS = 20  # Layer ticks beyond this crowd an 8-inch axis (e.g. a 48-
 ERROR_FLOOR = 1e-8
 # Fu et al.'s best matches for their 12-layer model on d = 20, kappa = 1 (arXiv:2310.17086): Newton from the
 # legend of Fig. 7(b), GD's log grid read off Fig. 10.
-PAPER_BEST = {"newton": (1, 1, 3, 5, 8, 10, 14, 17, 20, 21, 21, 21),
-              "gd_log": (1, 1, 4, 8, 32, 64, 256, 512, 1024, 4096, 4096, 4096)}
+PAPER_BEST = {
+  "newton": (1, 1, 3, 5, 8, 10, 14, 17, 20, 21, 21, 21),
+  "gd_log": (1, 1, 4, 8, 32, 64, 256, 512, 1024, 4096, 4096, 4096),
+}
 METRIC_NAMES = {"sim_e": "SimE (similarity of errors)", "sim_w": "SimW (similarity of induced weights)"}
 METRIC_SHORT = {"sim_e": "SimE", "sim_w": "SimW"}
-GRID_NAMES = {"newton": "Iterative Newton", "gd": "GD", "gd_log": "GD, log grid", "cg": "conjugate gradient",
-              "bfgs": "BFGS", "lbfgs": "L-BFGS"}
-GRID_AXES = {"newton": "Newton steps", "gd": "GD steps", "gd_log": "GD steps", "cg": "CG steps", "bfgs": "BFGS steps",
-             "lbfgs": "L-BFGS steps"}
+GRID_NAMES = {
+  "newton": "Iterative Newton",
+  "gd": "GD",
+  "gd_log": "GD, log grid",
+  "cg": "conjugate gradient",
+  "bfgs": "BFGS",
+  "lbfgs": "L-BFGS",
+}
+GRID_AXES = {
+  "newton": "Newton steps",
+  "gd": "GD steps",
+  "gd_log": "GD steps",
+  "cg": "CG steps",
+  "bfgs": "BFGS steps",
+  "lbfgs": "L-BFGS steps",
+}
 GREY = "0.45"
 
 
 def makers(results: dict) -> dict[str, Callable[[], Figure]]:
   """Every figure of `results` by file stem, drawn when called (under STYLE, which must be in force both when
   the text is laid out and when it is drawn)."""
-  found = {"error_vs_layer": functools.partial(error_vs_layer, results),
-           "error_vs_context": functools.partial(error_vs_context, results),
-           "best_match": functools.partial(best_match, results)}
+  found = {
+    "error_vs_layer": functools.partial(error_vs_layer, results),
+    "error_vs_context": functools.partial(error_vs_context, results),
+    "best_match": functools.partial(best_match, results),
+  }
   for metric in METRIC_NAMES:
     for grid in results["grids"]:
       found[f"{metric}_{grid}_heatmap"] = functools.partial(similarity_heatmap, results, metric, grid)
@@ -60,30 +86,44 @@ def error_vs_layer(results: dict) -> Figure:
   figure = Figure(figsize=(16, 5.5), layout="constrained")
   axes = figure.subplots(1, 3, sharey=True, width_ratios=(1.2, 1, 1))
   colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(lengths)))
-  panels = (("layers", np.asarray(results["layers"]), "layer", "the model's read-out per layer"),
-            ("newton", np.asarray(results["grids"]["newton"]), "Newton steps", "Iterative Newton"),
-            ("gd_log", np.asarray(results["grids"]["gd_log"]), "GD steps" + _learning_rate(results, "gd"),
-             "gradient descent"))
+  panels = (
+    ("layers", np.asarray(results["layers"]), "layer", "the model's read-out per layer"),
+    ("newton", np.asarray(results["grids"]["newton"]), "Newton steps", "Iterative Newton"),
+    ("gd_log", np.asarray(results["grids"]["gd_log"]), "GD steps" + _learning_rate(results, "gd"), "gradient descent"),
+  )
   for ax, (name, x, xlabel, title) in zip(axes, panels):
     stats = _stats(results, name)
     for n, colour in zip(lengths, colours):
-      _band(ax, x, stats, (slice(None), column[n]), color=colour, marker="o", ms=3,
-            label=f"n = {n}" + (" = d" if n == d else ""))
+      _band(
+        ax,
+        x,
+        stats,
+        (slice(None), column[n]),
+        color=colour,
+        marker="o",
+        ms=3,
+        label=f"n = {n}" + (" = d" if n == d else ""),
+      )
       ax.axhline(ols_N[column[n]], color=colour, ls="--", lw=1)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
   _integer_ticks(axes[0].xaxis, panels[0][1])
   axes[2].set_xscale("log", base=2)
   handles, _ = axes[-1].get_legend_handles_labels()
-  handles.append(lines.Line2D([], [], color=GREY, ls="--", lw=1,
-                              label="least squares, same n\n(≈ 0 for n ≥ d: off the axis)"))
+  handles.append(
+    lines.Line2D([], [], color=GREY, ls="--", lw=1, label="least squares, same n\n(≈ 0 for n ≥ d: off the axis)")
+  )
   axes[-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), title="examples in context")
   every = [_stats(results, name) for name, *_ in panels]
-  _log_errors(axes[0], np.concatenate([s["low"][:, shown].ravel() for s in every]),
-              np.concatenate([s["high"][:, shown].ravel() for s in every]))
+  _log_errors(
+    axes[0],
+    np.concatenate([s["low"][:, shown].ravel() for s in every]),
+    np.concatenate([s["high"][:, shown].ravel() for s in every]),
+  )
   axes[0].set_ylabel("squared error / d")
-  figure.suptitle(f"Error against depth and against steps (Fu et al. Fig. 2); bands: {_interval(results)}; "
-                  + _settings_line(results))
+  figure.suptitle(
+    f"Error against depth and against steps (Fu et al. Fig. 2); bands: {_interval(results)}; " + _settings_line(results)
+  )
   return figure
 
 
@@ -94,24 +134,33 @@ def error_vs_context(results: dict) -> Figure:
   d = results["settings"]["task"]["n_dims"]
   figure = Figure(figsize=(9, 5.5), layout="constrained")
   ax = figure.add_subplot()
-  curves = [("model", 0, "model output", {"color": "black", "lw": 2.2}),
-            ("layers", -1, f"layer {results['layers'][-1]} read-out", {"color": "tab:blue", "ls": "--"}),
-            ("least_squares", 0, "least squares", {"color": "tab:red", "lw": 1.5}),
-            ("online_gd", 0, "online GD", {"color": "tab:purple"})]
+  curves = [
+    ("model", 0, "model output", {"color": "black", "lw": 2.2}),
+    ("layers", -1, f"layer {results['layers'][-1]} read-out", {"color": "tab:blue", "ls": "--"}),
+    ("least_squares", 0, "least squares", {"color": "tab:red", "lw": 1.5}),
+    ("online_gd", 0, "online GD", {"color": "tab:purple"}),
+  ]
   for name, cmap, preferred in (("newton", "Greens", (1, 5, 23)), ("gd", "Oranges", ())):
     shown = _pick(grids[name], preferred)
     colours = matplotlib.colormaps[cmap](np.linspace(0.45, 0.95, len(shown)))
     for step, colour in zip(shown, colours):
-      curves.append((name, grids[name].index(step), f"{GRID_NAMES[name]}, {step} step{'s' * (step != 1)}",
-                     {"color": colour, "ls": "-."}))
+      curves.append(
+        (
+          name,
+          grids[name].index(step),
+          f"{GRID_NAMES[name]}, {step} step{'s' * (step != 1)}",
+          {"color": colour, "ls": "-."},
+        )
+      )
   curves.append(("zero", 0, "zero predictor", {"color": GREY, "ls": ":"}))
   for name, row, label, style in curves:
     _band(ax, lengths_N, _stats(results, name), (row, slice(None)), label=label, **style)
   # The axis spans the model's and its last layer's curves (and the zero predictor), not the algorithms that
   # reach round-off once n >= d, which would squeeze the model's curve into a corner.
   learned = [_stats(results, name) for name in ("model", "layers", "zero")]
-  _log_errors(ax, np.concatenate([s["low"].ravel() for s in learned]),
-              np.concatenate([s["high"].ravel() for s in learned]))
+  _log_errors(
+    ax, np.concatenate([s["low"].ravel() for s in learned]), np.concatenate([s["high"].ravel() for s in learned])
+  )
   if d <= lengths_N[-1]:
     ax.axvline(d, color=GREY, lw=0.8, ls=":")
     # On its own axis above the plot: inside it, the label would sit on some curve.
@@ -145,14 +194,21 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   # Layer 1 on top, rows in table order: the best matches then run from top left to bottom right.
   # One colour scale for every grid of this metric, so that Newton's and GD's heatmaps compare at a glance.
   every = np.concatenate([np.ravel(results[metric][g]) for g in results["grids"]])
-  image = ax.imshow(sim_LxK, aspect="auto", cmap="viridis", interpolation="nearest", vmin=float(np.min(every)),
-                    vmax=float(np.max(every)))
+  image = ax.imshow(
+    sim_LxK,
+    aspect="auto",
+    cmap="viridis",
+    interpolation="nearest",
+    vmin=float(np.min(every)),
+    vmax=float(np.max(every)),
+  )
   for row, steps in enumerate(within_L):
     ax.plot([steps_K.index(s) for s in steps], [row] * len(steps), "o", ms=3.5, color="white", mec="black", mew=0.5)
   for row, step in enumerate(best_steps_L):
     # Unclipped: a box on the edge column would lose half its outline under the axes frame.
-    ax.add_patch(patches.Rectangle((steps_K.index(step) - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2,
-                                   clip_on=False))
+    ax.add_patch(
+      patches.Rectangle((steps_K.index(step) - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2, clip_on=False)
+    )
   ax.set_xticks(range(k), [str(s) if i % stride == 0 else "" for i, s in enumerate(steps_K)])
   ax.set_yticks(range(num_layers), results["layers"])
   best_axis = ax.secondary_yaxis("right")
@@ -160,8 +216,10 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
   best_axis.set_ylabel("best match: steps (similarity)")
   ax.set_xlabel(GRID_AXES.get(grid, grid) + _learning_rate(results, grid))
   ax.set_ylabel("layer")
-  ax.set_title(f"{METRIC_NAMES[metric]} with {GRID_NAMES.get(grid, grid)}\nred box: each layer's best match; dots: "
-               f"steps within its {_interval(results)}")
+  ax.set_title(
+    f"{METRIC_NAMES[metric]} with {GRID_NAMES.get(grid, grid)}\nred box: each layer's best match; dots: "
+    f"steps within its {_interval(results)}"
+  )
   figure.colorbar(image, ax=ax, label=METRIC_SHORT[metric])
   figure.suptitle(_settings_line(results))
   return figure
@@ -181,8 +239,14 @@ def best_match(results: dict) -> Figure:
   fit = fits["newton"]
   newton_ax.plot(layers_L, results["best_match"]["newton"], "o-", color="tab:green", label="argmax of SimE")
   _within_interval(newton_ax, results, "newton", layers_L, "tab:green")
-  _fit_line(newton_ax, fit_layers, lambda: fit["slope"] * fit_layers + fit["intercept"],
-            lambda: f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}", first, last)
+  _fit_line(
+    newton_ax,
+    fit_layers,
+    lambda: fit["slope"] * fit_layers + fit["intercept"],
+    lambda: f"{fit['steps_per_layer']:.2f} steps/layer, R² = {fit['r2']:.3f}",
+    first,
+    last,
+  )
   if on_paper:
     newton_ax.plot(layers_L, PAPER_BEST["newton"], "x:", color=GREY, label="Fu et al. (Fig. 7b legend)")
   _grid_end(newton_ax, results, "newton")
@@ -195,10 +259,17 @@ def best_match(results: dict) -> Figure:
   fit = fits["gd_log"]
   gd_ax.plot(layers_L, results["best_match"]["gd_log"], "o-", color="tab:orange", label="argmax of SimE, log grid")
   _within_interval(gd_ax, results, "gd_log", layers_L, "tab:orange")
-  gd_ax.plot(layers_L, results["best_match"]["gd"], "s", mfc="none", color="tab:brown",
-             label="argmax of SimE, linear grid")
-  _fit_line(gd_ax, fit_layers, lambda: np.exp2(fit["slope"] * fit_layers + fit["intercept"]),
-            lambda: f"{fit['doublings_per_layer']:.2f} doublings/layer, R² = {fit['r2']:.3f}", first, last)
+  gd_ax.plot(
+    layers_L, results["best_match"]["gd"], "s", mfc="none", color="tab:brown", label="argmax of SimE, linear grid"
+  )
+  _fit_line(
+    gd_ax,
+    fit_layers,
+    lambda: np.exp2(fit["slope"] * fit_layers + fit["intercept"]),
+    lambda: f"{fit['doublings_per_layer']:.2f} doublings/layer, R² = {fit['r2']:.3f}",
+    first,
+    last,
+  )
   if on_paper:
     gd_ax.plot(layers_L, PAPER_BEST["gd_log"], "x:", color=GREY, label="Fu et al. (read off Fig. 10)")
   _grid_end(gd_ax, results, "gd_log")
@@ -268,8 +339,15 @@ def _fit_line(ax, x, y, text, first: int, last: int) -> None:
 def _within_interval(ax, results: dict, grid: str, layers_L, colour) -> None:
   """A bar over the steps of each layer whose SimE is within the bootstrap interval of its best match."""
   within = results["best_match_interval"][grid]["within_interval"]
-  ax.vlines(layers_L, [min(w) for w in within], [max(w) for w in within], color=colour, lw=6, alpha=0.3,
-            label=f"steps within the {_interval(results)}")
+  ax.vlines(
+    layers_L,
+    [min(w) for w in within],
+    [max(w) for w in within],
+    color=colour,
+    lw=6,
+    alpha=0.3,
+    label=f"steps within the {_interval(results)}",
+  )
 
 
 def _fit_summary(fit: dict, unit: str) -> str:
@@ -292,7 +370,7 @@ def _grid_end(ax, results: dict, grid: str) -> None:
 def _integer_ticks(axis, values) -> None:
   """Ticks at the given integers, thinned to at most MAX_TICK_LABELS."""
   values = list(values)
-  axis.set_ticks(values[::-(-len(values) // MAX_TICK_LABELS)])
+  axis.set_ticks(values[:: -(-len(values) // MAX_TICK_LABELS)])
 
 
 def _interval(results: dict) -> str:
@@ -307,8 +385,13 @@ def _learning_rate(results: dict, grid: str) -> str:
 def _is_paper_setting(results: dict) -> bool:
   """Whether Fu et al.'s reported best matches apply: their 12-layer model, d = 20, kappa = 1, their grids."""
   task, grids = results["settings"]["task"], results["grids"]
-  return (len(results["layers"]) == 12 and task["n_dims"] == 20 and task["kappa"] == 1 and
-          list(grids["newton"]) == list(range(1, 24)) and list(grids["gd_log"]) == [2**k for k in range(13)])
+  return (
+    len(results["layers"]) == 12
+    and task["n_dims"] == 20
+    and task["kappa"] == 1
+    and list(grids["newton"]) == list(range(1, 24))
+    and list(grids["gd_log"]) == [2**k for k in range(13)]
+  )
 
 
 def _settings_line(results: dict) -> str:

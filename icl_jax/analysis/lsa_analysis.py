@@ -5,7 +5,6 @@ WORKDIR/lsa_analysis/results.json, `FIGURES` draw lsa_analysis.{png,pdf} and lsa
 ("Other model families") says how A_i is read off the weights and what each number means.
 """
 
-
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -57,9 +56,15 @@ def layer_report(params: dict, sigma_DxD: np.ndarray) -> list[dict]:
   for i, a_DxD in enumerate(read_off(params)):
     m_DxD = root_DxD @ np.asarray(a_DxD, np.float64) @ root_DxD
     alpha, dist = identity_fit(m_DxD)
-    entry = {"layer": i + 1, "a": alpha, "dist": dist, "step_size": -alpha,
-             "dist_unscaled": identity_fit(a_DxD)[1], "scaled_matrix": m_DxD.tolist(),
-             "A": np.asarray(a_DxD, np.float64).tolist()}
+    entry = {
+      "layer": i + 1,
+      "a": alpha,
+      "dist": dist,
+      "step_size": -alpha,
+      "dist_unscaled": identity_fit(a_DxD)[1],
+      "scaled_matrix": m_DxD.tolist(),
+      "A": np.asarray(a_DxD, np.float64).tolist(),
+    }
     if "B" in params[f"layer_{i}"]:
       b_DxD = np.asarray(params[f"layer_{i}"]["B"], np.float64)
       entry["b"], entry["b_dist"] = identity_fit(b_DxD)
@@ -75,8 +80,12 @@ def _prompts(task: ml_collections.ConfigDict, key: jax.Array, count: int, batch:
 
 def _batched(fn, prompts: data.Batch, batch: int = 1024) -> np.ndarray:
   """fn(xs, ys) -> [B, N] over the prompts in batches (bounded memory), [num_prompts, N]."""
-  return np.concatenate([np.asarray(fn(prompts.xs_BxNxD[i:i + batch], prompts.ys_BxN[i:i + batch]))
-                         for i in range(0, prompts.ys_BxN.shape[0], batch)])
+  return np.concatenate(
+    [
+      np.asarray(fn(prompts.xs_BxNxD[i : i + batch], prompts.ys_BxN[i : i + batch]))
+      for i in range(0, prompts.ys_BxN.shape[0], batch)
+    ]
+  )
 
 
 def _squared_errors(preds_BxN: np.ndarray, prompts: data.Batch) -> np.ndarray:
@@ -110,8 +119,7 @@ def tune_step_size(predict, prompts: data.Batch, grid=STEP_GRID) -> tuple[float,
   return float(grid[int(np.argmin(losses))]), losses
 
 
-def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 4096,
-            tune_prompts: int = 2048) -> dict:
+def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 4096, tune_prompts: int = 2048) -> dict:
   """The whole analysis of `params` (an LSARegressor's) for the run `config`: a dict for results.json."""
   task = config.task
   if config.model.family != "lsa":
@@ -135,46 +143,61 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
   if config.model.lsa_sparse:
     # Theorem 3's critical point with the learned scalars: the sparse LSA with A_i = a_i Sigma^-1 exactly. (In
     # the full form the A_i act on x's moved by the B's: these steps alone mean nothing there.)
-    sparse = models.build_model(ml_collections.ConfigDict(
-        {"family": "lsa", "num_layers": num_layers, "lsa_sparse": True, "lsa_init_std": 0.0}))
+    sparse = models.build_model(
+      ml_collections.ConfigDict({"family": "lsa", "num_layers": num_layers, "lsa_sparse": True, "lsa_init_std": 0.0})
+    )
     planted = lsa.params_from_preconditioners([-layer["a"] * sigma_inv_DxD for layer in layers])
     errors["preconditioned_gd_learned_steps"] = _squared_errors(
-        _batched(model_predictions(sparse, planted), test), test)
+      _batched(model_predictions(sparse, planted), test), test
+    )
   least_squares = jax.jit(lambda xs, ys: algorithms.predict(algorithms.least_squares(xs, ys), xs))
   errors["least_squares"] = _squared_errors(_batched(least_squares, test), test)
   errors["zero"] = np.square(np.asarray(test.ys_BxN, np.float64))
 
-  test_loss = {name: {"mean": e.mean(0).tolist(), "standard_error": (e.std(0, ddof=1) / np.sqrt(len(e))).tolist()}
-               for name, e in errors.items()}
+  test_loss = {
+    name: {"mean": e.mean(0).tolist(), "standard_error": (e.std(0, ddof=1) / np.sqrt(len(e))).tolist()}
+    for name, e in errors.items()
+  }
   for name, extra in tuned.items():
     test_loss[name].update(extra)
   results = {
-      "settings": {"n_dims": task.n_dims, "n_points": n, "num_layers": num_layers,
-                   "lsa_sparse": bool(config.model.lsa_sparse), "seed": config.seed,
-                   "num_prompts": num_prompts, "tune_prompts": tune_prompts},
-      "sigma": sigma_DxD.tolist(),
-      "sigma_eigenvalues": np.linalg.eigvalsh(sigma_DxD).tolist(),
-      "layers": layers,
-      "a": [layer["a"] for layer in layers],
-      "dist": [layer["dist"] for layer in layers],
-      "a_sorted": sorted(layer["a"] for layer in layers),
-      "context_lengths": list(range(n)),
-      "test_loss": test_loss,
-      "final_test_loss": {name: values["mean"][-1] for name, values in test_loss.items()},
+    "settings": {
+      "n_dims": task.n_dims,
+      "n_points": n,
+      "num_layers": num_layers,
+      "lsa_sparse": bool(config.model.lsa_sparse),
+      "seed": config.seed,
+      "num_prompts": num_prompts,
+      "tune_prompts": tune_prompts,
+    },
+    "sigma": sigma_DxD.tolist(),
+    "sigma_eigenvalues": np.linalg.eigvalsh(sigma_DxD).tolist(),
+    "layers": layers,
+    "a": [layer["a"] for layer in layers],
+    "dist": [layer["dist"] for layer in layers],
+    "a_sorted": sorted(layer["a"] for layer in layers),
+    "context_lengths": list(range(n)),
+    "test_loss": test_loss,
+    "final_test_loss": {name: values["mean"][-1] for name, values in test_loss.items()},
   }
   if num_layers == len(PAPER_A):
-    results["paper"] = {"a": list(PAPER_A), "a_sorted": sorted(PAPER_A), "dist": "close to 0 (Fig. 2)",
-                        "source": "Ahn et al. 2023 Fig. 2 (§4.3: d = 5, n = 20, L = 3, sparse form)"}
+    results["paper"] = {
+      "a": list(PAPER_A),
+      "a_sorted": sorted(PAPER_A),
+      "dist": "close to 0 (Fig. 2)",
+      "source": "Ahn et al. 2023 Fig. 2 (§4.3: d = 5, n = 20, L = 3, sparse form)",
+    }
   return results
 
 
-_CURVES = (("lsa", "trained LSA", {"color": "black", "lw": 2.2}),
-           ("preconditioned_gd_learned_steps", "Σ⁻¹-preconditioned GD, learned steps −a_i",
-            {"color": "tab:green", "ls": "--"}),
-           ("preconditioned_gd", "Σ⁻¹-preconditioned GD, tuned step", {"color": "tab:blue", "ls": "-."}),
-           ("gd", "GD, tuned step", {"color": "tab:orange", "ls": "-."}),
-           ("least_squares", "least squares (≈ 0 for t ≥ d)", {"color": "tab:red"}),
-           ("zero", "zero predictor", {"color": "0.45", "ls": ":"}))
+_CURVES = (
+  ("lsa", "trained LSA", {"color": "black", "lw": 2.2}),
+  ("preconditioned_gd_learned_steps", "Σ⁻¹-preconditioned GD, learned steps −a_i", {"color": "tab:green", "ls": "--"}),
+  ("preconditioned_gd", "Σ⁻¹-preconditioned GD, tuned step", {"color": "tab:blue", "ls": "-."}),
+  ("gd", "GD, tuned step", {"color": "tab:orange", "ls": "-."}),
+  ("least_squares", "least squares (≈ 0 for t ≥ d)", {"color": "tab:red"}),
+  ("zero", "zero predictor", {"color": "0.45", "ls": ":"}),
+)
 
 
 def figure_summary(results: dict) -> Figure:
@@ -197,8 +220,11 @@ def figure_summary(results: dict) -> Figure:
   # The axis spans the model and the GD variants, and stops at 30x the zero predictor's loss (all step-size
   # methods blow up on a few points, as the steps are sized for n = 20); least squares is exact (~1e-12) once
   # t >= d and leaves the axis there.
-  shown_means = [np.asarray(curve["mean"])[1:] for name, curve in results["test_loss"].items()
-                 if name not in ("least_squares", "zero")]
+  shown_means = [
+    np.asarray(curve["mean"])[1:]
+    for name, curve in results["test_loss"].items()
+    if name not in ("least_squares", "zero")
+  ]
   top = 30 * max(results["test_loss"]["zero"]["mean"])
   ax_loss.set_ylim(0.3 * min(float(m[m > 0].min()) for m in shown_means), top)
   ax_loss.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -218,16 +244,23 @@ def figure_summary(results: dict) -> Figure:
   ax_a.legend()
   width = 0.38
   ax_dist.bar(layers - width / 2, results["dist"], width, color="black", label="Dist(Σ^½ A_i Σ^½, I)")
-  ax_dist.bar(layers + width / 2, [layer["dist_unscaled"] for layer in results["layers"]], width, color="0.7",
-              label="Dist(A_i, I)")
+  ax_dist.bar(
+    layers + width / 2,
+    [layer["dist_unscaled"] for layer in results["layers"]],
+    width,
+    color="0.7",
+    label="Dist(A_i, I)",
+  )
   ax_dist.set_ylim(0, 1)
   ax_dist.set_xticks(layers)
   ax_dist.set_xlabel("layer i")
   ax_dist.set_title("min_α ‖M − αI‖_F / ‖M‖_F")
   ax_dist.legend()
   form = "sparse" if s["lsa_sparse"] else "full"
-  figure.suptitle(f"Linear self-attention ({form} form), d = {s['n_dims']}, n = {s['n_points'] - 1}, "
-                  f"L = {s['num_layers']}, eigenvalues of Σ {np.round(results['sigma_eigenvalues'], 4).tolist()}")
+  figure.suptitle(
+    f"Linear self-attention ({form} form), d = {s['n_dims']}, n = {s['n_points'] - 1}, "
+    f"L = {s['num_layers']}, eigenvalues of Σ {np.round(results['sigma_eigenvalues'], 4).tolist()}"
+  )
   return figure
 
 
@@ -240,8 +273,15 @@ def figure_matrices(results: dict) -> Figure:
     bound = max(float(np.abs(m).max()), 1e-12)
     image = ax.imshow(m, cmap="RdBu_r", vmin=-bound, vmax=bound)
     for (i, j), value in np.ndenumerate(m):
-      ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-              color="white" if abs(value) > 0.5 * bound else "black")
+      ax.text(
+        j,
+        i,
+        f"{value:.2f}",
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="white" if abs(value) > 0.5 * bound else "black",
+      )
     ax.set_title(f"layer {layer['layer']}: a = {layer['a']:.3f}, Dist = {layer['dist']:.3f}")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -262,8 +302,10 @@ def summary_lines(results: dict) -> list[str]:
       line += f"  (paper a = {paper[i]:+.2f})"
     lines.append(line)
   final = results["final_test_loss"]
-  lines.append("test loss at t = {}: ".format(results["context_lengths"][-1]) +
-               ", ".join(f"{name} {value:.4g}" for name, value in final.items()))
+  lines.append(
+    "test loss at t = {}: ".format(results["context_lengths"][-1])
+    + ", ".join(f"{name} {value:.4g}" for name, value in final.items())
+  )
   return lines
 
 

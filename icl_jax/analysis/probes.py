@@ -40,8 +40,10 @@ def apply(probes: dict, states_LxBxNxW: jax.Array) -> jax.Array:
 def model_readout(params: dict, num_layers: int) -> dict:
   """The model's read-out, the same for every layer."""
   read_out = params["read_out"]
-  return {"kernel": jnp.tile(read_out["kernel"][:, 0][None], (num_layers, 1)),
-          "bias": jnp.tile(read_out["bias"], num_layers)}
+  return {
+    "kernel": jnp.tile(read_out["kernel"][:, 0][None], (num_layers, 1)),
+    "bias": jnp.tile(read_out["bias"], num_layers),
+  }
 
 
 def _prompts(config: ml_collections.ConfigDict, key: jax.Array, index, batch_size: int) -> data.Batch:
@@ -77,7 +79,8 @@ def feature_batches(config: ml_collections.ConfigDict, model):
     prompts = _prompts(config, key, index, batch)
     states_LxBxNxW = _states(model, params, prompts)
     features_LxMxF = jnp.concatenate([states_LxBxNxW, jnp.ones(states_LxBxNxW.shape[:-1] + (1,))], -1).reshape(
-        states_LxBxNxW.shape[0], -1, states_LxBxNxW.shape[-1] + 1)
+      states_LxBxNxW.shape[0], -1, states_LxBxNxW.shape[-1] + 1
+    )
     return features_LxMxF, prompts.ys_BxN.reshape(-1)
 
   return features
@@ -98,10 +101,15 @@ def _least_squares_fitter(config: ml_collections.ConfigDict, model):
       energy, count = energy + ys_M @ ys_M, count + ys_M.size
     solution_LxF = solve_least_squares(gram, moments, evaluation.probe_ridge)
     # ||F beta - y||^2 = beta^T G beta - 2 beta^T c + y^T y, from the same sums.
-    residual_L = (np.einsum("lf,lfg,lg->l", solution_LxF, gram, solution_LxF) -
-                  2 * np.einsum("lf,lf->l", solution_LxF, moments) + energy)
-    readouts = {"kernel": jnp.asarray(solution_LxF[:, :-1], jnp.float32),
-                "bias": jnp.asarray(solution_LxF[:, -1], jnp.float32)}
+    residual_L = (
+      np.einsum("lf,lfg,lg->l", solution_LxF, gram, solution_LxF)
+      - 2 * np.einsum("lf,lf->l", solution_LxF, moments)
+      + energy
+    )
+    readouts = {
+      "kernel": jnp.asarray(solution_LxF[:, :-1], jnp.float32),
+      "bias": jnp.asarray(solution_LxF[:, -1], jnp.float32),
+    }
     return readouts, np.maximum(residual_L, 0.0) / count
 
   return fit
@@ -122,8 +130,10 @@ def _trainer(config: ml_collections.ConfigDict, model):
       # over it.
       readouts = model_readout(params, num_layers)
     else:
-      readouts = {"kernel": 0.01 * jax.random.normal(init_key, (num_layers, config.model.width)),
-                  "bias": jnp.zeros((num_layers,))}
+      readouts = {
+        "kernel": 0.01 * jax.random.normal(init_key, (num_layers, config.model.width)),
+        "bias": jnp.zeros((num_layers,)),
+      }
 
     def step(i, carry):
       readouts, opt_state = carry

@@ -31,8 +31,10 @@ SINGLE = ("least_squares", "online_gd")  # Algorithms without steps.
 LINEAR_FITS = ("newton", "cg", "bfgs", "lbfgs")
 # Fu et al.'s Table 1 (SimE with Newton, GD, online GD). Which quantity it reports is not pinned down by their
 # text or released code (README, "Evaluation"), so it is never printed as equal to any number here.
-PAPER_TABLE1 = {"gpt2": {"newton": 0.991, "gd": 0.957, "online_gd": 0.806},
-                "lstm": {"newton": 0.920, "gd": 0.916, "online_gd": 0.954}}
+PAPER_TABLE1 = {
+  "gpt2": {"newton": 0.991, "gd": 0.957, "online_gd": 0.806},
+  "lstm": {"newton": 0.920, "gd": 0.916, "online_gd": 0.954},
+}
 
 
 def eval_keys(seed: int) -> dict[str, jax.Array]:
@@ -40,8 +42,10 @@ def eval_keys(seed: int) -> dict[str, jax.Array]:
   random start of fixed-step online GD."""
   evaluation = data.run_keys(seed)["eval"]
   names = ("prompts", "probes", "sim_w", "bootstrap")
-  return {**dict(zip(names, jax.random.split(evaluation, len(names)))),
-          "online_gd": jax.random.fold_in(evaluation, 100)}
+  return {
+    **dict(zip(names, jax.random.split(evaluation, len(names)))),
+    "online_gd": jax.random.fold_in(evaluation, 100),
+  }
 
 
 def fit_layers(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -53,8 +57,9 @@ def fit_layers(config: ml_collections.ConfigDict) -> tuple[int, int]:
   first, last = layers
   if last > num_layers:
     raise errors.ConfigError(
-        f"config.eval.fit_layers = {tuple(layers)}: the model has {num_layers} layers; allowed values are "
-        f"(first, last) with 1 <= first <= last <= {num_layers}, or None for the middle layers")
+      f"config.eval.fit_layers = {tuple(layers)}: the model has {num_layers} layers; allowed values are "
+      f"(first, last) with 1 <= first <= last <= {num_layers}, or None for the middle layers"
+    )
   return int(first), int(last)
 
 
@@ -76,8 +81,10 @@ class _Programs:
     @jax.jit
     def sim_w_chunk(params, readouts, xs_BxNxD, ys_BxN, queries_BxNxQxD):
       out = model.apply({"params": params}, xs_BxNxD, ys_BxN, queries=queries_BxNxQxD)
-      preds_LxBxNxQ = (jnp.einsum("lbnqw,lw->lbnq", out.query_hidden_Lx[1:], readouts["kernel"]) +
-                       readouts["bias"][:, None, None, None])
+      preds_LxBxNxQ = (
+        jnp.einsum("lbnqw,lw->lbnq", out.query_hidden_Lx[1:], readouts["kernel"])
+        + readouts["bias"][:, None, None, None]
+      )
       return similarity.induced_weights(queries_BxNxQxD, preds_LxBxNxQ)
 
     self.layer_chunk, self.sim_w_chunk = layer_chunk, sim_w_chunk
@@ -89,7 +96,8 @@ class _Programs:
       task = self.config.task.copy_and_resolve_references()
       task.n_points = n_points
       self._samplers[batch, n_points] = jax.jit(
-          lambda key, first: data.sample_batch(data.step_key(key, 0), first, batch, task, task.n_dims))
+        lambda key, first: data.sample_batch(data.step_key(key, 0), first, batch, task, task.n_dims)
+      )
     # Prompt j is example j of the stream of `key`, whatever the batch size.
     parts = [self._samplers[batch, n_points](key, first) for first in range(0, count, batch)]
     return jax.tree.map(lambda *a: jnp.concatenate(a)[:count], *parts)
@@ -97,10 +105,14 @@ class _Programs:
   def layer_predictions(self, params, readouts, prompts: data.Batch) -> tuple[np.ndarray, np.ndarray]:
     """Each layer's read-out predictions [L, B, N] and the model's own output [B, N]."""
     batch = self.config.eval.batch_size
-    parts = [self.layer_chunk(params, readouts, prompts.xs_BxNxD[i:i + batch], prompts.ys_BxN[i:i + batch])
-             for i in range(0, prompts.ys_BxN.shape[0], batch)]
-    return (np.concatenate([np.asarray(p[0]) for p in parts], axis=1),
-            np.concatenate([np.asarray(p[1]) for p in parts], axis=0))
+    parts = [
+      self.layer_chunk(params, readouts, prompts.xs_BxNxD[i : i + batch], prompts.ys_BxN[i : i + batch])
+      for i in range(0, prompts.ys_BxN.shape[0], batch)
+    ]
+    return (
+      np.concatenate([np.asarray(p[0]) for p in parts], axis=1),
+      np.concatenate([np.asarray(p[1]) for p in parts], axis=0),
+    )
 
   def layer_induced_weights(self, params, readouts, key: jax.Array) -> tuple[np.ndarray, data.Batch]:
     """Each layer's induced weights [L, B, N, D] on `sim_w_prompts` prompts, and those prompts.
@@ -115,8 +127,12 @@ class _Programs:
     queries_BxNxQxD = extended.xs_BxNxD[:, n:].reshape(b, n, e.sim_w_queries, d)
     # Every query is a token at every layer: a few prompts per call bound the memory.
     step = min(b, 4)
-    parts = [self.sim_w_chunk(params, readouts, prompts.xs_BxNxD[i:i + step], prompts.ys_BxN[i:i + step],
-                              queries_BxNxQxD[i:i + step]) for i in range(0, b, step)]
+    parts = [
+      self.sim_w_chunk(
+        params, readouts, prompts.xs_BxNxD[i : i + step], prompts.ys_BxN[i : i + step], queries_BxNxQxD[i : i + step]
+      )
+      for i in range(0, b, step)
+    ]
     return np.concatenate([np.asarray(p) for p in parts], axis=1), prompts
 
 
@@ -128,17 +144,18 @@ def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> di
   else:  # Fu et al.'s code: a fixed step from w_0 ~ U[0, 1)^d, drawn here once per prompt.
     w0_BxD = jax.random.uniform(eval_keys(config.seed)["online_gd"], xs_BxNxD.shape[::2], xs_BxNxD.dtype)
     online = algorithms.online_gradient_descent(xs_BxNxD, ys_BxN, e.online_gd_learning_rate, w0_BxD)
-  gd = lambda steps: algorithms.gradient_descent(xs_BxNxD, ys_BxN, steps, e.gd_learning_rate, e.gd_gradient_scale,
-                                                 ridge=e.ridge)
+  gd = lambda steps: algorithms.gradient_descent(
+    xs_BxNxD, ys_BxN, steps, e.gd_learning_rate, e.gd_gradient_scale, ridge=e.ridge
+  )
   return {
-      "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha, e.ridge)[:, 1:],
-      "gd": gd(e.gd_steps),
-      "gd_log": gd(e.gd_log_steps),
-      "cg": algorithms.conjugate_gradient(xs_BxNxD, ys_BxN, e.cg_steps, e.ridge)[:, 1:],
-      "bfgs": algorithms.bfgs(xs_BxNxD, ys_BxN, e.bfgs_steps, e.ridge)[:, 1:],
-      "lbfgs": algorithms.lbfgs(xs_BxNxD, ys_BxN, e.lbfgs_steps, e.lbfgs_memory, e.ridge)[:, 1:],
-      "least_squares": algorithms.least_squares(xs_BxNxD, ys_BxN, e.ridge)[:, None],
-      "online_gd": online[:, None],
+    "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha, e.ridge)[:, 1:],
+    "gd": gd(e.gd_steps),
+    "gd_log": gd(e.gd_log_steps),
+    "cg": algorithms.conjugate_gradient(xs_BxNxD, ys_BxN, e.cg_steps, e.ridge)[:, 1:],
+    "bfgs": algorithms.bfgs(xs_BxNxD, ys_BxN, e.bfgs_steps, e.ridge)[:, 1:],
+    "lbfgs": algorithms.lbfgs(xs_BxNxD, ys_BxN, e.lbfgs_steps, e.lbfgs_memory, e.ridge)[:, 1:],
+    "least_squares": algorithms.least_squares(xs_BxNxD, ys_BxN, e.ridge)[:, None],
+    "online_gd": online[:, None],
   }
 
 
@@ -147,16 +164,18 @@ def check_gd_stability(config: ml_collections.ConfigDict, xs_BxNxD) -> None:
   every prefix of every prompt (S_t + ridge I, divided by t for "mean"), else GD diverges there and its
   similarities are meaningless."""
   e = config.eval
-  mask_TxN = (jnp.arange(xs_BxNxD.shape[1])[None, :] < jnp.arange(1, xs_BxNxD.shape[1] + 1)[:, None])
-  lambda_max_B = _largest_hessian_eigenvalue(xs_BxNxD, mask_TxN.astype(xs_BxNxD.dtype), e.ridge,
-                                             e.gd_gradient_scale == "mean")
+  mask_TxN = jnp.arange(xs_BxNxD.shape[1])[None, :] < jnp.arange(1, xs_BxNxD.shape[1] + 1)[:, None]
+  lambda_max_B = _largest_hessian_eigenvalue(
+    xs_BxNxD, mask_TxN.astype(xs_BxNxD.dtype), e.ridge, e.gd_gradient_scale == "mean"
+  )
   worst_B = e.gd_learning_rate * np.asarray(lambda_max_B, np.float64)
   if np.any(worst_B >= 2):
     raise errors.ConfigError(
-        f"config.eval.gd_learning_rate = {e.gd_learning_rate:g} makes gradient descent diverge on "
-        f"{np.mean(worst_B >= 2):.1%} of the {len(worst_B)} evaluation prompts (eta * lambda_max of the "
-        f"Hessian up to {worst_B.max():.3g} >= 2); allowed values are below {2 / worst_B.max() * e.gd_learning_rate:.3g} "
-        f"for these prompts (configs/linreg_ill_conditioned.py uses 0.005 at kappa = 100)")
+      f"config.eval.gd_learning_rate = {e.gd_learning_rate:g} makes gradient descent diverge on "
+      f"{np.mean(worst_B >= 2):.1%} of the {len(worst_B)} evaluation prompts (eta * lambda_max of the "
+      f"Hessian up to {worst_B.max():.3g} >= 2); allowed values are below {2 / worst_B.max() * e.gd_learning_rate:.3g} "
+      f"for these prompts (configs/linreg_ill_conditioned.py uses 0.005 at kappa = 100)"
+    )
 
 
 @highest_precision
@@ -176,29 +195,41 @@ def check_finite(labels_K: list[str], preds_KxBxN: np.ndarray) -> None:
   bad_KxB = ~np.all(np.isfinite(preds_KxBxN), axis=-1)
   if np.any(bad_KxB):
     k = int(np.flatnonzero(bad_KxB.any(axis=1))[0])
-    raise errors.NonFiniteError(f"{labels_K[k]}: non-finite predictions on {bad_KxB[k].mean():.1%} of the "
-                             f"{bad_KxB.shape[1]} evaluation prompts; nothing was written")
+    raise errors.NonFiniteError(
+      f"{labels_K[k]}: non-finite predictions on {bad_KxB[k].mean():.1%} of the "
+      f"{bad_KxB.shape[1]} evaluation prompts; nothing was written"
+    )
 
 
 def algorithm_predictions(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
   """Predictions [K, B, N] of every algorithm setting, from its weights."""
-  return {name: np.asarray(jnp.swapaxes(algorithms.predict(ws, xs_BxNxD), 0, 1))
-          for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()}
+  return {
+    name: np.asarray(jnp.swapaxes(algorithms.predict(ws, xs_BxNxD), 0, 1))
+    for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()
+  }
 
 
 def algorithm_induced_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
   """Every algorithm setting's estimate before each position t = 0..N-1, [K, B, N, D]: its induced weights,
   exactly (the fit of Fu et al.'s eq. 7 recovers them from >= d queries, as the algorithms are linear in the
   query)."""
-  return {name: np.asarray(jnp.swapaxes(ws[:, :, :-1], 0, 1))
-          for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()}
+  return {
+    name: np.asarray(jnp.swapaxes(ws[:, :, :-1], 0, 1))
+    for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()
+  }
 
 
 def _steps(config, name) -> list[int]:
   """The grid of `name`: the step counts its settings stand for ([1] for the algorithms without steps)."""
   e = config.eval
-  grids = {"newton": range(1, e.newton_steps + 1), "gd": e.gd_steps, "gd_log": e.gd_log_steps,
-           "cg": range(1, e.cg_steps + 1), "bfgs": range(1, e.bfgs_steps + 1), "lbfgs": range(1, e.lbfgs_steps + 1)}
+  grids = {
+    "newton": range(1, e.newton_steps + 1),
+    "gd": e.gd_steps,
+    "gd_log": e.gd_log_steps,
+    "cg": range(1, e.cg_steps + 1),
+    "bfgs": range(1, e.bfgs_steps + 1),
+    "lbfgs": range(1, e.lbfgs_steps + 1),
+  }
   return list(grids.get(name, [1]))
 
 
@@ -230,7 +261,7 @@ def dataset_prompts(config: ml_collections.ConfigDict) -> data.Batch:
   if found:
     raise errors.ConfigError("invalid configuration:\n  " + "\n  ".join(found))
   arrays = datasets.load_prompts(config.eval.dataset_dir, config.eval.dataset_setting)
-  return data.Batch(*(jnp.asarray(a[:config.eval.num_prompts]) for a in arrays))
+  return data.Batch(*(jnp.asarray(a[: config.eval.num_prompts]) for a in arrays))
 
 
 class Evaluator:
@@ -262,42 +293,54 @@ class Evaluator:
     if prompts is None:
       prompts = programs.prompts(keys["prompts"], e.num_prompts, config.task.n_points)
     check_gd_stability(config, prompts.xs_BxNxD)
-    logging.info("Evaluation: read-outs fit (%s); predicting %d prompts layer by layer.", clock.progress(),
-                 e.num_prompts)
+    logging.info(
+      "Evaluation: read-outs fit (%s); predicting %d prompts layer by layer.", clock.progress(), e.num_prompts
+    )
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
-    check_finite([f"layer {l}'s read-out" for l in range(1, config.model.num_layers + 1)], layers_LxBxN)
+    check_finite([f"layer {i}'s read-out" for i in range(1, config.model.num_layers + 1)], layers_LxBxN)
     check_finite(["the model's output"], model_BxN[None])
     clock.lap("model_s")
-    logging.info("Evaluation: layers done (%s); running %d algorithm settings.", clock.progress(),
-                 sum(len(_steps(config, k)) for k in GRIDS + SINGLE))
+    logging.info(
+      "Evaluation: layers done (%s); running %d algorithm settings.",
+      clock.progress(),
+      sum(len(_steps(config, k)) for k in GRIDS + SINGLE),
+    )
     algos = algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)
     for name, preds_KxBxN in algos.items():
-      check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)],
-                   preds_KxBxN)
+      check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)], preds_KxBxN)
     clock.lap("algorithms_s")
 
     ys_BxN = np.asarray(prompts.ys_BxN)
     counts_SxB = similarity.resample_counts(keys["bootstrap"], e.bootstrap_samples, ys_BxN.shape[0])
     curves = {"layers": layers_LxBxN, "model": model_BxN[None], "zero": np.zeros_like(ys_BxN)[None], **algos}
     errors = similarity.bootstrap_means(
-        similarity.squared_errors(np.concatenate(list(curves.values())), ys_BxN, n_dims), counts_SxB, e.confidence)
+      similarity.squared_errors(np.concatenate(list(curves.values())), ys_BxN, n_dims), counts_SxB, e.confidence
+    )
     bounds = np.cumsum([0] + [c.shape[0] for c in curves.values()])
-    error = {name: {stat: v[bounds[i]:bounds[i + 1]] for stat, v in errors.items()} for i, name in enumerate(curves)}
+    error = {name: {stat: v[bounds[i] : bounds[i + 1]] for stat, v in errors.items()} for i, name in enumerate(curves)}
     first = 0 if e.sim_e_include_first else 1
-    sim_e = {k: similarity.bootstrap_similarity(similarity.error_cosines(layers_LxBxN, p, ys_BxN, first),
-                                                counts_SxB, e.confidence) for k, p in algos.items()}
+    sim_e = {
+      k: similarity.bootstrap_similarity(
+        similarity.error_cosines(layers_LxBxN, p, ys_BxN, first), counts_SxB, e.confidence
+      )
+      for k, p in algos.items()
+    }
     # How far the model's own predictions are from least squares', per context length.
     distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
     clock.lap("metrics_s")
 
-    logging.info("Evaluation: SimE done (%s); induced weights of %d prompts for SimW.", clock.progress(),
-                 e.sim_w_prompts)
+    logging.info(
+      "Evaluation: SimE done (%s); induced weights of %d prompts for SimW.", clock.progress(), e.sim_w_prompts
+    )
     layer_weights, sim_w_prompts = programs.layer_induced_weights(params, readouts, keys["sim_w"])
     weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
-    counts_w_SxB = similarity.resample_counts(jax.random.fold_in(keys["bootstrap"], 1), e.bootstrap_samples,
-                                              e.sim_w_prompts)
-    sim_w = {k: similarity.bootstrap_similarity(similarity.weight_cosines(layer_weights, w), counts_w_SxB,
-                                                e.confidence) for k, w in weights.items()}
+    counts_w_SxB = similarity.resample_counts(
+      jax.random.fold_in(keys["bootstrap"], 1), e.bootstrap_samples, e.sim_w_prompts
+    )
+    sim_w = {
+      k: similarity.bootstrap_similarity(similarity.weight_cosines(layer_weights, w), counts_w_SxB, e.confidence)
+      for k, w in weights.items()
+    }
     clock.lap("sim_w_s")
     results = _summarise(config, error, sim_e, sim_w, clock.laps)
     results["distance_to_least_squares_per_dim"] = distance_N.tolist()
@@ -330,7 +373,7 @@ class _Clock:
     return self.laps.get("total_s", 0.0)
 
   def progress(self) -> str:
-    """"stage K/5, T s elapsed, ETA E s": E scales the elapsed time by the remaining stages' STAGE_SHARES."""
+    """ "stage K/5, T s elapsed, ETA E s": E scales the elapsed time by the remaining stages' STAGE_SHARES."""
     done = sum(STAGE_SHARES[name] for name in self.laps if name in STAGE_SHARES)
     eta = self.elapsed() * (1.0 - done) / done
     stages = sum(name in STAGE_SHARES for name in self.laps)
@@ -351,40 +394,49 @@ def _summarise(config, error, sim_e, sim_w, timings) -> dict:
   means = lambda sims: {k: v["mean"] for k, v in sims.items()}
   intervals = lambda sims: {k: {"low": v["low"], "high": v["high"]} for k, v in sims.items()}
   # Everything but the bootstrap samples, which are only needed for the fits' intervals.
-  best_intervals = lambda b: {k: {f: v[f] for f in ("low", "high", "within_interval", "choice_fraction")}
-                              for k, v in b.items()}
+  best_intervals = lambda b: {
+    k: {f: v[f] for f in ("low", "high", "within_interval", "choice_fraction")} for k, v in b.items()
+  }
   return {
-      "settings": {"eval": {**config_files.config_dict(config.eval), "fit_layers": fits["layers"]},
-                   "task": config_files.config_dict(config.task), "model": config_files.config_dict(config.model),
-                   "seed": config.seed},
-      "layers": list(range(1, config.model.num_layers + 1)),
-      "context_lengths": list(range(config.task.n_points)),
-      "grids": {k: _steps(config, k) for k in GRIDS},
-      "error_per_dim": _tolist(error),
-      "sim_e": _tolist(means(sim_e)),
-      "sim_e_interval": _tolist(intervals(sim_e)),
-      "sim_w": _tolist(means(sim_w)),
-      "sim_w_interval": _tolist(intervals(sim_w)),
-      "best_match": {k: v["steps"] for k, v in best.items()},
-      "best_similarity": {k: v["similarity"] for k, v in best.items()},
-      "best_match_interval": best_intervals(best),
-      "best_match_sim_w": {k: v["steps"] for k, v in best_w.items()},
-      "best_similarity_sim_w": {k: v["similarity"] for k, v in best_w.items()},
-      "best_match_sim_w_interval": best_intervals(best_w),
-      "fits": fits,
-      "last_layer_best": {"sim_e": _last_layer(sim_e, best), "sim_w": _last_layer(sim_w, best_w)},
-      "table1": _table1(config, sim_e, best),
-      "timing": timings,
+    "settings": {
+      "eval": {**config_files.config_dict(config.eval), "fit_layers": fits["layers"]},
+      "task": config_files.config_dict(config.task),
+      "model": config_files.config_dict(config.model),
+      "seed": config.seed,
+    },
+    "layers": list(range(1, config.model.num_layers + 1)),
+    "context_lengths": list(range(config.task.n_points)),
+    "grids": {k: _steps(config, k) for k in GRIDS},
+    "error_per_dim": _tolist(error),
+    "sim_e": _tolist(means(sim_e)),
+    "sim_e_interval": _tolist(intervals(sim_e)),
+    "sim_w": _tolist(means(sim_w)),
+    "sim_w_interval": _tolist(intervals(sim_w)),
+    "best_match": {k: v["steps"] for k, v in best.items()},
+    "best_similarity": {k: v["similarity"] for k, v in best.items()},
+    "best_match_interval": best_intervals(best),
+    "best_match_sim_w": {k: v["steps"] for k, v in best_w.items()},
+    "best_similarity_sim_w": {k: v["similarity"] for k, v in best_w.items()},
+    "best_match_sim_w_interval": best_intervals(best_w),
+    "fits": fits,
+    "last_layer_best": {"sim_e": _last_layer(sim_e, best), "sim_w": _last_layer(sim_w, best_w)},
+    "table1": _table1(config, sim_e, best),
+    "timing": timings,
   }
 
 
 def _last_layer(sims: dict, best: dict) -> dict:
   """The last layer's best similarity to each algorithm (its best setting on each grid), with its interval."""
-  out = {k: {"value": b["similarity"][-1], "low": b["low"][-1], "high": b["high"][-1], "steps": b["steps"][-1]}
-         for k, b in best.items()}
+  out = {
+    k: {"value": b["similarity"][-1], "low": b["low"][-1], "high": b["high"][-1], "steps": b["steps"][-1]}
+    for k, b in best.items()
+  }
   for k in SINGLE:
-    out[k] = {"value": float(sims[k]["mean"][-1, 0]), "low": float(sims[k]["low"][-1, 0]),
-              "high": float(sims[k]["high"][-1, 0])}
+    out[k] = {
+      "value": float(sims[k]["mean"][-1, 0]),
+      "low": float(sims[k]["low"][-1, 0]),
+      "high": float(sims[k]["high"][-1, 0]),
+    }
   return out
 
 
@@ -393,14 +445,14 @@ def _table1(config, sim_e: dict, best: dict) -> dict:
   best_per_layer = {k: np.asarray(b["similarity"]) for k, b in best.items()}
   best_per_layer.update({k: np.asarray(sim_e[k]["mean"])[:, 0] for k in SINGLE})
   return {
-      "paper": PAPER_TABLE1.get(config.model.family),
-      "definition": "not pinned down: Fu et al.'s text and released code do not say which layer, read-out or "
-                    "algorithm setting Table 1 uses; the candidates below are not claimed to be it",
-      "candidates": {
-          "last_layer_best": {k: float(v[-1]) for k, v in best_per_layer.items()},
-          "max_over_layers": {k: float(np.max(v)) for k, v in best_per_layer.items()},
-          "mean_over_layers": {k: float(np.mean(v)) for k, v in best_per_layer.items()},
-      },
+    "paper": PAPER_TABLE1.get(config.model.family),
+    "definition": "not pinned down: Fu et al.'s text and released code do not say which layer, read-out or "
+    "algorithm setting Table 1 uses; the candidates below are not claimed to be it",
+    "candidates": {
+      "last_layer_best": {k: float(v[-1]) for k, v in best_per_layer.items()},
+      "max_over_layers": {k: float(np.max(v)) for k, v in best_per_layer.items()},
+      "mean_over_layers": {k: float(np.mean(v)) for k, v in best_per_layer.items()},
+    },
   }
 
 
@@ -419,15 +471,30 @@ def summary_scalars(results: dict) -> dict[str, float]:
 
 def log_summary(results: dict) -> None:
   t, fits = results["timing"], results["fits"]
-  logging.info("Evaluation in %.1f s (incl. compilation): %s.", t["total_s"],
-               ", ".join(f"{k[:-2]} {v:.1f}" for k, v in t.items() if k != "total_s"))
+  logging.info(
+    "Evaluation in %.1f s (incl. compilation): %s.",
+    t["total_s"],
+    ", ".join(f"{k[:-2]} {v:.1f}" for k, v in t.items() if k != "total_s"),
+  )
   for grid, name, unit in (("newton", "Newton", "steps/layer"), ("gd_log", "GD (log grid)", "doublings/layer")):
     fit = fits[grid]
-    slope = "undefined (one fit layer)" if fit["slope"] is None else (
+    slope = (
+      "undefined (one fit layer)"
+      if fit["slope"] is None
+      else (
         f"{fit['slope']:.2f} {unit} [{fit['slope_interval'][0]:.2f}, {fit['slope_interval'][1]:.2f}], "
-        f"R^2 {fit['r2']:.3f}")
-    logging.info("Best-matching %s steps per layer: %s (layers %d-%d: %s).", name, results["best_match"][grid],
-                 *fits["layers"], slope)
+        f"R^2 {fit['r2']:.3f}"
+      )
+    )
+    logging.info(
+      "Best-matching %s steps per layer: %s (layers %d-%d: %s).",
+      name,
+      results["best_match"][grid],
+      *fits["layers"],
+      slope,
+    )
   last = results["last_layer_best"]["sim_e"]
-  logging.info("Last layer's best SimE: %s.", ", ".join(
-      f"{k} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in last.items()))
+  logging.info(
+    "Last layer's best SimE: %s.",
+    ", ".join(f"{k} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in last.items()),
+  )

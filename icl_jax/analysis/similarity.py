@@ -121,12 +121,15 @@ def best_match(similarity: dict, steps_K) -> dict:
   samples_SxAxK = np.asarray(similarity["samples"])
   choices_SxA = np.argmax(np.where(np.isnan(samples_SxAxK), -np.inf, samples_SxAxK), axis=2)
   fraction_AxK = np.stack([np.bincount(choices_SxA[:, a], minlength=len(steps_K)) for a in rows]) / len(choices_SxA)
-  return {"steps": [int(steps_K[i]) for i in index_A],
-          "similarity": mean_AxK[rows, index_A].tolist(),
-          "low": low_A.tolist(), "high": high_A.tolist(),
-          "within_interval": [[int(v) for v in steps_K[mean_AxK[a] >= low_A[a]]] for a in rows],
-          "choice_fraction": fraction_AxK.tolist(),
-          "resampled_steps": steps_K[choices_SxA]}
+  return {
+    "steps": [int(steps_K[i]) for i in index_A],
+    "similarity": mean_AxK[rows, index_A].tolist(),
+    "low": low_A.tolist(),
+    "high": high_A.tolist(),
+    "within_interval": [[int(v) for v in steps_K[mean_AxK[a] >= low_A[a]]] for a in rows],
+    "choice_fraction": fraction_AxK.tolist(),
+    "resampled_steps": steps_K[choices_SxA],
+  }
 
 
 def slope_interval(x, resampled_y_SxX, confidence: float) -> tuple[float, float] | tuple[None, None]:

@@ -17,23 +17,35 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
-from icl_jax.runtime import config_files
 from icl_jax.bench import benchmarks
+from icl_jax.runtime import config_files
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
-    "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
-    "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.", lock_config=True)
-_BENCHMARK = flags.DEFINE_multi_enum("benchmark", ["train_step", "eval"], [*benchmarks.BENCHMARKS, "roofline"],
-                                     "Benchmarks to run (roofline: alone, without --config).")
+  "config",
+  None,
+  "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
+  "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
+  "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.",
+  lock_config=True,
+)
+_BENCHMARK = flags.DEFINE_multi_enum(
+  "benchmark",
+  ["train_step", "eval"],
+  [*benchmarks.BENCHMARKS, "roofline"],
+  "Benchmarks to run (roofline: alone, without --config).",
+)
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", 0.0, "The device's peak FLOP/s for MFU; 0: known GPUs only.")
 _TORCH_PYTHON = flags.DEFINE_string(
-    "torch_python", "", "A Python with torch and transformers (a separate environment): also time the PyTorch "
-    "reference at the same shapes and print the ratio.")
+  "torch_python",
+  "",
+  "A Python with torch and transformers (a separate environment): also time the PyTorch "
+  "reference at the same shapes and print the ratio.",
+)
 # benchmarks/ and configs/ sit next to the package in the repository (an editable install or a checkout).
 _REPO = pathlib.Path(__file__).resolve().parents[2]
-_TORCH_REFERENCE = flags.DEFINE_string("torch_reference", str(_REPO / "benchmarks" / "torch_gpt2_linreg.py"),
-                                       "The PyTorch reference training step.")
+_TORCH_REFERENCE = flags.DEFINE_string(
+  "torch_reference", str(_REPO / "benchmarks" / "torch_gpt2_linreg.py"), "The PyTorch reference training step."
+)
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 0, "Steps timed (0: 3 dispatches).")
 # The roofline benchmark's configs: Garg et al.'s paper model, timed over 20 steps in chunks of 10 (1.3 s a
 # step on 2 CPU cores), and the quick model at batch 64, the two rows of README's speed table.
@@ -63,8 +75,10 @@ def main(argv):
   if _TORCH_PYTHON.value and shutil.which(_TORCH_PYTHON.value) is None:
     sys.exit(f"error: --torch_python={_TORCH_PYTHON.value}: no such interpreter")
   if _TORCH_PYTHON.value and not pathlib.Path(_TORCH_REFERENCE.value).is_file():
-    sys.exit(f"error: --torch_reference={_TORCH_REFERENCE.value}: no such file (it is benchmarks/torch_gpt2_linreg.py "
-             "of the repository)")
+    sys.exit(
+      f"error: --torch_reference={_TORCH_REFERENCE.value}: no such file (it is benchmarks/torch_gpt2_linreg.py "
+      "of the repository)"
+    )
   if roofline:
     paper, small = (cli.checked_config(c, argv) for c in roofline_configs())
     print(json.dumps(benchmarks.bench_roofline(paper, small, _TORCH_PYTHON.value, _TORCH_REFERENCE.value)), flush=True)
@@ -77,9 +91,17 @@ def main(argv):
       if _TORCH_PYTHON.value:
         reference = benchmarks.bench_torch(config, _TORCH_PYTHON.value, _TORCH_REFERENCE.value)
         print(json.dumps(reference), flush=True)
-        print(json.dumps({"name": "speedup_vs_torch", "ratio": reference["ms_per_step"] / line["ms_per_step"],
-                          "jax_ms_per_step": line["ms_per_step"], "torch_ms_per_step": reference["ms_per_step"]}),
-              flush=True)
+        print(
+          json.dumps(
+            {
+              "name": "speedup_vs_torch",
+              "ratio": reference["ms_per_step"] / line["ms_per_step"],
+              "jax_ms_per_step": line["ms_per_step"],
+              "torch_ms_per_step": reference["ms_per_step"],
+            }
+          ),
+          flush=True,
+        )
     else:
       print(json.dumps(benchmarks.BENCHMARKS[name](config)), flush=True)
 

@@ -1,16 +1,16 @@
 """Benchmarks behind `python -m icl_jax.bench`; each returns one dict, printed as a JSON line:
 
-  eval: the full default evaluation (`analysis.probing.Evaluator`) of a freshly initialised model of the
-    config's size, once with compilation, then again after it.
-  multi_train: training 4 runs of the config's shape as one vmapped program (`train.train_runs`) against
-    training them one after another, in model-steps per second, on one device.
-  train_step: the training step at the curriculum's final size on all devices: time per step, prompts/s,
-    model FLOPs, achieved FLOP/s and MFU, compile time and peak memory; `bench_torch` times a PyTorch reference
-    at the same shapes in another interpreter.
-  matmul: FLOP/s of one jitted matmul, float32 and bfloat16 (float32 accumulation), at 2048^3 and at the shape
-    of the config's MLP: what the device's matmuls can reach, a peak to measure the training step against.
-  roofline (`bench_roofline`): the training steps of the paper and small configs as fractions of the float32
-    matmul peak measured in the same process, and the small config in bfloat16 against PyTorch's float32 step.
+eval: the full default evaluation (`analysis.probing.Evaluator`) of a freshly initialised model of the
+  config's size, once with compilation, then again after it.
+multi_train: training 4 runs of the config's shape as one vmapped program (`train.train_runs`) against
+  training them one after another, in model-steps per second, on one device.
+train_step: the training step at the curriculum's final size on all devices: time per step, prompts/s,
+  model FLOPs, achieved FLOP/s and MFU, compile time and peak memory; `bench_torch` times a PyTorch reference
+  at the same shapes in another interpreter.
+matmul: FLOP/s of one jitted matmul, float32 and bfloat16 (float32 accumulation), at 2048^3 and at the shape
+  of the config's MLP: what the device's matmuls can reach, a peak to measure the training step against.
+roofline (`bench_roofline`): the training steps of the paper and small configs as fractions of the float32
+  matmul peak measured in the same process, and the small config in bfloat16 against PyTorch's float32 step.
 """
 
 import json
@@ -28,6 +28,7 @@ from icl_jax import train
 from icl_jax import train_step
 from icl_jax.analysis import probing
 
+
 def bench_eval(config) -> dict:
   """Seconds for one evaluation after compilation, and the stages it spends them in."""
   model = models.build_model(config.model)
@@ -39,11 +40,21 @@ def bench_eval(config) -> dict:
   first = time.perf_counter() - start
   timing = evaluator(params)["timing"]
   e = config.eval
-  return {"name": "eval", "seconds": timing["total_s"], "first_call_with_compilation_s": first,
-          "stages_s": {k: v for k, v in timing.items() if k != "total_s"}, "num_prompts": e.num_prompts,
-          "num_layers": config.model.num_layers, "newton_steps": e.newton_steps, "gd_grids": [len(e.gd_steps),
-          len(e.gd_log_steps)], "sim_w_prompts": e.sim_w_prompts, "sim_w_queries": e.sim_w_queries,
-          "readout": e.readout, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  return {
+    "name": "eval",
+    "seconds": timing["total_s"],
+    "first_call_with_compilation_s": first,
+    "stages_s": {k: v for k, v in timing.items() if k != "total_s"},
+    "num_prompts": e.num_prompts,
+    "num_layers": config.model.num_layers,
+    "newton_steps": e.newton_steps,
+    "gd_grids": [len(e.gd_steps), len(e.gd_log_steps)],
+    "sim_w_prompts": e.sim_w_prompts,
+    "sim_w_queries": e.sim_w_queries,
+    "readout": e.readout,
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+  }
 
 
 def _steps_per_second(run_chunk, state, steps: int, repeats: int = 3) -> float:
@@ -69,23 +80,36 @@ def bench_multi_train(config, num_models: int = 4) -> dict:
   optimizer = optim.make_optimizer(config.train)
   schedule = optim.learning_rate_schedule(config.train)
   steps = config.train.steps_per_dispatch
-  single = _steps_per_second(train_step.make_train_chunk(config, model, optimizer, schedule, mesh),
-                             train_step.init_state(config, model, optimizer, mesh), steps)
+  single = _steps_per_second(
+    train_step.make_train_chunk(config, model, optimizer, schedule, mesh),
+    train_step.init_state(config, model, optimizer, mesh),
+    steps,
+  )
   state = train_step.init_state(config, model, optimizer, mesh)
   stacked = jax.device_put(jax.tree.map(lambda a: jnp.stack([a] * num_models), state), train_step.replicated(mesh))
   hypers = data.Hyper(jnp.linspace(config.task.kappa, 10 * config.task.kappa, num_models), jnp.zeros((num_models,)))
-  group = _steps_per_second(train_step.make_train_chunk(config, model, optimizer, schedule, mesh, hypers), stacked,
-                            steps)
-  return {"name": "multi_train", "num_models": num_models, "separate_model_steps_per_s": single,
-          "vmapped_model_steps_per_s": group * num_models, "speedup": group * num_models / single,
-          "num_layers": config.model.num_layers, "width": config.model.width, "batch_size": config.train.batch_size,
-          "device": jax.devices()[0].device_kind}
+  group = _steps_per_second(
+    train_step.make_train_chunk(config, model, optimizer, schedule, mesh, hypers), stacked, steps
+  )
+  return {
+    "name": "multi_train",
+    "num_models": num_models,
+    "separate_model_steps_per_s": single,
+    "vmapped_model_steps_per_s": group * num_models,
+    "speedup": group * num_models / single,
+    "num_layers": config.model.num_layers,
+    "width": config.model.width,
+    "batch_size": config.train.batch_size,
+    "device": jax.devices()[0].device_kind,
+  }
 
 
 # Dense peak FLOP/s of known accelerators for float32 matmuls (TF32 tensor cores, JAX's default precision on
 # them) and bfloat16, from the vendors' data sheets.
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": {"float32": 494e12, "bfloat16": 989e12},
-              "NVIDIA H200": {"float32": 494e12, "bfloat16": 989e12}}
+PEAK_FLOPS = {
+  "NVIDIA H100 80GB HBM3": {"float32": 494e12, "bfloat16": 989e12},
+  "NVIDIA H200": {"float32": 494e12, "bfloat16": 989e12},
+}
 
 
 def final_curriculum_step(task) -> int:
@@ -94,8 +118,10 @@ def final_curriculum_step(task) -> int:
     return 0
   c = task.curriculum
   wait = lambda start, end, increment, interval: 0 if end <= start else -(-(end - start) // increment) * interval
-  return max(wait(c.dims_start, task.n_dims, c.dims_increment, c.dims_interval),
-             wait(c.points_start, task.n_points, c.points_increment, c.points_interval))
+  return max(
+    wait(c.dims_start, task.n_dims, c.dims_increment, c.dims_interval),
+    wait(c.points_start, task.n_points, c.points_increment, c.points_interval),
+  )
 
 
 def gpt2_flops_per_step(config) -> float:
@@ -128,8 +154,9 @@ def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> d
   chunk = config.train.steps_per_dispatch
   run_chunk = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
   state = train_step.init_state(config, model, optimizer, mesh)
-  state = state.replace(step=jax.device_put(jnp.asarray(final_curriculum_step(config.task), jnp.int32),
-                                            train_step.replicated(mesh)))
+  state = state.replace(
+    step=jax.device_put(jnp.asarray(final_curriculum_step(config.task), jnp.int32), train_step.replicated(mesh))
+  )
   start = time.perf_counter()
   state, metrics = run_chunk(state, chunk)
   jax.block_until_ready(metrics)
@@ -144,24 +171,54 @@ def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> d
   device_kind = devices[0].device_kind
   dtype = config.model.get("dtype", "float32")
   peak = peak_flops or PEAK_FLOPS.get(device_kind, {}).get(dtype, 0.0) * len(devices)
-  return {"name": "train_step", "ms_per_step": 1e3 * seconds, "steps_per_s": 1 / seconds,
-          "prompts_per_s": config.train.batch_size / seconds, "model_flops_per_step": flops,
-          "achieved_flops_per_s": flops / seconds if flops else None,
-          "mfu": flops / seconds / peak if flops and peak else None, "peak_flops_per_s": peak or None,
-          "compile_s": max(first - chunk * seconds, 0.0), "peak_memory_bytes": _peak_memory_bytes(),
-          "steps_per_dispatch": chunk, "timed_steps": dispatches * chunk, "family": config.model.family,
-          "num_layers": config.model.num_layers, "width": config.model.get("width"),
-          "num_heads": config.model.get("num_heads"),
-          "n_dims": config.task.n_dims, "n_points": config.task.n_points, "batch_size": config.train.batch_size,
-          "dtype": dtype, "devices": len(devices), "device": device_kind, "jax": jax.__version__}
+  return {
+    "name": "train_step",
+    "ms_per_step": 1e3 * seconds,
+    "steps_per_s": 1 / seconds,
+    "prompts_per_s": config.train.batch_size / seconds,
+    "model_flops_per_step": flops,
+    "achieved_flops_per_s": flops / seconds if flops else None,
+    "mfu": flops / seconds / peak if flops and peak else None,
+    "peak_flops_per_s": peak or None,
+    "compile_s": max(first - chunk * seconds, 0.0),
+    "peak_memory_bytes": _peak_memory_bytes(),
+    "steps_per_dispatch": chunk,
+    "timed_steps": dispatches * chunk,
+    "family": config.model.family,
+    "num_layers": config.model.num_layers,
+    "width": config.model.get("width"),
+    "num_heads": config.model.get("num_heads"),
+    "n_dims": config.task.n_dims,
+    "n_points": config.task.n_points,
+    "batch_size": config.train.batch_size,
+    "dtype": dtype,
+    "devices": len(devices),
+    "device": device_kind,
+    "jax": jax.__version__,
+  }
 
 
 def bench_torch(config, python: str, reference: str, steps: int = 10) -> dict:
   """The PyTorch reference training step at the config's shapes, run in `python` (torch + transformers)."""
   m = config.model
-  command = [python, reference, "--layers", str(m.num_layers), "--embd", str(m.width), "--heads", str(m.num_heads),
-             "--dims", str(config.task.n_dims), "--points", str(config.task.n_points), "--batch",
-             str(config.train.batch_size), "--steps", str(steps)]
+  command = [
+    python,
+    reference,
+    "--layers",
+    str(m.num_layers),
+    "--embd",
+    str(m.width),
+    "--heads",
+    str(m.num_heads),
+    "--dims",
+    str(config.task.n_dims),
+    "--points",
+    str(config.task.n_points),
+    "--batch",
+    str(config.train.batch_size),
+    "--steps",
+    str(steps),
+  ]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     raise RuntimeError(f"{reference} failed under {python}:\n{result.stderr[-2000:]}")
@@ -191,8 +248,11 @@ def bench_matmul(config) -> dict:
   inputs with a float32 result (as the model's, `models.gpt2.mixed_matmul`) and with a bfloat16 result."""
   m, tokens = config.model, config.train.batch_size * (2 * config.task.n_points - 1)
   shapes = {"2048x2048x2048": (2048, 2048, 2048), "mlp": (tokens, m.width, m.mlp_ratio * m.width)}
-  kinds = {"float32": (jnp.float32, jnp.float32), "bfloat16": (jnp.bfloat16, jnp.float32),
-           "bfloat16_to_bfloat16": (jnp.bfloat16, jnp.bfloat16)}
+  kinds = {
+    "float32": (jnp.float32, jnp.float32),
+    "bfloat16": (jnp.bfloat16, jnp.float32),
+    "bfloat16_to_bfloat16": (jnp.bfloat16, jnp.bfloat16),
+  }
   line = {"name": "matmul", "mlp_shape": list(shapes["mlp"]), "device": jax.devices()[0].device_kind}
   for label, shape in shapes.items():
     for kind, (dtype, out_dtype) in kinds.items():
@@ -203,8 +263,11 @@ def bench_matmul(config) -> dict:
 # The CPU speed targets (README, "Speed"): model FLOP/s of the float32 training step as a fraction of the
 # float32 matmul peak for the paper and small configs, and the small config's bfloat16 step against PyTorch's
 # float32 one (ratio of times per step).
-ROOFLINE_TARGETS = {"paper_fraction_of_peak": 0.70, "small_fraction_of_peak": 0.50,
-                    "small_bfloat16_speedup_vs_torch": 4.0}
+ROOFLINE_TARGETS = {
+  "paper_fraction_of_peak": 0.70,
+  "small_fraction_of_peak": 0.50,
+  "small_bfloat16_speedup_vs_torch": 4.0,
+}
 PEAK_SHAPE = (2048, 2048, 2048)
 
 
@@ -213,8 +276,9 @@ def _float32_matmul_peak(measurements: int = 3) -> float:
   return max(_matmul_flops_per_s(*PEAK_SHAPE, jnp.float32, flops=4e10) for _ in range(measurements))
 
 
-def bench_roofline(paper, small, torch_python: str = "", torch_reference: str = "",
-                   paper_timed_steps: int = 20) -> dict:
+def bench_roofline(
+  paper, small, torch_python: str = "", torch_reference: str = "", paper_timed_steps: int = 20
+) -> dict:
   """The float32 training steps of `paper` and `small` (GPT-2 configs) as fractions of the float32 matmul peak
   (`ROOFLINE_TARGETS`), and `small` in bfloat16 against the PyTorch float32 reference when `torch_python` is
   given. The peak is measured before and after the steps and the higher figure kept, so that a clock that
@@ -222,11 +286,20 @@ def bench_roofline(paper, small, torch_python: str = "", torch_reference: str = 
   peak = _float32_matmul_peak()
   bfloat16 = small.copy_and_resolve_references()
   bfloat16.model.dtype = "bfloat16"
-  steps = {"paper": bench_train_step(paper, timed_steps=paper_timed_steps), "small": bench_train_step(small),
-           "small_bfloat16": bench_train_step(bfloat16)}
+  steps = {
+    "paper": bench_train_step(paper, timed_steps=paper_timed_steps),
+    "small": bench_train_step(small),
+    "small_bfloat16": bench_train_step(bfloat16),
+  }
   peak = max(peak, _float32_matmul_peak())
-  line = {"name": "roofline", "float32_matmul_peak_flops_per_s": peak, "peak_shape": list(PEAK_SHAPE),
-          "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__}
+  line = {
+    "name": "roofline",
+    "float32_matmul_peak_flops_per_s": peak,
+    "peak_shape": list(PEAK_SHAPE),
+    "device": jax.devices()[0].device_kind,
+    "devices": len(jax.devices()),
+    "jax": jax.__version__,
+  }
   for label, step in steps.items():
     line[f"{label}_ms_per_step"] = step["ms_per_step"]
     line[f"{label}_flops_per_s"] = step["achieved_flops_per_s"]
@@ -242,5 +315,9 @@ def bench_roofline(paper, small, torch_python: str = "", torch_reference: str = 
   return line
 
 
-BENCHMARKS = {"train_step": bench_train_step, "eval": bench_eval, "multi_train": bench_multi_train,
-              "matmul": bench_matmul}
+BENCHMARKS = {
+  "train_step": bench_train_step,
+  "eval": bench_eval,
+  "multi_train": bench_multi_train,
+  "matmul": bench_matmul,
+}

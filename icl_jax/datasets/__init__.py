@@ -19,11 +19,10 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 from icl_jax.runtime import config_fields
 from icl_jax.runtime import errors
 from icl_jax.runtime import storage
-
-from icl_jax.datasets.linreg_eval import linreg_eval_dataset_builder as linreg_eval
 
 SETTINGS = tuple(config.name for config in linreg_eval.Builder.BUILDER_CONFIGS)
 VERSION = str(linreg_eval.Builder.VERSION)
@@ -68,8 +67,9 @@ def _builder(data_dir, setting: str):
   _check_setting(setting)
   path = directory(data_dir, setting)
   if not (path / "dataset_info.json").is_file():
-    raise errors.MissingFileError(f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with "
-                            f"{_build_command(data_dir, setting)}")
+    raise errors.MissingFileError(
+      f"{path}: no linreg_eval {VERSION} set {setting!r} there; build it with {_build_command(data_dir, setting)}"
+    )
   for name in ("dataset_info.json", "features.json", "metadata.json"):  # TFDS's own errors name no file.
     try:
       json.loads((path / name).read_text())
@@ -87,8 +87,9 @@ def _records(data_dir, setting: str, builder) -> list[dict]:
   except (OSError, RuntimeError, ValueError) as e:  # ArrayRecord's messages name no file, but for a missing one.
     path = directory(data_dir, setting)
     files = ", ".join(p.name for p in sorted(path.glob("*.array_record*")))
-    raise DatasetError(f"{path}: its records ({files or 'none'}) do not read back "
-                       f"({errors.one_line(e)}): {_rebuild(data_dir, setting)}") from e
+    raise DatasetError(
+      f"{path}: its records ({files or 'none'}) do not read back ({errors.one_line(e)}): {_rebuild(data_dir, setting)}"
+    ) from e
 
 
 def describe(data_dir, setting: str) -> dict:
@@ -112,9 +113,11 @@ def load_prompts(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.nda
   _check_setting(setting)
   copy = _local_copy(str(data_dir), setting)
   if not (directory(copy, setting) / "dataset_info.json").is_file():
-    raise errors.MissingFileError(f"{data_dir}: no linreg_eval {VERSION} set {setting!r} there; build it locally with "
-                            f"`python -m icl_jax.datasets.build --data_dir=DIR --settings={setting}` and copy it "
-                            f"there: `gcloud storage cp --recursive DIR/{linreg_eval.Builder.name} {data_dir}`")
+    raise errors.MissingFileError(
+      f"{data_dir}: no linreg_eval {VERSION} set {setting!r} there; build it locally with "
+      f"`python -m icl_jax.datasets.build --data_dir=DIR --settings={setting}` and copy it "
+      f"there: `gcloud storage cp --recursive DIR/{linreg_eval.Builder.name} {data_dir}`"
+    )
   try:
     return _load_local(copy, setting)
   except (FileNotFoundError, DatasetError) as e:
@@ -139,8 +142,11 @@ def _local_copy(data_dir: str, setting: str) -> pathlib.Path:
 def _load_local(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The set read once per process while its files stay the same (names, sizes and modification times)."""
   path = directory(data_dir, setting)
-  files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
-                ) if path.is_dir() else ()
+  files = (
+    tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    if path.is_dir()
+    else ()
+  )
   return _read_local(str(data_dir), setting, files)
 
 
@@ -158,12 +164,16 @@ def _read_local(data_dir: str, setting: str, files: tuple) -> tuple[np.ndarray, 
   actual = linreg_eval.content_hash(xs_BxNxD, ys_BxN, ws_BxD)
   recorded = builder.info.metadata.get("content_sha256")
   if actual != recorded:
-    raise DatasetError(f"{path / 'metadata.json'} records content_sha256 {recorded}, but the prompts in {path} "
-                       f"hash to {actual}: the files changed after the build; {_rebuild(data_dir, setting)}")
+    raise DatasetError(
+      f"{path / 'metadata.json'} records content_sha256 {recorded}, but the prompts in {path} "
+      f"hash to {actual}: the files changed after the build; {_rebuild(data_dir, setting)}"
+    )
   published = linreg_eval.PUBLISHED_SHA256[VERSION][setting]
   if actual != published:
-    raise DatasetError(f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
-                       f"published {published} ({linreg_eval.__file__}): this is not the published set.")
+    raise DatasetError(
+      f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
+      f"published {published} ({linreg_eval.__file__}): this is not the published set."
+    )
   for array in (xs_BxNxD, ys_BxN, ws_BxD):
     array.setflags(write=False)  # Shared by every reader of the cache.
   return xs_BxNxD, ys_BxN, ws_BxD
@@ -193,6 +203,8 @@ def config_errors(config) -> list[str]:
       found.append(f"config.task.{field} = {value!r} differs from the {field} = {info[field]} of {where}")
   prompts = config.eval.get("num_prompts")
   if config_fields.is_int(prompts) and prompts > info["num_prompts"]:
-    found.append(f"config.eval.num_prompts = {prompts} exceeds the {info['num_prompts']} prompts of {where}: "
-                 f"allowed values are 1..{info['num_prompts']}")
+    found.append(
+      f"config.eval.num_prompts = {prompts} exceeds the {info['num_prompts']} prompts of {where}: "
+      f"allowed values are 1..{info['num_prompts']}"
+    )
   return found

@@ -1,6 +1,6 @@
 """Builds the frozen evaluation set (a second or so per setting) and prints its content hashes.
 
-  python -m icl_jax.datasets.build --data_dir=DIR [--settings=isotropic,kappa100,noisy]
+python -m icl_jax.datasets.build --data_dir=DIR [--settings=isotropic,kappa100,noisy]
 """
 
 import time
@@ -11,8 +11,9 @@ from absl import flags
 
 from icl_jax import datasets
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory the set is written to (DIR/linreg_eval/...).",
-                                required=True)
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "Directory the set is written to (DIR/linreg_eval/...).", required=True
+)
 _SETTINGS = flags.DEFINE_list("settings", list(datasets.SETTINGS), "Settings to build.")
 
 

@@ -12,14 +12,15 @@ hidden states, [L + 1, B, N, d + 1, N], so the per-layer probes do not apply to 
 evaluates it by its own protocol. This package imports nothing of icl_jax outside itself.
 """
 
-from typing import Callable, NamedTuple
+from typing import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import ml_collections
 
 from icl_jax.models import gpt2
-from icl_jax.models import lstm
 from icl_jax.models import lsa
+from icl_jax.models import lstm
 
 
 class Family(NamedTuple):
@@ -29,9 +30,9 @@ class Family(NamedTuple):
 
 
 REGISTRY: dict[str, Family] = {
-    "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
-    "lstm": Family(build=lambda model: lstm.LSTMRegressor(model), validate=lstm.validate),
-    "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate),
+  "gpt2": Family(build=lambda model: gpt2.GPT2Regressor(model), validate=gpt2.validate),
+  "lstm": Family(build=lambda model: lstm.LSTMRegressor(model), validate=lstm.validate),
+  "lsa": Family(build=lambda model: lsa.LSARegressor(model), validate=lsa.validate),
 }
 
 

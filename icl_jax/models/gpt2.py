@@ -39,8 +39,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _contract_last(a, b, dtype):
   """a [..., K] times b [K, F] from `dtype` inputs, accumulated and returned in float32."""
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(
+    a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -117,7 +118,8 @@ class CausalSelfAttention(nn.Module):
     width = h_BxTxW.shape[-1]
     head_dim = width // self.num_heads
     dense = lambda features, std, name, out_dtype=None: Dense(
-        features, kernel_init=nn.initializers.normal(std), dtype=self.dtype, out_dtype=out_dtype, name=name)
+      features, kernel_init=nn.initializers.normal(std), dtype=self.dtype, out_dtype=out_dtype, name=name
+    )
     # q, k, v and the heads' outputs change layout in float32 and meet the dtype only at the batched matmuls:
     # the same numbers as casting first, and XLA's CPU backend moves float32 ~4x faster than bfloat16.
     c_attn = dense(3 * width, self.init_std, "c_attn", out_dtype=jnp.float32)
@@ -150,8 +152,9 @@ class CausalSelfAttention(nn.Module):
     context_BxHxNxQxT = jnp.where(sees_NxT[:, None, :], context_BxHxNxQxT.astype(jnp.float32), _MASKED)
     self_BxHxNxQx1 = jnp.einsum("bnqhk,bnqhk->bhnq", qg_BxNxQxHxK, kg_BxNxQxHxK)[..., None] * scale
     probs_BxHxNxQxS = softmax(jnp.concatenate([context_BxHxNxQxT, self_BxHxNxQx1.astype(jnp.float32)], axis=-1))
-    out_BxNxQxHxK = (jnp.einsum("bhnqs,bshk->bnqhk", probs_BxHxNxQxS[..., :-1], v_BxTxHxK) +
-                     jnp.einsum("bhnq,bnqhk->bnqhk", probs_BxHxNxQxS[..., -1], vg_BxNxQxHxK))
+    out_BxNxQxHxK = jnp.einsum("bhnqs,bshk->bnqhk", probs_BxHxNxQxS[..., :-1], v_BxTxHxK) + jnp.einsum(
+      "bhnq,bnqhk->bnqhk", probs_BxHxNxQxS[..., -1], vg_BxNxQxHxK
+    )
     return c_proj(out_BxTxW), c_proj(out_BxNxQxHxK.reshape(g_BxNxQxW.shape))
 
 
@@ -167,11 +170,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxW):
     width = h_BxTxW.shape[-1]
-    h_BxTxF = Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), dtype=self.dtype,
-                    name="c_fc")(h_BxTxW)
+    h_BxTxF = Dense(self.hidden, kernel_init=nn.initializers.normal(self.init_std), dtype=self.dtype, name="c_fc")(
+      h_BxTxW
+    )
     h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new".
-    return Dense(width, kernel_init=nn.initializers.normal(self.proj_std), dtype=self.dtype,
-                 name="c_proj")(h_BxTxF)
+    return Dense(width, kernel_init=nn.initializers.normal(self.proj_std), dtype=self.dtype, name="c_proj")(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -188,8 +191,9 @@ class Block(nn.Module):
     ln_1, ln_2 = (_layer_norm(c, name) for name in ("ln_1", "ln_2"))
     mlp = MLP(c.mlp_ratio * c.width, c.init_std, proj_std, dtype, name="mlp")
     attn_h, attn_g = CausalSelfAttention(c.num_heads, c.init_std, proj_std, dtype, name="attn")(
-        ln_1(h_BxTxW), None if g_BxNxQxW is None else ln_1(g_BxNxQxW), x_positions_only)
-    h_BxTxW = h_BxTxW[:, ::2 if x_positions_only else 1] + attn_h
+      ln_1(h_BxTxW), None if g_BxNxQxW is None else ln_1(g_BxNxQxW), x_positions_only
+    )
+    h_BxTxW = h_BxTxW[:, :: 2 if x_positions_only else 1] + attn_h
     h_BxTxW = h_BxTxW + mlp(ln_2(h_BxTxW))
     if g_BxNxQxW is None:
       return h_BxTxW, None
@@ -265,11 +269,15 @@ def validate(model: ml_collections.ConfigDict, task: ml_collections.ConfigDict) 
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       errors.append(f"config.model.{field} = {value!r}: must be an integer >= 1")
   if not errors and model.width % model.num_heads:
-    errors.append(f"config.model.num_heads = {model.num_heads} does not divide config.model.width = "
-                  f"{model.width}: allowed num_heads are the divisors of width")
+    errors.append(
+      f"config.model.num_heads = {model.num_heads} does not divide config.model.width = "
+      f"{model.width}: allowed num_heads are the divisors of width"
+    )
   if not errors and 2 * task.n_points > model.n_positions:
-    errors.append(f"config.task.n_points = {task.n_points} needs 2 * n_points = {2 * task.n_points} positions but "
-                  f"config.model.n_positions = {model.n_positions}: allowed n_points <= {model.n_positions // 2}")
+    errors.append(
+      f"config.task.n_points = {task.n_points} needs 2 * n_points = {2 * task.n_points} positions but "
+      f"config.model.n_positions = {model.n_positions}: allowed n_points <= {model.n_positions // 2}"
+    )
   if not (isinstance(model.layer_norm_epsilon, float) and model.layer_norm_epsilon > 0):
     errors.append(f"config.model.layer_norm_epsilon = {model.layer_norm_epsilon!r}: must be a float > 0")
   if not (isinstance(model.init_std, float) and model.init_std > 0):

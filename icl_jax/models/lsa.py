@@ -39,8 +39,9 @@ class LSALayer(nn.Module):
     return a_DxD, None if self.sparse else self.param("B", init, (d, d), dtype)
 
 
-def prefix_forward(xs_BxDxN: jax.Array, ys_BxN: jax.Array, t: jax.Array,
-                   layers: list[tuple[jax.Array, jax.Array | None]]) -> tuple[jax.Array, list[jax.Array]]:
+def prefix_forward(
+  xs_BxDxN: jax.Array, ys_BxN: jax.Array, t: jax.Array, layers: list[tuple[jax.Array, jax.Array | None]]
+) -> tuple[jax.Array, list[jax.Array]]:
   """The LSA on prefix t of every prompt: the prediction -[Z_L]_{d+1,t} [B] and Z_0..Z_L, [B, D + 1, N] each.
 
   Z_0 keeps columns 0..t (context and query), with the query's label zeroed, and zeroes the later ones; the
@@ -88,8 +89,9 @@ class LSARegressor(nn.Module):
   def __call__(self, xs_BxNxD, ys_BxN, return_hidden: bool = False, position=None):
     c = self.config
     d = xs_BxNxD.shape[-1]
-    layers = [LSALayer(bool(c.lsa_sparse), c.lsa_init_std, name=f"layer_{i}")(d, xs_BxNxD.dtype)
-              for i in range(c.num_layers)]
+    layers = [
+      LSALayer(bool(c.lsa_sparse), c.lsa_init_std, name=f"layer_{i}")(d, xs_BxNxD.dtype) for i in range(c.num_layers)
+    ]
     xs_BxDxN = jnp.swapaxes(xs_BxNxD, 1, 2)
     if position is not None:
       return prefix_forward(xs_BxDxN, ys_BxN, jnp.asarray(position, jnp.int32), layers)[0]
@@ -130,12 +132,15 @@ def validate(model: ml_collections.ConfigDict, task: ml_collections.ConfigDict) 
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     errors.append(f"config.model.num_layers = {value!r}: must be an integer >= 1")
   if model.get("lsa_sparse") not in (True, False):
-    errors.append(f"config.model.lsa_sparse = {model.get('lsa_sparse')!r}: allowed values are True (Ahn et al.'s "
-                  "sparse form, eq. 8), False (the full form, eq. 11)")
+    errors.append(
+      f"config.model.lsa_sparse = {model.get('lsa_sparse')!r}: allowed values are True (Ahn et al.'s "
+      "sparse form, eq. 8), False (the full form, eq. 11)"
+    )
   std = model.get("lsa_init_std")
   if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
     errors.append(f"config.model.lsa_init_std = {std!r}: must be a number >= 0")
   if model.get("dtype", "float32") != "float32":
-    errors.append(f"config.model.dtype = {model.get('dtype')!r}: the lsa family runs in float32 only; "
-                  "allowed 'float32'")
+    errors.append(
+      f"config.model.dtype = {model.get('dtype')!r}: the lsa family runs in float32 only; allowed 'float32'"
+    )
   return errors

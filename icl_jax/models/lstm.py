@@ -68,8 +68,9 @@ class LSTMLayer(nn.Module):
     h_NxBxW = jnp.concatenate([zeros_BxW[None], h_TxBxW[1:-1:2]])
     c_NxBxW = jnp.concatenate([zeros_BxW[None], c_TxBxW[1:-1:2]])
     recurrent_BxNx1x4W = jnp.einsum("nbw,wg->bng", h_NxBxW, kernel_hh)[:, :, None]
-    g_BxNxQxW, _ = _cell(g_BxNxQxI @ kernel_ih + bias_4W[None, None, None] + recurrent_BxNx1x4W,
-                         jnp.swapaxes(c_NxBxW, 0, 1)[:, :, None])
+    g_BxNxQxW, _ = _cell(
+      g_BxNxQxI @ kernel_ih + bias_4W[None, None, None] + recurrent_BxNx1x4W, jnp.swapaxes(c_NxBxW, 0, 1)[:, :, None]
+    )
     return out_BxTxW, g_BxNxQxW
 
 
@@ -115,6 +116,7 @@ def validate(model: ml_collections.ConfigDict, task: ml_collections.ConfigDict) 
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       errors.append(f"config.model.{field} = {value!r}: must be an integer >= 1")
   if model.get("dtype", "float32") != "float32":
-    errors.append(f"config.model.dtype = {model.get('dtype')!r}: the lstm family runs in float32 only; "
-                  "allowed 'float32'")
+    errors.append(
+      f"config.model.dtype = {model.get('dtype')!r}: the lstm family runs in float32 only; allowed 'float32'"
+    )
   return errors

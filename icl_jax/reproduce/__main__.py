@@ -20,21 +20,27 @@ from absl import flags
 from absl import logging
 
 from icl_jax import cli
-from icl_jax.runtime import run_logs
-from icl_jax.runtime import storage
 from icl_jax import train
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
 from icl_jax.runtime import errors
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 
 _SCALE = flags.DEFINE_enum("scale", None, list(experiments.SCALES), "Which configurations to run and grade.")
 _ROOT = flags.DEFINE_string("root", None, "Directory of the reproduction: one workdir per run, and the report.")
 _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in experiments.DEFAULT_SEEDS], "Seeds of every experiment.")
-_CONFIG_DIR = flags.DEFINE_string("config_dir", str(experiments.default_config_dir()),
-                                  "The configs/ directory the experiments' config files are read from.")
+_CONFIG_DIR = flags.DEFINE_string(
+  "config_dir",
+  str(experiments.default_config_dir()),
+  "The configs/ directory the experiments' config files are read from.",
+)
 _EXPERIMENTS = flags.DEFINE_list(
-    "experiments", None, "Train and evaluate only these experiments (default: all); the report still grades "
-    "every experiment, from the summaries already under --root. For a scale longer than one machine's session.")
+  "experiments",
+  None,
+  "Train and evaluate only these experiments (default: all); the report still grades "
+  "every experiment, from the summaries already under --root. For a scale longer than one machine's session.",
+)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their projected cost; train nothing.")
 flags.mark_flags_as_required(["scale", "root"])
 
@@ -55,8 +61,10 @@ def _experiments(values: list[str] | None) -> tuple[str, ...] | None:
     return None
   unknown = [v for v in values if v not in known]
   if unknown or not values:
-    raise app.UsageError(f"--experiments={','.join(values)}: unknown {', '.join(unknown) or 'empty list'}; "
-                         f"the experiments are {', '.join(known)}")
+    raise app.UsageError(
+      f"--experiments={','.join(values)}: unknown {', '.join(unknown) or 'empty list'}; "
+      f"the experiments are {', '.join(known)}"
+    )
   return tuple(values)
 
 
@@ -64,8 +72,10 @@ def _dry_run(runs: list[pipeline.Run]) -> None:
   rows = pipeline.projected_cost(runs)
   for row in rows:
     print(json.dumps(row))
-  print(f"total: {sum(r['hours'] for r in rows):.3g} hours of training on {rows[0]['devices']} x {rows[0]['device']} "
-        "(the seeds of an experiment train vmapped, here counted as seeds x one run), plus the evaluations")
+  print(
+    f"total: {sum(r['hours'] for r in rows):.3g} hours of training on {rows[0]['devices']} x {rows[0]['device']} "
+    "(the seeds of an experiment train vmapped, here counted as seeds x one run), plus the evaluations"
+  )
 
 
 def main(argv):
@@ -80,12 +90,23 @@ def main(argv):
       _dry_run(pipeline.selected(runs, only))
       return
     selection = [f"--experiments={','.join(only)}"] if only else []
-    command = shlex.join(["python", "-m", "icl_jax.reproduce", f"--scale={scale}", f"--root={_ROOT.value}",
-                          f"--seeds={','.join(map(str, seeds))}", *selection])
+    command = shlex.join(
+      [
+        "python",
+        "-m",
+        "icl_jax.reproduce",
+        f"--scale={scale}",
+        f"--root={_ROOT.value}",
+        f"--seeds={','.join(map(str, seeds))}",
+        *selection,
+      ]
+    )
     grades = pipeline.reproduce(runs, root, scale, seeds, command, only)
     if grades is None:
-      logging.warning("Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same "
-                      "command to resume).", train.EXIT_PREEMPTED)
+      logging.warning(
+        "Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same command to resume).",
+        train.EXIT_PREEMPTED,
+      )
       sys.exit(train.EXIT_PREEMPTED)
   except errors.UserError as e:
     cli.exit_with_error(e)

@@ -25,6 +25,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """One trained setting of the papers: `config_file` (in configs/) at a scale's variant, plus overrides."""
+
   name: str  # The run directories' prefix and the report's key.
   title: str  # What it is, for the report.
   config_file: str
@@ -37,41 +38,63 @@ class Experiment:
 NOISE_STD = 0.1
 
 EXPERIMENTS = (
-    Experiment("isotropic", "GPT-2, x ~ N(0, I) (Garg et al.; Fu et al. §4.2)", "linreg.py"),
-    Experiment("kappa100", "GPT-2, Cov(x) with condition number 100 (Fu et al. §4.3)", "linreg_ill_conditioned.py"),
-    Experiment("noisy", f"GPT-2, y = w.x + {NOISE_STD} eps (Fu et al. §4, Figs. 19-21)", "linreg.py",
-               (("task.noise_std", NOISE_STD), ("eval.ridge", NOISE_STD**2))),
-    Experiment("lstm", "LSTM baseline (Fu et al. App. A.1, Table 1)", "lstm.py"),
-    Experiment("lsa", "Linear self-attention (Ahn et al. §4.3)", "lsa.py"),
+  Experiment("isotropic", "GPT-2, x ~ N(0, I) (Garg et al.; Fu et al. §4.2)", "linreg.py"),
+  Experiment("kappa100", "GPT-2, Cov(x) with condition number 100 (Fu et al. §4.3)", "linreg_ill_conditioned.py"),
+  Experiment(
+    "noisy",
+    f"GPT-2, y = w.x + {NOISE_STD} eps (Fu et al. §4, Figs. 19-21)",
+    "linreg.py",
+    (("task.noise_std", NOISE_STD), ("eval.ridge", NOISE_STD**2)),
+  ),
+  Experiment("lstm", "LSTM baseline (Fu et al. App. A.1, Table 1)", "lstm.py"),
+  Experiment("lsa", "Linear self-attention (Ahn et al. §4.3)", "lsa.py"),
 )
 
 # The variant of each config file at each scale. linreg_ill_conditioned.py follows linreg.py's variants; LSA
 # has no medium variant (its quick one is already Ahn et al.'s task, d = 5 and 20 points, at a 4x smaller batch).
 VARIANTS = {
-    "smoke": {"linreg.py": "quick", "linreg_ill_conditioned.py": "quick", "lstm.py": "quick", "lsa.py": "quick"},
-    "quick": {"linreg.py": "quick", "linreg_ill_conditioned.py": "quick", "lstm.py": "quick", "lsa.py": "quick"},
-    "medium": {"linreg.py": "medium", "linreg_ill_conditioned.py": "medium", "lstm.py": "medium",
-               "lsa.py": "quick"},
-    "paper": {"linreg.py": "paper", "linreg_ill_conditioned.py": "paper", "lstm.py": "paper", "lsa.py": "paper"},
+  "smoke": {"linreg.py": "quick", "linreg_ill_conditioned.py": "quick", "lstm.py": "quick", "lsa.py": "quick"},
+  "quick": {"linreg.py": "quick", "linreg_ill_conditioned.py": "quick", "lstm.py": "quick", "lsa.py": "quick"},
+  "medium": {"linreg.py": "medium", "linreg_ill_conditioned.py": "medium", "lstm.py": "medium", "lsa.py": "quick"},
+  "paper": {"linreg.py": "paper", "linreg_ill_conditioned.py": "paper", "lstm.py": "paper", "lsa.py": "paper"},
 }
 
 # "smoke" on top of the quick variants: tiny models, tens of steps, small evaluations (seconds each).
 _SMOKE_COMMON = (
-    ("train.num_steps", 40), ("train.warmup_steps", 0), ("train.log_every", 20), ("train.checkpoint_every", 20),
-    ("train.steps_per_dispatch", 20), ("eval.num_prompts", 64), ("eval.after_training", False),
+  ("train.num_steps", 40),
+  ("train.warmup_steps", 0),
+  ("train.log_every", 20),
+  ("train.checkpoint_every", 20),
+  ("train.steps_per_dispatch", 20),
+  ("eval.num_prompts", 64),
+  ("eval.after_training", False),
 )
 _SMOKE_PROBED = (
-    ("task.n_dims", 3), ("task.n_points", 7), ("model.num_layers", 2), ("model.width", 16), ("model.num_heads", 2),
-    ("model.n_positions", 14), ("train.batch_size", 16), ("eval.fit_layers", (1, 2)), ("eval.batch_size", 16),
-    ("eval.bootstrap_samples", 50), ("eval.probe_prompts", 32), ("eval.sim_w_prompts", 4),
-    ("eval.sim_w_queries", 12), ("eval.newton_steps", 6), ("eval.cg_steps", 4), ("eval.bfgs_steps", 4),
-    ("eval.lbfgs_steps", 4), ("eval.gd_steps", (1, 50, 100)), ("eval.gd_log_steps", (1, 4, 16, 64)),
+  ("task.n_dims", 3),
+  ("task.n_points", 7),
+  ("model.num_layers", 2),
+  ("model.width", 16),
+  ("model.num_heads", 2),
+  ("model.n_positions", 14),
+  ("train.batch_size", 16),
+  ("eval.fit_layers", (1, 2)),
+  ("eval.batch_size", 16),
+  ("eval.bootstrap_samples", 50),
+  ("eval.probe_prompts", 32),
+  ("eval.sim_w_prompts", 4),
+  ("eval.sim_w_queries", 12),
+  ("eval.newton_steps", 6),
+  ("eval.cg_steps", 4),
+  ("eval.bfgs_steps", 4),
+  ("eval.lbfgs_steps", 4),
+  ("eval.gd_steps", (1, 50, 100)),
+  ("eval.gd_log_steps", (1, 4, 16, 64)),
 )
 SMOKE_OVERRIDES = {
-    "linreg.py": _SMOKE_COMMON + _SMOKE_PROBED,
-    "linreg_ill_conditioned.py": _SMOKE_COMMON + _SMOKE_PROBED,
-    "lstm.py": _SMOKE_COMMON + _SMOKE_PROBED + (("model.num_layers", 1), ("eval.fit_layers", (1, 1))),
-    "lsa.py": _SMOKE_COMMON + (("train.batch_size", 256), ("eval.num_prompts", 256)),
+  "linreg.py": _SMOKE_COMMON + _SMOKE_PROBED,
+  "linreg_ill_conditioned.py": _SMOKE_COMMON + _SMOKE_PROBED,
+  "lstm.py": _SMOKE_COMMON + _SMOKE_PROBED + (("model.num_layers", 1), ("eval.fit_layers", (1, 1))),
+  "lsa.py": _SMOKE_COMMON + (("train.batch_size", 256), ("eval.num_prompts", 256)),
 }
 
 
@@ -90,8 +113,9 @@ def _override(config: ml_collections.ConfigDict, field: str, value) -> None:
   node[name] = value
 
 
-def experiment_config(experiment: Experiment, scale: str, seed: int,
-                      config_dir: pathlib.Path) -> ml_collections.ConfigDict:
+def experiment_config(
+  experiment: Experiment, scale: str, seed: int, config_dir: pathlib.Path
+) -> ml_collections.ConfigDict:
   """The config of `experiment` at `scale` for `seed`, resolved."""
   if scale not in SCALES:
     raise ValueError(f"scale {scale!r}: allowed {SCALES}")

@@ -16,22 +16,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from icl_jax.runtime import distributed
-from icl_jax.runtime import run_logs
-from icl_jax.runtime import storage
-from icl_jax.runtime import workdir_lock
+from icl_jax import train
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import constructions
 from icl_jax.analysis import evaluate
 from icl_jax.analysis import probing
+from icl_jax.bench import benchmarks
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import report
-from icl_jax.sweep import grid
-from icl_jax import train
-from icl_jax.bench import benchmarks
 from icl_jax.runtime import config_files
+from icl_jax.runtime import distributed
 from icl_jax.runtime import errors
-
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
+from icl_jax.runtime import workdir_lock
+from icl_jax.sweep import grid
 
 SUMMARIES_DIR = "summaries"
 
@@ -63,7 +62,9 @@ class Run:
 def plan(scale: str, root: storage.Path, seeds: tuple[int, ...], config_dir: pathlib.Path) -> list[Run]:
   """Every run of `scale`, each config validated: one ConfigError lists every problem, before any compute."""
   if not (pathlib.Path(config_dir) / "linreg.py").is_file():
-    raise errors.MissingFileError(f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)")
+    raise errors.MissingFileError(
+      f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)"
+    )
   runs, found = [], []
   for experiment in experiments.EXPERIMENTS:
     for seed in seeds:
@@ -94,8 +95,10 @@ def train_all(runs: list[Run]) -> bool:
 
 
 # The fields of a run's results that the claims and the report's figure read: its summary keeps only these.
-SUMMARY_FIELDS = {"probed": ("layers", "best_match", "best_match_interval", "fits", "last_layer_best"),
-                  "lsa": ("a", "dist", "final_test_loss")}
+SUMMARY_FIELDS = {
+  "probed": ("layers", "best_match", "best_match_interval", "fits", "last_layer_best"),
+  "lsa": ("a", "dist", "final_test_loss"),
+}
 
 
 def evaluate_all(runs: list[Run]) -> None:
@@ -108,8 +111,11 @@ def evaluate_all(runs: list[Run]) -> None:
     results = json.loads(run.results_path.read_text())
     curve_path = run.workdir / "error_curve.json"
     fields = SUMMARY_FIELDS["lsa" if run.config.model.family == "lsa" else "probed"]
-    summary = {"config": config_files.config_dict(run.config), "eval": {k: results[k] for k in fields},
-               "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None}
+    summary = {
+      "config": config_files.config_dict(run.config),
+      "eval": {k: results[k] for k in fields},
+      "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None,
+    }
     run.summary_path.parent.mkdir(parents=True, exist_ok=True)
     run_logs.write_atomically(run.summary_path, json.dumps(summary, indent=1) + "\n")
 
@@ -119,12 +125,14 @@ def load_results(run: Run) -> dict | None:
   if not run.summary_path.exists():
     return None
   summary = json.loads(run.summary_path.read_text())
-  differences = config_files.config_differences(summary["config"], config_files.config_dict(run.config), ignore=(),
-                                            saved_as="summarised")
+  differences = config_files.config_differences(
+    summary["config"], config_files.config_dict(run.config), ignore=(), saved_as="summarised"
+  )
   if differences:
     raise errors.ConfigError(
-        f"{run.summary_path} summarises a run of another configuration; grading it would report the wrong "
-        "experiment. Differing fields:\n  " + "\n  ".join(differences) + "\nDelete it to train the run anew.")
+      f"{run.summary_path} summarises a run of another configuration; grading it would report the wrong "
+      "experiment. Differing fields:\n  " + "\n  ".join(differences) + "\nDelete it to train the run anew."
+    )
   return {**summary, "config": ml_collections.ConfigDict(summary["config"])}
 
 
@@ -136,8 +144,10 @@ CONSTRUCTION_PROMPTS, CONSTRUCTION_NEWTON_STEPS, CONSTRUCTION_LSA_LAYERS = 16, 8
 def check_constructions(n_dims: int, n_points: int, seed: int = 0) -> dict:
   """Largest relative errors of the explicit constructions against the algorithms they implement."""
   rng = np.random.default_rng(seed)
-  xs, w, x_query = (rng.normal(size=s) for s in ((CONSTRUCTION_PROMPTS, n_points, n_dims),
-                                                  (CONSTRUCTION_PROMPTS, n_dims), (CONSTRUCTION_PROMPTS, n_dims)))
+  xs, w, x_query = (
+    rng.normal(size=s)
+    for s in ((CONSTRUCTION_PROMPTS, n_points, n_dims), (CONSTRUCTION_PROMPTS, n_dims), (CONSTRUCTION_PROMPTS, n_dims))
+  )
   ys = np.einsum("bnd,bd->bn", xs, w)
   xs, ys, x_query = (jnp.asarray(a, jnp.float32) for a in (xs, ys, x_query))
   reference = np.asarray(algorithms.iterative_newton(xs, ys, CONSTRUCTION_NEWTON_STEPS)[:, :, -1], np.float64)
@@ -150,8 +160,9 @@ def check_constructions(n_dims: int, n_points: int, seed: int = 0) -> dict:
   for num_layers in range(1, CONSTRUCTION_LSA_LAYERS + 1):
     factors = rng.normal(size=(num_layers, n_dims, n_dims))
     preconditioners = [jnp.asarray(0.3 * np.eye(n_dims) + 0.03 * f, jnp.float32) for f in factors]
-    z = constructions.lsa_forward(constructions.lsa_prompt(xs, ys, x_query),
-                                  *constructions.preconditioned_gd_lsa_weights(preconditioners))
+    z = constructions.lsa_forward(
+      constructions.lsa_prompt(xs, ys, x_query), *constructions.preconditioned_gd_lsa_weights(preconditioners)
+    )
     w_BxD = jnp.zeros((CONSTRUCTION_PROMPTS, n_dims))
     for a_DxD in preconditioners:  # w <- w - A grad R(w), R(w) = (1/2n) sum_i (w . x_i - y_i)^2.
       residual_BxN = jnp.einsum("bnd,bd->bn", xs, w_BxD) - ys
@@ -159,9 +170,13 @@ def check_constructions(n_dims: int, n_points: int, seed: int = 0) -> dict:
     expected_B = np.einsum("bd,bd->b", np.asarray(x_query, np.float64), np.asarray(w_BxD, np.float64))
     scale_B = np.linalg.norm(np.asarray(x_query), axis=-1) * np.linalg.norm(np.asarray(w_BxD), axis=-1)
     lsa.append(float(np.max(np.abs(np.asarray(constructions.lsa_prediction(z), np.float64) - expected_B) / scale_B)))
-  return {"n_dims": n_dims, "n_points": n_points, "prompts": CONSTRUCTION_PROMPTS,
-          "newton": {"max_relative_error": max(newton), "per_steps": newton},
-          "lsa": {"max_relative_error": max(lsa), "per_layers": lsa}}
+  return {
+    "n_dims": n_dims,
+    "n_points": n_points,
+    "prompts": CONSTRUCTION_PROMPTS,
+    "newton": {"max_relative_error": max(newton), "per_steps": newton},
+    "lsa": {"max_relative_error": max(lsa), "per_layers": lsa},
+  }
 
 
 def selected(runs: list[Run], only: tuple[str, ...] | None) -> list[Run]:
@@ -169,8 +184,14 @@ def selected(runs: list[Run], only: tuple[str, ...] | None) -> list[Run]:
   return [r for r in runs if only is None or r.experiment.name in only]
 
 
-def reproduce(runs: list[Run], root: storage.Path, scale: str, seeds: tuple[int, ...], command: str,
-              only: tuple[str, ...] | None = None) -> list | None:
+def reproduce(
+  runs: list[Run],
+  root: storage.Path,
+  scale: str,
+  seeds: tuple[int, ...],
+  command: str,
+  only: tuple[str, ...] | None = None,
+) -> list | None:
   """Trains and evaluates what is missing of `runs` (from `plan`), grades every claim and writes the report;
   returns the grades, or None if a SIGTERM stopped the training (rerun to resume). With `only` (experiment
   names), trains and evaluates those alone and grades the others from the summaries already under ROOT (NOT
@@ -204,13 +225,22 @@ def projected_cost(runs: list[Run]) -> list[dict]:
     trained = [r for r in members if r.is_trained()]
     remaining = [r for r in members if r not in trained]
     steps = config.train.num_steps
-    rows.append({"experiment": members[0].experiment.name, "runs": [r.workdir.name for r in members],
-                 "family": config.model.family, "num_layers": config.model.num_layers,
-                 "width": config.model.get("width"),
-                 "n_dims": config.task.n_dims, "n_points": config.task.n_points,
-                 "batch_size": config.train.batch_size, "num_steps": steps, "ms_per_step": timed["ms_per_step"],
-                 "device": timed["device"], "devices": timed["devices"],
-                 "already_trained": [r.workdir.name for r in trained],
-                 "hours": len(remaining) * steps * timed["ms_per_step"] / 3.6e6})
+    rows.append(
+      {
+        "experiment": members[0].experiment.name,
+        "runs": [r.workdir.name for r in members],
+        "family": config.model.family,
+        "num_layers": config.model.num_layers,
+        "width": config.model.get("width"),
+        "n_dims": config.task.n_dims,
+        "n_points": config.task.n_points,
+        "batch_size": config.train.batch_size,
+        "num_steps": steps,
+        "ms_per_step": timed["ms_per_step"],
+        "device": timed["device"],
+        "devices": timed["devices"],
+        "already_trained": [r.workdir.name for r in trained],
+        "hours": len(remaining) * steps * timed["ms_per_step"] / 3.6e6,
+      }
+    )
   return rows
-

@@ -7,10 +7,10 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from icl_jax.runtime import run_logs
-from icl_jax.runtime import storage
 from icl_jax.reproduce import claims as claims_lib
 from icl_jax.reproduce import experiments
+from icl_jax.runtime import run_logs
+from icl_jax.runtime import storage
 
 matplotlib.use("Agg")
 
@@ -31,17 +31,25 @@ def _measured_text(grade: claims_lib.Grade) -> str:
     return grade.reason
   verdict = grade.claim.verdict
   if isinstance(verdict, claims_lib.Greater):
-    return (f"{verdict.a} {_quantity_text(grade.quantities['a'])} vs "
-            f"{verdict.b} {_quantity_text(grade.quantities['b'])}")
+    return f"{verdict.a} {_quantity_text(grade.quantities['a'])} vs {verdict.b} {_quantity_text(grade.quantities['b'])}"
   return _quantity_text(grade.quantities["value"])
 
 
 def grade_json(grade: claims_lib.Grade) -> dict:
   c = grade.claim
-  return {"id": c.id, "experiment": c.experiment, "statement": c.statement, "paper": c.paper, "source": c.source,
-          "measurement": c.measurement, "tolerance": str(c.verdict), "tolerance_source": c.tolerance_source,
-          "verdict": grade.verdict, "reason": grade.reason,
-          "quantities": {k: dataclasses.asdict(q) for k, q in grade.quantities.items()}}
+  return {
+    "id": c.id,
+    "experiment": c.experiment,
+    "statement": c.statement,
+    "paper": c.paper,
+    "source": c.source,
+    "measurement": c.measurement,
+    "tolerance": str(c.verdict),
+    "tolerance_source": c.tolerance_source,
+    "verdict": grade.verdict,
+    "reason": grade.reason,
+    "quantities": {k: dataclasses.asdict(q) for k, q in grade.quantities.items()},
+  }
 
 
 def _seeds_text(grade: claims_lib.Grade) -> str:
@@ -51,33 +59,53 @@ def _seeds_text(grade: claims_lib.Grade) -> str:
   return f"seeds: {seeds.pop()}" if seeds else "–"
 
 
-def markdown(scale: str, seeds: tuple[int, ...], grades: list[claims_lib.Grade], runs: list[dict],
-             command: str, provenance: dict) -> str:
+def markdown(
+  scale: str, seeds: tuple[int, ...], grades: list[claims_lib.Grade], runs: list[dict], command: str, provenance: dict
+) -> str:
   counts = {v: sum(g.verdict == v for g in grades) for v in (claims_lib.PASS, claims_lib.FAIL, claims_lib.NOT_RUN)}
   lines = [
-      f"# Reproduction report: scale `{scale}`, seeds {', '.join(map(str, seeds))}", "",
-      "Regenerate with:", "", "```bash", command, "```", "",
-      f"{provenance['date']}, {provenance['machine']}, jax {provenance['jax']}.", "",
-      f"**{counts[claims_lib.PASS]} PASS, {counts[claims_lib.FAIL]} FAIL, {counts[claims_lib.NOT_RUN]} NOT RUN** "
-      f"of {len(grades)} claims.", "",
-      "How to read it: a measured value is the mean over seeds with its 90% Student-t interval across seeds in "
-      "brackets; with one seed, the run's own 90% bootstrap interval over prompts where the evaluation has one. "
-      "A band or bound grades the mean; a comparison passes only if the two intervals are disjoint. Tolerances "
-      "are fixed in `icl_jax/reproduce/claims.py` with their sources; DERIVED values are computed from the "
-      "papers' figures, not printed in them.", "",
-      "| experiment | claim | the papers (source) | measured (seeds) | tolerance | verdict |",
-      "|---|---|---|---|---|---|",
+    f"# Reproduction report: scale `{scale}`, seeds {', '.join(map(str, seeds))}",
+    "",
+    "Regenerate with:",
+    "",
+    "```bash",
+    command,
+    "```",
+    "",
+    f"{provenance['date']}, {provenance['machine']}, jax {provenance['jax']}.",
+    "",
+    f"**{counts[claims_lib.PASS]} PASS, {counts[claims_lib.FAIL]} FAIL, {counts[claims_lib.NOT_RUN]} NOT RUN** "
+    f"of {len(grades)} claims.",
+    "",
+    "How to read it: a measured value is the mean over seeds with its 90% Student-t interval across seeds in "
+    "brackets; with one seed, the run's own 90% bootstrap interval over prompts where the evaluation has one. "
+    "A band or bound grades the mean; a comparison passes only if the two intervals are disjoint. Tolerances "
+    "are fixed in `icl_jax/reproduce/claims.py` with their sources; DERIVED values are computed from the "
+    "papers' figures, not printed in them.",
+    "",
+    "| experiment | claim | the papers (source) | measured (seeds) | tolerance | verdict |",
+    "|---|---|---|---|---|---|",
   ]
   for g in grades:
     c = g.claim
-    lines.append(f"| {c.experiment} | {c.statement} (`{c.id}`) | {c.paper} ({c.source}) | "
-                 f"{_measured_text(g)} ({_seeds_text(g)}) | {c.verdict} | **{g.verdict}** |")
+    lines.append(
+      f"| {c.experiment} | {c.statement} (`{c.id}`) | {c.paper} ({c.source}) | "
+      f"{_measured_text(g)} ({_seeds_text(g)}) | {c.verdict} | **{g.verdict}** |"
+    )
   lines += ["", "What each claim measures, and why its tolerance:", ""]
-  lines += [f"- `{g.claim.experiment}/{g.claim.id}`: {g.claim.measurement}; tolerance: {g.claim.tolerance_source}."
-            for g in grades]
-  lines += ["", f"![Best-matching Newton and GD steps per layer](figures/{FIGURE})", "",
-            "## Runs", "", "| run | model | task | steps | error/d ÷ zero at the last length |",
-            "|---|---|---|---|---|"]
+  lines += [
+    f"- `{g.claim.experiment}/{g.claim.id}`: {g.claim.measurement}; tolerance: {g.claim.tolerance_source}."
+    for g in grades
+  ]
+  lines += [
+    "",
+    f"![Best-matching Newton and GD steps per layer](figures/{FIGURE})",
+    "",
+    "## Runs",
+    "",
+    "| run | model | task | steps | error/d ÷ zero at the last length |",
+    "|---|---|---|---|---|",
+  ]
   for r in runs:
     ratio = "not trained" if r["last_ratio_to_zero"] is None else f"{r['last_ratio_to_zero']:.4g}"
     lines.append(f"| {r['name']} | {r['model']} | {r['task']} | {r['num_steps']} | {ratio} |")
@@ -92,12 +120,18 @@ def run_rows(runs, results: dict) -> list[dict]:
     if c.model.family != "lsa":
       model += f", width {c.model.width}"
     curve = found["curve"] if found else None
-    spectrum = (f"Cov(x) eigenvalues {tuple(c.task.eigenvalues)}" if c.task.spectrum == "explicit" else
-                f"κ = {c.task.kappa:g}")
-    rows.append({"name": run.workdir.name, "model": model,
-                 "task": f"d = {c.task.n_dims}, {c.task.n_points} points, {spectrum}, σ = {c.task.noise_std:g}",
-                 "num_steps": c.train.num_steps,
-                 "last_ratio_to_zero": curve["last_ratio_to_zero"] if curve else None})
+    spectrum = (
+      f"Cov(x) eigenvalues {tuple(c.task.eigenvalues)}" if c.task.spectrum == "explicit" else f"κ = {c.task.kappa:g}"
+    )
+    rows.append(
+      {
+        "name": run.workdir.name,
+        "model": model,
+        "task": f"d = {c.task.n_dims}, {c.task.n_points} points, {spectrum}, σ = {c.task.noise_std:g}",
+        "num_steps": c.train.num_steps,
+        "last_ratio_to_zero": curve["last_ratio_to_zero"] if curve else None,
+      }
+    )
   return rows
 
 
@@ -109,8 +143,10 @@ def _series(results: list[dict], key: str, transform) -> tuple[np.ndarray, np.nd
     best = results[0]["eval"]["best_match"][key]
     within = results[0]["eval"]["best_match_interval"][key]["within_interval"]
     return tuple(transform(np.asarray(v, float)) for v in (best, [min(w) for w in within], [max(w) for w in within]))
-  per_layer = [claims_lib.aggregate([(v, None, None) for v in layer])
-               for layer in zip(*(transform(np.asarray(r["eval"]["best_match"][key], float)) for r in results))]
+  per_layer = [
+    claims_lib.aggregate([(v, None, None) for v in layer])
+    for layer in zip(*(transform(np.asarray(r["eval"]["best_match"][key], float)) for r in results))
+  ]
   return tuple(np.asarray([getattr(q, f) for q in per_layer]) for f in ("mean", "low", "high"))
 
 
@@ -127,11 +163,17 @@ def figure(by_experiment: dict[str, list[dict]]) -> Figure | None:
     layers = np.asarray(found[0]["eval"]["layers"])
     for ax, key, transform in ((axes[0], "newton", np.asarray), (axes[1], "gd_log", np.log2)):
       mean, low, high = _series(found, key, transform)
-      ax.errorbar(layers, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, color=colour,
-                  label=f"{name} ({len(found)} seed{'s' * (len(found) > 1)})")
+      ax.errorbar(
+        layers,
+        mean,
+        yerr=[mean - low, high - mean],
+        marker="o",
+        capsize=3,
+        color=colour,
+        label=f"{name} ({len(found)} seed{'s' * (len(found) > 1)})",
+      )
   if len(shown[0][1][0]["eval"]["layers"]) == len(claims_lib.PAPER_NEWTON_STEPS):
-    axes[0].plot(range(1, 13), claims_lib.PAPER_NEWTON_STEPS, "s--", color="0.5",
-                 label="Fu et al. Fig. 7(b), d = 20")
+    axes[0].plot(range(1, 13), claims_lib.PAPER_NEWTON_STEPS, "s--", color="0.5", label="Fu et al. Fig. 7(b), d = 20")
   axes[0].set(xlabel="layer", ylabel="best-matching Newton steps (SimE)", title="Iterative Newton")
   axes[1].set(xlabel="layer", ylabel="log₂ best-matching GD steps (SimE)", title="Gradient descent (log grid)")
   for ax in axes:
@@ -139,22 +181,42 @@ def figure(by_experiment: dict[str, list[dict]]) -> Figure | None:
   return fig
 
 
-def write(root: storage.Path, scale: str, seeds: tuple[int, ...], runs, results: dict, constructions: dict,
-          command: str) -> list[claims_lib.Grade]:
+def write(
+  root: storage.Path, scale: str, seeds: tuple[int, ...], runs, results: dict, constructions: dict, command: str
+) -> list[claims_lib.Grade]:
   """Grades every claim of claims.CLAIMS on `results` (run name -> results, finished runs only) and writes the
   report; returns the grades."""
-  by_experiment = {e.name: [results[n] for n in (experiments.run_name(e, s) for s in seeds) if n in results]
-                   for e in experiments.EXPERIMENTS}
+  by_experiment = {
+    e.name: [results[n] for n in (experiments.run_name(e, s) for s in seeds) if n in results]
+    for e in experiments.EXPERIMENTS
+  }
   by_experiment["constructions"] = [{"eval": constructions}]
   grades = [claims_lib.grade(c, by_experiment[c.experiment]) for c in claims_lib.CLAIMS]
   full = run_logs.provenance()
-  provenance = {"date": full["date"][:10], "machine": f"{full['device_count']} x {full['device_kind']}",
-                "jax": full["versions"]["jax"], "git_commit": full["git_commit"]}
+  provenance = {
+    "date": full["date"][:10],
+    "machine": f"{full['device_count']} x {full['device_kind']}",
+    "jax": full["versions"]["jax"],
+    "git_commit": full["git_commit"],
+  }
   rows = run_rows(runs, results)
   run_logs.write_atomically(root / "REPORT.md", markdown(scale, seeds, grades, rows, command, provenance))
-  run_logs.write_atomically(root / "report.json", json.dumps(
-      {"scale": scale, "seeds": list(seeds), "command": command, "provenance": provenance,
-       "claims": [grade_json(g) for g in grades], "runs": rows, "constructions": constructions}, indent=1) + "\n")
+  run_logs.write_atomically(
+    root / "report.json",
+    json.dumps(
+      {
+        "scale": scale,
+        "seeds": list(seeds),
+        "command": command,
+        "provenance": provenance,
+        "claims": [grade_json(g) for g in grades],
+        "runs": rows,
+        "constructions": constructions,
+      },
+      indent=1,
+    )
+    + "\n",
+  )
   fig = figure(by_experiment)
   if fig is not None:
     (root / "figures").mkdir(exist_ok=True)

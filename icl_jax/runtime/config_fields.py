@@ -56,7 +56,7 @@ def non_finite_errors(node, prefix: str = "config") -> dict[str, str]:
   nan: no field means anything with those, and they would otherwise compile and fail (or, as adam_eps = inf,
   train with zero updates)."""
   found = {}
-  for name, value in (node.items() if isinstance(node, ml_collections.ConfigDict) else ()):
+  for name, value in node.items() if isinstance(node, ml_collections.ConfigDict) else ():
     path = f"{prefix}.{name}"
     if isinstance(value, ml_collections.ConfigDict):
       found.update(non_finite_errors(value, path))

@@ -43,13 +43,18 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ("eval.",),
-                       saved_as: str = "saved") -> list[str]:
+def config_differences(
+  saved: dict, current: dict, ignore: tuple[str, ...] = ("eval.",), saved_as: str = "saved"
+) -> list[str]:
   """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs, except those under the
   prefixes `ignore`: by default `eval.*`, as evaluation settings do not change what training computes, so they
   may change between attempts (a summary of results compares them too)."""
   saved, current = ({k: v for k, v in flatten(c).items() if not k.startswith(ignore)} for c in (saved, current))
   missing = object()
-  return [f"config.{key}: {saved_as} {saved.get(key, missing)!r}, now {current.get(key, missing)!r}".replace(
-      repr(missing), "(absent)") for key in sorted(saved.keys() | current.keys())
-          if saved.get(key, missing) != current.get(key, missing)]
+  return [
+    f"config.{key}: {saved_as} {saved.get(key, missing)!r}, now {current.get(key, missing)!r}".replace(
+      repr(missing), "(absent)"
+    )
+    for key in sorted(saved.keys() | current.keys())
+    if saved.get(key, missing) != current.get(key, missing)
+  ]

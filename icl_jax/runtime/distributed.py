@@ -79,29 +79,45 @@ def _count(value: str | None) -> int:
 def _check_address(address: str) -> None:
   host, sep, port = address.rpartition(":")
   if not sep or not host or host == "[]":
-    raise DistributedFlagError(f"--coordinator_address={address!r} must be HOST:PORT, e.g. 10.0.0.1:8476 or "
-                               "127.0.0.1:8476 ([::1]:8476 for IPv6).")
+    raise DistributedFlagError(
+      f"--coordinator_address={address!r} must be HOST:PORT, e.g. 10.0.0.1:8476 or "
+      "127.0.0.1:8476 ([::1]:8476 for IPv6)."
+    )
   if not port.isdigit() or not 0 < int(port) < 65536:
-    raise DistributedFlagError(f"--coordinator_address={address!r}: the port {port!r} must be a number in "
-                               "1..65535.")
+    raise DistributedFlagError(f"--coordinator_address={address!r}: the port {port!r} must be a number in 1..65535.")
   if host in ("0.0.0.0", "[::]", "::"):
-    raise DistributedFlagError(f"--coordinator_address={address!r} is a wildcard address; give the address of "
-                               "process 0's host (the coordinator binds to exactly this address).")
+    raise DistributedFlagError(
+      f"--coordinator_address={address!r} is a wildcard address; give the address of "
+      "process 0's host (the coordinator binds to exactly this address)."
+    )
 
 
-def plan(mode: str = "detect", coordinator_address: str | None = None, num_processes: int | None = None,
-         process_id: int | None = None, *, environ: Mapping[str, str] | None = None) -> Plan:
+def plan(
+  mode: str = "detect",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  environ: Mapping[str, str] | None = None,
+) -> Plan:
   """Validates the flags and decides what to do, without starting anything. Raises DistributedFlagError."""
   if mode not in MODES:
     raise DistributedFlagError(f"--distributed={mode!r}; allowed: {', '.join(MODES)}.")
   coordinator_address = coordinator_address or None
-  given = {name: value for name, value in (("--coordinator_address", coordinator_address),
-                                            ("--num_processes", num_processes), ("--process_id", process_id))
-           if value is not None}
+  given = {
+    name: value
+    for name, value in (
+      ("--coordinator_address", coordinator_address),
+      ("--num_processes", num_processes),
+      ("--process_id", process_id),
+    )
+    if value is not None
+  }
   if mode == "off":
     if given:
-      raise DistributedFlagError(f"--distributed=off runs one process; drop {', '.join(given)}, or use "
-                                 "--distributed=explicit.")
+      raise DistributedFlagError(
+        f"--distributed=off runs one process; drop {', '.join(given)}, or use --distributed=explicit."
+      )
     return Plan("single", None, "--distributed=off")
   if mode == "detect":
     if given:
@@ -113,16 +129,20 @@ def plan(mode: str = "detect", coordinator_address: str | None = None, num_proce
   if mode == "explicit":
     missing = [name for name in ("--coordinator_address", "--num_processes", "--process_id") if name not in given]
     if missing:
-      raise DistributedFlagError(f"multi-process training with explicit coordinator flags needs "
-                                 f"--coordinator_address=HOST:PORT, --num_processes=N and --process_id=I; missing: "
-                                 f"{', '.join(missing)}.")
+      raise DistributedFlagError(
+        f"multi-process training with explicit coordinator flags needs "
+        f"--coordinator_address=HOST:PORT, --num_processes=N and --process_id=I; missing: "
+        f"{', '.join(missing)}."
+      )
   if num_processes is not None and num_processes < 1:
     raise DistributedFlagError(f"--num_processes={num_processes} must be at least 1.")
   if process_id is not None and process_id < 0:
     raise DistributedFlagError(f"--process_id={process_id} must be at least 0.")
   if process_id is not None and num_processes is not None and process_id >= num_processes:
-    raise DistributedFlagError(f"--process_id={process_id} is out of range for --num_processes={num_processes} "
-                               f"(process ids are 0..{num_processes - 1}).")
+    raise DistributedFlagError(
+      f"--process_id={process_id} is out of range for --num_processes={num_processes} "
+      f"(process ids are 0..{num_processes - 1})."
+    )
   kwargs = {}
   if coordinator_address is not None:
     _check_address(coordinator_address)
@@ -164,8 +184,12 @@ def gloo_internals():
   from jax._src import xla_bridge
   from jax._src.lib import _jax
 
-  return (_jax.make_gloo_tcp_collectives, xla_bridge.make_cpu_client, xla_bridge.register_backend_factory,
-          jax_distributed.global_state)
+  return (
+    _jax.make_gloo_tcp_collectives,
+    xla_bridge.make_cpu_client,
+    xla_bridge.register_backend_factory,
+    jax_distributed.global_state,
+  )
 
 
 def _bind_cpu_collectives_to(host: str) -> None:
@@ -175,8 +199,12 @@ def _bind_cpu_collectives_to(host: str) -> None:
   try:
     make_gloo, make_client, register_backend_factory, global_state = gloo_internals()
   except (ImportError, AttributeError) as e:
-    logging.warning("cannot bind the CPU collectives to %s (%s; checked with jax %s); they use the hostname's "
-                    "address.", host, e, PRIVATE_GLOO_API_CHECKED)
+    logging.warning(
+      "cannot bind the CPU collectives to %s (%s; checked with jax %s); they use the hostname's address.",
+      host,
+      e,
+      PRIVATE_GLOO_API_CHECKED,
+    )
     return
 
   def cpu_client():
@@ -193,8 +221,13 @@ def _bind_cpu_collectives_to(host: str) -> None:
     logging.warning("cannot bind the CPU collectives to %s (%s); they use the hostname's address.", host, e)
 
 
-def initialize(mode: str = "detect", coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_count: int | None = None) -> Plan:
+def initialize(
+  mode: str = "detect",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_count: int | None = None,
+) -> Plan:
   """Starts JAX's distributed runtime as `mode` says (see the module docstring); call before any JAX work.
 
   Args:
@@ -216,19 +249,26 @@ def initialize(mode: str = "detect", coordinator_address: str | None = None, num
   decided = plan(mode, coordinator_address, num_processes, process_id)
   if local_device_count is not None:
     jax.config.update("jax_num_cpu_devices", local_device_count)
-  if decided.mode == "auto" and "coordinator_bind_address" not in decided.kwargs and not os.environ.get(
-      "JAX_COORDINATOR_BIND_ADDRESS"):
-    logging.info("--distributed=auto: process 0's coordinator will listen on every interface at the detected port "
-                 "(JAX's default); set JAX_COORDINATOR_BIND_ADDRESS=IP:PORT or --coordinator_address to restrict it.")
+  if (
+    decided.mode == "auto"
+    and "coordinator_bind_address" not in decided.kwargs
+    and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
+  ):
+    logging.info(
+      "--distributed=auto: process 0's coordinator will listen on every interface at the detected port "
+      "(JAX's default); set JAX_COORDINATOR_BIND_ADDRESS=IP:PORT or --coordinator_address to restrict it."
+    )
   if decided.kwargs is not None:
     try:
       jax.distributed.initialize(**decided.kwargs)
     except ValueError as e:
       if decided.mode != "auto":
         raise
-      raise DistributedFlagError(f"--distributed=auto: JAX detected no cluster (Cloud TPU, GKE, Slurm, Open MPI) "
-                                 f"that sets all of coordinator address, process count and id ({e}); give "
-                                 "--coordinator_address=HOST:PORT --num_processes=N --process_id=I instead.") from e
+      raise DistributedFlagError(
+        f"--distributed=auto: JAX detected no cluster (Cloud TPU, GKE, Slurm, Open MPI) "
+        f"that sets all of coordinator address, process count and id ({e}); give "
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I instead."
+      ) from e
     if (host := loopback_host(decided.kwargs.get("coordinator_address", ""))) is not None:
       _bind_cpu_collectives_to(host)
   return decided
@@ -237,27 +277,44 @@ def initialize(mode: str = "detect", coordinator_address: str | None = None, num
 def define_flags() -> dict:
   """Defines --distributed and the coordinator flags (for icl_jax.main and icl_jax.sweep); returns them by name."""
   return {
-      "distributed": flags.DEFINE_enum(
-          "distributed", "detect", list(MODES),
-          "Multi-process (multi-host) training. detect: explicit if --coordinator_address/--num_processes/"
-          "--process_id is given, auto on a multi-host TPU environment (TPU_WORKER_HOSTNAMES etc.), else one "
-          "process; auto: jax.distributed.initialize() with cluster auto-detection (Cloud TPU, GKE, Slurm, Open "
-          "MPI); explicit: the three coordinator flags, all required; off: one process."),
-      "coordinator_address": flags.DEFINE_string(
-          "coordinator_address", None, "HOST:PORT of process 0, where it runs the coordinator service, bound to "
-          "exactly this address (not to every interface). The same on every process."),
-      "num_processes": flags.DEFINE_integer("num_processes", None,
-                                            "Number of processes (with --coordinator_address)."),
-      "process_id": flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (with "
-                                         "--coordinator_address); process 0 writes the logs and files."),
+    "distributed": flags.DEFINE_enum(
+      "distributed",
+      "detect",
+      list(MODES),
+      "Multi-process (multi-host) training. detect: explicit if --coordinator_address/--num_processes/"
+      "--process_id is given, auto on a multi-host TPU environment (TPU_WORKER_HOSTNAMES etc.), else one "
+      "process; auto: jax.distributed.initialize() with cluster auto-detection (Cloud TPU, GKE, Slurm, Open "
+      "MPI); explicit: the three coordinator flags, all required; off: one process.",
+    ),
+    "coordinator_address": flags.DEFINE_string(
+      "coordinator_address",
+      None,
+      "HOST:PORT of process 0, where it runs the coordinator service, bound to "
+      "exactly this address (not to every interface). The same on every process.",
+    ),
+    "num_processes": flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address)."),
+    "process_id": flags.DEFINE_integer(
+      "process_id",
+      None,
+      "This process's id, 0..num_processes-1 (with --coordinator_address); process 0 writes the logs and files.",
+    ),
   }
 
 
 def initialize_from_flags(defined: dict) -> None:
   """Starts JAX's distributed runtime if the flags of `define_flags` or the environment ask for it."""
-  started = initialize(defined["distributed"].value, defined["coordinator_address"].value,
-                       defined["num_processes"].value, defined["process_id"].value)
+  started = initialize(
+    defined["distributed"].value,
+    defined["coordinator_address"].value,
+    defined["num_processes"].value,
+    defined["process_id"].value,
+  )
   if started.kwargs is not None:
-    logging.info("JAX distributed runtime started (%s): process %d of %d, %d local / %d global devices.",
-                 started.reason, jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+    logging.info(
+      "JAX distributed runtime started (%s): process %d of %d, %d local / %d global devices.",
+      started.reason,
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+    )

@@ -33,7 +33,8 @@ def quiet_orbax() -> None:
   fsspec, which log an INFO line per file read from a gs:// workdir, are set to warnings too.
   """
   logging.get_absl_logger().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+    lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  )
   for name in ("gcsfs", "fsspec"):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
@@ -45,8 +46,14 @@ def is_writer() -> bool:
 def _git(*args: str) -> str | None:
   """A git command's output in the package's checkout, or None outside one (an installed wheel) or without git."""
   try:
-    result = subprocess.run(["git", *args], cwd=pathlib.Path(__file__).resolve().parent, capture_output=True,
-                            text=True, timeout=10, check=True)
+    result = subprocess.run(
+      ["git", *args],
+      cwd=pathlib.Path(__file__).resolve().parent,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return result.stdout.strip()
@@ -64,20 +71,29 @@ def provenance() -> dict:
   commit = _git("rev-parse", "HEAD")
   status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
   devices = jax.devices()
-  return {"versions": versions, "git_commit": commit, "git_dirty": None if status is None else bool(status),
-          "platform": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
-          "process_count": jax.process_count(),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  return {
+    "versions": versions,
+    "git_commit": commit,
+    "git_dirty": None if status is None else bool(status),
+    "platform": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "process_count": jax.process_count(),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
 
 
-def write_evaluation_summary(workdir: storage.Path, step: int, scalars: dict[str, float], figures: list[storage.Path],
-                             hparams: dict) -> None:
+def write_evaluation_summary(
+  workdir: storage.Path, step: int, scalars: dict[str, float], figures: list[storage.Path], hparams: dict
+) -> None:
   """An evaluation's numbers as TensorBoard scalars, its PNG figures as images and the run's hyper-parameters
   (with those numbers as their metrics), in WORKDIR/tensorboard next to the training scalars."""
   import tensorboardX  # Deferred: only the writing process needs it.
 
-  with (storage.LocalMirror(workdir / "tensorboard") as mirror,
-        tensorboardX.SummaryWriter(os.fspath(mirror.local)) as writer):
+  with (
+    storage.LocalMirror(workdir / "tensorboard") as mirror,
+    tensorboardX.SummaryWriter(os.fspath(mirror.local)) as writer,
+  ):
     for tag, value in scalars.items():
       writer.add_scalar(tag, value, step)
     for path in figures:
@@ -103,8 +119,13 @@ def _complete_records(path: storage.Path) -> list[str]:
       json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
       dropped = len(lines) - i
-      logging.warning("%s: line %d is not a complete record (%r); dropping it and the %d line(s) after it.",
-                      path, i + 1, line[:80], dropped - 1)
+      logging.warning(
+        "%s: line %d is not a complete record (%r); dropping it and the %d line(s) after it.",
+        path,
+        i + 1,
+        line[:80],
+        dropped - 1,
+      )
       return lines[:i]
   return lines
 
@@ -140,6 +161,7 @@ class MetricsLog:
       self._lines = [line for line in _complete_records(self._path) if json.loads(line)["step"] <= start_step]
       write_atomically(self._path, "".join(line + "\n" for line in self._lines))
     import tensorboardX  # Deferred: only the writing process needs it.
+
     self._mirror = storage.LocalMirror(self._events, min_interval_s=TENSORBOARD_SYNC_S)
     self._tensorboard = tensorboardX.SummaryWriter(os.fspath(self._mirror.local))
 
@@ -155,13 +177,26 @@ class MetricsLog:
     self._writes += 1
     # The second record: the first interval includes compilation.
     if self._writes == 2 and jax.default_backend() == "cpu" and eta_min > 60 * CPU_WARNING_HOURS:
-      logging.warning("Training on CPU: at %.1f steps/s the remaining %d steps take about %.1f h. For a GPU or "
-                      "TPU install the matching JAX (README, 'Installs': jax[cuda12] or jax[tpu]).", steps_per_s,
-                      self._num_steps - step, eta_min / 60)
-    logging.info("step %d/%d  loss %.5g  loss/d %.5g  |grad| %.3g  lr %.3g  dims %d  points %d  %.1f steps/s  "
-                 "ETA %.1f min", step, self._num_steps, metrics["loss"], metrics["loss_per_dim"],
-                 metrics["grad_norm"], metrics["learning_rate"], metrics["n_dims"], metrics["n_points"],
-                 steps_per_s, eta_min)
+      logging.warning(
+        "Training on CPU: at %.1f steps/s the remaining %d steps take about %.1f h. For a GPU or "
+        "TPU install the matching JAX (README, 'Installs': jax[cuda12] or jax[tpu]).",
+        steps_per_s,
+        self._num_steps - step,
+        eta_min / 60,
+      )
+    logging.info(
+      "step %d/%d  loss %.5g  loss/d %.5g  |grad| %.3g  lr %.3g  dims %d  points %d  %.1f steps/s  ETA %.1f min",
+      step,
+      self._num_steps,
+      metrics["loss"],
+      metrics["loss_per_dim"],
+      metrics["grad_norm"],
+      metrics["learning_rate"],
+      metrics["n_dims"],
+      metrics["n_points"],
+      steps_per_s,
+      eta_min,
+    )
     line = json.dumps(record)
     if self._remote:
       self._lines.append(line)
@@ -203,10 +238,16 @@ class MetricsLog:
       logging.warning("%s", self._events_error(e))
 
   def _events_error(self, error: OSError) -> workdir_lock.WorkdirError:
-    return workdir_lock.WorkdirError(f"cannot write the TensorBoard events in {self._events}: "
-                                     f"{error.strerror or error}")
+    return workdir_lock.WorkdirError(
+      f"cannot write the TensorBoard events in {self._events}: {error.strerror or error}"
+    )
 
 
-_TENSORBOARD_TAGS = {"loss_per_dim": "loss/d", "n_dims": "curriculum/n_dims", "n_points": "curriculum/n_points",
-                     "learning_rate": "optim/learning_rate", "grad_norm": "optim/grad_norm",
-                     "steps_per_s": "perf/steps_per_s"}
+_TENSORBOARD_TAGS = {
+  "loss_per_dim": "loss/d",
+  "n_dims": "curriculum/n_dims",
+  "n_points": "curriculum/n_points",
+  "learning_rate": "optim/learning_rate",
+  "grad_norm": "optim/grad_norm",
+  "steps_per_s": "perf/steps_per_s",
+}

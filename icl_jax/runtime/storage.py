@@ -72,6 +72,7 @@ def save_figure(figure, target: Path, **savefig_kwargs) -> None:
 def read_png(source: Path):
   """A PNG file as an [H, W, C] float array in [0, 1] (matplotlib's reading), local or remote."""
   from matplotlib import image  # Deferred: only the evaluation's TensorBoard summary needs it.
+
   return image.imread(io.BytesIO(source.read_bytes()), format="png")
 
 
@@ -118,11 +119,12 @@ class LocalMirror:
 @functools.cache
 def _client():
   from google.cloud import storage as gcs  # Installed with gcsfs; only gs:// paths need it.
+
   return gcs.Client()
 
 
 def _blob(target: Path):
-  bucket, _, name = os.fspath(target)[len(REMOTE_PREFIX):].partition("/")
+  bucket, _, name = os.fspath(target)[len(REMOTE_PREFIX) :].partition("/")
   return _client().bucket(bucket).blob(name)
 
 
@@ -132,6 +134,7 @@ def create_exclusively(target: Path, text: str) -> bool:
   conditional on the object not existing."""
   if is_remote(target):
     from google.api_core import exceptions  # Installed with google-cloud-storage.
+
     try:
       _blob(target).upload_from_string(text, if_generation_match=0)
     except exceptions.PreconditionFailed:
@@ -156,6 +159,7 @@ def remove_if_unchanged(target: Path, text: str) -> bool:
   a delete conditional on the generation whose content is `text`."""
   if is_remote(target):
     from google.api_core import exceptions
+
     blob = _blob(target)
     try:
       blob.reload()

@@ -70,14 +70,20 @@ def _read(path: storage.Path) -> tuple[dict, str] | None:
 
 
 def _describe(holder: dict) -> str:
-  return (f"{holder.get('purpose', '?')} by pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-          f"started {holder.get('started', '?')}")
+  return (
+    f"{holder.get('purpose', '?')} by pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+    f"started {holder.get('started', '?')}"
+  )
 
 
 def _acquire(workdir: storage.Path, purpose: str) -> None:
   path = workdir / LOCK_FILE
-  record = {"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  record = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "purpose": purpose,
+    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
   for _ in range(2):  # A second try after taking over a stale lock.
     try:
       if storage.create_exclusively(path, json.dumps(record) + "\n"):
@@ -91,8 +97,9 @@ def _acquire(workdir: storage.Path, purpose: str) -> None:
     same_host = holder.get("host") == record["host"]
     if not same_host or "pid" not in holder or _alive(int(holder["pid"])):
       remove = "" if same_host else f"; if that process is gone, delete {path}"
-      raise WorkdirLockedError(f"{workdir} is in use: {_describe(holder)}{remove}. Wait for it, or use another "
-                               "--workdir.")
+      raise WorkdirLockedError(
+        f"{workdir} is in use: {_describe(holder)}{remove}. Wait for it, or use another --workdir."
+      )
     if not storage.remove_if_unchanged(path, text):  # Another taker was first.
       continue
     logging.warning("%s: took over the stale lock of %s (no such process).", workdir, _describe(holder))

@@ -12,20 +12,25 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
+from icl_jax import train
 from icl_jax.runtime import distributed
+from icl_jax.runtime import errors
 from icl_jax.runtime import run_logs
 from icl_jax.runtime import storage
-from icl_jax import train
 from icl_jax.sweep import grid
 from icl_jax.sweep import report
-from icl_jax.runtime import errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweep_depth_kappa.py:quick.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Sweep config, e.g. configs/sweep_depth_kappa.py:quick.", lock_config=True
+)
 _ROOT = flags.DEFINE_string("root", None, "Directory of the sweep: one workdir per run, and sweep/ for the report.")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/N: this process trains and evaluates every N-th group, from the i-th.")
-_STAGE = flags.DEFINE_enum("stage", "all", ["all", "runs", "report"],
-                           "runs: train and evaluate; report: write ROOT/sweep from finished runs; all: both.")
+_STAGE = flags.DEFINE_enum(
+  "stage",
+  "all",
+  ["all", "runs", "report"],
+  "runs: train and evaluate; report: write ROOT/sweep from finished runs; all: both.",
+)
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)  # --help lists them too.
 flags.mark_flags_as_required(["config", "root"])

@@ -5,17 +5,17 @@ of equal depth train together (`train.train_runs`); a finished run is skipped, a
 checkpoints. `run_sweep` takes every N-th group of runs (a shard), so N processes or machines share a sweep.
 """
 
-
 import jax
 import ml_collections
 from absl import logging
 
 from icl_jax import checkpointing
+from icl_jax import train
+from icl_jax.analysis import evaluate
 from icl_jax.runtime import distributed
 from icl_jax.runtime import errors
 from icl_jax.runtime import storage
-from icl_jax.analysis import evaluate
-from icl_jax import train
+
 
 def run_name(config: ml_collections.ConfigDict) -> str:
   return f"L{config.model.num_layers}_kappa{config.task.kappa:g}_seed{config.seed}"

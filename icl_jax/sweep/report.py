@@ -38,15 +38,15 @@ def _run_summary(workdir: storage.Path) -> dict | None:
     return None
   curve, results = json.loads(curve_path.read_text()), json.loads(results_path.read_text())
   return {
-      "error_per_dim": curve["error_per_dim"],
-      "final_error_per_dim": curve["last_error_per_dim"],
-      "newton_steps_per_layer": results["best_match"]["newton"],
-      "newton_slope": results["fits"]["newton"]["slope"],
-      "newton_r2": results["fits"]["newton"]["r2"],
-      # The GD steps the last layer's predictions match (log grid): how much GD the model's output is worth.
-      "gd_steps_needed": results["best_match"]["gd_log"][-1],
-      "gd_doublings_per_layer": results["fits"]["gd_log"]["doublings_per_layer"],
-      "distance_to_least_squares_per_dim": float(np.mean(results["distance_to_least_squares_per_dim"][1:])),
+    "error_per_dim": curve["error_per_dim"],
+    "final_error_per_dim": curve["last_error_per_dim"],
+    "newton_steps_per_layer": results["best_match"]["newton"],
+    "newton_slope": results["fits"]["newton"]["slope"],
+    "newton_r2": results["fits"]["newton"]["r2"],
+    # The GD steps the last layer's predictions match (log grid): how much GD the model's output is worth.
+    "gd_steps_needed": results["best_match"]["gd_log"][-1],
+    "gd_doublings_per_layer": results["fits"]["gd_log"]["doublings_per_layer"],
+    "distance_to_least_squares_per_dim": float(np.mean(results["distance_to_least_squares_per_dim"][1:])),
   }
 
 
@@ -69,22 +69,36 @@ def collect(runs, root: storage.Path, names: list[str]) -> list[dict]:
 
 
 def _markdown(entries: list[dict]) -> str:
-  lines = ["| depth | κ | seeds | final error/d | Newton steps per layer (best match) | Newton steps/layer (R²) | "
-           "GD steps needed | distance to OLS (error/d) |", "|---|---|---|---|---|---|---|---|"]
-  fmt = lambda v: ("n/a" if v["mean"] is None else
-                   f"{v['mean']:.3g} [{v['low']:.3g}, {v['high']:.3g}]" if v["seeds"] > 1 else f"{v['mean']:.3g}")
+  lines = [
+    "| depth | κ | seeds | final error/d | Newton steps per layer (best match) | Newton steps/layer (R²) | "
+    "GD steps needed | distance to OLS (error/d) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  fmt = lambda v: (
+    "n/a"
+    if v["mean"] is None
+    else f"{v['mean']:.3g} [{v['low']:.3g}, {v['high']:.3g}]"
+    if v["seeds"] > 1
+    else f"{v['mean']:.3g}"
+  )
   for e in entries:
     steps = ", ".join(f"{s:.3g}" for s in e["newton_steps_per_layer"]["mean"])
-    lines.append(f"| {e['num_layers']} | {e['kappa']:g} | {e['final_error_per_dim']['seeds']} | "
-                 f"{fmt(e['final_error_per_dim'])} | {steps} | {fmt(e['newton_slope'])} "
-                 f"({fmt(e['newton_r2'])}) | {fmt(e['gd_steps_needed'])} | "
-                 f"{fmt(e['distance_to_least_squares_per_dim'])} |")
-  interval = "" if entries and entries[0]["final_error_per_dim"]["seeds"] < 2 else (
-      f" Brackets: {CONFIDENCE:.0%} t-interval across seeds.")
-  return ("Final error/d at the last context length; Newton steps: each layer's best-matching number of Iterative "
-          "Newton steps by SimE; GD steps needed: the last layer's best match on the GD log grid; distance to "
-          "OLS: mean (model - least squares)^2 / d over context lengths >= 1." + interval + "\n\n" +
-          "\n".join(lines) + "\n")
+    lines.append(
+      f"| {e['num_layers']} | {e['kappa']:g} | {e['final_error_per_dim']['seeds']} | "
+      f"{fmt(e['final_error_per_dim'])} | {steps} | {fmt(e['newton_slope'])} "
+      f"({fmt(e['newton_r2'])}) | {fmt(e['gd_steps_needed'])} | "
+      f"{fmt(e['distance_to_least_squares_per_dim'])} |"
+    )
+  interval = (
+    ""
+    if entries and entries[0]["final_error_per_dim"]["seeds"] < 2
+    else (f" Brackets: {CONFIDENCE:.0%} t-interval across seeds.")
+  )
+  return (
+    "Final error/d at the last context length; Newton steps: each layer's best-matching number of Iterative "
+    "Newton steps by SimE; GD steps needed: the last layer's best match on the GD log grid; distance to "
+    "OLS: mean (model - least squares)^2 / d over context lengths >= 1." + interval + "\n\n" + "\n".join(lines) + "\n"
+  )
 
 
 def _figures(entries: list[dict], out: storage.Path) -> None:
@@ -100,10 +114,22 @@ def _figures(entries: list[dict], out: storage.Path) -> None:
     mean = np.asarray([e["final_error_per_dim"]["mean"] for e in cell])
     low = np.asarray([e["final_error_per_dim"]["low"] for e in cell])
     high = np.asarray([e["final_error_per_dim"]["high"] for e in cell])
-    ax.errorbar([e["num_layers"] for e in cell], mean, yerr=[mean - low, high - mean], marker="o", color=color,
-                label=f"κ = {kappa:g}", capsize=3)
-  ax.set(xscale="log", yscale="log", xlabel="depth (layers)", ylabel="error/d at the last context length",
-         title="Final error against depth")
+    ax.errorbar(
+      [e["num_layers"] for e in cell],
+      mean,
+      yerr=[mean - low, high - mean],
+      marker="o",
+      color=color,
+      label=f"κ = {kappa:g}",
+      capsize=3,
+    )
+  ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="depth (layers)",
+    ylabel="error/d at the last context length",
+    title="Final error against depth",
+  )
   ax.set_xticks(depths, [str(d) for d in depths])
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.legend()
@@ -116,8 +142,14 @@ def _figures(entries: list[dict], out: storage.Path) -> None:
       cell = [e for e in entries if e["kappa"] == kappa and e["num_layers"] == depth]
       if cell:
         steps = cell[0]["newton_steps_per_layer"]["mean"]
-        ax.plot(range(1, len(steps) + 1), steps, marker="o", color=color, label=f"{depth} layer{'s' * (depth > 1)}",
-                zorder=3 - depth / max(depths))  # Shallow models on top: their few points hide otherwise.
+        ax.plot(
+          range(1, len(steps) + 1),
+          steps,
+          marker="o",
+          color=color,
+          label=f"{depth} layer{'s' * (depth > 1)}",
+          zorder=3 - depth / max(depths),
+        )  # Shallow models on top: their few points hide otherwise.
     ax.set(xlabel="layer", ylabel="best-matching Newton steps", title=f"κ = {kappa:g}")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.legend(fontsize="small")

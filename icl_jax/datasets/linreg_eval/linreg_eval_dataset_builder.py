@@ -32,11 +32,11 @@ SPLIT = "test"
 # content_hash of each published setting, by version: a build or a copy that decodes to anything else is
 # not the published set.
 PUBLISHED_SHA256 = {
-    "1.0.0": {
-        "isotropic": "0b1c3c1e58e8dc552d9c6a532a432a26a9f96989d903a9e78c59027176545b2a",
-        "kappa100": "860f5a53ea4408fceb87b3a9c907e00a4d096d1e84280c825668ea3d7ee7dfda",
-        "noisy": "5bdcceebfd678a882d95a3b06e63830edd307cfb1cde5c315a00f864d2a45336",
-    },
+  "1.0.0": {
+    "isotropic": "0b1c3c1e58e8dc552d9c6a532a432a26a9f96989d903a9e78c59027176545b2a",
+    "kappa100": "860f5a53ea4408fceb87b3a9c907e00a4d096d1e84280c825668ea3d7ee7dfda",
+    "noisy": "5bdcceebfd678a882d95a3b06e63830edd307cfb1cde5c315a00f864d2a45336",
+  },
 }
 
 
@@ -118,10 +118,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Settings isotropic, kappa100 and noisy; 1280 prompts each, d = 20, n = 41."}
   BUILDER_CONFIGS = [
-      SettingConfig(name="isotropic", description="x ~ N(0, I), no noise.", seed=1),
-      SettingConfig(name="kappa100", description="Cov(x) of condition number 100 (two-level, trace d), a fresh "
-                    "random eigenbasis per prompt; no noise.", kappa=100.0, seed=2),
-      SettingConfig(name="noisy", description="x ~ N(0, I), y = w.x + 0.1 eps.", noise_std=0.1, seed=3),
+    SettingConfig(name="isotropic", description="x ~ N(0, I), no noise.", seed=1),
+    SettingConfig(
+      name="kappa100",
+      description="Cov(x) of condition number 100 (two-level, trace d), a fresh "
+      "random eigenbasis per prompt; no noise.",
+      kappa=100.0,
+      seed=2,
+    ),
+    SettingConfig(name="noisy", description="x ~ N(0, I), y = w.x + 0.1 eps.", noise_std=0.1, seed=3),
   ]
 
   def __init__(self, *, file_format="array_record", **kwargs):
@@ -132,16 +137,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     setting = self.builder_config
     n, d = setting.n_points, setting.n_dims
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "xs": tfds.features.Tensor(shape=(n, d), dtype=np.float32),
-            "ys": tfds.features.Tensor(shape=(n,), dtype=np.float32),
-            "w": tfds.features.Tensor(shape=(d,), dtype=np.float32),
-            "index": tfds.features.Scalar(dtype=np.int64),
-        }),
-        metadata=tfds.core.MetadataDict(
-            n_dims=d, n_points=n, kappa=setting.kappa, noise_std=setting.noise_std, seed=setting.seed,
-            spectrum="two_level", normalize_trace=True, rotation="per_prompt"),
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "xs": tfds.features.Tensor(shape=(n, d), dtype=np.float32),
+          "ys": tfds.features.Tensor(shape=(n,), dtype=np.float32),
+          "w": tfds.features.Tensor(shape=(d,), dtype=np.float32),
+          "index": tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(
+        n_dims=d,
+        n_points=n,
+        kappa=setting.kappa,
+        noise_std=setting.noise_std,
+        seed=setting.seed,
+        spectrum="two_level",
+        normalize_trace=True,
+        rotation="per_prompt",
+      ),
     )
 
   def _split_generators(self, dl_manager):
