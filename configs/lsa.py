@@ -10,7 +10,8 @@ github.com/chengxiang/LinearTransformer at b6ddc35 and its notebooks. §4.3's ru
 gives (5 runs, 30,000 iterations, batch 20,000 resampled every 100 steps, per-matrix clipping at 0.01), those
 of [R2]'s `rotation demonstration-Adam-p0.ipynb` (5 seeds, max_iters 30,000, `zero_p()` after every step, i.e.
 the sparse form of Theorem 3), whose optimiser values the paper does not state; `rotation
-demonstration-Adam.ipynb` is the full-form variant (3 seeds, 100k iterations, lr 0.1 halved every 4000 steps). Every field below says where its value comes from.
+demonstration-Adam.ipynb` is the full-form variant (3 seeds, 100k iterations, lr 0.1 halved every 4000 steps).
+Every field below says where its value comes from.
 
 The sparse form is the default here because it reproduces Fig. 2: trained as below, the three layers give
 a_i = -0.690, -0.424, -1.717 (paper: -0.69, -0.43, -1.71) with Dist <= 0.02, while the full form
