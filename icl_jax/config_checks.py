@@ -9,7 +9,6 @@ from icl_jax import datasets
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import train_step
-from icl_jax.runtime import config_fields
 from icl_jax.runtime.config_fields import check_choice
 from icl_jax.runtime.config_fields import check_int
 from icl_jax.runtime.config_fields import check_real
@@ -113,8 +112,3 @@ def errors(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
   elif not any(e.startswith(("config.task.n_points", "config.task.n_dims")) for e in found):
     found += models.REGISTRY[family].validate(config.model, config.task)
   return found + datasets.config_errors(config)
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError listing every invalid training-side field (`errors`)."""
-  config_fields.raise_if_any(config, errors(config, num_devices))

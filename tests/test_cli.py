@@ -120,9 +120,9 @@ runpy.run_module("icl_jax.main", run_name="__main__")
 
 
 def test_a_failed_checkpoint_save_exits_at_once_and_keeps_the_last_checkpoint(tmp_path):
-  """The save of step 8 fails in Orbax's background thread: the process used to print a traceback and then
-  wait forever for Orbax's blocked threads. Now it exits 1 within seconds with one error line; checkpoint 4
-  restores, and once the fault is gone the same command finishes the run."""
+  """The save of step 8 fails in Orbax's background thread, whose blocked threads must not keep the process
+  alive: it exits 1 within seconds with one error line; checkpoint 4 restores, and once the fault is gone the
+  same command finishes the run."""
   script = tmp_path / "failing_save.py"
   script.write_text(FAILING_SAVE)
   workdir = tmp_path / "run"
@@ -165,7 +165,7 @@ def _one_error_line(result, expected: str, orbax_noise: bool = False) -> None:
 
 
 def test_expected_failures_are_one_error_line(tmp_path):
-  """Each of these used to end in a traceback (up to 209 lines for a damaged checkpoint)."""
+  """Each of these ends in one error line and no traceback."""
   (tmp_path / "a_file").write_text("")
   tiny = "--config=tests/tiny_config.py"
   _one_error_line(
@@ -177,10 +177,9 @@ def test_expected_failures_are_one_error_line(tmp_path):
 
 
 def test_a_checkpoint_that_does_not_restore_is_one_error_line(tmp_path):
-  """Restoring into a model of another shape, and junk in the only checkpoint (nothing to fall back to). These
-  used to print a 209-line TensorStore traceback; once, an error raised while closing the checkpoint manager
-  replaced the restore error and escaped as a traceback without an `error:` line; once, Orbax's asyncio threads
-  printed the end of a traceback after the error line. The other shape is caught from the checkpoint's metadata,
+  """Restoring into a model of another shape, and junk in the only checkpoint (nothing to fall back to): one
+  `error:` line, last, with no TensorStore traceback, no error from closing the checkpoint manager in its place
+  and nothing from Orbax's asyncio threads after it. The other shape is caught from the checkpoint's metadata,
   naming the first array that differs, before Orbax tries to restore it."""
   tiny, run = "--config=tests/tiny_config.py", tmp_path / "run"
   assert _main(tiny, "--config.train.num_steps=4", f"--workdir={run}").returncode == 0

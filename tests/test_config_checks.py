@@ -68,8 +68,8 @@ def test_invalid_field_is_named(field, value, expected):
 )
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_numbers_are_refused_in_every_float_field(field, value):
-  """inf used to pass (kappa, noise_std, learning_rate, weight_decay, adam_eps): the run compiled and then
-  failed blaming the learning rate, or with adam_eps = inf trained with zero updates and exited 0."""
+  """inf and nan are refused in every float field: otherwise the run compiles and then fails blaming the
+  learning rate, or with adam_eps = inf trains with zero updates and exits 0."""
   config = linreg.get_config("quick")
   section, _, name = field.rpartition(".")
   config[section][name] = value
@@ -81,7 +81,7 @@ def test_non_finite_numbers_are_refused_in_every_float_field(field, value):
 
 def test_paper_and_quick_configs_are_valid():
   for variant in ("paper", "quick"):
-    evaluate.validate(linreg.get_config(variant), num_devices=8)
+    assert evaluate.config_errors(linreg.get_config(variant), num_devices=8) == []
 
 
 def test_all_errors_are_reported_together():

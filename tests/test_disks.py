@@ -73,8 +73,8 @@ def _tmpfs_bytes(paths) -> int:
 
 
 def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(namespace, tmp_path):
-  """The disk has room for the run and one checkpoint and a half: saving step 8 fails with ENOSPC. This used to
-  end in a 766-line traceback whose last error was TensorBoard's failing flush, without an `error:` line."""
+  """The disk has room for the run and one checkpoint and a half: saving step 8 fails with ENOSPC, which ends
+  in one `error:` line naming the disk, not in TensorBoard's failing flush."""
   probe = tmp_path / "probe"
   done = subprocess.run(
     [sys.executable, "-m", "icl_jax.main", *TINY, "--config.train.num_steps=4", f"--workdir={probe}"],

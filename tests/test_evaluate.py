@@ -259,8 +259,8 @@ def test_eval_without_a_run_says_so_and_creates_nothing(tmp_path):
 
 
 def test_eval_refuses_a_model_other_than_the_saved_one(tmp_path):
-  """Evaluating a 2-head run with --config.model.num_heads=1 used to exit 0 with results of the wrong model;
-  now it names the differing field. Evaluation settings may differ."""
+  """Evaluating a 2-head run with --config.model.num_heads=1 would report the wrong model: it is refused,
+  naming the differing field. Evaluation settings may differ."""
   config = tiny_config.get_config()
   config.train.num_steps = 4
   train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])

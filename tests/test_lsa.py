@@ -343,15 +343,15 @@ def test_lsa_model_fields_are_checked():
 
 def test_configs_are_valid():
   for variant in ("paper", "quick"):
-    evaluate.validate(lsa_config.get_config(variant), num_devices=8)
-  evaluate.validate(linreg.get_config(), num_devices=8)
+    assert evaluate.config_errors(lsa_config.get_config(variant), num_devices=8) == []
+  assert evaluate.config_errors(linreg.get_config(), num_devices=8) == []
   # The new fields are optional: a config without them means their defaults.
   config = linreg.get_config()
   for field in ("w_distribution", "resample_every"):
     del config.task[field]
   for field in ("loss_positions", "clip_per_matrix"):
     del config.train[field]
-  evaluate.validate(config, num_devices=8)
+  assert evaluate.config_errors(config, num_devices=8) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_bad_sweep_values_are_named():
 
 def test_a_sigterm_stops_the_sweep_before_the_next_group(tmp_path, monkeypatch):
   """A SIGTERM during a group's training (its checkpoints saved) ends the sweep: no later group trains and
-  nothing is evaluated; it used to start the next group with a fresh preemption flag."""
+  nothing is evaluated."""
   config = _sweep_config()
   config.sweep.num_layers = (1, 2)  # Two groups (one per depth).
   groups = []

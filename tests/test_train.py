@@ -80,13 +80,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
     FloatingPointError, match="non-finite training loss .* at step 9.* The last good checkpoint, step 8, is kept"
   ):
     train.train_and_evaluate(tiny, tmp_path, allow_config_change=True)
-  # config.json still describes checkpoint 8 (it used to hold the diverging learning rate, so that the original
-  # command was then refused).
+  # config.json still describes checkpoint 8, not the diverging learning rate, so the original command resumes.
   assert (tmp_path / "config.json").read_text() == saved
   with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
     assert checkpoints.latest_step() == 8
   jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(helpers.final_state(tiny, tmp_path)))
-  # Before any checkpoint the message says so (it used to claim a kept checkpoint that did not exist).
+  # Before any checkpoint the message says that none is kept.
   with pytest.raises(FloatingPointError, match="No checkpoint had been written yet"):
     train.train_and_evaluate(tiny, tmp_path / "fresh")
 
@@ -219,7 +218,7 @@ def test_a_long_cpu_run_warns_with_its_projected_time(tmp_path, caplog):
 
 def test_a_failed_resume_leaves_config_json_as_it_was(tiny, tmp_path):
   """--allow_config_change with a width the checkpoint cannot restore into fails, and config.json still holds
-  the run's own config, so the original command resumes (it used to be refused afterwards)."""
+  the run's own config, so the original command resumes."""
   tiny.train.num_steps = 4
   train.train_and_evaluate(tiny, tmp_path)
   saved = (tmp_path / "config.json").read_text()
@@ -232,8 +231,8 @@ def test_a_failed_resume_leaves_config_json_as_it_was(tiny, tmp_path):
 
 
 def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(tiny, tmp_path, caplog):
-  """A kill during a write leaves half a record: resuming drops it with a warning (it used to fail with
-  JSONDecodeError) and the finished file holds every step once."""
+  """A kill during a write leaves half a record: resuming drops it with a warning and the finished file holds
+  every step once."""
   tiny.train.num_steps = 4
   train.train_and_evaluate(tiny, tmp_path)
   with (tmp_path / "metrics.jsonl").open("a") as f:
@@ -247,8 +246,8 @@ def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(tiny, tmp_path, 
 
 
 def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_one_below_resumes(tiny, tmp_path, caplog):
-  """Junk in checkpoints/8 above a good 4 used to end the resume with a TensorStore traceback. Now the resume
-  warns, moves 8 aside (kept for inspection), resumes from 4, and ends with the uninterrupted run's losses."""
+  """Junk in checkpoints/8 above a good 4: the resume warns, moves 8 aside (kept for inspection), resumes from
+  4, and ends with the uninterrupted run's losses."""
   straight = tmp_path / "straight"
   train.train_and_evaluate(tiny, straight)  # Checkpoints at 4 and 8.
   broken = tmp_path / "broken"

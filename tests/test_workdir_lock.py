@@ -32,9 +32,8 @@ def _command(workdir, seed):
 
 
 def test_two_runs_on_one_workdir_one_trains_the_other_stops_naming_it(tmp_path):
-  """Started together with seeds 0 and 1 they used to mix (config.json of one, checkpoints of the other,
-  metrics.jsonl steps from both). Now exactly one trains; the other exits 1 within seconds, naming the
-  holder; the workdir is the winner's alone."""
+  """Started together with seeds 0 and 1 on one workdir, exactly one trains; the other exits 1 within
+  seconds, naming the holder; the workdir (config.json, checkpoints, metrics.jsonl) is the winner's alone."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   processes = [
     subprocess.Popen(

@@ -32,10 +32,16 @@ from icl_jax.runtime import workdir_lock
 DPI = 150
 
 
+def config_errors(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
+  """One line for each invalid field of `config`, training and evaluation alike, for a run on `num_devices`
+  devices."""
+  found = config_checks.errors(config, num_devices) + checks.eval_errors(config)
+  return config_fields.with_non_finite(config, found)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError listing every invalid field of `config`, training and evaluation alike, for a run on
-  `num_devices` devices."""
-  config_fields.raise_if_any(config, config_checks.errors(config, num_devices) + checks.eval_errors(config))
+  """Raises ConfigError listing every line of `config_errors`, before anything is compiled."""
+  config_fields.raise_if_any(config_errors(config, num_devices))
 
 
 def _probe(config: ml_collections.ConfigDict, params: dict, step: int | None) -> dict:

@@ -37,5 +37,5 @@ REGISTRY: dict[str, Family] = {
 
 
 def build_model(model: ml_collections.ConfigDict) -> nn.Module:
-  """The module of `model.family` (validated beforehand by `icl_jax.config_checks.validate`)."""
+  """The module of `model.family` (validated beforehand by `icl_jax.analysis.evaluate.validate`)."""
   return REGISTRY[model.family].build(model)

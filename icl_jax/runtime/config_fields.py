@@ -67,9 +67,13 @@ def non_finite_errors(node, prefix: str = "config") -> dict[str, str]:
   return found
 
 
-def raise_if_any(config, found: list[str]) -> None:
-  """ConfigError listing `found`, where a non-finite field's own line replaces what other checks say of it."""
+def with_non_finite(config, found: list[str]) -> list[str]:
+  """`found` with a line for every non-finite field, which replaces what other checks say of that field."""
   non_finite = non_finite_errors(config)
-  found = list(non_finite.values()) + [e for e in found if e.partition(" = ")[0] not in non_finite]
+  return list(non_finite.values()) + [e for e in found if e.partition(" = ")[0] not in non_finite]
+
+
+def raise_if_any(found: list[str]) -> None:
+  """ConfigError listing `found`, if there is anything in it."""
   if found:
     raise errors.ConfigError("invalid configuration:\n  " + "\n  ".join(found))
