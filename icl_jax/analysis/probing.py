@@ -356,10 +356,8 @@ def _probe_fit(fit_mse_L, n_dims: int) -> dict:
   return {"mse_per_dim": (np.asarray(fit_mse_L, np.float64) / n_dims).tolist()}
 
 
-# Each stage's share of an evaluation's wall time, for the ETA of the progress lines: the `timing` of
-# results.json of four evaluations (configs/linreg.py:quick at kappa 1 and 100, tests/tiny_config.py, a 12-layer
-# converted Garg et al. model at test size) on a 2-core CPU, 2026-12-01: 10% / 13% / 22% / 9% / 46% within
-# +-4 points in all four.
+# Each stage's typical share of an evaluation's wall time, for the ETA of the progress lines: the shares of the
+# `timing` that results.json records, which vary little between model sizes (docs/speed.md).
 STAGE_SHARES = {"probes_s": 0.10, "model_s": 0.13, "algorithms_s": 0.22, "metrics_s": 0.09, "sim_w_s": 0.46}
 
 

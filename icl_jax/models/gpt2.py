@@ -38,34 +38,34 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _contract_last(a, b, dtype):
-  """a [..., K] times b [K, F] from `dtype` inputs, accumulated and returned in float32."""
+  """a [..., I] times b [I, O] from `dtype` inputs, accumulated and returned in float32."""
   return jax.lax.dot_general(
     a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
   )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_matmul(x, kernel_KxF, dtype):
-  """x [..., K] (in `dtype`) times kernel [K, F] (float32, cast to `dtype`), accumulated and returned in
+def mixed_matmul(x, kernel_IxO, dtype):
+  """x [..., I] (in `dtype`) times kernel [I, O] (float32, cast to `dtype`), accumulated and returned in
   float32; the gradients are `dtype` matmuls with float32 results too (x's then cast to `dtype`).
 
   Why not JAX's own transpose: it would multiply the float32 cotangent by a `dtype` operand, which XLA runs as
-  a float32 matmul. And why float32 results: XLA's CPU backend runs bfloat16 matmuls with bfloat16 results at
-  float32 speed, with float32 results ~3x faster (README, "Speed")."""
-  return _contract_last(x, kernel_KxF, dtype)
+  a float32 matmul. And why float32 results: XLA's CPU backend reaches its fast bfloat16 path only with
+  float32 results (`python -m icl_jax.bench --benchmark=matmul` times both)."""
+  return _contract_last(x, kernel_IxO, dtype)
 
 
-def _mixed_matmul_fwd(x, kernel_KxF, dtype):
-  kernel_KxF = kernel_KxF.astype(dtype)
-  return _contract_last(x, kernel_KxF, dtype), (x, kernel_KxF)
+def _mixed_matmul_fwd(x, kernel_IxO, dtype):
+  kernel_IxO = kernel_IxO.astype(dtype)
+  return _contract_last(x, kernel_IxO, dtype), (x, kernel_IxO)
 
 
 def _mixed_matmul_bwd(dtype, residuals, g):
-  x, kernel_KxF = residuals
+  x, kernel_IxO = residuals
   g = g.astype(dtype)
   batch = tuple(range(x.ndim - 1))
-  dkernel_KxF = jax.lax.dot_general(x, g, ((batch, batch), ((), ())), preferred_element_type=jnp.float32)
-  return _contract_last(g, kernel_KxF.T, dtype).astype(dtype), dkernel_KxF
+  dkernel_IxO = jax.lax.dot_general(x, g, ((batch, batch), ((), ())), preferred_element_type=jnp.float32)
+  return _contract_last(g, kernel_IxO.T, dtype).astype(dtype), dkernel_IxO
 
 
 mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
@@ -121,7 +121,7 @@ class CausalSelfAttention(nn.Module):
       features, kernel_init=nn.initializers.normal(std), dtype=self.dtype, out_dtype=out_dtype, name=name
     )
     # q, k, v and the heads' outputs change layout in float32 and meet the dtype only at the batched matmuls:
-    # the same numbers as casting first, and XLA's CPU backend moves float32 ~4x faster than bfloat16.
+    # the same numbers as casting first, and XLA's CPU backend copies float32 faster than bfloat16.
     c_attn = dense(3 * width, self.init_std, "c_attn", out_dtype=jnp.float32)
     c_proj = dense(width, self.proj_std, "c_proj")
     cast = lambda *arrays: tuple(a.astype(self.dtype) for a in arrays)
@@ -129,33 +129,33 @@ class CausalSelfAttention(nn.Module):
     softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     split_heads = lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], 3, self.num_heads, head_dim), -3, 0)
     scale = 1.0 / math.sqrt(head_dim)
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = split_heads(c_attn(h_BxTxW))
+    q_BxTxHxV, k_BxTxHxV, v_BxTxHxV = split_heads(c_attn(h_BxTxW))
     t = h_BxTxW.shape[1]
     step = 2 if x_positions_only else 1
-    q_BxTxHxK = q_BxTxHxK[:, ::step]
-    # Heads before positions for the two batched matmuls: on CPU this layout runs them ~1.7x faster than
-    # einsums over [B, T, H, K].
-    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = cast(*(jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)))
-    logits_BxHxTxT = (q_BxHxTxK @ jnp.swapaxes(k_BxHxTxK, -1, -2)) * scale
+    q_BxTxHxV = q_BxTxHxV[:, ::step]
+    # Heads before positions for the two batched matmuls: batch axes first is the layout XLA's CPU batched
+    # matmul runs fastest (`python -m icl_jax.bench --benchmark=train_step` compares layouts by their step time).
+    q_BxHxTxV, k_BxHxTxV, v_BxHxTxV = cast(*(jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxV, k_BxTxHxV, v_BxTxHxV)))
+    logits_BxHxTxT = (q_BxHxTxV @ jnp.swapaxes(k_BxHxTxV, -1, -2)) * scale
     causal_TxT = jnp.arange(0, t, step)[:, None] >= jnp.arange(t)[None, :]
     probs_BxHxTxT = softmax(jnp.where(causal_TxT, logits_BxHxTxT.astype(jnp.float32), _MASKED))
-    out_BxHxTxK = (probs_BxHxTxT @ v_BxHxTxK).astype(jnp.float32)
-    out_BxTxW = jnp.swapaxes(out_BxHxTxK, 1, 2).reshape(*q_BxTxHxK.shape[:2], width)
+    out_BxHxTxV = (probs_BxHxTxT @ v_BxHxTxV).astype(jnp.float32)
+    out_BxTxW = jnp.swapaxes(out_BxHxTxV, 1, 2).reshape(*q_BxTxHxV.shape[:2], width)
     if g_BxNxQxW is None:
       return c_proj(out_BxTxW), None
-    qg_BxNxQxHxK, kg_BxNxQxHxK, vg_BxNxQxHxK = cast(*split_heads(c_attn(g_BxNxQxW)))
-    k_BxTxHxK, v_BxTxHxK = cast(k_BxTxHxK, v_BxTxHxK)
+    qg_BxNxQxHxV, kg_BxNxQxHxV, vg_BxNxQxHxV = cast(*split_heads(c_attn(g_BxNxQxW)))
+    k_BxTxHxV, v_BxTxHxV = cast(k_BxTxHxV, v_BxTxHxV)
     n = g_BxNxQxW.shape[1]
     # The query of prefix n stands where x_n does: it sees the 2n tokens (x_0, y_0, ..., y_{n-1}) and itself.
     sees_NxT = jnp.arange(t)[None, :] < 2 * jnp.arange(n)[:, None]
-    context_BxHxNxQxT = jnp.einsum("bnqhk,bshk->bhnqs", qg_BxNxQxHxK, k_BxTxHxK) * scale
+    context_BxHxNxQxT = jnp.einsum("bnqhk,bshk->bhnqs", qg_BxNxQxHxV, k_BxTxHxV) * scale
     context_BxHxNxQxT = jnp.where(sees_NxT[:, None, :], context_BxHxNxQxT.astype(jnp.float32), _MASKED)
-    self_BxHxNxQx1 = jnp.einsum("bnqhk,bnqhk->bhnq", qg_BxNxQxHxK, kg_BxNxQxHxK)[..., None] * scale
+    self_BxHxNxQx1 = jnp.einsum("bnqhk,bnqhk->bhnq", qg_BxNxQxHxV, kg_BxNxQxHxV)[..., None] * scale
     probs_BxHxNxQxS = softmax(jnp.concatenate([context_BxHxNxQxT, self_BxHxNxQx1.astype(jnp.float32)], axis=-1))
-    out_BxNxQxHxK = jnp.einsum("bhnqs,bshk->bnqhk", probs_BxHxNxQxS[..., :-1], v_BxTxHxK) + jnp.einsum(
-      "bhnq,bnqhk->bnqhk", probs_BxHxNxQxS[..., -1], vg_BxNxQxHxK
+    out_BxNxQxHxV = jnp.einsum("bhnqs,bshk->bnqhk", probs_BxHxNxQxS[..., :-1], v_BxTxHxV) + jnp.einsum(
+      "bhnq,bnqhk->bnqhk", probs_BxHxNxQxS[..., -1], vg_BxNxQxHxV
     )
-    return c_proj(out_BxTxW), c_proj(out_BxNxQxHxK.reshape(g_BxNxQxW.shape))
+    return c_proj(out_BxTxW), c_proj(out_BxNxQxHxV.reshape(g_BxNxQxW.shape))
 
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
