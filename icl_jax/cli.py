@@ -18,6 +18,13 @@ from icl_jax.analysis import evaluate
 from icl_jax.runtime import config_files
 from icl_jax.runtime import errors
 
+# --config's help, the same in every program that trains or evaluates.
+CONFIG_HELP = (
+  "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
+  "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
+  "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE."
+)
+
 
 def override_errors(argv: list[str]) -> list[str]:
   """A line for each `--config.FIELD=...` of `argv` that names no field of the `--config=FILE[:VARIANT]` config."""

@@ -22,9 +22,7 @@ from icl_jax.runtime import run_logs
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
-  "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
-  "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
-  "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE.",
+  cli.CONFIG_HELP,
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
