@@ -281,17 +281,17 @@ def _train_runs(
     parameter_overview.log_parameter_overview(states[0].params, msg="Model parameters")
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(states[0].params))
   logging.info(
-    "Model %s has %s parameters; training %d run(s) on %d %s devices (%s, %d processes), %s: %s.",
+    "Model %s has %s parameters; training on %d %s devices (%s, %d processes), %s.",
     base.model.family,
     f"{num_params:,}",
-    len(configs),
     len(devices),
     devices[0].platform.upper(),
     devices[0].device_kind,
     jax.process_count(),
     base.model.get("dtype", "float32"),
-    ", ".join(map(str, workdirs)),
   )
+  if len(configs) > 1:
+    logging.info("Training %d runs together: %s", len(configs), ", ".join(map(str, workdirs)))
   stacked = len(configs) > 1
   with contextlib.ExitStack() as held:
     checkpoints = [held.enter_context(checkpointing.Checkpoints(w / "checkpoints", train)) for w in workdirs]
@@ -301,8 +301,8 @@ def _train_runs(
       for c, w, ck in zip(configs, workdirs, checkpoints)
     ]
     states, step = _restore(checkpoints, states)
-    if step is not None:
-      logging.info("Resumed from step %d: %s.", step, ", ".join(str(c.directory) for c in checkpoints))
+    for checkpoint in checkpoints if step is not None else ():
+      logging.info("Resumed from %s at step %d.", checkpoint.directory, step)
     for config, workdir, change in zip(configs, workdirs, changed):
       if not change:
         write_config(workdir, config)

@@ -147,11 +147,19 @@ def _load_local(data_dir, setting: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     if path.is_dir()
     else ()
   )
-  return _read_local(str(data_dir), setting, files)
+  prompts, actual = _read_local(str(data_dir), setting, files)
+  published = linreg_eval.PUBLISHED_SHA256[VERSION][setting]
+  if actual != published:
+    raise DatasetError(
+      f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
+      f"published {published} ({linreg_eval.__file__}): this is not the published set."
+    )
+  return prompts
 
 
 @functools.lru_cache(maxsize=8)
-def _read_local(data_dir: str, setting: str, files: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_local(data_dir: str, setting: str, files: tuple) -> tuple[tuple[np.ndarray, ...], str]:
+  """The prompts, checked against the hash recorded at build time, and their content hash."""
   del files  # Only part of the cache key.
   builder = _builder(data_dir, setting)
   records = _records(data_dir, setting, builder)
@@ -168,15 +176,9 @@ def _read_local(data_dir: str, setting: str, files: tuple) -> tuple[np.ndarray, 
       f"{path / 'metadata.json'} records content_sha256 {recorded}, but the prompts in {path} "
       f"hash to {actual}: the files changed after the build; {_rebuild(data_dir, setting)}"
     )
-  published = linreg_eval.PUBLISHED_SHA256[VERSION][setting]
-  if actual != published:
-    raise DatasetError(
-      f"{path}: the prompts hash to {actual}, not to linreg_eval {VERSION} {setting!r}'s "
-      f"published {published} ({linreg_eval.__file__}): this is not the published set."
-    )
   for array in (xs_BxNxD, ys_BxN, ws_BxD):
     array.setflags(write=False)  # Shared by every reader of the cache.
-  return xs_BxNxD, ys_BxN, ws_BxD
+  return (xs_BxNxD, ys_BxN, ws_BxD), actual
 
 
 def config_errors(config) -> list[str]:
