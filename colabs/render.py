@@ -6,7 +6,7 @@
 Each colabs/NAME.py (jupytext py:percent, the source) is converted in memory, executed top to bottom with
 nbclient on a python3 kernel of this interpreter in a fresh temporary directory, and written to
 colabs/NAME.ipynb with its outputs, the cell ids of the previous NAME.ipynb (so a diff shows what changed) and
-`metadata.icl_jax`: when, on what and in how long it ran. tests/test_notebooks.py runs the same code with the
+`metadata.icl_jax`: when, on what and in how long it ran. tests/e2e/test_notebooks.py runs the same code with the
 smaller CI parameters and checks that the stored notebooks are these renderings of their sources.
 
 Needs the dev extra (`pip install -e ".[dev]"`: jupytext, nbclient, nbformat, ipykernel).

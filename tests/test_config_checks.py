@@ -3,10 +3,13 @@
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import linreg
+from configs import lsa as lsa_config
 from icl_jax.analysis import evaluate
+from icl_jax.models import lsa
 from icl_jax.runtime import errors
 from tests.helpers import assert_field_error
 
@@ -110,3 +113,63 @@ def test_command_line_reports_bad_field_and_exits_before_compiling(tmp_path):
   assert result.returncode == 1
   assert "config.task.kappa = 0.5: must be a number >= 1.0" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+# Ahn et al.'s setting (configs/lsa.py).
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
+    (
+      "task.w_distribution",
+      "sigma",
+      "config.task.w_distribution = 'sigma': allowed values are 'identity', 'inverse_covariance'",
+    ),
+    ("task.resample_every", 0, "config.task.resample_every = 0: must be an integer >= 1"),
+    (
+      "task.eigenvalues",
+      (1.0, 1.0),
+      "config.task.eigenvalues = (1.0, 1.0): with config.task.spectrum = 'explicit' "
+      "must be a tuple of config.task.n_dims = 5 numbers > 0",
+    ),
+    ("task.eigenvalues", (1.0, 1.0, 0.0, 1.0, 1.0), "config.task.eigenvalues = (1.0, 1.0, 0.0, 1.0, 1.0)"),
+    ("task.rotation_seed", -1, "config.task.rotation_seed = -1: must be an integer >= 0"),
+    (
+      "task.rotation",
+      "always",
+      "config.task.rotation = 'always': allowed values are 'per_prompt', 'per_batch', 'per_run'",
+    ),
+    ("task.spectrum", "flat", "allowed values are 'two_level', 'log_spaced', 'explicit'"),
+    ("train.loss_positions", "first", "config.train.loss_positions = 'first': allowed values are 'all', 'last'"),
+    ("train.clip_per_matrix", -0.1, "config.train.clip_per_matrix = -0.1: must be a number >= 0.0"),
+    ("train.decay_every", 0, "config.train.decay_every = 0: must be an integer >= 1"),
+    (
+      "train.decay_factor",
+      1.5,
+      "config.train.decay_factor = 1.5: with config.train.schedule = 'step_decay' must be a number in (0, 1]",
+    ),
+    ("train.schedule", "steps", "'constant', 'cosine', 'linear', 'step_decay'"),
+    ("model.lsa_init_std", -1.0, "config.model.lsa_init_std = -1.0: must be a number >= 0"),
+  ],
+)
+def test_invalid_lsa_field_is_named(field, value, expected):
+  assert_field_error(lsa_config.get_config(), field, value, expected)
+
+
+def test_lsa_model_fields_are_checked():
+  model = ml_collections.ConfigDict({"family": "lsa", "num_layers": 0, "lsa_sparse": "yes", "lsa_init_std": 1e-4})
+  errors = lsa.validate(model, None)
+  assert "config.model.num_layers = 0: must be an integer >= 1" in errors[0]
+  assert "config.model.lsa_sparse = 'yes': allowed values are True" in errors[1]
+
+
+def test_configs_are_valid():
+  for variant in ("paper", "quick"):
+    assert evaluate.config_errors(lsa_config.get_config(variant), num_devices=8) == []
+  assert evaluate.config_errors(linreg.get_config(), num_devices=8) == []
+  # The new fields are optional: a config without them means their defaults.
+  config = linreg.get_config()
+  for field in ("w_distribution", "resample_every"):
+    del config.task[field]
+  for field in ("loss_positions", "clip_per_matrix"):
+    del config.train[field]
+  assert evaluate.config_errors(config, num_devices=8) == []

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from configs import linreg
+from configs import lsa as lsa_config
 from icl_jax import data
+from icl_jax import models
+from icl_jax import optim
+from icl_jax import train
+from icl_jax import train_step
 
 
 def _task(**overrides):
@@ -111,3 +116,101 @@ def test_device_slices_assemble_the_same_global_batch(rotation):
     np.testing.assert_array_equal(np.concatenate([getattr(s, name) for s in slices]), getattr(whole, name))
   other_step = data.sample_batch(data.step_key(jax.random.key(3), 18), 0, 8, task, 4)
   assert not np.allclose(other_step.xs_BxNxD, whole.xs_BxNxD)
+
+
+# Ahn et al.'s setting (configs/lsa.py).
+def _ahn_task(**overrides):
+  task = lsa_config.get_config().task.copy_and_resolve_references()
+  task.update(overrides)
+  return task
+
+
+def _tiny_lsa(**train_overrides):
+  config = lsa_config.get_config("quick")
+  config.task.n_points = 8
+  config.train.update(
+    {
+      "num_steps": 8,
+      "batch_size": 16,
+      "log_every": 1,
+      "checkpoint_every": 8,
+      "steps_per_dispatch": 3,
+      "decay_every": 4,
+      **train_overrides,
+    }
+  )
+  config.eval.update(num_prompts=32, batch_size=16)
+  return config
+
+
+def _chunk_losses(config, num_steps, num_devices=2):
+  """Losses of the first num_steps training steps, from the jitted chunk alone (no logs or checkpoints)."""
+  mesh = train.make_mesh(jax.devices()[:num_devices])
+  model = models.build_model(config.model)
+  optimizer = optim.make_optimizer(config.train)
+  state = train_step.init_state(config, model, optimizer, mesh)
+  run = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
+  initial = jax.device_get(state)  # The chunk donates (deletes) its input state.
+  _, metrics = run(state, num_steps)
+  return np.asarray(metrics["loss"])[:num_steps], model, initial
+
+
+def test_explicit_spectrum_per_run_rotation_and_inverse_covariance_w():
+  task = _ahn_task(n_points=4000)
+  sigma = np.asarray(data.covariance_matrix(task), np.float64)
+  u = np.asarray(data.run_rotation(task))
+  np.testing.assert_allclose(u @ u.T, np.eye(5), atol=1e-5)
+  np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(sigma)), np.sort(task.eigenvalues), rtol=1e-5, atol=1e-6)
+  batches = [data.sample_batch(data.step_key(jax.random.key(0), s), 0, 8, task, 5) for s in (0, 7)]
+  for batch in batches:  # Every prompt of every step has the run's covariance.
+    xs = np.asarray(batch.xs_BxNxD, np.float64).reshape(-1, 5)
+    np.testing.assert_allclose(xs.T @ xs / len(xs), sigma, atol=0.04)
+  assert not np.allclose(batches[0].xs_BxNxD, batches[1].xs_BxNxD)
+  ws = np.asarray(
+    data.sample_batch(data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2), 5).ws_BxD, np.float64
+  )
+  np.testing.assert_allclose(ws.T @ ws / len(ws), np.linalg.inv(sigma), atol=0.25, rtol=0.05)
+  identity_ws = data.sample_batch(
+    data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2, w_distribution="identity"), 5
+  ).ws_BxD
+  np.testing.assert_allclose(np.cov(np.asarray(identity_ws).T), np.eye(5), atol=0.05)
+  # The eigenbasis follows rotation_seed (configs/lsa.py ties it to the run's seed).
+  assert not np.allclose(data.run_rotation(_ahn_task(rotation_seed=1)), u)
+  config = lsa_config.get_config()
+  config.seed = 5
+  assert config.task.rotation_seed == 5
+
+
+def test_default_sampler_is_unchanged():
+  """The defaults (isotropic, and kappa > 1 per prompt) draw exactly what the sampler drew before these options."""
+  for kappa in (1.0, 100.0):
+    task = linreg.get_config().task
+    task.update(n_dims=4, n_points=6, kappa=kappa)
+    key = data.step_key(jax.random.key(3), 2)
+    batch = data.sample_batch(key, 0, 3, task, 4)
+    examples_key = jax.random.split(key)[1]
+    for i in range(3):
+      key_x, key_w, _, key_rot = jax.random.split(jax.random.fold_in(examples_key, i), 4)
+      zs = jax.random.normal(key_x, (6, 4))
+      if kappa != 1.0:
+        zs = (zs * jnp.sqrt(data.covariance_spectrum(task))[None]) @ data.random_rotation(key_rot, 4).T
+      w = jax.random.normal(key_w, (4,))
+      np.testing.assert_array_equal(batch.xs_BxNxD[i], zs)
+      np.testing.assert_array_equal(batch.ws_BxD[i], w)
+      np.testing.assert_array_equal(batch.ys_BxN[i], zs @ w)
+  assert data.data_step(17, linreg.get_config().task) == 17
+
+
+def test_resample_every_keeps_one_batch_per_window():
+  config = _tiny_lsa(learning_rate=1e-12, steps_per_dispatch=7)  # Parameters barely move: equal losses mean
+  config.task.resample_every = 3  # equal batches.
+  assert [int(data.data_step(s, config.task)) for s in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+  losses, _, _ = _chunk_losses(config, 7)
+  np.testing.assert_allclose(losses[0:3], losses[0], rtol=1e-6)
+  np.testing.assert_allclose(losses[3:6], losses[3], rtol=1e-6)
+  assert abs(losses[3] - losses[0]) > 1e-3 * losses[0] and abs(losses[6] - losses[3]) > 1e-3 * losses[3]
+  # A constant curriculum disables the in-loop batch cache: the per-step sampler gives the same losses.
+  config.task.curriculum.update(
+    enabled=True, dims_start=5, points_start=8, dims_interval=1, points_interval=1, dims_increment=0, points_increment=0
+  )
+  np.testing.assert_array_equal(_chunk_losses(config, 7)[0], losses)

@@ -232,3 +232,10 @@ def test_documented_commands_exist_with_their_flags(module):
   defined = set(re.findall(r"--(?:\[no\])?([a-z_]+)[:=]", result.stdout + result.stderr))
   missing = sorted(COMMANDS[module] - defined - {"help", "helpfull"})
   assert not missing, f"python -m {module}: the docs pass {missing}, which it does not define"
+
+
+def test_tests_mirror_the_package():
+  """tests/X/ holds the tests of icl_jax/X/, and tests/e2e/ the end-to-end runs of the programs as subprocesses."""
+  folders = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+  packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+  assert folders - {"e2e"} <= packages, sorted(folders - {"e2e"} - packages)

@@ -49,14 +49,14 @@ SIZES = {
     curve_log_every=100,
     curve_tail=5,
     tests=(
-      "tests/test_precision.py",
-      "tests/test_algorithms.py",
-      "tests/test_model.py",
+      "tests/analysis/test_precision.py",
+      "tests/analysis/test_algorithms.py",
+      "tests/models/test_gpt2.py",
       "tests/test_train.py::test_first_training_step_is_pinned",
     ),
   ),
   "tiny": Sizes(
-    batch_sizes=(16, 64), curve_steps=40, curve_log_every=5, curve_tail=2, tests=("tests/test_precision.py",)
+    batch_sizes=(16, 64), curve_steps=40, curve_log_every=5, curve_tail=2, tests=("tests/analysis/test_precision.py",)
   ),
 }
 DTYPES = ("float32", "bfloat16")

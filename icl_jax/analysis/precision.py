@@ -2,7 +2,8 @@
 
 JAX's default float32 matmul uses TF32 on NVIDIA GPUs and bf16 passes on TPUs; the analysis compares estimates
 down to 1e-3, so every product it traces runs at HIGHEST (true float32) instead. The precision is recorded in
-the traced program, so it holds inside any caller's jit too (tests/test_precision.py checks the lowered programs).
+the traced program, so it holds inside any caller's jit too (tests/analysis/test_precision.py checks the lowered
+programs).
 """
 
 import functools

@@ -50,7 +50,7 @@ def prefix_forward(
   Computed in blocks, which P = [B 0; 0 1] and Q = [A^T 0; 0 0] allow: with X the x rows, y the label row and
   a subscript c for the context columns, Z^T Q Z = X^T A^T X and P Z M = [B X_c; y_c], so a layer adds
   (1/t) B (X_c X_c^T) A^T X to X and (1/t) (A X_c y_c)^T X to y. This equals the general formula
-  (`constructions.lsa_forward`, tests/test_lsa.py) and costs O(d N) per prefix in the sparse form (X never
+  (`constructions.lsa_forward`, tests/models/test_lsa.py) and costs O(d N) per prefix in the sparse form (X never
   changes) instead of O(d^2 N).
   """
   n = xs_BxDxN.shape[-1]

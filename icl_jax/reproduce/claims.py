@@ -414,7 +414,7 @@ def _construction_error(name: str):
   return measure
 
 
-# Exact constructions: float32 rounding is the only error. Same bound as tests/test_constructions.py.
+# Exact constructions: float32 rounding is the only error. Same bound as tests/analysis/test_constructions.py.
 CONSTRUCTION_TOLERANCE = 1e-4
 
 _CONSTRUCTIONS = (

@@ -172,8 +172,8 @@ def loopback_host(address: str) -> str | None:
 
 # JAX has no public option for the address gloo listens on (its CPU backend takes the hostname's), so
 # `_bind_cpu_collectives_to` re-registers the CPU backend through these private functions. Checked against jax
-# 0.10.2 (requirements.txt's lower bound); tests/test_distributed.py fails as soon as a JAX release changes them,
-# and at run time a changed JAX keeps its default binding, with a warning.
+# 0.10.2 (requirements.txt's lower bound); tests/runtime/test_distributed.py fails as soon as a JAX release changes
+# them, and at run time a changed JAX keeps its default binding, with a warning.
 PRIVATE_GLOO_API_CHECKED = "0.10.2"
 
 

@@ -14,7 +14,7 @@ Cloud Storage is not a file system; the three differences that matter here, and 
 - Libraries that write only local files (tensorboardX: its own gs:// writer needs credentials it cannot get from
   gcsfs, and fails) write into a `LocalMirror`, which uploads what they wrote.
 
-tests/test_gcs.py runs all of it against a local Cloud Storage emulator (tests/helpers.py: gcs_emulator).
+tests/e2e/test_gcs.py runs all of it against a local Cloud Storage emulator (tests/helpers.py: gcs_emulator).
 """
 
 import contextlib

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TPU = REPO / "launch" / "tpu.py"
 ENV_NAMES = ("TPU_NAME", "TPU_ZONE", "TPU_TYPE", "TPU_RUNTIME", "GCP_PROJECT")
 BASE = ["--name=icl-test", "--zone=us-central2-b"]
@@ -485,7 +485,7 @@ def test_ctrl_c_in_all_still_fetches_and_deletes(fake):
 
 
 def test_local_sweep_dry_run_prints_one_process_per_shard_then_the_report():
-  script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "local_sweep.sh"
+  script = pathlib.Path(__file__).resolve().parents[2] / "launch" / "local_sweep.sh"
   result = subprocess.run(
     [
       "bash",

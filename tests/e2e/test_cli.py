@@ -12,7 +12,7 @@ import pytest
 
 from icl_jax import train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # Long enough to be interrupted between checkpoints, short enough for CI.
 FLAGS = [
   "--config=tests/tiny_config.py",

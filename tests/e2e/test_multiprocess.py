@@ -25,7 +25,7 @@ from icl_jax import train
 from icl_jax.runtime import distributed
 from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 FLAGS = ["--config=tests/tiny_config.py", "--config.train.num_steps=12", "--config.train.checkpoint_every=6"]
 DEVICES_PER_PROCESS = 2
 DEADLINE_S = 75  # Per phase; each takes 5-20 s on 2 CPU cores.

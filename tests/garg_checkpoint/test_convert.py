@@ -26,7 +26,7 @@ from icl_jax.analysis import evaluate
 from icl_jax.analysis import probing
 from icl_jax.garg_checkpoint import convert
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 N_DIMS, N_POINTS, NUM_LAYERS = 20, 41, 12
 
 

@@ -14,7 +14,7 @@ from icl_jax import train
 from icl_jax.runtime import workdir_lock
 from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _command(workdir, seed):

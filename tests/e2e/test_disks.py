@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
 TINY = ["--config=tests/tiny_config.py", "--config.train.checkpoint_every=4", "--config.eval.after_training=False"]
 PAGE = 4096  # tmpfs counts whole pages.
