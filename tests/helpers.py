@@ -9,15 +9,18 @@ import platform
 import socket
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from configs import lsa as lsa_config
 from icl_jax import checkpointing
 from icl_jax import models
 from icl_jax import optim
 from icl_jax import train
 from icl_jax import train_step
 from icl_jax.analysis import evaluate
+from icl_jax.models import lsa
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
 from icl_jax.runtime import errors
@@ -199,3 +202,57 @@ def _close(a, b) -> bool:
   if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
     return type(a) is type(b) and len(a) == len(b) and all(map(_close, a, b))
   return a == b
+
+
+# Ahn et al.'s setting (configs/lsa.py), shared by the tests of the model, the data, the step and the analysis.
+def lsa_model(num_layers=3, sparse=False, init_std=0.1):
+  """A linear self-attention of `num_layers` layers (models/lsa.py)."""
+  return lsa.LSARegressor(
+    ml_collections.ConfigDict(
+      {"family": "lsa", "num_layers": num_layers, "lsa_sparse": sparse, "lsa_init_std": init_std}
+    )
+  )
+
+
+def random_prompts(seed, b, n, d):
+  """Standard normal xs [b, n, d] and ys [b, n] (not a linear task: for shape-level identities)."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, (b, n, d)), jax.random.normal(k2, (b, n))
+
+
+def ahn_task(**overrides):
+  """configs/lsa.py's task, with `overrides`."""
+  task = lsa_config.get_config().task.copy_and_resolve_references()
+  task.update(overrides)
+  return task
+
+
+def tiny_lsa_config(**train_overrides):
+  """configs/lsa.py:quick at 8 points and 8 steps: Ahn et al.'s trainer options in seconds."""
+  config = lsa_config.get_config("quick")
+  config.task.n_points = 8
+  config.train.update(
+    {
+      "num_steps": 8,
+      "batch_size": 16,
+      "log_every": 1,
+      "checkpoint_every": 8,
+      "steps_per_dispatch": 3,
+      "decay_every": 4,
+      **train_overrides,
+    }
+  )
+  config.eval.update(num_prompts=32, batch_size=16)
+  return config
+
+
+def chunk_losses(config, num_steps, num_devices=2):
+  """Losses of the first num_steps training steps, from the jitted chunk alone (no logs or checkpoints)."""
+  mesh = train.make_mesh(jax.devices()[:num_devices])
+  model = models.build_model(config.model)
+  optimizer = optim.make_optimizer(config.train)
+  state = train_step.init_state(config, model, optimizer, mesh)
+  run = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
+  initial = jax.device_get(state)  # The chunk donates (deletes) its input state.
+  _, metrics = run(state, num_steps)
+  return np.asarray(metrics["loss"])[:num_steps], model, initial

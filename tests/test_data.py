@@ -8,10 +8,7 @@ import pytest
 from configs import linreg
 from configs import lsa as lsa_config
 from icl_jax import data
-from icl_jax import models
-from icl_jax import optim
-from icl_jax import train
-from icl_jax import train_step
+from tests import helpers
 
 
 def _task(**overrides):
@@ -119,44 +116,8 @@ def test_device_slices_assemble_the_same_global_batch(rotation):
 
 
 # Ahn et al.'s setting (configs/lsa.py).
-def _ahn_task(**overrides):
-  task = lsa_config.get_config().task.copy_and_resolve_references()
-  task.update(overrides)
-  return task
-
-
-def _tiny_lsa(**train_overrides):
-  config = lsa_config.get_config("quick")
-  config.task.n_points = 8
-  config.train.update(
-    {
-      "num_steps": 8,
-      "batch_size": 16,
-      "log_every": 1,
-      "checkpoint_every": 8,
-      "steps_per_dispatch": 3,
-      "decay_every": 4,
-      **train_overrides,
-    }
-  )
-  config.eval.update(num_prompts=32, batch_size=16)
-  return config
-
-
-def _chunk_losses(config, num_steps, num_devices=2):
-  """Losses of the first num_steps training steps, from the jitted chunk alone (no logs or checkpoints)."""
-  mesh = train.make_mesh(jax.devices()[:num_devices])
-  model = models.build_model(config.model)
-  optimizer = optim.make_optimizer(config.train)
-  state = train_step.init_state(config, model, optimizer, mesh)
-  run = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
-  initial = jax.device_get(state)  # The chunk donates (deletes) its input state.
-  _, metrics = run(state, num_steps)
-  return np.asarray(metrics["loss"])[:num_steps], model, initial
-
-
 def test_explicit_spectrum_per_run_rotation_and_inverse_covariance_w():
-  task = _ahn_task(n_points=4000)
+  task = helpers.ahn_task(n_points=4000)
   sigma = np.asarray(data.covariance_matrix(task), np.float64)
   u = np.asarray(data.run_rotation(task))
   np.testing.assert_allclose(u @ u.T, np.eye(5), atol=1e-5)
@@ -167,15 +128,16 @@ def test_explicit_spectrum_per_run_rotation_and_inverse_covariance_w():
     np.testing.assert_allclose(xs.T @ xs / len(xs), sigma, atol=0.04)
   assert not np.allclose(batches[0].xs_BxNxD, batches[1].xs_BxNxD)
   ws = np.asarray(
-    data.sample_batch(data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2), 5).ws_BxD, np.float64
+    data.sample_batch(data.step_key(jax.random.key(1), 0), 0, 20_000, helpers.ahn_task(n_points=2), 5).ws_BxD,
+    np.float64,
   )
   np.testing.assert_allclose(ws.T @ ws / len(ws), np.linalg.inv(sigma), atol=0.25, rtol=0.05)
   identity_ws = data.sample_batch(
-    data.step_key(jax.random.key(1), 0), 0, 20_000, _ahn_task(n_points=2, w_distribution="identity"), 5
+    data.step_key(jax.random.key(1), 0), 0, 20_000, helpers.ahn_task(n_points=2, w_distribution="identity"), 5
   ).ws_BxD
   np.testing.assert_allclose(np.cov(np.asarray(identity_ws).T), np.eye(5), atol=0.05)
   # The eigenbasis follows rotation_seed (configs/lsa.py ties it to the run's seed).
-  assert not np.allclose(data.run_rotation(_ahn_task(rotation_seed=1)), u)
+  assert not np.allclose(data.run_rotation(helpers.ahn_task(rotation_seed=1)), u)
   config = lsa_config.get_config()
   config.seed = 5
   assert config.task.rotation_seed == 5
@@ -202,10 +164,11 @@ def test_default_sampler_is_unchanged():
 
 
 def test_resample_every_keeps_one_batch_per_window():
-  config = _tiny_lsa(learning_rate=1e-12, steps_per_dispatch=7)  # Parameters barely move: equal losses mean
-  config.task.resample_every = 3  # equal batches.
+  # Parameters barely move: equal losses mean equal batches.
+  config = helpers.tiny_lsa_config(learning_rate=1e-12, steps_per_dispatch=7)
+  config.task.resample_every = 3
   assert [int(data.data_step(s, config.task)) for s in range(7)] == [0, 0, 0, 1, 1, 1, 2]
-  losses, _, _ = _chunk_losses(config, 7)
+  losses, _, _ = helpers.chunk_losses(config, 7)
   np.testing.assert_allclose(losses[0:3], losses[0], rtol=1e-6)
   np.testing.assert_allclose(losses[3:6], losses[3], rtol=1e-6)
   assert abs(losses[3] - losses[0]) > 1e-3 * losses[0] and abs(losses[6] - losses[3]) > 1e-3 * losses[3]
@@ -213,4 +176,4 @@ def test_resample_every_keeps_one_batch_per_window():
   config.task.curriculum.update(
     enabled=True, dims_start=5, points_start=8, dims_interval=1, points_interval=1, dims_increment=0, points_increment=0
   )
-  np.testing.assert_array_equal(_chunk_losses(config, 7)[0], losses)
+  np.testing.assert_array_equal(helpers.chunk_losses(config, 7)[0], losses)

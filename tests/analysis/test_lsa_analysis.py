@@ -7,35 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import lsa as lsa_config
 from icl_jax import data
 from icl_jax import train
 from icl_jax.analysis import evaluate
 from icl_jax.analysis import lsa_analysis
-
-
-def _ahn_task(**overrides):
-  task = lsa_config.get_config().task.copy_and_resolve_references()
-  task.update(overrides)
-  return task
-
-
-def _tiny_lsa(**train_overrides):
-  config = lsa_config.get_config("quick")
-  config.task.n_points = 8
-  config.train.update(
-    {
-      "num_steps": 8,
-      "batch_size": 16,
-      "log_every": 1,
-      "checkpoint_every": 8,
-      "steps_per_dispatch": 3,
-      "decay_every": 4,
-      **train_overrides,
-    }
-  )
-  config.eval.update(num_prompts=32, batch_size=16)
-  return config
+from tests import helpers
 
 
 def test_identity_fit():
@@ -46,7 +22,7 @@ def test_identity_fit():
 
 
 def test_read_off_recovers_planted_multiples_of_sigma_inverse():
-  task = _ahn_task()
+  task = helpers.ahn_task()
   sigma = np.asarray(data.covariance_matrix(task), np.float64)
   planted_a = (-0.69, -0.43, -1.71)
   params = {f"layer_{i}": {"A": jnp.asarray(a * np.linalg.inv(sigma), jnp.float32)} for i, a in enumerate(planted_a)}
@@ -64,7 +40,7 @@ def test_read_off_recovers_planted_multiples_of_sigma_inverse():
 
 
 def test_quick_train_and_analysis_end_to_end(tmp_path):
-  config = _tiny_lsa(learning_rate=0.05)
+  config = helpers.tiny_lsa_config(learning_rate=0.05)
   config.train.update(num_steps=30, batch_size=64, steps_per_dispatch=30, checkpoint_every=30)
   config.eval.num_prompts = 128
   train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])

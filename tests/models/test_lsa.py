@@ -3,7 +3,6 @@ registry."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -12,24 +11,12 @@ from icl_jax import models
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import constructions
 from icl_jax.models import lsa
-
-
-def _model(num_layers=3, sparse=False, init_std=0.1):
-  return lsa.LSARegressor(
-    ml_collections.ConfigDict(
-      {"family": "lsa", "num_layers": num_layers, "lsa_sparse": sparse, "lsa_init_std": init_std}
-    )
-  )
-
-
-def _prompts(seed, b, n, d):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return jax.random.normal(k1, (b, n, d)), jax.random.normal(k2, (b, n))
+from tests import helpers
 
 
 def test_construction_weights_give_preconditioned_gd_at_the_last_position():
   n, d, num_layers = 16, 4, 3
-  xs, ys = _prompts(0, 8, n + 1, d)
+  xs, ys = helpers.random_prompts(0, 8, n + 1, d)
   rng = np.random.default_rng(0)
   factor = rng.normal(size=(d, d))
   g_DxD = jnp.asarray(0.05 * factor @ factor.T + 0.1 * np.eye(d), jnp.float32)
@@ -38,7 +25,7 @@ def test_construction_weights_give_preconditioned_gd_at_the_last_position():
   for mine, theirs in zip(lsa.matrices(params), constructions.preconditioned_gd_lsa_weights([g_DxD] * num_layers)):
     for a, b in zip(mine, theirs):
       np.testing.assert_array_equal(a, b)
-  preds_BxN = _model(num_layers, sparse=True).apply({"params": params}, xs, ys)
+  preds_BxN = helpers.lsa_model(num_layers, sparse=True).apply({"params": params}, xs, ys)
   w_BxD = algorithms.gradient_descent(xs[:, :n], ys[:, :n], (num_layers,), 1.0, "mean", g_DxD)[:, 0, -1]
   np.testing.assert_allclose(preds_BxN[:, -1], jnp.einsum("bd,bd->b", w_BxD, xs[:, n]), rtol=1e-4, atol=1e-5)
   # Every prefix is preconditioned GD on its own points (1/t scaling = "mean" gradient over t points).
@@ -48,10 +35,10 @@ def test_construction_weights_give_preconditioned_gd_at_the_last_position():
 
 def test_per_layer_preconditioners_match_the_construction():
   n, d = 12, 5
-  xs, ys = _prompts(1, 6, n + 1, d)
+  xs, ys = helpers.random_prompts(1, 6, n + 1, d)
   rng = np.random.default_rng(1)
   gs = [jnp.asarray(0.1 * np.eye(d) + 0.03 * rng.normal(size=(d, d)), jnp.float32) for _ in range(4)]
-  preds_B = _model(4, sparse=True).apply({"params": lsa.params_from_preconditioners(gs)}, xs, ys, position=n)
+  preds_B = helpers.lsa_model(4, sparse=True).apply({"params": lsa.params_from_preconditioners(gs)}, xs, ys, position=n)
   z = constructions.lsa_forward(
     constructions.lsa_prompt(xs[:, :n], ys[:, :n], xs[:, n]), *constructions.preconditioned_gd_lsa_weights(gs)
   )
@@ -61,8 +48,8 @@ def test_per_layer_preconditioners_match_the_construction():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_every_prefix_equals_the_lsa_run_on_that_prefix_alone(sparse):
   n, d, num_layers = 6, 3, 2
-  xs, ys = _prompts(2, 4, n, d)
-  model = _model(num_layers, sparse)
+  xs, ys = helpers.random_prompts(2, 4, n, d)
+  model = helpers.lsa_model(num_layers, sparse)
   params = model.init(jax.random.key(3), xs, ys)["params"]
   assert set(params["layer_0"]) == ({"A"} if sparse else {"A", "B"})
   preds_BxN, hidden = model.apply({"params": params}, xs, ys, return_hidden=True)
@@ -85,7 +72,7 @@ def test_every_prefix_equals_the_lsa_run_on_that_prefix_alone(sparse):
 def test_init_std_and_registry():
   model = models.build_model(lsa_config.get_config("quick").model)
   assert isinstance(model, lsa.LSARegressor)
-  xs, ys = _prompts(4, 1, 21, 5)
+  xs, ys = helpers.random_prompts(4, 1, 21, 5)
   params = model.init(jax.random.key(0), xs, ys)["params"]
   assert set(params["layer_0"]) == {"A"}  # configs/lsa.py: the sparse form.
   values = np.concatenate([np.ravel(p) for p in jax.tree.leaves(params)])
