@@ -70,8 +70,7 @@ def main(argv):
         sys.exit(train.EXIT_PREEMPTED)
     else:
       _refuse_distributed_eval()
-      evaluate.validate(_CONFIG.value, num_devices=1)  # Evaluation runs on one device.
-      evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+      evaluate.evaluate(_CONFIG.value, _WORKDIR.value)  # Validates the config for one device first.
   except errors.UserError as e:
     cli.exit_with_error(e)
 

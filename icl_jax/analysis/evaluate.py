@@ -107,10 +107,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, par
   """Evaluates the latest checkpoint in `workdir` (or `params`) as its family's evaluation does; returns the
   results it writes under `workdir`. Without `params`, the saved run must be of `config`'s model and task
   (`check_saved_model`)."""
-  validate(config, num_devices=1)
   workdir = storage.path(workdir)
-  if params is not None:  # The caller (training, at its end) holds the workdir.
+  if params is not None:  # The caller (training, at its end) validated the config and holds the workdir.
     return _evaluate(config, workdir, params, None)
+  validate(config, num_devices=1)
   check_saved_model(config, workdir)
   with workdir_lock.hold(workdir, "evaluation"):
     params, step = checkpointing.load_params(config, workdir)

@@ -21,6 +21,7 @@ from icl_jax.analysis import algorithms
 from icl_jax.analysis import probes
 from icl_jax.analysis import similarity
 from icl_jax.analysis.precision import highest_precision
+from icl_jax.runtime import config_fields
 from icl_jax.runtime import config_files
 from icl_jax.runtime import errors
 
@@ -257,9 +258,7 @@ def _tolist(tree):
 def dataset_prompts(config: ml_collections.ConfigDict) -> data.Batch:
   """The first `eval.num_prompts` prompts, by index, of the frozen set `eval.dataset_setting` in
   `eval.dataset_dir` (icl_jax/datasets)."""
-  found = datasets.config_errors(config)
-  if found:
-    raise errors.ConfigError("invalid configuration:\n  " + "\n  ".join(found))
+  config_fields.raise_if_any(datasets.config_errors(config))
   arrays = datasets.load_prompts(config.eval.dataset_dir, config.eval.dataset_setting)
   return data.Batch(*(jnp.asarray(a[: config.eval.num_prompts]) for a in arrays))
 
