@@ -44,16 +44,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   config_fields.raise_if_any(config_errors(config, num_devices))
 
 
-def _probe(config: ml_collections.ConfigDict, params: dict, step: int | None) -> dict:
-  results = probing.Evaluator(config)(params)
+# Beside results.json: the model's outputs the probed evaluation was computed from (`probing.ModelOutputs`).
+PREDICTIONS = "predictions.npz"
+
+
+def _probe(config: ml_collections.ConfigDict, params: dict, step: int | None) -> tuple[dict, dict[str, bytes]]:
+  evaluator, clock = probing.Evaluator(config), probing.Clock()
+  outputs = evaluator.predict(params, clock)
+  results = evaluator.analyse(outputs, clock)
   results["settings"]["checkpoint_step"] = step
-  return results
+  return results, {PREDICTIONS: probing.outputs_to_npz(outputs)}
 
 
-def _analyse_lsa(config: ml_collections.ConfigDict, params: dict, step: int | None) -> dict:
+def _analyse_lsa(config: ml_collections.ConfigDict, params: dict, step: int | None) -> tuple[dict, dict[str, bytes]]:
   results = lsa_analysis.analyse(config, jax.device_get(params), config.eval.num_prompts, lsa_analysis.TUNE_PROMPTS)
   results["step"] = step
-  return results
+  return results, {}
 
 
 def _log_lsa(results: dict) -> None:
@@ -64,7 +70,8 @@ def _log_lsa(results: dict) -> None:
 class Evaluation(NamedTuple):
   """A family's evaluation: a pure analysis of parameters, and where and how its results are written."""
 
-  analyse: Callable[[ml_collections.ConfigDict, dict, int | None], dict]  # (config, params, step) -> results.
+  # (config, params, step) -> (results, {file name: bytes} written beside results.json).
+  analyse: Callable[[ml_collections.ConfigDict, dict, int | None], tuple[dict, dict[str, bytes]]]
   out_dir: str  # Under the workdir: results.json and the figures.
   figures: Callable[[dict], dict[str, Callable[[], Figure]]]  # results -> {file stem: draw()}.
   style: dict  # matplotlib rc settings of the figures.
@@ -119,12 +126,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | storage.Path, par
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: storage.Path, params: dict, step: int | None) -> dict:
   evaluation = EVALUATIONS[config.model.family]
-  results = evaluation.analyse(config, params, step)
+  results, files = evaluation.analyse(config, params, step)
   results["provenance"] = {**run_logs.provenance(), "config": config_files.config_dict(config)}
   evaluation.log(results)
   if run_logs.is_writer():
     out = workdir / evaluation.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    for name, data_bytes in files.items():
+      run_logs.write_atomically(out / name, data_bytes)
     run_logs.write_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
     pngs = [p for p in write_figures(evaluation.figures(results), evaluation.style, out) if p.suffix == ".png"]
     if evaluation.scalars is not None:

@@ -6,7 +6,10 @@ matches and their fits) and returns the dict that `evaluate` writes as WORKDIR/e
 """
 
 import functools
+import hashlib
+import io
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,8 @@ from icl_jax import datasets
 from icl_jax import models
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import probes
+from icl_jax.analysis import rates
+from icl_jax.analysis import separability
 from icl_jax.analysis import similarity
 from icl_jax.analysis.precision import highest_precision
 from icl_jax.runtime import config_fields
@@ -115,17 +120,20 @@ class _Programs:
       np.concatenate([np.asarray(p[1]) for p in parts], axis=0),
     )
 
-  def layer_induced_weights(self, params, readouts, key: jax.Array) -> tuple[np.ndarray, data.Batch]:
-    """Each layer's induced weights [L, B, N, D] on `sim_w_prompts` prompts, and those prompts.
-
-    The queries are extra points of each prompt (same Sigma and w), fed as a query stream that sees only the
-    prefix before it (the model called with `queries`), so one pass covers every prefix.
-    """
+  def sim_w_inputs(self, key: jax.Array) -> tuple[data.Batch, jax.Array]:
+    """The `sim_w_prompts` prompts of SimW and their queries [B, N, Q, D]: extra points of each prompt (same
+    Sigma and w), sim_w_queries per prefix."""
     e, n, d = self.config.eval, self.config.task.n_points, self.config.task.n_dims
     b = e.sim_w_prompts
     extended = self.prompts(key, b, n + n * e.sim_w_queries)
     prompts = data.Batch(extended.xs_BxNxD[:, :n], extended.ys_BxN[:, :n], extended.ws_BxD)
-    queries_BxNxQxD = extended.xs_BxNxD[:, n:].reshape(b, n, e.sim_w_queries, d)
+    return prompts, extended.xs_BxNxD[:, n:].reshape(b, n, e.sim_w_queries, d)
+
+  def layer_induced_weights(self, params, readouts, prompts: data.Batch, queries_BxNxQxD) -> np.ndarray:
+    """Each layer's induced weights [L, B, N, D] on the SimW prompts (`sim_w_inputs`). The queries are fed as a
+    query stream that sees only the prefix before it (the model called with `queries`), so one pass covers
+    every prefix."""
+    b = prompts.ys_BxN.shape[0]
     # Every query is a token at every layer: a few prompts per call bound the memory.
     step = min(b, 4)
     parts = [
@@ -134,7 +142,13 @@ class _Programs:
       )
       for i in range(0, b, step)
     ]
-    return np.concatenate([np.asarray(p) for p in parts], axis=1), prompts
+    return np.concatenate([np.asarray(p) for p in parts], axis=1)
+
+
+def _gd(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN, steps) -> jax.Array:
+  """The evaluation's gradient descent (eval.gd_learning_rate, gd_gradient_scale, ridge) after each of `steps`."""
+  e = config.eval
+  return algorithms.gradient_descent(xs_BxNxD, ys_BxN, steps, e.gd_learning_rate, e.gd_gradient_scale, ridge=e.ridge)
 
 
 def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, jax.Array]:
@@ -145,9 +159,7 @@ def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> di
   else:  # Fu et al.'s code: a fixed step from w_0 ~ U[0, 1)^d, drawn here once per prompt.
     w0_BxD = jax.random.uniform(eval_keys(config.seed)["online_gd"], xs_BxNxD.shape[::2], xs_BxNxD.dtype)
     online = algorithms.online_gradient_descent(xs_BxNxD, ys_BxN, e.online_gd_learning_rate, w0_BxD)
-  gd = lambda steps: algorithms.gradient_descent(
-    xs_BxNxD, ys_BxN, steps, e.gd_learning_rate, e.gd_gradient_scale, ridge=e.ridge
-  )
+  gd = functools.partial(_gd, config, xs_BxNxD, ys_BxN)
   return {
     "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha, e.ridge)[:, 1:],
     "gd": gd(e.gd_steps),
@@ -234,10 +246,24 @@ def _steps(config, name) -> list[int]:
   return list(grids.get(name, [1]))
 
 
-def _fits(config, best_by_grid: dict) -> dict:
-  """Best-matching steps against the layer over the fit layers, with the slope's bootstrap interval (from each
-  bootstrap sample's best matches)."""
-  first, last = fit_layers(config)
+# The adaptive fit window ends at the first layer (at least two after the first) whose best-matching Newton step
+# reaches this fraction of the last layer's: on Fu et al.'s own Fig. 7(b) sequence it gives their layers 3-9.
+PLATEAU_FRACTION = 0.9
+
+
+def adaptive_fit_layers(config, newton_steps_L) -> tuple[int, int]:
+  """The fit layers' first, up to where the best-matching Newton steps reach their plateau (PLATEAU_FRACTION
+  of the last layer's), or the last layer: a window that adapts to the model and to d."""
+  first, _ = fit_layers(config)
+  steps = np.asarray(newton_steps_L, np.float64)
+  reached = [layer for layer in range(first + 2, len(steps) + 1) if steps[layer - 1] >= PLATEAU_FRACTION * steps[-1]]
+  return first, min(reached, default=len(steps))
+
+
+def _fits(config, best_by_grid: dict, window: tuple[int, int]) -> dict:
+  """Best-matching steps against the layer over the layers of `window`, with the slope's bootstrap interval
+  (from each bootstrap sample's best matches)."""
+  first, last = window
   layers = np.arange(first, last + 1)
   fits = {"layers": [first, last]}
   for grid in LINEAR_FITS + ("gd_log",):
@@ -263,8 +289,48 @@ def dataset_prompts(config: ml_collections.ConfigDict) -> data.Batch:
   return data.Batch(*(jnp.asarray(a[: config.eval.num_prompts]) for a in arrays))
 
 
+class ModelOutputs(NamedTuple):
+  """Everything an evaluation takes from the model; the rest is computed from the prompts, which the config
+  determines. Saved beside a run's summary, it lets any claim be graded again without a checkpoint."""
+
+  layers_LxBxN: np.ndarray  # Each layer's read-out prediction at every position of the evaluation prompts.
+  model_BxN: np.ndarray  # The model's own output there.
+  layer_weights_LxBxNxD: np.ndarray  # Each layer's induced weights on the SimW prompts, per prefix.
+  probe_fit_mse_L: np.ndarray | None  # The read-outs' residual on their own fitting prompts (None: not fit).
+  prompts_sha256: str  # `prompts_hash` of the evaluation prompts the predictions are for.
+
+
+def prompts_hash(prompts: data.Batch) -> str:
+  """SHA-256 of the prompts' x and y (float32 bytes): which prompts a set of predictions belongs to."""
+  digest = hashlib.sha256()
+  for a in (prompts.xs_BxNxD, prompts.ys_BxN):
+    digest.update(np.ascontiguousarray(np.asarray(a, np.float32)).tobytes())
+  return digest.hexdigest()
+
+
+def outputs_to_npz(outputs: ModelOutputs) -> bytes:
+  """`outputs` as a compressed .npz file's bytes (float32 arrays; the prompts' hash as a string)."""
+  buffer = io.BytesIO()
+  arrays = {
+    k: np.asarray(v, np.float32) for k, v in outputs._asdict().items() if k != "prompts_sha256" and v is not None
+  }
+  np.savez_compressed(buffer, prompts_sha256=np.asarray(outputs.prompts_sha256), **arrays)
+  return buffer.getvalue()
+
+
+def outputs_from_npz(data_bytes: bytes) -> ModelOutputs:
+  """The `ModelOutputs` of `outputs_to_npz`'s bytes."""
+  with np.load(io.BytesIO(data_bytes)) as npz:
+    found = {k: npz[k] for k in npz.files}
+  return ModelOutputs(
+    **{k: found.get(k) for k in ModelOutputs._fields if k != "prompts_sha256"},
+    prompts_sha256=str(found["prompts_sha256"]),
+  )
+
+
 class Evaluator:
-  """Evaluates parameters of `config.model`; compiles on the first call only."""
+  """Evaluates parameters of `config.model`; compiles on the first call only. `predict` runs the model,
+  `analyse` everything after it (and reruns on saved `ModelOutputs`)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -280,17 +346,25 @@ class Evaluator:
     # scored on, and SimW needs query points per prefix that the set does not hold, so both stay fresh.
     self._dataset_prompts = dataset_prompts(config) if config.eval.dataset_dir else None
 
-  @highest_precision
+  def prompts(self) -> data.Batch:
+    """The evaluation prompts: the frozen set's, or `eval.num_prompts` fresh ones from the run's seed."""
+    if self._dataset_prompts is not None:
+      return self._dataset_prompts
+    return self._programs.prompts(self._keys["prompts"], self.config.eval.num_prompts, self.config.task.n_points)
+
   def __call__(self, params: dict) -> dict:
+    clock = Clock()
+    return self.analyse(self.predict(params, clock), clock)
+
+  @highest_precision
+  def predict(self, params: dict, clock: "Clock") -> ModelOutputs:
+    """The model's part of the evaluation: read-outs fit, then every layer's predictions and induced weights."""
     config, programs, keys = self.config, self._programs, self._keys
-    e, n_dims = config.eval, config.task.n_dims
-    clock = _Clock()
+    e = config.eval
     logging.info("Evaluation: fitting the %s read-outs of %d layers.", e.readout, config.model.num_layers)
     readouts, probe_fit_mse_L = programs.fit_probes(params, keys["probes"])
     clock.lap("probes_s", readouts)
-    prompts = self._dataset_prompts
-    if prompts is None:
-      prompts = programs.prompts(keys["prompts"], e.num_prompts, config.task.n_points)
+    prompts = self.prompts()
     check_gd_stability(config, prompts.xs_BxNxD)
     logging.info(
       "Evaluation: read-outs fit (%s); predicting %d prompts layer by layer.", clock.progress(), e.num_prompts
@@ -298,53 +372,93 @@ class Evaluator:
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
     check_finite([f"layer {i}'s read-out" for i in range(1, config.model.num_layers + 1)], layers_LxBxN)
     check_finite(["the model's output"], model_BxN[None])
+    layer_weights = programs.layer_induced_weights(params, readouts, *programs.sim_w_inputs(keys["sim_w"]))
     clock.lap("model_s")
+    logging.info("Evaluation: layers' predictions and induced weights done (%s).", clock.progress())
+    mse = None if probe_fit_mse_L is None else np.asarray(probe_fit_mse_L)
+    return ModelOutputs(layers_LxBxN, model_BxN, layer_weights, mse, prompts_hash(prompts))
+
+  @highest_precision
+  def analyse(self, outputs: ModelOutputs, clock: "Clock | None" = None) -> dict:
+    """Every comparison of the model's outputs with the algorithms on the same prompts: results.json's dict.
+    ValueError if `outputs` were made on other prompts than this config's."""
+    config, keys, clock = self.config, self._keys, clock or Clock()
+    e, n_dims = config.eval, config.task.n_dims
+    prompts = self.prompts()
+    if prompts_hash(prompts) != outputs.prompts_sha256:
+      raise ValueError(
+        "the saved predictions were made on other evaluation prompts than this config's (their SHA-256 "
+        f"differs: {outputs.prompts_sha256[:12]} saved, {prompts_hash(prompts)[:12]} now)"
+      )
+    layers_LxBxN, model_BxN = np.asarray(outputs.layers_LxBxN), np.asarray(outputs.model_BxN)
     logging.info(
-      "Evaluation: layers done (%s); running %d algorithm settings.",
-      clock.progress(),
+      "Evaluation: running %d algorithm settings (%s).",
       sum(len(_steps(config, k)) for k in GRIDS + SINGLE),
+      clock.progress(),
     )
     algos = algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)
     for name, preds_KxBxN in algos.items():
       check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)], preds_KxBxN)
+    window = rates.window(config.model.num_layers)
+    gd_steps = range(1, window[1] - window[0] + 2)
+    gd_fixed_KxBxN = np.asarray(
+      jnp.swapaxes(algorithms.predict(_gd(config, prompts.xs_BxNxD, prompts.ys_BxN, gd_steps), prompts.xs_BxNxD), 0, 1)
+    )
     clock.lap("algorithms_s")
+    logging.info("Evaluation: algorithms done (%s); comparing.", clock.progress())
 
     ys_BxN = np.asarray(prompts.ys_BxN)
     counts_SxB = similarity.resample_counts(keys["bootstrap"], e.bootstrap_samples, ys_BxN.shape[0])
     curves = {"layers": layers_LxBxN, "model": model_BxN[None], "zero": np.zeros_like(ys_BxN)[None], **algos}
-    errors = similarity.bootstrap_means(
-      similarity.squared_errors(np.concatenate(list(curves.values())), ys_BxN, n_dims), counts_SxB, e.confidence
-    )
+    squared = similarity.squared_errors(np.concatenate(list(curves.values())), ys_BxN, n_dims)
+    errors = similarity.bootstrap_means(squared, counts_SxB, e.confidence)
     bounds = np.cumsum([0] + [c.shape[0] for c in curves.values()])
     error = {name: {stat: v[bounds[i] : bounds[i + 1]] for stat, v in errors.items()} for i, name in enumerate(curves)}
     first = 0 if e.sim_e_include_first else 1
-    sim_e = {
-      k: similarity.bootstrap_similarity(
-        similarity.error_cosines(layers_LxBxN, p, ys_BxN, first), counts_SxB, e.confidence
-      )
-      for k, p in algos.items()
-    }
+    cosines = {k: np.asarray(similarity.error_cosines(layers_LxBxN, p, ys_BxN, first)) for k, p in algos.items()}
+    sim_e = {k: similarity.bootstrap_similarity(c, counts_SxB, e.confidence) for k, c in cosines.items()}
+    steps = {k: _steps(config, k) for k in algos}
+    separable = separability.analyse(cosines, sim_e, algos, ys_BxN, first, steps, counts_SxB, e.confidence)
+    convergence = rates.analyse(
+      np.asarray(squared[: layers_LxBxN.shape[0]]),
+      np.asarray(similarity.squared_errors(gd_fixed_KxBxN, ys_BxN, n_dims)),
+      n_dims,
+      counts_SxB,
+      e.confidence,
+    )
     # How far the model's own predictions are from least squares', per context length.
     distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
     clock.lap("metrics_s")
+    logging.info("Evaluation: errors, SimE and separability done (%s); SimW.", clock.progress())
 
-    logging.info(
-      "Evaluation: SimE done (%s); induced weights of %d prompts for SimW.", clock.progress(), e.sim_w_prompts
-    )
-    layer_weights, sim_w_prompts = programs.layer_induced_weights(params, readouts, keys["sim_w"])
+    sim_w_prompts, _ = self._programs.sim_w_inputs(keys["sim_w"])
     weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
     counts_w_SxB = similarity.resample_counts(
       jax.random.fold_in(keys["bootstrap"], 1), e.bootstrap_samples, e.sim_w_prompts
     )
-    sim_w = {
-      k: similarity.bootstrap_similarity(similarity.weight_cosines(layer_weights, w), counts_w_SxB, e.confidence)
-      for k, w in weights.items()
-    }
+    cosines_w = {k: np.asarray(similarity.weight_cosines(outputs.layer_weights_LxBxNxD, w)) for k, w in weights.items()}
+    sim_w = {k: similarity.bootstrap_similarity(c, counts_w_SxB, e.confidence) for k, c in cosines_w.items()}
     clock.lap("sim_w_s")
+    logging.info("Evaluation: SimW done (%s).", clock.progress())
     results = _summarise(config, error, sim_e, sim_w, clock.laps)
+    results["separability"] = separable
+    results["convergence"] = convergence
+    results["last_layer_paired"] = _last_layer_paired(cosines_w, sim_w, counts_w_SxB, e.confidence)
     results["distance_to_least_squares_per_dim"] = distance_N.tolist()
-    results["probe_fit"] = _probe_fit(probe_fit_mse_L, n_dims)
+    results["probe_fit"] = _probe_fit(outputs.probe_fit_mse_L, n_dims)
+    results["prompts_sha256"] = outputs.prompts_sha256
     return results
+
+
+def _last_layer_paired(cosines_w: dict, sim_w: dict, counts_SxB, confidence: float) -> dict:
+  """The last layer's SimW with Newton minus with GD (each at its best setting; GD over both grids), paired
+  over the SimW prompts."""
+  last = -1
+  newton = int(np.argmax(np.asarray(sim_w["newton"]["mean"])[last]))
+  grid_L, setting_L = separability.best_gd({g: sim_w[g]["mean"] for g in separability.GD_GRIDS})
+  gd = np.asarray(cosines_w[separability.GD_GRIDS[grid_L[last]]])[last, setting_L[last]]
+  difference_B = np.asarray(cosines_w["newton"])[last, newton] - gd
+  return {"sim_w": {"newton_minus_gd": separability.bootstrap_mean(difference_B, counts_SxB, confidence)}}
 
 
 def _probe_fit(fit_mse_L, n_dims: int) -> dict:
@@ -360,7 +474,7 @@ def _probe_fit(fit_mse_L, n_dims: int) -> dict:
 STAGE_SHARES = {"probes_s": 0.10, "model_s": 0.13, "algorithms_s": 0.22, "metrics_s": 0.09, "sim_w_s": 0.46}
 
 
-class _Clock:
+class Clock:
   """Wall time of each stage, waiting for the device to finish the stage's results."""
 
   def __init__(self):
@@ -372,9 +486,9 @@ class _Clock:
   def progress(self) -> str:
     """ "stage K/5, T s elapsed, ETA E s": E scales the elapsed time by the remaining stages' STAGE_SHARES."""
     done = sum(STAGE_SHARES[name] for name in self.laps if name in STAGE_SHARES)
-    eta = self.elapsed() * (1.0 - done) / done
     stages = sum(name in STAGE_SHARES for name in self.laps)
-    return f"stage {stages}/{len(STAGE_SHARES)}, {self.elapsed():.1f} s elapsed, ETA {eta:.0f} s"
+    eta = f", ETA {self.elapsed() * (1.0 - done) / done:.0f} s" if done else ""
+    return f"stage {stages}/{len(STAGE_SHARES)}, {self.elapsed():.1f} s elapsed{eta}"
 
   def lap(self, name, *results):
     jax.block_until_ready(results)
@@ -387,7 +501,8 @@ class _Clock:
 def _summarise(config, error, sim_e, sim_w, timings) -> dict:
   best = {k: similarity.best_match(sim_e[k], _steps(config, k)) for k in GRIDS}
   best_w = {k: similarity.best_match(sim_w[k], _steps(config, k)) for k in GRIDS}
-  fits = _fits(config, best)
+  fits = _fits(config, best, fit_layers(config))
+  adaptive = _fits(config, best, adaptive_fit_layers(config, best["newton"]["steps"]))
   means = lambda sims: {k: v["mean"] for k, v in sims.items()}
   intervals = lambda sims: {k: {"low": v["low"], "high": v["high"]} for k, v in sims.items()}
   # Everything but the bootstrap samples, which are only needed for the fits' intervals.
@@ -416,6 +531,10 @@ def _summarise(config, error, sim_e, sim_w, timings) -> dict:
     "best_similarity_sim_w": {k: v["similarity"] for k, v in best_w.items()},
     "best_match_sim_w_interval": best_intervals(best_w),
     "fits": fits,
+    "fits_adaptive": {
+      "rule": f"layers {fits['layers'][0]} to the plateau ({PLATEAU_FRACTION:g} x the last layer's best Newton step)",
+      **adaptive,
+    },
     "last_layer_best": {"sim_e": _last_layer(sim_e, best), "sim_w": _last_layer(sim_w, best_w)},
     "table1": _table1(config, sim_e, best),
     "timing": timings,

@@ -29,13 +29,13 @@ def resample_counts(key: jax.Array, num_samples: int, num_prompts: int) -> np.nd
   return np.asarray(jax.vmap(lambda d: jnp.bincount(d, length=num_prompts))(draws_SxB), np.float64)
 
 
-def _resampled_means(values_Bx___: np.ndarray, counts_SxB: np.ndarray) -> np.ndarray:
+def resampled_means(values_Bx___: np.ndarray, counts_SxB: np.ndarray) -> np.ndarray:
   """The mean over prompts (axis 0) in every bootstrap sample: [S, ...], in float64."""
   values = np.asarray(values_Bx___, np.float64)
   return np.tensordot(counts_SxB, values, axes=(1, 0)) / counts_SxB.shape[1]
 
 
-def _interval(samples_Sx___: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+def interval(samples_Sx___: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
   tail = (1 - confidence) / 2
   low, high = np.quantile(samples_Sx___, [tail, 1 - tail], axis=0)
   return low, high
@@ -45,7 +45,7 @@ def bootstrap_means(values_CxBxN: np.ndarray, counts_SxB: np.ndarray, confidence
   """Mean over prompts (axis 1) and its bootstrap interval: {"mean", "low", "high"}, each [C, N] (Garg et al.:
   1000 samples, 90%)."""
   values_BxCxN = np.moveaxis(np.asarray(values_CxBxN, np.float64), 1, 0)
-  low, high = _interval(_resampled_means(values_BxCxN, counts_SxB), confidence)
+  low, high = interval(resampled_means(values_BxCxN, counts_SxB), confidence)
   return {"mean": values_BxCxN.mean(axis=0), "low": low, "high": high}
 
 
@@ -94,8 +94,8 @@ def bootstrap_similarity(cosines_AxKxB: np.ndarray, counts_SxB: np.ndarray, conf
   """The similarity (mean over prompts) of every layer and setting, [A, K], with its bootstrap interval, and
   the bootstrap samples themselves [S, A, K] for `best_match`."""
   cosines_BxAxK = np.moveaxis(np.asarray(cosines_AxKxB, np.float64), -1, 0)
-  samples_SxAxK = _resampled_means(cosines_BxAxK, counts_SxB)
-  low, high = _interval(samples_SxAxK, confidence)
+  samples_SxAxK = resampled_means(cosines_BxAxK, counts_SxB)
+  low, high = interval(samples_SxAxK, confidence)
   return {"mean": cosines_BxAxK.mean(axis=0), "low": low, "high": high, "samples": samples_SxAxK}
 
 
@@ -139,7 +139,7 @@ def slope_interval(x, resampled_y_SxX, confidence: float) -> tuple[float, float]
     return None, None
   centred_X = x - x.mean()
   slopes_S = np.asarray(resampled_y_SxX, np.float64) @ centred_X / np.sum(centred_X**2)
-  low, high = _interval(slopes_S, confidence)
+  low, high = interval(slopes_S, confidence)
   return float(low), float(high)
 
 

@@ -101,8 +101,8 @@ def write_evaluation_summary(
     writer.add_hparams(hparams, scalars, name="hparams", global_step=step)
 
 
-def write_atomically(path: storage.Path, text: str) -> None:
-  """Replaces `path` with `text`, whole or not at all (storage.write_text_atomically), or raises WorkdirError
+def write_atomically(path: storage.Path, text: str | bytes) -> None:
+  """Replaces `path` with `text` (or bytes), whole or not at all (storage.write_text_atomically), or raises WorkdirError
   naming it: the old file stays as it was."""
   try:
     storage.write_text_atomically(path, text)

@@ -44,19 +44,21 @@ def is_remote(value: "str | os.PathLike") -> bool:
   return os.fspath(value).startswith(REMOTE_PREFIX)
 
 
-def write_text_atomically(target: Path, text: str) -> None:
-  """Replaces `target` with `text` so that a reader, or a crash at any moment, sees the old file or the new one.
+def write_text_atomically(target: Path, text: str | bytes) -> None:
+  """Replaces `target` with `text` (or bytes) so that a reader, or a crash at any moment, sees the old file or
+  the new one.
 
   Locally: written next to it, then renamed over it. On Cloud Storage an upload is already all or nothing (and a
   rename there is a copy), so it is uploaded in place. Raises OSError as the writes do; a failed local write
   leaves no partial file behind.
   """
+  data = text.encode() if isinstance(text, str) else text
   if is_remote(target):
-    target.write_text(text)
+    target.write_bytes(data)
     return
   partial = target.with_name(target.name + ".partial")
   try:
-    partial.write_text(text)
+    partial.write_bytes(data)
     partial.replace(target)
   finally:
     partial.unlink(missing_ok=True)
