@@ -69,6 +69,8 @@ def makers(results: dict) -> dict[str, Callable[[], Figure]]:
     "error_vs_context": functools.partial(error_vs_context, results),
     "best_match": functools.partial(best_match, results),
   }
+  if "separability" in results:
+    found["separability"] = functools.partial(separability, results)
   for metric in METRIC_NAMES:
     for grid in results["grids"]:
       found[f"{metric}_{grid}_heatmap"] = functools.partial(similarity_heatmap, results, metric, grid)
@@ -221,6 +223,44 @@ def similarity_heatmap(results: dict, metric: str, grid: str) -> Figure:
     f"steps within its {_interval(results)}"
   )
   figure.colorbar(image, ax=ax, label=METRIC_SHORT[metric])
+  figure.suptitle(_settings_line(results))
+  return figure
+
+
+def separability(results: dict) -> Figure:
+  """Per layer: how far apart Newton and GD are at the layer's best matches (1 - SimE between the two
+  algorithms, with its interval), the model's own sampling noise, and the model's paired preference SimE(Newton)
+  - SimE(GD); shaded layers are separable, the only ones where Newton is graded against GD."""
+  found = results["separability"]
+  layers_L = np.asarray(results["layers"])
+  figure = Figure(figsize=(8, 5), layout="constrained")
+  ax = figure.subplots()
+  for layer, separable in zip(layers_L, found["separable"]):
+    if separable:
+      ax.axvspan(layer - 0.5, layer + 0.5, color="0.92", lw=0)
+  for key, label, colour in (
+    ("separation", "Newton vs GD: 1 − SimE of the two algorithms", "tab:purple"),
+    ("newton_minus_gd", "model: SimE(Newton) − SimE(GD), paired", "tab:green"),
+  ):
+    stats = {k: np.asarray(found[key][k]) for k in ("mean", "low", "high")}
+    ax.errorbar(
+      layers_L,
+      stats["mean"],
+      yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
+      marker="o",
+      capsize=3,
+      color=colour,
+      label=label,
+    )
+  ax.plot(layers_L, found["noise"], "--", color=GREY, label="model's noise (half-width of its SimE intervals)")
+  ax.axhline(0, color="black", lw=0.6)
+  ax.set_xticks(layers_L)
+  ax.set(xlabel="layer (shaded: separable)", ylabel="similarity difference")
+  ax.set_title(
+    f"Where Newton and GD can be told apart (this project's diagnostic)\nseparable layers: "
+    f"{', '.join(map(str, found['separable_layers'])) or 'none'}; bars: {_interval(results)}"
+  )
+  ax.legend()
   figure.suptitle(_settings_line(results))
   return figure
 

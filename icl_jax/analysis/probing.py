@@ -391,11 +391,7 @@ class Evaluator:
         f"differs: {outputs.prompts_sha256[:12]} saved, {prompts_hash(prompts)[:12]} now)"
       )
     layers_LxBxN, model_BxN = np.asarray(outputs.layers_LxBxN), np.asarray(outputs.model_BxN)
-    logging.info(
-      "Evaluation: running %d algorithm settings (%s).",
-      sum(len(_steps(config, k)) for k in GRIDS + SINGLE),
-      clock.progress(),
-    )
+    logging.info("Evaluation: running %d algorithm settings.", sum(len(_steps(config, k)) for k in GRIDS + SINGLE))
     algos = algorithm_predictions(config, prompts.xs_BxNxD, prompts.ys_BxN)
     for name, preds_KxBxN in algos.items():
       check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)], preds_KxBxN)

@@ -5,7 +5,8 @@ experiment of the scale (`icl_jax/reproduce/experiments.py`) against the claims 
 `icl_jax/reproduce/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry_run` prints
 the runs and their projected training time on this machine (from one timed step of each shape) and trains
 nothing. `--experiments=isotropic,kappa100` trains and evaluates those alone and grades the rest from the
-summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one root. A
+summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one root.
+`--reanalyse` recomputes the summaries' measurements from the model outputs saved beside them. A
 SIGTERM stops at a checkpoint with exit status 75; the same command resumes.
 """
 
@@ -40,6 +41,12 @@ _EXPERIMENTS = flags.DEFINE_list(
   None,
   "Train and evaluate only these experiments (default: all); the report still grades "
   "every experiment, from the summaries already under --root. For a scale longer than one machine's session.",
+)
+_REANALYSE = flags.DEFINE_bool(
+  "reanalyse",
+  False,
+  "Before grading, recompute every summary's measurements from its saved model outputs "
+  "(ROOT/summaries/RUN.npz) with the analysis as it is now; needs no checkpoint.",
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their projected cost; train nothing.")
 flags.mark_flags_as_required(["scale", "root"])
@@ -101,7 +108,7 @@ def main(argv):
         *selection,
       ]
     )
-    grades = pipeline.reproduce(runs, root, scale, seeds, command, only)
+    grades = pipeline.reproduce(runs, root, scale, seeds, command, only, _REANALYSE.value)
     if grades is None:
       logging.warning(
         "Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same command to resume).",

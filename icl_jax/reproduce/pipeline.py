@@ -54,6 +54,12 @@ class Run:
     summary is done: copied into another root (or committed), it needs neither checkpoints nor training."""
     return self.workdir.parent / SUMMARIES_DIR / f"{self.workdir.name}.json"
 
+  @property
+  def predictions_path(self) -> storage.Path:
+    """ROOT/summaries/RUN.npz: the model's outputs behind a probed run's summary (`probing.ModelOutputs`), from
+    which `reanalyse` recomputes every measurement without a checkpoint."""
+    return self.summary_path.with_suffix(".npz")
+
   def is_trained(self) -> bool:
     """Summarised, or trained to its last step here."""
     return self.summary_path.exists() or grid.is_trained(self.config, self.workdir)
@@ -94,11 +100,32 @@ def train_all(runs: list[Run]) -> bool:
   return True
 
 
-# The fields of a run's results that the claims and the report's figure read: its summary keeps only these.
+# The fields of a run's results that the claims and the report read: its summary keeps these, and (for the
+# probed families) the model's outputs they were computed from, so that any claim can be graded again later.
 SUMMARY_FIELDS = {
-  "probed": ("layers", "best_match", "best_match_interval", "fits", "last_layer_best"),
+  "probed": (
+    "layers",
+    "best_match",
+    "best_match_interval",
+    "best_similarity_sim_w",
+    "fits",
+    "fits_adaptive",
+    "last_layer_best",
+    "last_layer_paired",
+    "separability",
+    "convergence",
+    "table1",
+    "prompts_sha256",
+  ),
   "lsa": ("a", "dist", "final_test_loss"),
 }
+
+
+def _summary_eval(results: dict, probed: bool) -> dict:
+  found = {k: results[k] for k in SUMMARY_FIELDS["probed" if probed else "lsa"]}
+  if probed:
+    found["model_error_per_dim"] = results["error_per_dim"]["model"]
+  return found
 
 
 def evaluate_all(runs: list[Run]) -> None:
@@ -110,14 +137,38 @@ def evaluate_all(runs: list[Run]) -> None:
       evaluate.evaluate(run.config, run.workdir)
     results = json.loads(run.results_path.read_text())
     curve_path = run.workdir / "error_curve.json"
-    fields = SUMMARY_FIELDS["lsa" if run.config.model.family == "lsa" else "probed"]
+    probed = run.config.model.family != "lsa"
     summary = {
       "config": config_files.config_dict(run.config),
-      "eval": {k: results[k] for k in fields},
+      "eval": _summary_eval(results, probed),
       "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None,
     }
     run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+    if probed:
+      predictions = run.results_path.parent / evaluate.PREDICTIONS
+      run_logs.write_atomically(run.predictions_path, predictions.read_bytes())
     run_logs.write_atomically(run.summary_path, json.dumps(summary, indent=1) + "\n")
+
+
+def reanalyse(runs: list[Run]) -> int:
+  """Recomputes the measurements of every probed run's summary from its saved model outputs (RUN.npz), as the
+  evaluation computes them now: for an analysis that changed after the runs. Needs no checkpoint. Returns how
+  many summaries it rewrote (those without RUN.npz are left as they are)."""
+  rewritten = 0
+  for run in runs:
+    if run.config.model.family == "lsa" or not (run.summary_path.exists() and run.predictions_path.exists()):
+      continue
+    load_results(run)  # The summary is of this run's configuration.
+    outputs = probing.outputs_from_npz(run.predictions_path.read_bytes())
+    try:
+      results = probing.Evaluator(run.config).analyse(outputs)
+    except ValueError as e:
+      raise errors.ConfigError(f"{run.predictions_path}: {e}") from None
+    summary = json.loads(run.summary_path.read_text())
+    summary["eval"] = _summary_eval(results, probed=True)
+    run_logs.write_atomically(run.summary_path, json.dumps(summary, indent=1) + "\n")
+    rewritten += 1
+  return rewritten
 
 
 def load_results(run: Run) -> dict | None:
@@ -191,11 +242,13 @@ def reproduce(
   seeds: tuple[int, ...],
   command: str,
   only: tuple[str, ...] | None = None,
+  reanalysed: bool = False,
 ) -> list | None:
   """Trains and evaluates what is missing of `runs` (from `plan`), grades every claim and writes the report;
   returns the grades, or None if a SIGTERM stopped the training (rerun to resume). With `only` (experiment
   names), trains and evaluates those alone and grades the others from the summaries already under ROOT (NOT
-  RUN without), so that a scale too long for one machine's session is run in parts into one root. Holds
+  RUN without), so that a scale too long for one machine's session is run in parts into one root. With
+  `reanalysed`, every summary of `here` with saved model outputs is recomputed first (`reanalyse`). Holds
   ROOT's lock (each run's workdir has its own), so that two reproductions never share a root."""
   here = selected(runs, only)
   workdir_lock.prepare(root)
@@ -203,6 +256,8 @@ def reproduce(
     if not train_all(here):
       return None
     evaluate_all(here)
+    if reanalysed:
+      logging.info("Reanalysed %d summaries from their saved model outputs.", reanalyse(here))
     results = {r.workdir.name: found for r in runs if (found := load_results(r)) is not None}
     task = runs[0].config.task
     constructions_check = check_constructions(task.n_dims, task.n_points)

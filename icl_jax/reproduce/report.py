@@ -27,12 +27,28 @@ def _quantity_text(q: claims_lib.Quantity) -> str:
 
 
 def _measured_text(grade: claims_lib.Grade) -> str:
-  if grade.verdict == claims_lib.NOT_RUN:
+  if grade.quantity is None:
     return grade.reason
-  verdict = grade.claim.verdict
-  if isinstance(verdict, claims_lib.Greater):
-    return f"{verdict.a} {_quantity_text(grade.quantities['a'])} vs {verdict.b} {_quantity_text(grade.quantities['b'])}"
-  return _quantity_text(grade.quantities["value"])
+  text = _quantity_text(grade.quantity)
+  if grade.details:
+    text += " (" + "; ".join(f"seed {i}: {d}" for i, d in enumerate(grade.details)) + ")"
+  return text
+
+
+def _verdict_text(grade: claims_lib.Grade) -> str:
+  text = f"**{grade.verdict}**"
+  if grade.verdict == claims_lib.INCONCLUSIVE:
+    needed = grade.seeds_needed
+    text += (
+      f" ({needed} seeds would settle it at this spread)"
+      if needed is not None
+      else " (more seeds: the spread over seeds is not known from one)"
+      if grade.quantity.seeds < 2
+      else " (the mean sits on an edge: no number of seeds settles it)"
+    )
+  elif grade.verdict == claims_lib.NOT_GRADED:
+    text += f" ({grade.reason})"
+  return text
 
 
 def grade_json(grade: claims_lib.Grade) -> dict:
@@ -48,21 +64,83 @@ def grade_json(grade: claims_lib.Grade) -> dict:
     "tolerance_source": c.tolerance_source,
     "verdict": grade.verdict,
     "reason": grade.reason,
-    "quantities": {k: dataclasses.asdict(q) for k, q in grade.quantities.items()},
+    "quantity": None if grade.quantity is None else dataclasses.asdict(grade.quantity),
+    "details": list(grade.details),
+    "seeds_needed": grade.seeds_needed,
   }
 
 
 def _seeds_text(grade: claims_lib.Grade) -> str:
   if grade.claim.experiment == "constructions":
     return "no training"
-  seeds = {q.seeds for q in grade.quantities.values()}
-  return f"seeds: {seeds.pop()}" if seeds else "–"
+  return f"seeds: {grade.quantity.seeds}" if grade.quantity else "–"
+
+
+def separability_rows(by_experiment: dict[str, list[dict]]) -> list[dict]:
+  """Per probed GPT-2 experiment and layer, over its seeds: the mean separation of Newton and GD at the model's
+  best matches (1 − SimE between the two algorithms), the model's mean noise there, in how many seeds the layer
+  is separable, and the model's mean paired preference SimE(Newton) − SimE(GD)."""
+  rows = []
+  for name, found in by_experiment.items():
+    found = [r for r in found if "config" in r and r["config"].model.family == "gpt2" and "separability" in r["eval"]]
+    if not found:
+      continue
+    separability = [r["eval"]["separability"] for r in found]
+    for layer in range(len(separability[0]["noise"])):
+      mean = lambda f: float(np.mean([f(s) for s in separability]))
+      rows.append(
+        {
+          "experiment": name,
+          "layer": layer + 1,
+          "seeds": len(found),
+          "separation": mean(lambda s: s["separation"]["mean"][layer]),
+          "separation_low": mean(lambda s: s["separation"]["low"][layer]),
+          "noise": mean(lambda s: s["noise"][layer]),
+          "separable_seeds": sum(s["separable"][layer] for s in separability),
+          "newton_minus_gd": mean(lambda s: s["newton_minus_gd"]["mean"][layer]),
+          "newton_steps": [s["newton_steps"][layer] for s in separability],
+          "gd_steps": [s["gd_steps"][layer] for s in separability],
+        }
+      )
+  return rows
+
+
+def _separability_markdown(rows: list[dict]) -> list[str]:
+  if not rows:
+    return []
+  lines = [
+    "## Where Newton and GD can be told apart",
+    "",
+    "Per layer, from the algorithms alone: the separation 1 − SimE(Newton at the layer's best step, GD at its "
+    "best setting) on the evaluation prompts — the largest SimE difference a model equal to one of them could "
+    "show — against the model's own sampling noise there (the half-width of its SimE intervals). Newton versus "
+    "GD is graded only over the layers whose separation's interval clears the noise "
+    "(`icl_jax/analysis/separability.py`; this project's diagnostic, in no paper). Means over seeds.",
+    "",
+    "| experiment | layer | best Newton / GD steps (per seed) | separation [low] | model's noise | separable in "
+    "| model's SimE(Newton) − SimE(GD) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    steps = ", ".join(f"{n}/{g}" for n, g in zip(r["newton_steps"], r["gd_steps"]))
+    lines.append(
+      f"| {r['experiment']} | {r['layer']} | {steps} | {r['separation']:.4f} [{r['separation_low']:.4f}] | "
+      f"{r['noise']:.4f} | {r['separable_seeds']} of {r['seeds']} seeds | {r['newton_minus_gd']:+.4f} |"
+    )
+  return lines + [""]
 
 
 def markdown(
-  scale: str, seeds: tuple[int, ...], grades: list[claims_lib.Grade], runs: list[dict], command: str, provenance: dict
+  scale: str,
+  seeds: tuple[int, ...],
+  grades: list[claims_lib.Grade],
+  runs: list[dict],
+  command: str,
+  provenance: dict,
+  separability: list[dict],
 ) -> str:
-  counts = {v: sum(g.verdict == v for g in grades) for v in (claims_lib.PASS, claims_lib.FAIL, claims_lib.NOT_RUN)}
+  counts = {v: sum(g.verdict == v for g in grades) for v in claims_lib.VERDICTS}
+  tally = ", ".join(f"{counts[v]} {v}" for v in claims_lib.VERDICTS if counts[v])
   lines = [
     f"# Reproduction report: scale `{scale}`, seeds {', '.join(map(str, seeds))}",
     "",
@@ -74,14 +152,23 @@ def markdown(
     "",
     f"{provenance['date']}, {provenance['machine']}, jax {provenance['jax']}.",
     "",
-    f"**{counts[claims_lib.PASS]} PASS, {counts[claims_lib.FAIL]} FAIL, {counts[claims_lib.NOT_RUN]} NOT RUN** "
-    f"of {len(grades)} claims.",
+  ]
+  if scale == "smoke":
+    lines += [
+      "**The smoke scale checks the pipeline, not the science**: its models train for seconds and are not "
+      "expected to show anything, so every claim is measured and none is graded.",
+      "",
+    ]
+  lines += [
+    f"**{tally}** of {len(grades)} claims.",
     "",
     "How to read it: a measured value is the mean over seeds with its 90% Student-t interval across seeds in "
     "brackets; with one seed, the run's own 90% bootstrap interval over prompts where the evaluation has one. "
-    "A band or bound grades the mean; a comparison passes only if the two intervals are disjoint. Tolerances "
-    "are fixed in `icl_jax/reproduce/claims.py` with their sources; DERIVED values are computed from the "
-    "papers' figures, not printed in them.",
+    "Comparisons are paired: the difference is measured per prompt on the same prompts, then over seeds. PASS: "
+    "the interval lies inside the band or beyond the bound; FAIL: outside it; INCONCLUSIVE: it straddles an "
+    "edge (with the seeds that would settle it at the observed spread). Tolerances are fixed in "
+    "`icl_jax/reproduce/claims.py` with their sources; DERIVED values are computed from the papers' figures, "
+    "not printed in them.",
     "",
     "| experiment | claim | the papers (source) | measured (seeds) | tolerance | verdict |",
     "|---|---|---|---|---|---|",
@@ -90,17 +177,16 @@ def markdown(
     c = g.claim
     lines.append(
       f"| {c.experiment} | {c.statement} (`{c.id}`) | {c.paper} ({c.source}) | "
-      f"{_measured_text(g)} ({_seeds_text(g)}) | {c.verdict} | **{g.verdict}** |"
+      f"{_measured_text(g)} ({_seeds_text(g)}) | {c.verdict} | {_verdict_text(g)} |"
     )
   lines += ["", "What each claim measures, and why its tolerance:", ""]
   lines += [
     f"- `{g.claim.experiment}/{g.claim.id}`: {g.claim.measurement}; tolerance: {g.claim.tolerance_source}."
     for g in grades
   ]
+  lines += ["", f"![Best-matching Newton and GD steps per layer](figures/{FIGURE})", ""]
+  lines += _separability_markdown(separability)
   lines += [
-    "",
-    f"![Best-matching Newton and GD steps per layer](figures/{FIGURE})",
-    "",
     "## Runs",
     "",
     "| run | model | task | steps | error/d ÷ zero at the last length |",
@@ -191,7 +277,8 @@ def write(
     for e in experiments.EXPERIMENTS
   }
   by_experiment["constructions"] = [{"eval": constructions}]
-  grades = [claims_lib.grade(c, by_experiment[c.experiment]) for c in claims_lib.CLAIMS]
+  grades = [claims_lib.grade(c, by_experiment[c.experiment], graded=scale != "smoke") for c in claims_lib.CLAIMS]
+  separability = separability_rows(by_experiment)
   full = run_logs.provenance()
   provenance = {
     "date": full["date"][:10],
@@ -200,7 +287,7 @@ def write(
     "git_commit": full["git_commit"],
   }
   rows = run_rows(runs, results)
-  run_logs.write_atomically(root / "REPORT.md", markdown(scale, seeds, grades, rows, command, provenance))
+  run_logs.write_atomically(root / "REPORT.md", markdown(scale, seeds, grades, rows, command, provenance, separability))
   run_logs.write_atomically(
     root / "report.json",
     json.dumps(
@@ -211,6 +298,7 @@ def write(
         "provenance": provenance,
         "claims": [grade_json(g) for g in grades],
         "runs": rows,
+        "separability": separability,
         "constructions": constructions,
       },
       indent=1,

@@ -222,12 +222,24 @@ def test_eval_mode_writes_results_and_figures(trained):
   assert any(v.metadata.plugin_data.plugin_name == "hparams" for v in values)
   assert "Wrote " in result.stderr and "results.json" in result.stderr
   etas = re.findall(r"stage (\d)/5, [0-9.]+ s elapsed, ETA (\d+) s", result.stderr)
-  assert [stage for stage, _ in etas] == ["1", "2", "4"], "a progress line with stage, elapsed time and ETA"
+  assert [stage for stage, _ in etas] == ["1", "2", "3", "4", "5"], "a progress line per stage, with the ETA"
   assert "definition" in results["table1"] and "last_layer_best" in results
   for stem in ("error_vs_layer", "sim_e_newton_heatmap", "best_match", "error_vs_context"):
     for suffix in (".png", ".pdf"):
       assert (workdir / "eval" / (stem + suffix)).stat().st_size > 0
   assert "Best-matching Newton steps per layer" in result.stderr
+  # Beside results.json, the model's outputs it was computed from: analysed again without the model, they give
+  # the same results.
+  outputs = probing.outputs_from_npz((workdir / "eval" / "predictions.npz").read_bytes())
+  assert outputs.layers_LxBxN.shape == (num_layers, config.eval.num_prompts, config.task.n_points)
+  assert outputs.prompts_sha256 == results["prompts_sha256"]
+  again = json.loads(json.dumps(probing.Evaluator(config).analyse(outputs)))
+  for key in ("error_per_dim", "sim_e", "sim_w", "best_match", "fits", "fits_adaptive", "separability", "convergence"):
+    assert again[key] == results[key], key
+  other = config.copy_and_resolve_references()
+  other.seed += 1
+  with pytest.raises(ValueError, match="other evaluation prompts"):
+    probing.Evaluator(other).analyse(outputs)
 
 
 def _eval(workdir, *overrides):
