@@ -93,6 +93,9 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   train.checkpoint_every = 1000  # Steps between checkpoints (Garg et al.: save_every_steps 1000).
   train.keep_checkpoints = 3  # Most recent checkpoints kept.
   train.keep_period = 100_000  # Checkpoints at multiples of this are never deleted (Garg: keep_every_steps); 0: none.
+  # Seconds a checkpoint save may take, plus its size at 1 MB/s; past that the run stops with one error and keeps
+  # the checkpoints already committed, instead of waiting forever for storage that no longer answers.
+  train.checkpoint_timeout_s = 600.0
   # Training steps run inside one compiled call (a loop on device), so that small models are not bound by
   # Python dispatch. Results do not depend on it.
   train.steps_per_dispatch = 50

@@ -8,6 +8,7 @@ not restore, moving it aside. `load_params` reads a run's latest checkpoint or a
 """
 
 import json
+import threading
 import time
 
 import jax
@@ -26,9 +27,21 @@ GARG_PARAMS_DIR = "garg_params"  # A converted Garg et al. checkpoint's paramete
 
 
 class CheckpointSaveError(errors.UserError, RuntimeError):
-  """A checkpoint could not be written (permissions, a full disk, a path in the way). Orbax's save threads may
-  stay blocked after it, so a program should exit at once (os._exit) rather than wait for them; the checkpoints
-  already committed are untouched."""
+  """A checkpoint could not be written (permissions, a full disk, a path in the way, a save past its deadline,
+  a stop requested while one was stuck). Orbax's save threads may stay blocked after it, so a program should
+  exit at once (os._exit) with `exit_status` rather than wait for them; the checkpoints already committed are
+  untouched."""
+
+  def __init__(self, message: str, exit_status: int = 1):
+    super().__init__(message)
+    self.exit_status = exit_status
+
+
+# A save may take train.checkpoint_timeout_s plus its size at this rate: the slowest link a run is expected on.
+MIN_SAVE_BYTES_PER_S = 1e6
+# Once a stop is requested (SIGTERM: a preemption leaves about 30 s), a save still running after this is
+# abandoned: the run ends with the checkpoints already committed, rather than be killed in the middle.
+STOP_GRACE_S = 15.0
 
 
 class CheckpointRestoreError(errors.UserError, RuntimeError):
@@ -50,10 +63,19 @@ class _Manager(ocp.CheckpointManager):
 
 
 class Checkpoints:
-  """Keeps the last `keep_checkpoints` states plus every multiple of `keep_period`."""
+  """Keeps the last `keep_checkpoints` states plus every multiple of `keep_period`.
 
-  def __init__(self, directory: storage.Path, train: ml_collections.ConfigDict):
+  No save waits forever: a save, and the wait for an earlier asynchronous one, has a deadline of
+  `train.checkpoint_timeout_s` plus the state's size at MIN_SAVE_BYTES_PER_S, and once `stop_requested()` is true
+  STOP_GRACE_S at most; past either the save is abandoned with CheckpointSaveError.
+  """
+
+  def __init__(self, directory: storage.Path, train: ml_collections.ConfigDict, stop_requested=lambda: False):
     self.directory = storage.path(directory)
+    self._timeout_s = float(train.get("checkpoint_timeout_s", 600.0))
+    self._stop_requested = stop_requested
+    self._state_bytes = 0
+    self._abandoned = False
     options = ocp.CheckpointManagerOptions(
       max_to_keep=train.keep_checkpoints,
       keep_period=train.keep_period or None,
@@ -70,26 +92,86 @@ class Checkpoints:
     if exc is None:
       self.close()
       return
-    try:  # An error is already leaving the block: a failure to close must not replace it.
-      self.close()
+    try:  # An error is already leaving the block: a failure to close must not replace it, nor wait long.
+      self.close(deadline_s=STOP_GRACE_S)
+    except CheckpointSaveError as close_error:
+      if self._abandoned:  # Orbax's threads are stuck: the program must leave at once (os._exit), not wait.
+        raise CheckpointSaveError(f"{errors.one_line(exc)}; then {close_error}", close_error.exit_status) from exc
+      logging.warning(
+        "Closing the checkpoints in %s after an error failed too: %s", self.directory, errors.one_line(close_error)
+      )
     except Exception as close_error:  # noqa: BLE001
       logging.warning(
         "Closing the checkpoints in %s after an error failed too: %s", self.directory, errors.one_line(close_error)
       )
 
-  def close(self) -> None:
+  def close(self, deadline_s: float | None = None) -> None:
+    """Waits for the last asynchronous save (until the save deadline, or `deadline_s`) and closes the manager."""
+    if self._abandoned:  # Its threads are stuck: nothing more is asked of the manager.
+      return
     try:
-      self._manager.wait_until_finished()
+      self._bounded("saving a checkpoint", self._manager.wait_until_finished, deadline_s=deadline_s)
+    except CheckpointSaveError:
+      raise
     except Exception as e:  # The background save of the last step failed.
       raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {errors.one_line(e)}") from e
     self._manager.close()
+
+  def _bounded(self, what: str, fn, *args, deadline_s: float | None = None, **kwargs):
+    """fn(...) in a helper thread, waited for until the save deadline (or STOP_GRACE_S after a stop request);
+    CheckpointSaveError, and the manager abandoned, past it or on Ctrl-C."""
+    outcome = {}
+
+    def run():
+      try:
+        outcome["value"] = fn(*args, **kwargs)
+      except BaseException as e:  # noqa: BLE001  (raised in the caller's thread)
+        outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="icl_jax-checkpoint")
+    start, stop_seen = time.monotonic(), None
+    why = "while the run was ending on an error"
+    if deadline_s is None:
+      deadline_s = self._timeout_s + self._state_bytes / MIN_SAVE_BYTES_PER_S
+      why = (
+        f"(train.checkpoint_timeout_s = {self._timeout_s:g} plus {self._state_bytes / 1e6:.1f} MB at "
+        f"{MIN_SAVE_BYTES_PER_S / 1e6:g} MB/s); is the storage still reachable?"
+      )
+    thread.start()
+    try:
+      while thread.is_alive():
+        thread.join(0.2)
+        now = time.monotonic()
+        if stop_seen is None and self._stop_requested():
+          stop_seen = now
+        if thread.is_alive() and stop_seen is not None and now - stop_seen > STOP_GRACE_S:
+          self._abandon(
+            f"{what} in {self.directory} was still running {STOP_GRACE_S:g} s after SIGTERM", errors.EXIT_PREEMPTED
+          )
+        if thread.is_alive() and now - start > deadline_s:
+          self._abandon(f"{what} in {self.directory} did not finish within {deadline_s:.0f} s {why}", 1)
+    except KeyboardInterrupt:
+      self._abandon(f"{what} in {self.directory} was interrupted (Ctrl-C)", errors.EXIT_INTERRUPTED)
+    if "error" in outcome:
+      raise outcome["error"]
+    return outcome.get("value")
+
+  def _abandon(self, reason: str, exit_status: int) -> None:
+    self._abandoned = True
+    raise CheckpointSaveError(
+      f"{reason}: abandoned it; the checkpoints committed before it are kept and a rerun resumes from the newest",
+      exit_status,
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state) -> None:
-    try:  # Also raises the failure of the previous, asynchronous save.
-      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    try:  # Also waits for, and raises the failure of, the previous asynchronous save.
+      self._bounded(f"saving step {step}", self._manager.save, step, args=ocp.args.StandardSave(state), force=True)
+    except CheckpointSaveError:
+      raise
     except Exception as e:
       raise CheckpointSaveError(
         f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: {errors.one_line(e)}"

@@ -100,7 +100,8 @@ def checked_config(config: ml_collections.ConfigDict, argv: list[str]) -> ml_col
 
 
 def exit_with_error(error: Exception) -> None:
-  """One `error:` line (also logged) and exit status 1. After a failed checkpoint save or restore the process
+  """One `error:` line (also logged) and exit status 1, or the error's own `exit_status` (75 for a save abandoned
+  after SIGTERM). After a failed checkpoint save or restore the process
   leaves at once (os._exit): Orbax's blocked save threads would otherwise keep the interpreter from ever
   exiting, and its asyncio threads print tracebacks while a failed restore unwinds or the interpreter shuts down
   (silenced from here on, so that the error line stays the last one)."""
@@ -117,6 +118,6 @@ def exit_with_error(error: Exception) -> None:
     original_stderr = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     os.write(original_stderr, f"error: {error}\n".encode())
-    os._exit(1)
+    os._exit(getattr(error, "exit_status", 1))
   print(f"error: {error}", file=sys.stderr, flush=True)
   sys.exit(1)

@@ -54,6 +54,8 @@ def _train_errors(config, num_devices: int) -> list[str]:
   check_int(found, config, "train.keep_period", 0)
   check_int(found, config, "train.warmup_steps", 0)
   check_real(found, config, "train.learning_rate", 0.0, strict=True)
+  if present(config, "train.checkpoint_timeout_s"):
+    check_real(found, config, "train.checkpoint_timeout_s", 0.0, strict=True)
   check_real(found, config, "train.grad_clip_norm", 0.0)
   check_real(found, config, "train.weight_decay", 0.0)
   check_real(found, config, "train.adam_eps", 0.0, strict=True)

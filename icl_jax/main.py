@@ -65,9 +65,9 @@ def main(argv):
         logging.info(
           "Stopped by SIGTERM at step %d with a checkpoint; exit status %d (rerun to resume).",
           result["step"],
-          train.EXIT_PREEMPTED,
+          errors.EXIT_PREEMPTED,
         )
-        sys.exit(train.EXIT_PREEMPTED)
+        sys.exit(errors.EXIT_PREEMPTED)
     else:
       _refuse_distributed_eval()
       evaluate.evaluate(_CONFIG.value, _WORKDIR.value)  # Validates the config for one device first.

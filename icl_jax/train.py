@@ -36,11 +36,6 @@ class ConfigChangedError(errors.UserError, RuntimeError):
   """The workdir holds a run with a different configuration."""
 
 
-# Exit status of a run stopped by SIGTERM after saving its checkpoint: EX_TEMPFAIL of sysexits.h ("try again
-# later"), distinct from 0 (finished) and 1 (failed), so that a scheduler can requeue exactly these runs.
-EXIT_PREEMPTED = 75
-
-
 @contextlib.contextmanager
 def preemption_flag():
   """Yields a dict whose "set" becomes True once the run is to save a checkpoint and stop (SIGTERM: Cloud TPU
@@ -294,8 +289,11 @@ def _train_runs(
     logging.info("Training %d runs together: %s", len(configs), ", ".join(map(str, workdirs)))
   stacked = len(configs) > 1
   with contextlib.ExitStack() as held:
-    checkpoints = [held.enter_context(checkpointing.Checkpoints(w / "checkpoints", train)) for w in workdirs]
     preempted = held.enter_context(preemption_flag())
+    checkpoints = [
+      held.enter_context(checkpointing.Checkpoints(w / "checkpoints", train, stop_requested=lambda: preempted["set"]))
+      for w in workdirs
+    ]
     changed = [
       check_saved_config(w, c, ck.latest_step() is not None, allow_config_change)
       for c, w, ck in zip(configs, workdirs, checkpoints)

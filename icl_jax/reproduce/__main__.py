@@ -21,7 +21,6 @@ from absl import flags
 from absl import logging
 
 from icl_jax import cli
-from icl_jax import train
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import pipeline
 from icl_jax.runtime import errors
@@ -112,9 +111,9 @@ def main(argv):
     if grades is None:
       logging.warning(
         "Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same command to resume).",
-        train.EXIT_PREEMPTED,
+        errors.EXIT_PREEMPTED,
       )
-      sys.exit(train.EXIT_PREEMPTED)
+      sys.exit(errors.EXIT_PREEMPTED)
   except errors.UserError as e:
     cli.exit_with_error(e)
   for grade in grades:

@@ -43,12 +43,18 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Fields that say how a run is carried out, not what it computes: never a difference between two configs, so
+# that a workdir or summary written before such a field existed still matches.
+OPERATIONAL_FIELDS = ("train.checkpoint_timeout_s",)
+
+
 def config_differences(
   saved: dict, current: dict, ignore: tuple[str, ...] = ("eval.",), saved_as: str = "saved"
 ) -> list[str]:
   """Human-readable lines `config.FIELD: saved X, now Y` for every field that differs, except those under the
   prefixes `ignore`: by default `eval.*`, as evaluation settings do not change what training computes, so they
-  may change between attempts (a summary of results compares them too)."""
+  may change between attempts (a summary of results compares them too); OPERATIONAL_FIELDS never differ."""
+  ignore = tuple(ignore) + OPERATIONAL_FIELDS
   saved, current = ({k: v for k, v in flatten(c).items() if not k.startswith(ignore)} for c in (saved, current))
   missing = object()
   return [

@@ -4,6 +4,11 @@ Every program catches `UserError` alone and prints its message as one `error:` l
 other exception is a bug and keeps its traceback.
 """
 
+# Exit status of a run stopped by SIGTERM with its checkpoints kept: EX_TEMPFAIL of sysexits.h ("try again
+# later"), distinct from 0 (finished) and 1 (failed), so that a scheduler can requeue exactly these runs.
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it.
+
 
 class UserError(Exception):
   """An error the user can fix (a field, a file, a flag, a workdir); the message names it and says how."""

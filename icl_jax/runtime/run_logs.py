@@ -229,17 +229,24 @@ class MetricsLog:
     the same cause) it is only logged, so that the first error is the one reported."""
     if self._tensorboard is None:
       return
-    try:
+
+    def close():
       self._tensorboard.close()
       self._mirror.close()
-    except OSError as e:
+
+    try:
+      if error_in_flight and self._remote:  # The storage may be what failed: its retries must not hold the exit.
+        storage.within(storage.CLEANUP_TIMEOUT_S, close)
+      else:
+        close()
+    except (OSError, TimeoutError) as e:
       if not error_in_flight:
         raise self._events_error(e) from e
       logging.warning("%s", self._events_error(e))
 
-  def _events_error(self, error: OSError) -> workdir_lock.WorkdirError:
+  def _events_error(self, error: Exception) -> workdir_lock.WorkdirError:
     return workdir_lock.WorkdirError(
-      f"cannot write the TensorBoard events in {self._events}: {error.strerror or error}"
+      f"cannot write the TensorBoard events in {self._events}: {getattr(error, 'strerror', None) or error}"
     )
 
 

@@ -23,10 +23,14 @@ import io
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
+import threading
 import time
 
 from etils import epath
+
+from icl_jax.runtime import errors
 
 Path = pathlib.Path | epath.Path
 REMOTE_PREFIX = "gs://"
@@ -179,3 +183,115 @@ def remove_if_unchanged(target: Path, text: str) -> bool:
     aside.unlink(missing_ok=True)
     return True
   return False
+
+
+# How long a write may take while a run ends on an error (often the storage's own): the lock's removal, the last
+# upload of TensorBoard's events. Past it the run ends without them (a stale lock is taken over by the next run).
+CLEANUP_TIMEOUT_S = 5.0
+# How long each client may take to write, read back and delete the preflight's object. A reachable bucket answers
+# in well under a second; a client without credentials or without a route retries until it is stopped.
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+class StorageError(errors.UserError, OSError):
+  """A gs:// path that a client of the run cannot write; the message names the path, client, cause and fix."""
+
+
+def _credentials_found() -> bool:
+  """Whether Google's default credentials have a source here: a file, an emulator, or a test token (a GCE or
+  Cloud TPU VM's metadata server is only found by asking it, which the preflight's deadline bounds)."""
+  explicit = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+  config_dir = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+  return bool(
+    (explicit and os.path.isfile(explicit))
+    or os.path.isfile(os.path.join(config_dir, "application_default_credentials.json"))
+    or os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING")
+  )
+
+
+_FIXES = {
+  "no credentials": "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a "
+  "service account's key file); for a local emulator set STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL",
+  "permission denied": "grant this account a role that writes objects in the bucket (roles/storage.objectAdmin)",
+  "no route": "check that this machine reaches Cloud Storage (or the emulator that STORAGE_EMULATOR_HOST and "
+  "TENSORSTORE_GCS_HTTP_URL name)",
+  "no such bucket": "create the bucket, or correct the path",
+}
+
+
+def _cause(error: BaseException) -> str:
+  text = f"{type(error).__name__} {error}".lower()
+  if isinstance(error, TimeoutError) or "deadline" in text or "timed out" in text or "timeout" in text:
+    return "no credentials" if not _credentials_found() else "no route"
+  if "403" in text or "permission" in text or "forbidden" in text:
+    return "permission denied"
+  if "401" in text or "credential" in text or "unauthenticated" in text or "unauthorized" in text:
+    return "no credentials"
+  if "404" in text or "not found" in text or "nosuchbucket" in text:
+    return "no such bucket"
+  return "no route"
+
+
+def within(seconds: float, fn) -> None:
+  """fn() in a daemon thread, waited for at most `seconds`: TimeoutError if it is still running then."""
+  failure = []
+
+  def run():
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001  (handed to the caller)
+      failure.append(e)
+
+  thread = threading.Thread(target=run, daemon=True, name="icl_jax-preflight")
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    raise TimeoutError(f"no answer within {seconds:g} s")
+  if failure:
+    raise failure[0]
+
+
+def _probe_name() -> str:
+  """The preflight's object, one per process: the hosts of a pod check the same workdir at once."""
+  return f".icl_jax_preflight-{socket.gethostname()}-{os.getpid()}"
+
+
+def _gcsfs_round_trip(target: Path) -> None:
+  probe = target / _probe_name()
+  probe.write_bytes(b"icl_jax")
+  if probe.read_bytes() != b"icl_jax":
+    raise OSError(f"{probe} read back other bytes than were written")
+  probe.unlink()
+
+
+def _tensorstore_round_trip(target: Path) -> None:
+  import tensorstore as ts  # Installed with Orbax, which writes a run's arrays through it.
+
+  bucket, _, prefix = os.fspath(target)[len(REMOTE_PREFIX) :].partition("/")
+  store = ts.KvStore.open({"driver": "gcs", "bucket": bucket, "path": prefix.rstrip("/") + "/"}).result()
+  name = _probe_name()
+  store.write(name, b"icl_jax").result()
+  if store.read(name).result().value != b"icl_jax":
+    raise OSError("read back other bytes than were written")
+  store.delete_range(ts.KvStore.KeyRange(name, name + "\0")).result()
+
+
+_CLIENTS = {"gcsfs": _gcsfs_round_trip, "TensorStore": _tensorstore_round_trip}
+_checked: set[str] = set()
+
+
+def preflight(target: "str | os.PathLike", timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+  """For a gs:// `target`: writes, reads back and deletes one small object through each client a run uses
+  (gcsfs for files, TensorStore for Orbax's arrays), each within `timeout_s`, once per path and process.
+  StorageError naming the path, the client, the cause and the fix if one fails; a local path passes."""
+  if not is_remote(target) or os.fspath(target) in _checked:
+    return
+  for client, round_trip in _CLIENTS.items():
+    try:
+      within(timeout_s, lambda: round_trip(path(target)))
+    except Exception as e:  # noqa: BLE001  (every client failure is the same error for the user)
+      cause = _cause(e)
+      raise StorageError(
+        f"{os.fspath(target)}: {client} cannot write there ({cause}: {errors.one_line(e)}); fix: {_FIXES[cause]}"
+      ) from None
+  _checked.add(os.fspath(target))

@@ -37,8 +37,10 @@ class WorkdirLockedError(WorkdirError):
 
 
 def prepare(workdir: storage.Path) -> None:
-  """Creates `workdir` (and its parents) or raises WorkdirError saying why it cannot be one."""
+  """Creates `workdir` (and its parents) or raises WorkdirError saying why it cannot be one; a gs:// one is
+  first checked to be writable by every client of the run (`storage.preflight`)."""
   workdir = storage.path(workdir)
+  storage.preflight(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory")
   try:
@@ -108,8 +110,10 @@ def _acquire(workdir: storage.Path, purpose: str) -> None:
 
 @contextlib.contextmanager
 def hold(workdir: storage.Path, purpose: str, writer: bool = True):
-  """Holds WORKDIR's lock for the `with` block (only if `writer`: process 0 of a multi-process run)."""
+  """Holds WORKDIR's lock for the `with` block (only if `writer`: process 0 of a multi-process run), after
+  checking that a gs:// one is writable (`storage.preflight`)."""
   workdir = storage.path(workdir)
+  storage.preflight(workdir)
   if not writer:
     yield
     return
@@ -119,10 +123,27 @@ def hold(workdir: storage.Path, purpose: str, writer: bool = True):
   else:
     _acquire(workdir, purpose)
     _held[key] = 1
+  error_in_flight = False
   try:
     yield
+  except BaseException:
+    error_in_flight = True
+    raise
   finally:
     _held[key] -= 1
     if not _held[key]:
       del _held[key]
-      (workdir / LOCK_FILE).unlink(missing_ok=True)
+      _release(workdir, error_in_flight)
+
+
+def _release(workdir: storage.Path, error_in_flight: bool) -> None:
+  """Removes the lock; while an error ends the run on a gs:// workdir, within storage.CLEANUP_TIMEOUT_S (the
+  storage may be what failed), else it is left for the next run to take over as stale."""
+  unlink = lambda: (workdir / LOCK_FILE).unlink(missing_ok=True)
+  if not (error_in_flight and storage.is_remote(workdir)):
+    unlink()
+    return
+  try:
+    storage.within(storage.CLEANUP_TIMEOUT_S, unlink)
+  except (OSError, TimeoutError) as e:
+    logging.warning("Left %s in place (%s); the next run takes it over.", workdir / LOCK_FILE, errors.one_line(e))

@@ -12,7 +12,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from icl_jax import cli
-from icl_jax import train
 from icl_jax.runtime import distributed
 from icl_jax.runtime import errors
 from icl_jax.runtime import run_logs
@@ -54,7 +53,7 @@ def main(argv):
   try:
     distributed.initialize_from_flags(_DISTRIBUTED_FLAGS)
     if stage in ("all", "runs") and not grid.run_sweep(config, root, _parse_shard(_SHARD.value)):
-      sys.exit(train.EXIT_PREEMPTED)  # Stopped by SIGTERM with checkpoints; the report waits for the rerun.
+      sys.exit(errors.EXIT_PREEMPTED)  # Stopped by SIGTERM with checkpoints; the report waits for the rerun.
     if stage in ("all", "report"):
       runs = grid.validate(config)
       report.write(runs, root, [grid.run_name(r) for r in runs])

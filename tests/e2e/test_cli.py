@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from icl_jax import train
+from icl_jax.runtime import errors
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Long enough to be interrupted between checkpoints, short enough for CI.
@@ -89,7 +89,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
   _wait_for_checkpoint(process, tmp_path)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
-  assert process.returncode == train.EXIT_PREEMPTED == 75, stderr[-3000:]  # Not 0: a scheduler can tell.
+  assert process.returncode == errors.EXIT_PREEMPTED == 75, stderr[-3000:]  # Not 0: a scheduler can tell.
   assert "SIGTERM received" in stderr and "exit status 75 (rerun to resume)" in stderr
   stopped_at = _committed_steps(tmp_path)[-1]
   assert stopped_at < 1500 and stopped_at % 10 == 0
@@ -142,6 +142,95 @@ def test_a_failed_checkpoint_save_exits_at_once_and_keeps_the_last_checkpoint(tm
   )
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert "Resumed from" in finished.stderr and "at step 4" in finished.stderr
+
+
+BLOCKED_SAVE = '''
+import asyncio
+import runpy
+import sys
+
+from orbax.checkpoint._src.path import atomicity
+
+create = atomicity._create_tmp_directory
+
+
+async def block_step_8(make_dir, tmp_dir, **kwargs):
+  """Storage that stops answering: creating step 8's directory never returns."""
+  if "8" in (tmp_dir.name.split(".")[0], tmp_dir.parent.name.split(".")[0]):
+    print("BLOCKED step 8", file=sys.stderr, flush=True)
+    await asyncio.sleep(3600)
+  return await create(make_dir, tmp_dir, **kwargs)
+
+
+atomicity._create_tmp_directory = block_step_8
+sys.argv = ["icl_jax.main"] + sys.argv[1:]
+runpy.run_module("icl_jax.main", run_name="__main__")
+'''
+
+
+def _blocked_save(tmp_path, *flags) -> tuple[subprocess.Popen, list]:
+  """Starts the tiny run of 12 steps whose save of step 8 never finishes; returns it once the save is blocked,
+  and the list its stderr lines are collected in."""
+  script = tmp_path / "blocked_save.py"
+  script.write_text(BLOCKED_SAVE)
+  env = {**_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+  process = subprocess.Popen(
+    [sys.executable, str(script), "--config=tests/tiny_config.py", "--config.train.num_steps=12", *flags],
+    cwd=REPO,
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  lines = []
+  for line in process.stderr:
+    lines.append(line)
+    if line.startswith("BLOCKED"):
+      break
+  else:
+    pytest.fail("the run ended before its save of step 8:\n" + "".join(lines[-40:]))
+  return process, lines
+
+
+def _finish(process, lines, timeout: float) -> str:
+  """Waits for `process` at most `timeout` s (killing it then); returns its whole stderr."""
+  try:
+    _, rest = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    rest = process.communicate()[1]
+    pytest.fail(f"still running {timeout:g} s later:\n" + "".join(lines[-20:]) + rest[-3000:])
+  return "".join(lines) + rest
+
+
+def test_a_save_past_its_deadline_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  """train.checkpoint_timeout_s = 3: the run ends with one error line a few seconds after its save stopped
+  answering, checkpoint 4 is kept, and the same command without the fault resumes from it and finishes."""
+  workdir = tmp_path / "run"
+  flags = [f"--workdir={workdir}", "--config.train.checkpoint_timeout_s=3"]
+  process, lines = _blocked_save(tmp_path, *flags)
+  stderr = _finish(process, lines, timeout=60)
+  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert process.returncode == 1 and len(errors) == 1, stderr[-3000:]
+  assert "did not finish within 3 s" in errors[0] and "train.checkpoint_timeout_s" in errors[0]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+  finished = _main("--config=tests/tiny_config.py", "--config.train.num_steps=12", *flags)
+  assert finished.returncode == 0 and "at step 4." in finished.stderr, finished.stderr[-3000:]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_end_a_run_whose_save_is_stuck(tmp_path, signum, status):
+  """With the default deadline (minutes), a signal ends the run within 30 s all the same: the stuck save is
+  abandoned, checkpoint 4 is kept, and the exit status says which signal it was."""
+  workdir = tmp_path / "run"
+  process, lines = _blocked_save(tmp_path, f"--workdir={workdir}")
+  time.sleep(1)  # The main thread is waiting for the save by now.
+  sent = time.monotonic()
+  process.send_signal(signum)
+  stderr = _finish(process, lines, timeout=60)
+  assert process.returncode == status and time.monotonic() - sent <= 30, stderr[-3000:]
+  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "abandoned it" in errors[0], stderr[-3000:]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
 
 
 def _main(*args):

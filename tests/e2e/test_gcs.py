@@ -7,14 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 from etils import epath
 
 from configs import linreg
+from icl_jax import checkpointing
 from icl_jax import datasets
-from icl_jax import train
+from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 from icl_jax.runtime import workdir_lock
 from tests import helpers
@@ -114,7 +116,7 @@ def test_a_gs_run_resumes_bit_identically_after_kill_9_and_sigterm(gcs, uninterr
   stopped = _gs("stopped")
   process = _interrupt(gcs, stopped, signal.SIGTERM)
   _, stderr = process.communicate(timeout=240)
-  assert process.returncode == train.EXIT_PREEMPTED, stderr[-3000:]
+  assert process.returncode == errors.EXIT_PREEMPTED, stderr[-3000:]
   assert _committed_steps(stopped)[-1] < 600
   result = _main(gcs, stopped)
   assert result.returncode == 0 and "Resumed from gs://" in result.stderr, result.stderr[-3000:]
@@ -219,3 +221,79 @@ def test_a_frozen_set_on_gs_reads_as_the_local_one_and_its_faults_name_it(gcs, t
     match=f"{damaged} \\(read through its local copy .*\\): .*its records \\({records.name}\\) do not read back",
   ):
     datasets.load_prompts(damaged, "noisy")
+
+
+def _half_configured(gcs, home) -> dict:
+  """gcsfs reaches the emulator; TensorStore has neither its address nor credentials (a machine where
+  `gcloud auth application-default login` was never run). What TensorStore then sends goes to a local port
+  that nothing listens on, as a proxy, so that no request leaves this machine."""
+  nowhere = f"127.0.0.1:{helpers.free_port()}"
+  env = {k: v for k, v in gcs.items() if k not in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")}
+  env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+  return {
+    **env,
+    "HOME": str(home),
+    "CLOUDSDK_CONFIG": str(home / "gcloud"),
+    **{proxy: f"http://{nowhere}" for proxy in ("all_proxy", "http_proxy", "https_proxy")},
+    "no_proxy": "127.0.0.1,localhost",
+    "GCE_METADATA_HOST": nowhere,
+    "GCE_METADATA_ROOT": nowhere,
+  }
+
+
+def test_a_workdir_tensorstore_cannot_write_fails_in_seconds_naming_it(gcs, tmp_path):
+  workdir = _gs("half_configured")
+  start = time.monotonic()
+  result = _main(_half_configured(gcs, tmp_path), workdir)
+  elapsed = time.monotonic() - start
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 1 and elapsed <= 30 and len(errors) == 1, (elapsed, result.stderr[-3000:])
+  assert f"gs://{BUCKET}/half_configured: TensorStore cannot write there (no credentials" in errors[0]
+  assert "gcloud auth application-default login" in errors[0]
+  assert "Model parameters" not in result.stderr and "step " not in result.stderr  # Before any compute.
+  assert not workdir.exists()  # Nothing written: the preflight's object is gone too.
+
+
+def _committed(emulator, prefix: str) -> list[int]:
+  """Steps whose checkpoint Orbax has committed under gs://BUCKET/PREFIX/checkpoints, from the emulator."""
+  names = emulator.object_names(f"{prefix}/checkpoints/")
+  return sorted({int(n.split("/")[2]) for n in names if n.split("/")[2].isdigit() and n.endswith("commit_success.txt")})
+
+
+def test_an_outage_ends_the_run_within_the_save_deadline_and_a_rerun_resumes_bit_identically(tmp_path, uninterrupted):
+  """The storage stops answering after the first checkpoint: the run ends with one error line within the save
+  deadline (train.checkpoint_timeout_s = 60 here, longer than gcsfs's own ~33 s of retries of one request) and
+  the bounded cleanup after it (storage.CLEANUP_TIMEOUT_S for the events and the lock, STOP_GRACE_S for a last
+  save), and once it answers again the same command resumes from the last complete checkpoint with the
+  uninterrupted run's losses."""
+  emulator = helpers.GcsEmulator("outage", str(tmp_path / "objects"))
+  emulator.start()
+  env = {**helpers.subprocess_env(), **emulator.env}
+  flags = [*FLAGS, "--workdir=gs://outage/run", "--config.train.checkpoint_timeout_s=60"]
+  try:
+    process = subprocess.Popen(
+      [sys.executable, "-m", "icl_jax.main", *flags], cwd=helpers.REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not _committed(emulator, "run"):
+      assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+      time.sleep(0.2)
+    emulator.stop()
+    stopped = time.monotonic()
+    _, stderr = process.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert process.returncode != 0 and len(errors) == 1, stderr[-3000:]
+    bound = 60 + 1 + 2 * storage.CLEANUP_TIMEOUT_S + checkpointing.STOP_GRACE_S  # 0.1 MB at 1 MB/s: < 1 s.
+    assert time.monotonic() - stopped <= bound, stderr[-3000:]
+    emulator.start()
+    kept = _committed(emulator, "run")
+    result = subprocess.run(
+      [sys.executable, "-m", "icl_jax.main", *flags], cwd=helpers.REPO, env=env, capture_output=True, text=True,
+      timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0 and f"at step {kept[-1]}." in result.stderr, result.stderr[-3000:]
+    with urllib.request.urlopen(f"{emulator.url}/storage/v1/b/outage/o/run%2Fmetrics.jsonl?alt=media") as metrics:
+      losses = [(r["step"], r["loss"]) for r in map(json.loads, metrics.read().decode().splitlines())]
+    assert losses == uninterrupted
+  finally:
+    emulator.stop()

@@ -23,6 +23,7 @@ import pytest
 from icl_jax import checkpointing
 from icl_jax import train
 from icl_jax.runtime import distributed
+from icl_jax.runtime import errors
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -240,7 +241,7 @@ def test_sigterm_to_one_process_stops_both_within_one_chunk(tmp_path):
   _wait_until(processes, lambda: len(logged_steps()) >= 1, "a record in metrics.jsonl")  # Past compiling.
   logged = logged_steps()[-1]  # Its chunk has ended; the next one runs now.
   processes[1].send_signal(signal.SIGTERM)
-  p0, p1 = _run_together(processes, deadline_s=60, expected_status=train.EXIT_PREEMPTED)
+  p0, p1 = _run_together(processes, deadline_s=60, expected_status=errors.EXIT_PREEMPTED)
   [stop] = _committed_steps(tmp_path)
   print(f"\nlogged step {logged} when signalled, stopped at {stop}, chunks of {chunk}")
   for stderr in (p0, p1):
@@ -262,7 +263,7 @@ def test_sigterm_during_start_up_stops_both_after_the_first_chunk(tmp_path):
   processes = _start_pair(tmp_path, *flags, "--allow_config_change", devices=1)
   _wait_until(processes, lambda: "JAX distributed runtime started" in _stderr(processes[1]), "the runtime's start")
   processes[1].send_signal(signal.SIGTERM)
-  p0, p1 = _run_together(processes, deadline_s=60, expected_status=train.EXIT_PREEMPTED)
+  p0, p1 = _run_together(processes, deadline_s=60, expected_status=errors.EXIT_PREEMPTED)
   assert _committed_steps(tmp_path) == [10, 10 + chunk]
   for stderr in (p0, p1):
     assert f"every process saves a checkpoint at step {10 + chunk} and stops." in stderr
