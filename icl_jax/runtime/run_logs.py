@@ -30,13 +30,32 @@ def quiet_orbax() -> None:
   """Keeps only Orbax's warnings and errors in the absl log: it logs dozens of INFO lines per checkpoint.
 
   The filter sits on absl's logger, not its handler, so it works in notebooks too (no `app.run`). gcsfs and
-  fsspec, which log an INFO line per file read from a gs:// workdir, are set to warnings too.
+  fsspec, which log an INFO line per file read from a gs:// workdir, are set to warnings too, and each of their
+  warnings is logged once (gcsfs repeats its bucket-type warning at every file operation).
   """
   logging.get_absl_logger().addFilter(
     lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
   )
   for name in ("gcsfs", "fsspec"):
-    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+    logger = std_logging.getLogger(name)
+    logger.setLevel(std_logging.WARNING)
+    if not any(isinstance(f, OnceFilter) for f in logger.filters):
+      logger.addFilter(OnceFilter())
+
+
+class OnceFilter(std_logging.Filter):
+  """Passes each distinct message once."""
+
+  def __init__(self):
+    super().__init__()
+    self._seen = set()
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if message in self._seen:
+      return False
+    self._seen.add(message)
+    return True
 
 
 def is_writer() -> bool:
