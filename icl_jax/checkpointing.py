@@ -8,7 +8,6 @@ not restore, moving it aside. `load_params` reads a run's latest checkpoint or a
 """
 
 import json
-import threading
 import time
 
 import jax
@@ -109,27 +108,17 @@ class Checkpoints:
     """Waits for the last asynchronous save (until the save deadline, or `deadline_s`) and closes the manager."""
     if self._abandoned:  # Its threads are stuck: nothing more is asked of the manager.
       return
+    self._wait_for_saves("saving a checkpoint", deadline_s)
     try:
-      self._bounded("saving a checkpoint", self._manager.wait_until_finished, deadline_s=deadline_s)
-    except CheckpointSaveError:
-      raise
+      self._manager.wait_until_finished()
     except Exception as e:  # The background save of the last step failed.
       raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {errors.one_line(e)}") from e
     self._manager.close()
 
-  def _bounded(self, what: str, fn, *args, deadline_s: float | None = None, **kwargs):
-    """fn(...) in a helper thread, waited for until the save deadline (or STOP_GRACE_S after a stop request);
-    CheckpointSaveError, and the manager abandoned, past it or on Ctrl-C."""
-    outcome = {}
-
-    def run():
-      try:
-        outcome["value"] = fn(*args, **kwargs)
-      except BaseException as e:  # noqa: BLE001  (raised in the caller's thread)
-        outcome["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True, name="icl_jax-checkpoint")
-    start, stop_seen = time.monotonic(), None
+  def _wait_for_saves(self, what: str, deadline_s: float | None = None) -> None:
+    """Returns once no asynchronous save is running: polled in the caller's thread until the save deadline (or
+    `deadline_s`), and STOP_GRACE_S at most after a stop request; past either, or on Ctrl-C, CheckpointSaveError
+    and the manager abandoned."""
     why = "while the run was ending on an error"
     if deadline_s is None:
       deadline_s = self._timeout_s + self._state_bytes / MIN_SAVE_BYTES_PER_S
@@ -137,24 +126,21 @@ class Checkpoints:
         f"(train.checkpoint_timeout_s = {self._timeout_s:g} plus {self._state_bytes / 1e6:.1f} MB at "
         f"{MIN_SAVE_BYTES_PER_S / 1e6:g} MB/s); is the storage still reachable?"
       )
-    thread.start()
+    start, stop_seen = time.monotonic(), None
     try:
-      while thread.is_alive():
-        thread.join(0.2)
+      while self._manager.is_saving_in_progress():
         now = time.monotonic()
         if stop_seen is None and self._stop_requested():
           stop_seen = now
-        if thread.is_alive() and stop_seen is not None and now - stop_seen > STOP_GRACE_S:
+        if stop_seen is not None and now - stop_seen > STOP_GRACE_S:
           self._abandon(
             f"{what} in {self.directory} was still running {STOP_GRACE_S:g} s after SIGTERM", errors.EXIT_PREEMPTED
           )
-        if thread.is_alive() and now - start > deadline_s:
+        if now - start > deadline_s:
           self._abandon(f"{what} in {self.directory} did not finish within {deadline_s:.0f} s {why}", 1)
+        time.sleep(0.2)
     except KeyboardInterrupt:
       self._abandon(f"{what} in {self.directory} was interrupted (Ctrl-C)", errors.EXIT_INTERRUPTED)
-    if "error" in outcome:
-      raise outcome["error"]
-    return outcome.get("value")
 
   def _abandon(self, reason: str, exit_status: int) -> None:
     self._abandoned = True
@@ -168,10 +154,9 @@ class Checkpoints:
 
   def save(self, step: int, state) -> None:
     self._state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-    try:  # Also waits for, and raises the failure of, the previous asynchronous save.
-      self._bounded(f"saving step {step}", self._manager.save, step, args=ocp.args.StandardSave(state), force=True)
-    except CheckpointSaveError:
-      raise
+    self._wait_for_saves(f"the save before step {step}")
+    try:  # Also raises the failure of the previous, asynchronous save.
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     except Exception as e:
       raise CheckpointSaveError(
         f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: {errors.one_line(e)}"

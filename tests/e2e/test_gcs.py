@@ -262,14 +262,14 @@ def _committed(emulator, prefix: str) -> list[int]:
 
 def test_an_outage_ends_the_run_within_the_save_deadline_and_a_rerun_resumes_bit_identically(tmp_path, uninterrupted):
   """The storage stops answering after the first checkpoint: the run ends with one error line within the save
-  deadline (train.checkpoint_timeout_s = 60 here, longer than gcsfs's own ~33 s of retries of one request) and
+  deadline (train.checkpoint_timeout_s = 40 here, longer than gcsfs's own ~33 s of retries of one request) and
   the bounded cleanup after it (storage.CLEANUP_TIMEOUT_S for the events and the lock, STOP_GRACE_S for a last
   save), and once it answers again the same command resumes from the last complete checkpoint with the
   uninterrupted run's losses."""
   emulator = helpers.GcsEmulator("outage", str(tmp_path / "objects"))
   emulator.start()
   env = {**helpers.subprocess_env(), **emulator.env}
-  flags = [*FLAGS, "--workdir=gs://outage/run", "--config.train.checkpoint_timeout_s=60"]
+  flags = [*FLAGS, "--workdir=gs://outage/run", "--config.train.checkpoint_timeout_s=40"]
   try:
     process = subprocess.Popen(
       [sys.executable, "-m", "icl_jax.main", *flags], cwd=helpers.REPO, env=env, stderr=subprocess.PIPE, text=True
@@ -283,7 +283,7 @@ def test_an_outage_ends_the_run_within_the_save_deadline_and_a_rerun_resumes_bit
     _, stderr = process.communicate(timeout=300)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert process.returncode != 0 and len(errors) == 1, stderr[-3000:]
-    bound = 60 + 1 + 2 * storage.CLEANUP_TIMEOUT_S + checkpointing.STOP_GRACE_S  # 0.1 MB at 1 MB/s: < 1 s.
+    bound = 40 + 1 + 2 * storage.CLEANUP_TIMEOUT_S + checkpointing.STOP_GRACE_S  # 0.1 MB at 1 MB/s: < 1 s.
     assert time.monotonic() - stopped <= bound, stderr[-3000:]
     emulator.start()
     kept = _committed(emulator, "run")
