@@ -7,6 +7,7 @@ not restore, moving it aside. `load_params` reads a run's latest checkpoint or a
 (WORKDIR/garg_params, written by `python -m icl_jax.garg_checkpoint`).
 """
 
+import concurrent.futures
 import json
 import time
 
@@ -75,6 +76,9 @@ class Checkpoints:
     self._stop_requested = stop_requested
     self._state_bytes = 0
     self._abandoned = False
+    # One worker thread runs the manager's blocking calls (a standard-library thread: no frame of this package
+    # appears in the tracebacks Orbax logs from it).
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoints")
     options = ocp.CheckpointManagerOptions(
       max_to_keep=train.keep_checkpoints,
       keep_period=train.keep_period or None,
@@ -108,17 +112,18 @@ class Checkpoints:
     """Waits for the last asynchronous save (until the save deadline, or `deadline_s`) and closes the manager."""
     if self._abandoned:  # Its threads are stuck: nothing more is asked of the manager.
       return
-    self._wait_for_saves("saving a checkpoint", deadline_s)
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # The background save of the last step failed.
-      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {errors.one_line(e)}") from e
+    error = self._bounded("saving a checkpoint", deadline_s, self._manager.wait_until_finished)
+    if error is not None:  # The background save of the last step failed.
+      raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {errors.one_line(error)}")
     self._manager.close()
+    self._worker.shutdown(wait=False)
 
-  def _wait_for_saves(self, what: str, deadline_s: float | None = None) -> None:
-    """Returns once no asynchronous save is running: polled in the caller's thread until the save deadline (or
-    `deadline_s`), and STOP_GRACE_S at most after a stop request; past either, or on Ctrl-C, CheckpointSaveError
-    and the manager abandoned."""
+  def _bounded(self, what: str, deadline_s: float | None, fn, *args, **kwargs) -> BaseException | None:
+    """fn(*args, **kwargs) on the checkpoints' worker thread, waited for in the caller's thread until the save
+    deadline (or `deadline_s`), and STOP_GRACE_S at most after a stop request; past either, or on Ctrl-C,
+    CheckpointSaveError and the manager abandoned. Returns fn's error (None if it succeeded) without raising it:
+    Orbax logs that same exception object later, and raising it here would add this package's frames to it.
+    (Orbax's synchronous part of a save blocks for as long as its storage retries: the caller never does.)"""
     why = "while the run was ending on an error"
     if deadline_s is None:
       deadline_s = self._timeout_s + self._state_bytes / MIN_SAVE_BYTES_PER_S
@@ -126,9 +131,13 @@ class Checkpoints:
         f"(train.checkpoint_timeout_s = {self._timeout_s:g} plus {self._state_bytes / 1e6:.1f} MB at "
         f"{MIN_SAVE_BYTES_PER_S / 1e6:g} MB/s); is the storage still reachable?"
       )
+    future = self._worker.submit(fn, *args, **kwargs)
     start, stop_seen = time.monotonic(), None
     try:
-      while self._manager.is_saving_in_progress():
+      while True:
+        done, _ = concurrent.futures.wait([future], timeout=0.2)
+        if done:
+          return future.exception()
         now = time.monotonic()
         if stop_seen is None and self._stop_requested():
           stop_seen = now
@@ -138,7 +147,6 @@ class Checkpoints:
           )
         if now - start > deadline_s:
           self._abandon(f"{what} in {self.directory} did not finish within {deadline_s:.0f} s {why}", 1)
-        time.sleep(0.2)
     except KeyboardInterrupt:
       self._abandon(f"{what} in {self.directory} was interrupted (Ctrl-C)", errors.EXIT_INTERRUPTED)
 
@@ -154,13 +162,14 @@ class Checkpoints:
 
   def save(self, step: int, state) -> None:
     self._state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-    self._wait_for_saves(f"the save before step {step}")
-    try:  # Also raises the failure of the previous, asynchronous save.
-      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    except Exception as e:
+    # Also fails with the previous, asynchronous save (which it waits for first).
+    error = self._bounded(
+      f"saving step {step}", None, self._manager.save, step, args=ocp.args.StandardSave(state), force=True
+    )
+    if error is not None:
       raise CheckpointSaveError(
-        f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: {errors.one_line(e)}"
-      ) from e
+        f"saving a checkpoint in {self.directory} (step {step} or the one before) failed: {errors.one_line(error)}"
+      )
 
   def restore(self, step: int, like, partial: bool = False):
     """The state saved at `step`, laid out like `like` (same tree, shapes, dtypes and shardings). With `partial`,

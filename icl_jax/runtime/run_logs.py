@@ -19,6 +19,7 @@ import time
 import jax
 from absl import logging
 
+from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 from icl_jax.runtime import workdir_lock
 
@@ -33,14 +34,25 @@ def quiet_orbax() -> None:
   fsspec, which log an INFO line per file read from a gs:// workdir, are set to warnings too, and each of their
   warnings is logged once (gcsfs repeats its bucket-type warning at every file operation).
   """
-  logging.get_absl_logger().addFilter(
-    lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-  )
+  logging.get_absl_logger().addFilter(_orbax_filter)
   for name in ("gcsfs", "fsspec"):
     logger = std_logging.getLogger(name)
     logger.setLevel(std_logging.WARNING)
     if not any(isinstance(f, OnceFilter) for f in logger.filters):
       logger.addFilter(OnceFilter())
+
+
+def _orbax_filter(record: std_logging.LogRecord) -> bool:
+  """Drops Orbax's INFO lines and shortens its errors' tracebacks to one line: a failed save is reported once,
+  by the program's own error line, and the exception Orbax logs has passed through this package's frames."""
+  if "/orbax/" not in record.pathname:
+    return True
+  if record.levelno < std_logging.WARNING:
+    return False
+  if record.exc_info and record.exc_info[1] is not None:
+    record.msg = f"{record.getMessage()} ({errors.one_line(record.exc_info[1])})"
+    record.args, record.exc_info, record.exc_text = None, None, None
+  return True
 
 
 class OnceFilter(std_logging.Filter):
