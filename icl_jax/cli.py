@@ -20,9 +20,11 @@ from icl_jax.runtime import errors
 
 # --config's help, the same in every program that trains or evaluates.
 CONFIG_HELP = (
-  "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run) or configs/linreg.py:quick "
-  "(laptop size); configs/linreg_ill_conditioned.py[:quick] (kappa = 100), configs/lstm.py[:quick], "
-  "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE."
+  "Experiment config file[:variant]: configs/linreg.py (Garg et al.'s paper run), configs/linreg.py:medium (12 "
+  "layers at d = 8, about 20 minutes on a 2-core CPU) or configs/linreg.py:quick (laptop size); "
+  "configs/linreg_ill_conditioned.py[:medium|:quick] (kappa = 100), configs/lstm.py[:medium|:quick], "
+  "configs/lsa.py[:quick] (Ahn et al.). Override any field with --config.FIELD=VALUE. On a CPU, "
+  "--jax_num_cpu_devices=2 splits each batch over two devices (--helpfull lists JAX's own flags)."
 )
 
 

@@ -224,7 +224,7 @@ def test_eval_mode_writes_results_and_figures(trained):
   etas = re.findall(r"stage (\d)/5, [0-9.]+ s elapsed, ETA (\d+) s", result.stderr)
   assert [stage for stage, _ in etas] == ["1", "2", "3", "4", "5"], "a progress line per stage, with the ETA"
   assert "definition" in results["table1"] and "last_layer_best" in results
-  for stem in ("error_vs_layer", "sim_e_newton_heatmap", "best_match", "error_vs_context"):
+  for stem in ("error_vs_layer", "sim_e_newton_heatmap", "best_match", "separability", "error_vs_context"):
     for suffix in (".png", ".pdf"):
       assert (workdir / "eval" / (stem + suffix)).stat().st_size > 0
   assert "Best-matching Newton steps per layer" in result.stderr

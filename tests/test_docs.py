@@ -1,0 +1,106 @@
+"""README and docs/ stay true: the front page's size and sections, its results table against the committed report,
+and every `python -m icl_jax…` command of README and docs/ against the flags and config fields that exist."""
+
+import json
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from icl_jax.runtime import config_files
+from tests import helpers
+
+DOCS = [helpers.REPO / "README.md", *sorted((helpers.REPO / "docs").glob("*.md"))]
+COMMAND = re.compile(r"python -m (icl_jax(?:\.[a-z_]+)*)((?: +(?:--[^\s`]+|\\\n|[A-Z_]+))*)")
+
+
+def test_readme_is_a_front_page():
+  text = (helpers.REPO / "README.md").read_text()
+  assert len(text.splitlines()) <= 200
+  sections = re.findall(r"^## (.+)$", text, flags=re.M)
+  for needed in ("Quickstart", "Install", "Results", "Package map", "Citing"):
+    assert needed in sections, sections
+  assert len(re.findall(r"2026-", text)) <= 3
+
+
+def test_readme_results_table_is_the_committed_report():
+  """Every verdict in README's results table is the committed medium report's, and every claim the report
+  grades (anything but NOT RUN) is in the table."""
+  text = (helpers.REPO / "README.md").read_text()
+  report = json.loads((helpers.COMMITTED_REPORT / "report.json").read_text())
+  verdicts = {(c["experiment"], c["id"]): c["verdict"] for c in report["claims"]}
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| claim (Fu et al."))
+  columns = {"isotropic": "isotropic", "κ = 100": "kappa100", "noisy": "noisy", "LSTM": "lstm", "LSA": "lsa"}
+  experiments = [columns[c.strip()] for c in lines[start].strip("|").split("|")[1:]]
+  rows = [line for line in lines[start + 2 :][: lines[start:].index("") - 2]]
+  shown = {}
+  for line in rows:
+    ids = re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])
+    for experiment, cell in zip(experiments, line.strip().strip("|").split("|")[1:]):
+      if cell.strip():
+        shown[experiment, ids[0]] = cell.strip()
+  graded = {k: v for k, v in verdicts.items() if v != "NOT RUN" and k[0] != "constructions"}
+  assert shown == graded
+
+
+def _commands() -> list[tuple[pathlib.Path, str, list[str]]]:
+  found = []
+  for path in DOCS:
+    for match in COMMAND.finditer(path.read_text()):
+      found.append((path, match.group(1), shlex.split(match.group(2).replace("\\\n", " "))))
+  return found
+
+
+@pytest.fixture(scope="module")
+def helpfull():
+  """Each program's `--helpfull` text, by module."""
+  modules = sorted({module for _, module, _ in _commands()})
+  texts = {}
+  for module in modules:
+    done = subprocess.run(
+      [sys.executable, "-m", module, "--helpfull"],
+      capture_output=True,
+      text=True,
+      cwd=helpers.REPO,
+      env=helpers.subprocess_env(),
+      timeout=300,
+    )
+    assert done.returncode in (0, 1), (module, done.stderr[-2000:])
+    texts[module] = done.stdout + done.stderr
+  return texts
+
+
+def test_every_documented_command_uses_flags_and_fields_that_exist(helpfull):
+  commands = _commands()
+  assert len(commands) > 20
+  problems = []
+  for path, module, args in commands:
+    config = None
+    for arg in args:
+      if not arg.startswith("--"):
+        continue
+      name, _, value = arg[2:].partition("=")
+      if name == "config" and value.endswith((".py", ":quick", ":medium", ":paper")) and "/" in value:
+        file, _, variant = value.partition(":")
+        config = config_files.load_file(helpers.REPO / file).get_config(*([variant] if variant else []))
+      if name.startswith("config."):
+        if config is not None and not _has_field(config, name.removeprefix("config.")):
+          problems.append(f"{path.name}: {module} {arg}: no such config field")
+        continue
+      flag = name.removeprefix("no")
+      if not re.search(rf"--(\[no\])?({re.escape(name)}|{re.escape(flag)})\b", helpfull[module]):
+        problems.append(f"{path.name}: {module} {arg}: no such flag")
+  assert not problems, "\n".join(problems)
+
+
+def _has_field(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
