@@ -2,6 +2,7 @@
 
     python colabs/render.py                      # all of them, at their default (full) sizes
     python colabs/render.py quickstart theory    # some of them
+    python colabs/render.py --repo-url=URL       # only sets the repository URL (no execution)
 
 Each colabs/NAME.py (jupytext py:percent, the source) is converted in memory, executed top to bottom with
 nbclient on a python3 kernel of this interpreter in a fresh temporary directory, and written to
@@ -17,6 +18,7 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -105,7 +107,51 @@ def render(name: str) -> pathlib.Path:
   return target
 
 
+# Where the repository URL appears: pyproject.toml's [project.urls] Repository (the one source), and the badges
+# and install cells derived from it.
+URL_FILES = ("pyproject.toml", "colabs/README.md", *(f"colabs/{n}.py" for n in NOTEBOOKS),
+             *(f"colabs/{n}.ipynb" for n in NOTEBOOKS))
+
+
+def repository_url(root: pathlib.Path = REPO) -> str:
+  text = (root / "pyproject.toml").read_text()
+  return re.search(r'^Repository = "([^"]+)"', text, flags=re.M).group(1)
+
+
+def _colab_path(url: str) -> str | None:
+  """OWNER/NAME of a github.com URL (what Colab's /github/ links take), None for another host."""
+  found = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?/?", url)
+  return found.group(1) if found else None
+
+
+def set_repository_url(new: str, root: pathlib.Path = REPO) -> list[pathlib.Path]:
+  """Rewrites the repository URL everywhere it appears (URL_FILES): the clone URL of every install cell and
+  pyproject's Repository. On github.com the Colab badges follow it; on another host, which Colab cannot open
+  notebooks from, each badge links the notebook's file in the repository instead. Returns the files changed."""
+  old = repository_url(root)
+  old_path, new_path = _colab_path(old), _colab_path(new)
+  changed = []
+  for name in URL_FILES:
+    path = root / name
+    text = path.read_text()
+    updated = text
+    if old_path:
+      colab = "https://colab.research.google.com/github/{}/blob/main/"
+      target = colab.format(new_path) if new_path else f"{new.removesuffix('.git')}/blob/main/"
+      updated = updated.replace(colab.format(old_path), target)
+    updated = updated.replace(old, new)
+    if updated != text:
+      path.write_text(updated)
+      changed.append(path)
+  return changed
+
+
 def main(argv: list[str]) -> int:
+  urls = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--repo-url=")]
+  if urls:
+    for path in set_repository_url(urls[-1]):
+      print(f"{path.relative_to(REPO)}: repository URL set to {urls[-1]}")
+    return 0
   names = argv[1:] or list(NOTEBOOKS)
   unknown = sorted(set(names) - set(NOTEBOOKS))
   if unknown:

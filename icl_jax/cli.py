@@ -111,7 +111,6 @@ def exit_with_error(error: Exception) -> None:
   if leave_at_once:  # Orbax's threads die with the process: their last words would follow the error line.
     threading.excepthook = sys.unraisablehook = lambda *args: None
     std_logging.getLogger("asyncio").disabled = True
-  logging.error("%s", error)
   if leave_at_once:
     logging.flush()
     sys.stderr.flush()

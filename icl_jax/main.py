@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from icl_jax import checkpointing
 from icl_jax import cli
 from icl_jax import train
 from icl_jax.analysis import evaluate
@@ -31,14 +32,15 @@ _MODE = flags.DEFINE_enum(
   "train",
   ["train", "eval"],
   "train: train (or resume) the run in --workdir; eval: evaluate its latest checkpoint "
-  "layer by layer, writing WORKDIR/eval/results.json and figures.",
+  "layer by layer, writing WORKDIR/eval/results.json and figures (without --config, with the run's own "
+  "WORKDIR/config.json).",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   "allow_config_change", False, "Resume a workdir even if its saved config differs from this one."
 )
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)  # --help lists them too.
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _refuse_distributed_eval() -> None:
@@ -57,6 +59,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run_logs.quiet_orbax()
+  if _CONFIG.value is None and _MODE.value == "train":
+    raise app.UsageError("--config is required to train (e.g. --config=configs/linreg.py:quick)")
   try:
     if _MODE.value == "train":
       distributed.initialize_from_flags(_DISTRIBUTED_FLAGS)
@@ -70,7 +74,8 @@ def main(argv):
         sys.exit(errors.EXIT_PREEMPTED)
     else:
       _refuse_distributed_eval()
-      evaluate.evaluate(_CONFIG.value, _WORKDIR.value)  # Validates the config for one device first.
+      config = _CONFIG.value if _CONFIG.value is not None else checkpointing.load_saved_config(_WORKDIR.value)
+      evaluate.evaluate(config, _WORKDIR.value)  # Validates the config for one device first.
   except errors.UserError as e:
     cli.exit_with_error(e)
 

@@ -272,8 +272,6 @@ def _train_runs(
   model = models.build_model(base.model)
   optimizer = optim.make_optimizer(train)
   states = [train_step.init_state(c, model, optimizer, mesh) for c in configs]
-  if run_logs.is_writer():
-    parameter_overview.log_parameter_overview(states[0].params, msg="Model parameters")
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(states[0].params))
   logging.info(
     "Model %s has %s parameters; training on %d %s devices (%s, %d processes), %s.",
@@ -285,6 +283,8 @@ def _train_runs(
     jax.process_count(),
     base.model.get("dtype", "float32"),
   )
+  if run_logs.is_writer():  # After the device line, which a user reads first.
+    parameter_overview.log_parameter_overview(states[0].params, msg="Model parameters")
   if len(configs) > 1:
     logging.info("Training %d runs together: %s", len(configs), ", ".join(map(str, workdirs)))
   stacked = len(configs) > 1

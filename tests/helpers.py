@@ -181,6 +181,7 @@ def gcs_emulator(bucket: str):
       emulator.stop()
 
 
+DOCS_WORKDIR = REPO / "docs" / "workdir.md"
 COMMITTED_REPORT = REPO / "docs" / "medium_report"
 
 

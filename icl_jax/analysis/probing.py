@@ -590,14 +590,15 @@ def log_summary(results: dict) -> None:
   )
   for grid, name, unit in (("newton", "Newton", "steps/layer"), ("gd_log", "GD (log grid)", "doublings/layer")):
     fit = fits[grid]
-    slope = (
-      "undefined (one fit layer)"
-      if fit["slope"] is None
-      else (
+    if fit["slope"] is None:
+      slope = "undefined (one fit layer)"
+    elif fit.get("flat"):
+      slope = f"flat, 0 {unit}"
+    else:
+      slope = (
         f"{fit['slope']:.2f} {unit} [{fit['slope_interval'][0]:.2f}, {fit['slope_interval'][1]:.2f}], "
         f"R^2 {fit['r2']:.3f}"
       )
-    )
     logging.info(
       "Best-matching %s steps per layer: %s (layers %d-%d: %s).",
       name,

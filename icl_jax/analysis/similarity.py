@@ -144,12 +144,15 @@ def slope_interval(x, resampled_y_SxX, confidence: float) -> tuple[float, float]
 
 
 def linear_fit(x, y) -> dict:
-  """Least-squares line y = slope * x + intercept and its R^2; all None for fewer than two distinct x."""
+  """Least-squares line y = slope * x + intercept and its R^2; all None for fewer than two distinct x. A flat
+  y (every value equal) has slope exactly 0, R^2 1 and "flat" True."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if len(np.unique(x)) < 2:
-    return {"slope": None, "intercept": None, "r2": None}
+    return {"slope": None, "intercept": None, "r2": None, "flat": None}
+  if np.all(y == y[0]):
+    return {"slope": 0.0, "intercept": float(y[0]), "r2": 1.0, "flat": True}
   slope, intercept = np.polyfit(x, y, 1)
   residual = y - (slope * x + intercept)
   total = np.sum(np.square(y - y.mean()))
-  r2 = 1.0 - np.sum(np.square(residual)) / total if total > 0 else 1.0
-  return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2)}
+  r2 = 1.0 - np.sum(np.square(residual)) / total
+  return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2), "flat": False}

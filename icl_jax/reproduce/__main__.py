@@ -2,10 +2,11 @@
 
 Trains (resuming, skipping finished runs, the seeds of an experiment together), evaluates and grades every
 experiment of the scale (`icl_jax/reproduce/experiments.py`) against the claims of
-`icl_jax/reproduce/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry_run` prints
-the runs and their projected training time on this machine (from one timed step of each shape) and trains
-nothing. `--experiments=isotropic,kappa100` trains and evaluates those alone and grades the rest from the
-summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one root.
+`icl_jax/reproduce/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry-run` (also
+spelt `--dry_run`) prints the runs and their projected training time on this machine (from a timed step of each
+shape) and trains nothing. `--experiments=isotropic,kappa100` trains and evaluates those alone and grades the
+rest from the summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one
+root.
 `--reanalyse` recomputes the summaries' measurements from the model outputs saved beside them. A
 SIGTERM stops at a checkpoint with exit status 75; the same command resumes.
 """
@@ -75,13 +76,21 @@ def _experiments(values: list[str] | None) -> tuple[str, ...] | None:
 
 
 def _dry_run(runs: list[pipeline.Run]) -> None:
-  rows = pipeline.projected_cost(runs)
-  for row in rows:
-    print(json.dumps(row))
+  rows = []
+  for row in pipeline.projected_cost(runs):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  hours = sum(r["hours"] for r in rows)
   print(
-    f"total: {sum(r['hours'] for r in rows):.3g} hours of training on {rows[0]['devices']} x {rows[0]['device']} "
-    "(the seeds of an experiment train vmapped, here counted as seeds x one run), plus the evaluations"
+    f"total: {int(hours)} h {round(60 * (hours % 1)):02d} min of training on {rows[0]['devices']} x "
+    f"{rows[0]['device']} (the seeds of an experiment train vmapped, here counted as seeds x one run), plus the "
+    "evaluations"
   )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`cli.parse_flags`, accepting --dry-run (the spelling of launch/tpu.py and launch/local_sweep.sh) too."""
+  return cli.parse_flags(["--dry_run" if a == "--dry-run" else a for a in argv])
 
 
 def main(argv):
@@ -123,4 +132,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)

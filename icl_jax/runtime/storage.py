@@ -277,14 +277,13 @@ def _tensorstore_round_trip(target: Path) -> None:
 
 
 _CLIENTS = {"gcsfs": _gcsfs_round_trip, "TensorStore": _tensorstore_round_trip}
-_checked: set[str] = set()
 
 
 def preflight(target: "str | os.PathLike", timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
   """For a gs:// `target`: writes, reads back and deletes one small object through each client a run uses
-  (gcsfs for files, TensorStore for Orbax's arrays), each within `timeout_s`, once per path and process.
+  (gcsfs for files, TensorStore for Orbax's arrays), each within `timeout_s`.
   StorageError naming the path, the client, the cause and the fix if one fails; a local path passes."""
-  if not is_remote(target) or os.fspath(target) in _checked:
+  if not is_remote(target):
     return
   for client, round_trip in _CLIENTS.items():
     try:
@@ -294,4 +293,3 @@ def preflight(target: "str | os.PathLike", timeout_s: float = PREFLIGHT_TIMEOUT_
       raise StorageError(
         f"{os.fspath(target)}: {client} cannot write there ({cause}: {errors.one_line(e)}); fix: {_FIXES[cause]}"
       ) from None
-  _checked.add(os.fspath(target))

@@ -94,6 +94,13 @@ def test_best_match_intervals_and_fits():
   assert (
     fit["slope"] == pytest.approx(3.0) and fit["intercept"] == pytest.approx(-5.0) and fit["r2"] == pytest.approx(1)
   )
+  # A flat sequence is flat: slope exactly 0, not round-off such as 5e-17.
+  assert similarity.linear_fit([3, 4, 5, 6], [14, 14, 14, 14]) == {
+    "slope": 0.0,
+    "intercept": 14.0,
+    "r2": 1.0,
+    "flat": True,
+  }
   resampled = np.asarray([[4, 7, 10, 13], [4, 6, 8, 10], [4, 8, 12, 16]])  # Slopes 3, 2 and 4.
   low, high = similarity.slope_interval([3, 4, 5, 6], resampled, 0.9)
   assert 2 <= low < 3 < high <= 4
@@ -181,7 +188,8 @@ def test_least_squares_and_trained_probes_read_a_linearly_decodable_target(tiny)
 def test_eval_mode_writes_results_and_figures(trained):
   config, workdir = trained
   result = subprocess.run(
-    [sys.executable, "-m", "icl_jax.main", "--config=tests/tiny_config.py", f"--workdir={workdir}", "--mode=eval"],
+    # No --config: the evaluation reads the run's own WORKDIR/config.json.
+    [sys.executable, "-m", "icl_jax.main", f"--workdir={workdir}", "--mode=eval"],
     capture_output=True,
     text=True,
     timeout=600,
@@ -228,6 +236,17 @@ def test_eval_mode_writes_results_and_figures(trained):
     for suffix in (".png", ".pdf"):
       assert (workdir / "eval" / (stem + suffix)).stat().st_size > 0
   assert "Best-matching Newton steps per layer" in result.stderr
+  # docs/workdir.md documents exactly these fields.
+  documented = re.search(
+    r"## `eval/results.json`, field by field(.*?)(\n## |\Z)", helpers.DOCS_WORKDIR.read_text(), re.S
+  )
+  keys = {
+    k
+    for row in documented.group(1).splitlines()
+    if row.startswith("| `")
+    for k in re.findall(r"`(\w+)`", row.split("|")[1])
+  }
+  assert keys == set(results), keys ^ set(results)
   # Beside results.json, the model's outputs it was computed from: analysed again without the model, they give
   # the same results.
   outputs = probing.outputs_from_npz((workdir / "eval" / "predictions.npz").read_bytes())

@@ -247,6 +247,7 @@ def _one_error_line(result, expected: str, orbax_noise: bool = False) -> None:
   errors = [line for line in lines if line.startswith("error: ")]
   assert result.returncode == 1 and len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-3000:]
+  assert result.stderr.count(expected) == 1, result.stderr[-3000:]  # Said once, not also as a log record.
   if orbax_noise:
     assert not [line for line in lines if 'File "' in line and "/icl_jax/" in line], result.stderr[-3000:]
   else:

@@ -124,6 +124,26 @@ def test_every_link_is_the_pyproject_repository():
   assert links == {REPOSITORY.removeprefix("https://github.com/")}
 
 
+@pytest.mark.parametrize("url", ["https://example.org/icl_jax.git", "https://github.com/someone/icljax"])
+def test_render_sets_the_repository_url_everywhere(url, tmp_path):
+  """`python colabs/render.py --repo-url=URL` rewrites pyproject's URL, every badge and every clone cell."""
+  for name in render.URL_FILES:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text((REPO / name).read_text())
+  changed = render.set_repository_url(url, tmp_path)
+  assert sorted(p.relative_to(tmp_path).as_posix() for p in changed) == sorted(render.URL_FILES)
+  assert render.repository_url(tmp_path) == url
+  for name in render.URL_FILES:
+    text = (tmp_path / name).read_text()
+    assert REPOSITORY not in text, name
+  for notebook in ("quickstart", "paper_figures", "theory"):
+    source = (tmp_path / "colabs" / f"{notebook}.py").read_text()
+    assert f'"ICL_JAX_REPO_URL", "{url}")' in source  # The install cell clones it.
+    badge = re.search(r"\]\((https://[^)]+/colabs/" + notebook + r"\.ipynb)\)", source).group(1)
+    expected = "https://colab.research.google.com/github/someone/icljax" if "github" in url else url[: -len(".git")]
+    assert badge == f"{expected}/blob/main/colabs/{notebook}.ipynb"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, record_property):
   start = time.perf_counter()

@@ -1,6 +1,7 @@
 """`python -m icl_jax.reproduce`: the smoke scale end to end, resuming, the claims' grading rules, bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -164,13 +165,17 @@ def _reproduce(*args, cwd):
 
 
 def test_dry_run_prints_each_experiment_and_its_projected_cost(tmp_path):
-  out = _reproduce("--scale=smoke", f"--root={tmp_path}", "--seeds=0,1", "--dry_run", cwd=helpers.REPO)
+  """Both spellings; each distinct shape is timed once (the probed GPT-2 experiments share one)."""
+  out = _reproduce("--scale=smoke", f"--root={tmp_path}", "--seeds=0,1", "--dry-run", cwd=helpers.REPO)
   assert out.returncode == 0, out.stderr
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert [r["experiment"] for r in rows] == ["isotropic", "kappa100", "noisy", "lstm", "lsa", "lsa"]
   assert all(r["ms_per_step"] > 0 and r["hours"] > 0 and r["already_trained"] == [] for r in rows)
-  assert "hours of training" in out.stdout.splitlines()[-1]
+  assert rows[0]["ms_per_step"] == rows[1]["ms_per_step"] == rows[2]["ms_per_step"]
+  assert re.fullmatch(r"total: \d+ h \d\d min of training .*", out.stdout.splitlines()[-1])
   assert not any(tmp_path.iterdir())  # Nothing trained, nothing written.
+  again = _reproduce("--scale=smoke", f"--root={tmp_path}", "--seeds=0,1", "--dry_run", cwd=helpers.REPO)
+  assert again.returncode == 0 and len([line for line in again.stdout.splitlines() if line.startswith("{")]) == 6
 
 
 @pytest.mark.parametrize(
