@@ -85,67 +85,56 @@ class Band:
 
 
 @dataclasses.dataclass(frozen=True)
-class AtLeast:
+class _Bound:
+  """One-sided: PASS when the whole interval is on the right side of `bound`, FAIL when it is wholly on the
+  wrong side, INCONCLUSIVE otherwise. Subclasses say which side, strictly or not."""
+
   bound: float
+  symbol = ""
+
+  def passes(self, low: float, high: float) -> bool:
+    raise NotImplementedError
+
+  def fails(self, low: float, high: float) -> bool:
+    raise NotImplementedError
 
   def __call__(self, q: Quantity) -> str:
     low, high = q.interval()
-    return PASS if low >= self.bound else FAIL if high < self.bound else INCONCLUSIVE
+    return PASS if self.passes(low, high) else FAIL if self.fails(low, high) else INCONCLUSIVE
 
   def edges(self) -> tuple[float, ...]:
     return (self.bound,)
 
   def __str__(self):
-    return f">= {self.bound:g}"
+    return f"{self.symbol} {self.bound:g}"
 
 
-@dataclasses.dataclass(frozen=True)
-class AtMost:
-  bound: float
-
-  def __call__(self, q: Quantity) -> str:
-    low, high = q.interval()
-    return PASS if high <= self.bound else FAIL if low > self.bound else INCONCLUSIVE
-
-  def edges(self) -> tuple[float, ...]:
-    return (self.bound,)
-
-  def __str__(self):
-    return f"<= {self.bound:g}"
+class AtLeast(_Bound):
+  symbol = ">="
+  passes = lambda self, low, high: low >= self.bound
+  fails = lambda self, low, high: high < self.bound
 
 
-@dataclasses.dataclass(frozen=True)
-class Above:
+class AtMost(_Bound):
+  symbol = "<="
+  passes = lambda self, low, high: high <= self.bound
+  fails = lambda self, low, high: low > self.bound
+
+
+class Above(_Bound):
   """Strictly greater: a paired difference "A - B > 0" passes when its whole interval is above the bound."""
 
-  bound: float
-
-  def __call__(self, q: Quantity) -> str:
-    low, high = q.interval()
-    return PASS if low > self.bound else FAIL if high <= self.bound else INCONCLUSIVE
-
-  def edges(self) -> tuple[float, ...]:
-    return (self.bound,)
-
-  def __str__(self):
-    return f"> {self.bound:g}"
+  symbol = ">"
+  passes = lambda self, low, high: low > self.bound
+  fails = lambda self, low, high: high <= self.bound
 
 
-@dataclasses.dataclass(frozen=True)
-class Below:
+class Below(_Bound):
   """Strictly less: passes when the whole interval is below the bound."""
 
-  bound: float
-
-  def __call__(self, q: Quantity) -> str:
-    low, high = q.interval()
-    return PASS if high < self.bound else FAIL if low >= self.bound else INCONCLUSIVE
-
-  def edges(self) -> tuple[float, ...]:
-    return (self.bound,)
-
-  def __str__(self):
-    return f"< {self.bound:g}"
+  symbol = "<"
+  passes = lambda self, low, high: high < self.bound
+  fails = lambda self, low, high: low >= self.bound
 
 
 MAX_SEEDS = 1000
