@@ -466,8 +466,8 @@ def _probe_fit(fit_mse_L, n_dims: int) -> dict:
 
 
 # Each stage's typical share of an evaluation's wall time, for the ETA of the progress lines: the shares of the
-# `timing` that results.json records, which vary little between model sizes (docs/speed.md).
-STAGE_SHARES = {"probes_s": 0.10, "model_s": 0.13, "algorithms_s": 0.22, "metrics_s": 0.09, "sim_w_s": 0.46}
+# `timing` that results.json records, measured on the medium rung (docs/speed.md); an ETA, not a promise.
+STAGE_SHARES = {"probes_s": 0.10, "model_s": 0.37, "algorithms_s": 0.21, "metrics_s": 0.09, "sim_w_s": 0.23}
 
 
 class Clock:
