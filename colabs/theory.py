@@ -36,23 +36,40 @@
 
 # %%
 # Setup: makes `icl_jax` importable, keeping the runtime's own accelerator build of JAX. Nothing happens where
-# the package already is importable (CI, a local install). Otherwise it uses the checkout this notebook sits in,
-# or clones REPO_URL (Colab), and runs colabs/install.py: it detects CPU, GPU or TPU and the installed jax, pins
-# that jax while pip installs the package, and installs jax[cuda12/13] or jax[tpu] only when it is missing or
-# too old. If that replaced a jax this kernel had already imported, the runtime restarts: run the notebook again.
+# the package already is importable (CI, a local install). Otherwise it takes the first source found: the
+# checkout this notebook sits in; ICL_JAX_SOURCE (a checkout folder, e.g. on a mounted Drive, an sdist made by
+# `python -m build --sdist`, or a git URL); an sdist uploaded next to the notebook (icl_jax-*.tar.gz);
+# /content/drive/MyDrive/icl_jax; else it clones REPO_URL. It prints which one it used, then runs
+# colabs/install.py: it detects CPU, GPU or TPU and the installed jax, pins that jax while pip installs the
+# package, and installs jax[cuda12/13] or jax[tpu] only when it is missing or too old. If that replaced a jax
+# this kernel had already imported, the runtime restarts: run the notebook again.
+import glob
 import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 REPO_URL = os.environ.get("ICL_JAX_REPO_URL", "https://github.com/GITHUB_ORG/icl_jax")  # See colabs/README.md.
 if importlib.util.find_spec("icl_jax") is None:
-  checkout = pathlib.Path.cwd().parent
-  if not (checkout / "icl_jax").is_dir():
-    checkout = pathlib.Path("icl_jax_repo").absolute()  # Not "icl_jax": that would shadow the package.
-    if not (checkout / "icl_jax").is_dir():
-      subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(checkout)], check=True)
+  checkout = pathlib.Path("icl_jax_repo").absolute()  # Not "icl_jax": that would shadow the package.
+  chosen = os.environ.get("ICL_JAX_SOURCE") or next(iter(sorted(glob.glob("icl[_-]jax-*.tar.gz"))), "")
+  if (pathlib.Path.cwd().parent / "icl_jax").is_dir():
+    checkout, chosen = pathlib.Path.cwd().parent, "the checkout this notebook is in"
+  elif chosen.endswith(".tar.gz"):
+    with tarfile.open(chosen) as sdist:
+      sdist.extractall(checkout.parent, filter="data")
+      checkout = checkout.parent / sdist.getnames()[0].split("/")[0]
+  elif chosen and pathlib.Path(chosen).is_dir():
+    checkout = pathlib.Path(chosen).absolute()
+  elif pathlib.Path("/content/drive/MyDrive/icl_jax/icl_jax").is_dir() and not chosen:
+    checkout = chosen = pathlib.Path("/content/drive/MyDrive/icl_jax")
+  elif not (checkout / "icl_jax").is_dir():
+    chosen = chosen or REPO_URL
+    subprocess.run(["git", "clone", "--depth=1", str(chosen), str(checkout)], check=True)
+  print(f"icl_jax: installing from {chosen or checkout}; to choose, set ICL_JAX_SOURCE to a checkout folder, an "
+        "sdist (.tar.gz) or a git URL", flush=True)
   installed = subprocess.run([sys.executable, str(checkout / "colabs" / "install.py"), str(checkout)])
   if installed.returncode == 3 and "jax" in sys.modules:  # 3: install.py replaced the jax imported here.
     print("jax was replaced: restarting the runtime; run the notebook again from the top.", flush=True)

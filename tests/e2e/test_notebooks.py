@@ -174,12 +174,9 @@ def _local_origin(tmp_path: pathlib.Path) -> pathlib.Path:
   return origin
 
 
-def test_install_cell_against_a_local_clone(tmp_path):
-  """The notebooks' install cell, run as on a Colab CPU runtime: a fresh environment where icl_jax is not
-  importable but jax (the runtime's own) and the other requirements are. It clones the repository (a local one
-  here, through ICL_JAX_REPO_URL), installs it with pip keeping that jax, and `icl_jax` then imports from the
-  clone with the same jax."""
-  origin = _local_origin(tmp_path)
+def _colab_runtime(tmp_path) -> tuple[pathlib.Path, pathlib.Path, dict]:
+  """A fresh environment where icl_jax is not importable but jax (the runtime's own) and the other
+  requirements are, as on a Colab CPU runtime: its python, an empty working directory and the environment."""
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   python = venv / "bin" / "python"
@@ -193,12 +190,16 @@ def test_install_cell_against_a_local_clone(tmp_path):
   # path entry's own .pth files are not read, so an editable install of this repository stays invisible.
   runtime = [p for p in sys.path if p.endswith("site-packages")]
   pathlib.Path(site, "runtime_packages.pth").write_text("\n".join(runtime) + "\n")
-  cell = jupytext.read(NOTEBOOKS[0]).cells[1].source
-  probe = "import icl_jax, jax; print('IMPORTED', icl_jax.__file__, jax.__version__)"
   colab = tmp_path / "content"
   colab.mkdir()
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_NUMPY_RANK_PROMOTION")}
-  env["ICL_JAX_REPO_URL"] = str(origin)
+  return python, colab, env
+
+
+def _run_install_cell(python, colab, env) -> list[str]:
+  """Runs the notebooks' install cell, then imports icl_jax and jax: [icl_jax's file, jax's version]."""
+  cell = jupytext.read(NOTEBOOKS[0]).cells[1].source
+  probe = "import icl_jax, jax; print('IMPORTED', icl_jax.__file__, jax.__version__)"
   result = subprocess.run(
     [str(python), "-c", cell + "\n" + probe],
     cwd=colab,
@@ -210,8 +211,40 @@ def test_install_cell_against_a_local_clone(tmp_path):
   )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert f"keeping the installed jax=={jax.__version__}" in result.stdout and "(cpu)" in result.stdout
-  imported = result.stdout.split("IMPORTED ")[-1].split()
+  assert "icl_jax: installing from " in result.stdout  # It says which source it took, and how to choose.
+  return result.stdout.split("IMPORTED ")[-1].split()
+
+
+def test_install_cell_against_a_local_clone(tmp_path):
+  """The notebooks' install cell, run as on a Colab CPU runtime: it clones the repository (a local one here,
+  through ICL_JAX_REPO_URL), installs it with pip keeping that jax, and `icl_jax` then imports from the clone
+  with the same jax."""
+  python, colab, env = _colab_runtime(tmp_path)
+  env["ICL_JAX_REPO_URL"] = str(_local_origin(tmp_path))
+  imported = _run_install_cell(python, colab, env)
   assert imported == [str(colab / "icl_jax_repo" / "icl_jax" / "__init__.py"), jax.__version__]
+
+
+def test_install_cell_from_an_uploaded_sdist(tmp_path):
+  """An sdist (`python -m build --sdist`) uploaded next to the notebook is a whole source tree (configs/ and
+  colabs/ included, MANIFEST.in): the install cell installs it without cloning anything."""
+  from setuptools import build_meta
+
+  dist = tmp_path / "dist"
+  dist.mkdir()
+  cwd = os.getcwd()
+  try:
+    os.chdir(REPO)
+    name = build_meta.build_sdist(str(dist))
+  finally:
+    os.chdir(cwd)
+  python, colab, env = _colab_runtime(tmp_path)
+  (colab / name).write_bytes((dist / name).read_bytes())
+  env["ICL_JAX_REPO_URL"] = str(tmp_path / "no_such_repository")  # A clone would fail.
+  imported = _run_install_cell(python, colab, env)
+  top = colab / name.removesuffix(".tar.gz")
+  assert imported == [str(top / "icl_jax" / "__init__.py"), jax.__version__]
+  assert (top / "configs" / "linreg.py").is_file() and (top / "colabs" / "install.py").is_file()
 
 
 @pytest.mark.parametrize(
