@@ -1,10 +1,12 @@
 """Separability of Newton and GD (analysis/separability.py), Fig. 2's rate statistic (analysis/rates.py) and the
 adaptive fit window, on constructed inputs whose answers are known."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import linreg
+from icl_jax.analysis import algorithms
 from icl_jax.analysis import probing
 from icl_jax.analysis import rates
 from icl_jax.analysis import separability
@@ -15,11 +17,13 @@ B, N, L = 200, 9, 3
 STEPS = {"newton": [1, 2], "gd": [1, 50], "gd_log": [1, 2, 4]}
 
 
-def _analyse(layers_LxBxN, algos, ys_BxN):
+def _analyse(layers_LxBxN, algos, *args):
+  """separability.analyse on these predictions ([L, B, N] and per grid [K, B, N]); args: [steps per grid,] ys."""
+  steps, ys_BxN = args if len(args) == 2 else (STEPS, args[0])
   counts = similarity.resample_counts(np.asarray([0, 7], np.uint32), 200, B)
   cosines = {k: np.asarray(similarity.error_cosines(layers_LxBxN, p, ys_BxN, 1)) for k, p in algos.items()}
   sim_e = {k: similarity.bootstrap_similarity(c, counts, 0.9) for k, c in cosines.items()}
-  return separability.analyse(cosines, sim_e, algos, ys_BxN, 1, STEPS, counts, 0.9)
+  return separability.analyse(cosines, sim_e, algos, ys_BxN, 1, steps, counts, 0.9)
 
 
 def _ys(rng):
@@ -94,3 +98,42 @@ def test_the_adaptive_window_is_the_papers_on_its_own_sequence():
   assert probing.adaptive_fit_layers(config, claims.PAPER_NEWTON_STEPS) == (3, 9)
   # A model on its plateau by layer 5 is fit over layers 3-5, not 3-9.
   assert probing.adaptive_fit_layers(config, [1, 1, 4, 9, 14, 15, 15, 15, 15, 15, 15, 15]) == (3, 5)
+
+
+def _algorithm_predictions(xs, ys):
+  """Newton after 1 and 20 steps, GD (eta 0.01, summed gradient) after 1 and 50 steps and on the log grid:
+  [K, B, N] each, from the package's own algorithms."""
+  xs, ys = jnp.asarray(xs, jnp.float32), jnp.asarray(ys, jnp.float32)
+  predict = lambda ws: np.asarray(jnp.swapaxes(algorithms.predict(ws, xs), 0, 1), np.float64)
+  newton = algorithms.iterative_newton(xs, ys, 20)[:, [1, 20]]
+  gd = lambda steps: algorithms.gradient_descent(xs, ys, steps, 0.01)
+  return {"newton": predict(newton), "gd": predict(gd((1, 50))), "gd_log": predict(gd((1, 2, 4)))}
+
+
+def test_on_prompts_where_every_query_is_new_the_algorithms_coincide_and_nothing_is_separable():
+  """Each x_t is a new coordinate axis, orthogonal to every point before it: every algorithm's estimate lies in
+  the span of the points seen, so every prediction is exactly 0 and no model can prefer one algorithm."""
+  rng = np.random.default_rng(2)
+  xs = np.zeros((B, N, N))
+  xs[:, np.arange(N), np.arange(N)] = rng.normal(size=(B, N)) + 3.0
+  ys = np.einsum("bnd,bd->bn", xs, rng.normal(size=(B, N)))
+  algos = _algorithm_predictions(xs, ys)
+  assert all(np.all(p == 0) for p in algos.values())
+  layers = np.stack([rng.normal(scale=s, size=(B, N)) for s in (1.0, 0.5, 0.1)])
+  found = _analyse(layers, algos, ys)
+  np.testing.assert_allclose(found["separation"]["mean"], 0.0, atol=1e-12)
+  assert found["separable_layers"] == []
+
+
+def test_on_gaussian_prompts_one_gd_step_and_twenty_newton_steps_are_separable():
+  """On x ~ N(0, I) prompts (d = 4, 9 points) twenty Newton steps reach least squares once t >= d, while one
+  small GD step is far from it: the families are separable at a layer that follows Newton, which it prefers."""
+  rng = np.random.default_rng(3)
+  xs = rng.normal(size=(B, N, 4))
+  ys = np.einsum("bnd,bd->bn", xs, rng.normal(size=(B, 4)))
+  algos = _algorithm_predictions(xs, ys)
+  algos = {"newton": algos["newton"], "gd": algos["gd"][:1], "gd_log": algos["gd_log"][:1]}  # GD: one step only.
+  layers = np.stack([algos["newton"][1] + rng.normal(scale=s, size=(B, N)) for s in (0.3, 0.1, 0.01)])
+  found = _analyse(layers, algos, {"newton": [1, 20], "gd": [1], "gd_log": [1]}, ys)
+  assert found["newton_steps"] == [20] * L and found["separable_layers"] == [1, 2, 3]
+  assert found["newton_minus_gd_separable"]["low"] > 0
