@@ -29,6 +29,7 @@ TRAINING = {"icl_jax.checkpointing", "icl_jax.train", "icl_jax.train_step", "icl
 WORKDIR = {"icl_jax.runtime.workdir_lock", "icl_jax.runtime.run_logs", "icl_jax.runtime.storage"}
 DOCS = [
   REPO / "README.md",
+  *sorted((REPO / "docs").glob("*.md")),
   REPO / "launch" / "README.md",
   REPO / "colabs" / "README.md",
   *sorted((REPO / "launch").glob("*.sh")),
