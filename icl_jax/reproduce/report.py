@@ -15,6 +15,7 @@ from icl_jax.runtime import storage
 matplotlib.use("Agg")
 
 FIGURE = "best_match.png"
+SEPARABILITY_FIGURE = "separability.png"
 
 
 def _number(x: float) -> str:
@@ -108,6 +109,10 @@ def separability_rows(by_experiment: dict[str, list[dict]]) -> list[dict]:
 def _separability_markdown(rows: list[dict]) -> list[str]:
   if not rows:
     return []
+  figure_line = [
+    f"![Separation of Newton and GD per layer, and the model's preference](figures/{SEPARABILITY_FIGURE})",
+    "",
+  ]
   lines = [
     "## Where Newton and GD can be told apart",
     "",
@@ -127,7 +132,7 @@ def _separability_markdown(rows: list[dict]) -> list[str]:
       f"| {r['experiment']} | {r['layer']} | {steps} | {r['separation']:.4f} [{r['separation_low']:.4f}] | "
       f"{r['noise']:.4f} | {r['separable_seeds']} of {r['seeds']} seeds | {r['newton_minus_gd']:+.4f} |"
     )
-  return lines + [""]
+  return lines + [""] + figure_line
 
 
 def markdown(
@@ -267,6 +272,32 @@ def figure(by_experiment: dict[str, list[dict]]) -> Figure | None:
   return fig
 
 
+def separability_figure(rows: list[dict]) -> Figure | None:
+  """Per GPT-2 experiment (a panel each), per layer and averaged over its seeds: the separation of Newton and GD
+  at the model's best matches, the model's noise and its paired preference SimE(Newton) - SimE(GD); shaded: the
+  layers separable in every seed."""
+  experiments_shown = list(dict.fromkeys(r["experiment"] for r in rows))
+  if not experiments_shown:
+    return None
+  fig = Figure(figsize=(5 * len(experiments_shown), 4), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, len(experiments_shown), sharey=True))
+  for ax, name in zip(axes, experiments_shown):
+    found = [r for r in rows if r["experiment"] == name]
+    layers = np.asarray([r["layer"] for r in found])
+    for r in found:
+      if r["separable_seeds"] == r["seeds"]:
+        ax.axvspan(r["layer"] - 0.5, r["layer"] + 0.5, color="0.92", lw=0)
+    ax.plot(layers, [r["separation"] for r in found], "o-", color="tab:purple", label="Newton vs GD: 1 − SimE")
+    ax.plot(layers, [r["noise"] for r in found], "--", color="0.45", label="model's noise")
+    ax.plot(layers, [r["newton_minus_gd"] for r in found], "s-", color="tab:green", label="model: SimE(N) − SimE(GD)")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set(xlabel="layer (shaded: separable in every seed)", title=f"{name} ({found[0]['seeds']} seed{'s' * (found[0]['seeds'] > 1)})")
+    ax.set_xticks(layers)
+  axes[0].set_ylabel("similarity difference")
+  axes[0].legend(fontsize="small")
+  return fig
+
+
 def write(
   root: storage.Path, scale: str, seeds: tuple[int, ...], runs, results: dict, constructions: dict, command: str
 ) -> list[claims_lib.Grade]:
@@ -305,8 +336,8 @@ def write(
     )
     + "\n",
   )
-  fig = figure(by_experiment)
-  if fig is not None:
-    (root / "figures").mkdir(exist_ok=True)
-    storage.save_figure(fig, root / "figures" / FIGURE, dpi=120)
+  for name, fig in ((FIGURE, figure(by_experiment)), (SEPARABILITY_FIGURE, separability_figure(separability))):
+    if fig is not None:
+      (root / "figures").mkdir(exist_ok=True)
+      storage.save_figure(fig, root / "figures" / name, dpi=120)
   return grades
