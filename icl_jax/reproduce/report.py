@@ -291,7 +291,10 @@ def separability_figure(rows: list[dict]) -> Figure | None:
     ax.plot(layers, [r["noise"] for r in found], "--", color="0.45", label="model's noise")
     ax.plot(layers, [r["newton_minus_gd"] for r in found], "s-", color="tab:green", label="model: SimE(N) − SimE(GD)")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set(xlabel="layer (shaded: separable in every seed)", title=f"{name} ({found[0]['seeds']} seed{'s' * (found[0]['seeds'] > 1)})")
+    ax.set(
+      xlabel="layer (shaded: separable in every seed)",
+      title=f"{name} ({found[0]['seeds']} seed{'s' * (found[0]['seeds'] > 1)})",
+    )
     ax.set_xticks(layers)
   axes[0].set_ylabel("similarity difference")
   axes[0].legend(fontsize="small")
