@@ -91,7 +91,7 @@ class _Programs:
         jnp.einsum("lbnqw,lw->lbnq", out.query_hidden_Lx[1:], readouts["kernel"])
         + readouts["bias"][:, None, None, None]
       )
-      return similarity.induced_weights(queries_BxNxQxD, preds_LxBxNxQ)
+      return preds_LxBxNxQ
 
     self.layer_chunk, self.sim_w_chunk = layer_chunk, sim_w_chunk
 
@@ -129,10 +129,10 @@ class _Programs:
     prompts = data.Batch(extended.xs_BxNxD[:, :n], extended.ys_BxN[:, :n], extended.ws_BxD)
     return prompts, extended.xs_BxNxD[:, n:].reshape(b, n, e.sim_w_queries, d)
 
-  def layer_induced_weights(self, params, readouts, prompts: data.Batch, queries_BxNxQxD) -> np.ndarray:
-    """Each layer's induced weights [L, B, N, D] on the SimW prompts (`sim_w_inputs`). The queries are fed as a
-    query stream that sees only the prefix before it (the model called with `queries`), so one pass covers
-    every prefix."""
+  def layer_query_predictions(self, params, readouts, prompts: data.Batch, queries_BxNxQxD) -> np.ndarray:
+    """Each layer's read-out predictions [L, B, N, Q] for the SimW queries of every prefix (`sim_w_inputs`). The
+    queries are fed as a query stream that sees only the prefix before it (the model called with `queries`), so
+    one pass covers every prefix."""
     b = prompts.ys_BxN.shape[0]
     # Every query is a token at every layer: a few prompts per call bound the memory.
     step = min(b, 4)
@@ -295,7 +295,7 @@ class ModelOutputs(NamedTuple):
 
   layers_LxBxN: np.ndarray  # Each layer's read-out prediction at every position of the evaluation prompts.
   model_BxN: np.ndarray  # The model's own output there.
-  layer_weights_LxBxNxD: np.ndarray  # Each layer's induced weights on the SimW prompts, per prefix.
+  query_preds_LxBxNxQ: np.ndarray  # Each layer's predictions for the SimW queries of every prefix.
   probe_fit_mse_L: np.ndarray | None  # The read-outs' residual on their own fitting prompts (None: not fit).
   prompts_sha256: str  # `prompts_hash` of the evaluation prompts the predictions are for.
 
@@ -358,7 +358,8 @@ class Evaluator:
 
   @highest_precision
   def predict(self, params: dict, clock: "Clock") -> ModelOutputs:
-    """The model's part of the evaluation: read-outs fit, then every layer's predictions and induced weights."""
+    """The model's part of the evaluation: read-outs fit, then every layer's predictions for the evaluation
+    prompts and for the SimW queries."""
     config, programs, keys = self.config, self._programs, self._keys
     e = config.eval
     logging.info("Evaluation: fitting the %s read-outs of %d layers.", e.readout, config.model.num_layers)
@@ -372,11 +373,11 @@ class Evaluator:
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
     check_finite([f"layer {i}'s read-out" for i in range(1, config.model.num_layers + 1)], layers_LxBxN)
     check_finite(["the model's output"], model_BxN[None])
-    layer_weights = programs.layer_induced_weights(params, readouts, *programs.sim_w_inputs(keys["sim_w"]))
+    query_preds = programs.layer_query_predictions(params, readouts, *programs.sim_w_inputs(keys["sim_w"]))
     clock.lap("model_s")
-    logging.info("Evaluation: layers' predictions and induced weights done (%s).", clock.progress())
+    logging.info("Evaluation: layers' predictions done (%s).", clock.progress())
     mse = None if probe_fit_mse_L is None else np.asarray(probe_fit_mse_L)
-    return ModelOutputs(layers_LxBxN, model_BxN, layer_weights, mse, prompts_hash(prompts))
+    return ModelOutputs(layers_LxBxN, model_BxN, query_preds, mse, prompts_hash(prompts))
 
   @highest_precision
   def analyse(self, outputs: ModelOutputs, clock: "Clock | None" = None) -> dict:
@@ -427,17 +428,25 @@ class Evaluator:
     clock.lap("metrics_s")
     logging.info("Evaluation: errors, SimE and separability done (%s); SimW.", clock.progress())
 
-    sim_w_prompts, _ = self._programs.sim_w_inputs(keys["sim_w"])
+    sim_w_prompts, queries_BxNxQxD = self._programs.sim_w_inputs(keys["sim_w"])
+    query_preds_LxBxNxQ = np.asarray(outputs.query_preds_LxBxNxQ)
+    layer_weights_LxBxNxD = np.asarray(similarity.induced_weights(queries_BxNxQxD, query_preds_LxBxNxQ))
     weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)
     counts_w_SxB = similarity.resample_counts(
       jax.random.fold_in(keys["bootstrap"], 1), e.bootstrap_samples, e.sim_w_prompts
     )
-    cosines_w = {k: np.asarray(similarity.weight_cosines(outputs.layer_weights_LxBxNxD, w)) for k, w in weights.items()}
+    cosines_w = {k: np.asarray(similarity.weight_cosines(layer_weights_LxBxNxD, w)) for k, w in weights.items()}
     sim_w = {k: similarity.bootstrap_similarity(c, counts_w_SxB, e.confidence) for k, c in cosines_w.items()}
     clock.lap("sim_w_s")
     logging.info("Evaluation: SimW done (%s).", clock.progress())
     results = _summarise(config, error, sim_e, sim_w, clock.laps)
     results["separability"] = separable
+    # How linear each layer's read-out is in the query (Fu et al. Fig. 27): the mean squared residual of the
+    # induced-weight fit over the SimW queries of every prefix t >= 1.
+    fitted_LxBxNxQ = np.einsum("bnqd,lbnd->lbnq", np.asarray(queries_BxNxQxD), layer_weights_LxBxNxD)
+    results["sim_w_fit_residual"] = np.mean(
+      np.square(query_preds_LxBxNxQ - fitted_LxBxNxQ)[:, :, 1:], axis=(1, 2, 3)
+    ).tolist()
     results["convergence"] = convergence
     results["last_layer_paired"] = _last_layer_paired(cosines_w, sim_w, counts_w_SxB, e.confidence)
     results["distance_to_least_squares_per_dim"] = distance_N.tolist()

@@ -114,6 +114,7 @@ SUMMARY_FIELDS = {
     "last_layer_paired",
     "separability",
     "convergence",
+    "sim_w_fit_residual",
     "table1",
     "prompts_sha256",
   ),
