@@ -80,9 +80,9 @@ def _dry_run(runs: list[pipeline.Run]) -> None:
   for row in pipeline.projected_cost(runs):
     rows.append(row)
     print(json.dumps(row), flush=True)
-  hours = sum(r["hours"] for r in rows)
+  minutes = round(60 * sum(r["hours"] for r in rows))
   print(
-    f"total: {int(hours)} h {round(60 * (hours % 1)):02d} min of training on {rows[0]['devices']} x "
+    f"total: {minutes // 60} h {minutes % 60:02d} min of training on {rows[0]['devices']} x "
     f"{rows[0]['device']} (the seeds of an experiment train vmapped, here counted as seeds x one run), plus the "
     "evaluations"
   )
