@@ -97,13 +97,10 @@ class Checkpoints:
       return
     try:  # An error is already leaving the block: a failure to close must not replace it, nor wait long.
       self.close(deadline_s=STOP_GRACE_S)
-    except CheckpointSaveError as close_error:
-      if self._abandoned:  # Orbax's threads are stuck: the program must leave at once (os._exit), not wait.
-        raise CheckpointSaveError(f"{errors.one_line(exc)}; then {close_error}", close_error.exit_status) from exc
-      logging.warning(
-        "Closing the checkpoints in %s after an error failed too: %s", self.directory, errors.one_line(close_error)
-      )
     except Exception as close_error:  # noqa: BLE001
+      if isinstance(close_error, CheckpointSaveError) and self._abandoned:
+        # Orbax's threads are stuck: the program must leave at once (os._exit), not wait.
+        raise CheckpointSaveError(f"{errors.one_line(exc)}; then {close_error}", close_error.exit_status) from exc
       logging.warning(
         "Closing the checkpoints in %s after an error failed too: %s", self.directory, errors.one_line(close_error)
       )

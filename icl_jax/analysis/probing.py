@@ -214,12 +214,14 @@ def check_finite(labels_K: list[str], preds_KxBxN: np.ndarray) -> None:
     )
 
 
+def _predictions(ws_BxKxTxD, xs_BxNxD) -> np.ndarray:
+  """Predictions [K, B, N] of the settings whose estimates are `ws_BxKxTxD`."""
+  return np.asarray(jnp.swapaxes(algorithms.predict(ws_BxKxTxD, xs_BxNxD), 0, 1))
+
+
 def algorithm_predictions(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
   """Predictions [K, B, N] of every algorithm setting, from its weights."""
-  return {
-    name: np.asarray(jnp.swapaxes(algorithms.predict(ws, xs_BxNxD), 0, 1))
-    for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()
-  }
+  return {name: _predictions(ws, xs_BxNxD) for name, ws in algorithm_weights(config, xs_BxNxD, ys_BxN).items()}
 
 
 def algorithm_induced_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, np.ndarray]:
@@ -346,11 +348,22 @@ class Evaluator:
     # scored on, and SimW needs query points per prefix that the set does not hold, so both stay fresh.
     self._dataset_prompts = dataset_prompts(config) if config.eval.dataset_dir else None
 
+  @functools.cached_property
   def prompts(self) -> data.Batch:
-    """The evaluation prompts: the frozen set's, or `eval.num_prompts` fresh ones from the run's seed."""
+    """The evaluation prompts: the frozen set's, or `eval.num_prompts` fresh ones from the run's seed (made once,
+    for `predict` and `analyse` alike)."""
     if self._dataset_prompts is not None:
       return self._dataset_prompts
     return self._programs.prompts(self._keys["prompts"], self.config.eval.num_prompts, self.config.task.n_points)
+
+  @functools.cached_property
+  def prompts_sha256(self) -> str:
+    return prompts_hash(self.prompts)
+
+  @functools.cached_property
+  def sim_w_inputs(self) -> tuple[data.Batch, jax.Array]:
+    """The SimW prompts and their queries (`_Programs.sim_w_inputs`), made once."""
+    return self._programs.sim_w_inputs(self._keys["sim_w"])
 
   def __call__(self, params: dict) -> dict:
     clock = Clock()
@@ -365,7 +378,7 @@ class Evaluator:
     logging.info("Evaluation: fitting the %s read-outs of %d layers.", e.readout, config.model.num_layers)
     readouts, probe_fit_mse_L = programs.fit_probes(params, keys["probes"])
     clock.lap("probes_s", readouts)
-    prompts = self.prompts()
+    prompts = self.prompts
     check_gd_stability(config, prompts.xs_BxNxD)
     logging.info(
       "Evaluation: read-outs fit (%s); predicting %d prompts layer by layer.", clock.progress(), e.num_prompts
@@ -373,11 +386,11 @@ class Evaluator:
     layers_LxBxN, model_BxN = programs.layer_predictions(params, readouts, prompts)
     check_finite([f"layer {i}'s read-out" for i in range(1, config.model.num_layers + 1)], layers_LxBxN)
     check_finite(["the model's output"], model_BxN[None])
-    query_preds = programs.layer_query_predictions(params, readouts, *programs.sim_w_inputs(keys["sim_w"]))
+    query_preds = programs.layer_query_predictions(params, readouts, *self.sim_w_inputs)
     clock.lap("model_s")
     logging.info("Evaluation: layers' predictions done (%s).", clock.progress())
     mse = None if probe_fit_mse_L is None else np.asarray(probe_fit_mse_L)
-    return ModelOutputs(layers_LxBxN, model_BxN, query_preds, mse, prompts_hash(prompts))
+    return ModelOutputs(layers_LxBxN, model_BxN, query_preds, mse, self.prompts_sha256)
 
   @highest_precision
   def analyse(self, outputs: ModelOutputs, clock: "Clock | None" = None) -> dict:
@@ -385,11 +398,11 @@ class Evaluator:
     ValueError if `outputs` were made on other prompts than this config's."""
     config, keys, clock = self.config, self._keys, clock or Clock()
     e, n_dims = config.eval, config.task.n_dims
-    prompts = self.prompts()
-    if prompts_hash(prompts) != outputs.prompts_sha256:
+    prompts, sha256 = self.prompts, self.prompts_sha256
+    if sha256 != outputs.prompts_sha256:
       raise ValueError(
         "the saved predictions were made on other evaluation prompts than this config's (their SHA-256 "
-        f"differs: {outputs.prompts_sha256[:12]} saved, {prompts_hash(prompts)[:12]} now)"
+        f"differs: {outputs.prompts_sha256[:12]} saved, {sha256[:12]} now)"
       )
     layers_LxBxN, model_BxN = np.asarray(outputs.layers_LxBxN), np.asarray(outputs.model_BxN)
     logging.info("Evaluation: running %d algorithm settings.", sum(len(_steps(config, k)) for k in GRIDS + SINGLE))
@@ -398,9 +411,7 @@ class Evaluator:
       check_finite([f"{name}, {step} steps" if name in GRIDS else name for step in _steps(config, name)], preds_KxBxN)
     window = rates.window(config.model.num_layers)
     gd_steps = range(1, window[1] - window[0] + 2)
-    gd_fixed_KxBxN = np.asarray(
-      jnp.swapaxes(algorithms.predict(_gd(config, prompts.xs_BxNxD, prompts.ys_BxN, gd_steps), prompts.xs_BxNxD), 0, 1)
-    )
+    gd_fixed_KxBxN = _predictions(_gd(config, prompts.xs_BxNxD, prompts.ys_BxN, gd_steps), prompts.xs_BxNxD)
     clock.lap("algorithms_s")
     logging.info("Evaluation: algorithms done (%s); comparing.", clock.progress())
 
@@ -428,7 +439,7 @@ class Evaluator:
     clock.lap("metrics_s")
     logging.info("Evaluation: errors, SimE and separability done (%s); SimW.", clock.progress())
 
-    sim_w_prompts, queries_BxNxQxD = self._programs.sim_w_inputs(keys["sim_w"])
+    sim_w_prompts, queries_BxNxQxD = self.sim_w_inputs
     query_preds_LxBxNxQ = np.asarray(outputs.query_preds_LxBxNxQ)
     layer_weights_LxBxNxD = np.asarray(similarity.induced_weights(queries_BxNxQxD, query_preds_LxBxNxQ))
     weights = algorithm_induced_weights(config, sim_w_prompts.xs_BxNxD, sim_w_prompts.ys_BxN)

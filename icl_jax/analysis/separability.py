@@ -20,10 +20,8 @@ GD_GRIDS = ("gd", "gd_log")
 
 
 def bootstrap_mean(values_Bx___: np.ndarray, counts_SxB: np.ndarray, confidence: float) -> dict:
-  """Mean over prompts (axis 0) and its bootstrap interval: {"mean", "low", "high"} (floats or lists)."""
-  values = np.asarray(values_Bx___, np.float64)
-  low, high = similarity.interval(similarity.resampled_means(values, counts_SxB), confidence)
-  return {"mean": values.mean(axis=0).tolist(), "low": np.asarray(low).tolist(), "high": np.asarray(high).tolist()}
+  """`similarity.bootstrap_mean` as plain lists (floats for one value per prompt), as results.json holds it."""
+  return {k: np.asarray(v).tolist() for k, v in similarity.bootstrap_mean(values_Bx___, counts_SxB, confidence).items()}
 
 
 def unit_residuals(preds_Bx_N: np.ndarray, ys_BxN: np.ndarray, first: int) -> np.ndarray:
@@ -55,21 +53,21 @@ def analyse(
   num_layers = np.asarray(sim_e[NEWTON]["mean"]).shape[0]
   layers = np.arange(num_layers)
   newton_L = np.argmax(np.asarray(sim_e[NEWTON]["mean"]), axis=1)
-  grid_L, gd_L = best_gd({g: sim_e[g]["mean"] for g in GD_GRIDS})
+  grid_L, setting_L = best_gd({g: sim_e[g]["mean"] for g in GD_GRIDS})
+  gd = [(GD_GRIDS[g], k) for g, k in zip(grid_L, setting_L)]  # Per layer: the best GD grid and its setting.
   newton_cos_LxB = np.asarray(cosines[NEWTON])[layers, newton_L]
-  gd_cos_LxB = np.stack([np.asarray(cosines[GD_GRIDS[g]])[layer, k] for layer, (g, k) in enumerate(zip(grid_L, gd_L))])
+  gd_cos_LxB = np.stack([np.asarray(cosines[g])[layer, k] for layer, (g, k) in enumerate(gd)])
   newton_unit_LxBxN = unit_residuals(np.asarray(algos[NEWTON])[newton_L], ys_BxN, first)
-  gd_unit_LxBxN = unit_residuals(
-    np.stack([np.asarray(algos[GD_GRIDS[g]])[k] for g, k in zip(grid_L, gd_L)]), ys_BxN, first
-  )
+  gd_unit_LxBxN = unit_residuals(np.stack([np.asarray(algos[g])[k] for g, k in gd]), ys_BxN, first)
   separation_BxL = (1.0 - np.einsum("lbn,lbn->lb", newton_unit_LxBxN, gd_unit_LxBxN)).T
   separation = bootstrap_mean(separation_BxL, counts_SxB, confidence)
-  half_width = lambda s, k_L: (np.asarray(s["high"])[layers, k_L] - np.asarray(s["low"])[layers, k_L]) / 2
-  newton_noise_L = half_width(sim_e[NEWTON], newton_L)
-  gd_noise_L = np.asarray(
-    [half_width(sim_e[GD_GRIDS[g]], np.full(num_layers, k))[layer] for layer, (g, k) in enumerate(zip(grid_L, gd_L))]
+  half_width = lambda s, layer, k: (np.asarray(s["high"])[layer, k] - np.asarray(s["low"])[layer, k]) / 2
+  noise_L = np.asarray(
+    [
+      max(half_width(sim_e[NEWTON], layer, newton_L[layer]), half_width(sim_e[g], layer, k))
+      for layer, (g, k) in enumerate(gd)
+    ]
   )
-  noise_L = np.maximum(newton_noise_L, gd_noise_L)
   separable_L = np.asarray(separation["low"]) > noise_L
   difference_BxL = (newton_cos_LxB - gd_cos_LxB).T
   chosen = np.flatnonzero(separable_L)
@@ -77,8 +75,8 @@ def analyse(
     "criterion": "separable: the separation's interval lies above the model's noise (the larger half-width of "
     "its best SimE intervals with Newton and GD at that layer)",
     "newton_steps": [int(steps[NEWTON][k]) for k in newton_L],
-    "gd_grid": [GD_GRIDS[g] for g in grid_L],
-    "gd_steps": [int(steps[GD_GRIDS[g]][k]) for g, k in zip(grid_L, gd_L)],
+    "gd_grid": [g for g, _ in gd],
+    "gd_steps": [int(steps[g][k]) for g, k in gd],
     "separation": separation,
     "noise": noise_L.tolist(),
     "separable": separable_L.tolist(),

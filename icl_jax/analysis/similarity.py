@@ -41,12 +41,17 @@ def interval(samples_Sx___: np.ndarray, confidence: float) -> tuple[np.ndarray, 
   return low, high
 
 
+def bootstrap_mean(values_Bx___: np.ndarray, counts_SxB: np.ndarray, confidence: float) -> dict:
+  """Mean over prompts (axis 0) and its bootstrap interval: {"mean", "low", "high"}, each of the shape after
+  axis 0 (Garg et al.: 1000 samples, 90%)."""
+  values = np.asarray(values_Bx___, np.float64)
+  low, high = interval(resampled_means(values, counts_SxB), confidence)
+  return {"mean": values.mean(axis=0), "low": low, "high": high}
+
+
 def bootstrap_means(values_CxBxN: np.ndarray, counts_SxB: np.ndarray, confidence: float) -> dict:
-  """Mean over prompts (axis 1) and its bootstrap interval: {"mean", "low", "high"}, each [C, N] (Garg et al.:
-  1000 samples, 90%)."""
-  values_BxCxN = np.moveaxis(np.asarray(values_CxBxN, np.float64), 1, 0)
-  low, high = interval(resampled_means(values_BxCxN, counts_SxB), confidence)
-  return {"mean": values_BxCxN.mean(axis=0), "low": low, "high": high}
+  """`bootstrap_mean` over prompts (axis 1) of every predictor and position: each statistic [C, N]."""
+  return bootstrap_mean(np.moveaxis(np.asarray(values_CxBxN, np.float64), 1, 0), counts_SxB, confidence)
 
 
 def _unit(v, axis):
