@@ -347,17 +347,19 @@ def _train_runs(
     result = {"step": step, "num_params": num_params, "final": metrics[m].last, "preempted": preempted["set"]}
     if step == train.num_steps:
       params = run_state(state, m).params
-      result["error_curve"] = write_error_curve(config, model, params, mesh, workdir)
+      result["error_curve"] = write_error_curve(config, model, params, mesh, workdir, step)
       if config.eval.after_training:
         result["evaluation"] = evaluate.evaluate(config, workdir, params=params)
     results.append(result)
   return results
 
 
-def write_error_curve(config, model, params, mesh, workdir: storage.Path) -> dict:
-  """Error/d at each context length on `config.eval.num_prompts` fresh prompts, vs predicting zero."""
+def write_error_curve(config, model, params, mesh, workdir: storage.Path, step: int) -> dict:
+  """Error/d at each context length on `config.eval.num_prompts` fresh prompts, vs predicting zero, of the
+  parameters at `step`; written to WORKDIR/error_curve.json."""
   curve = train_step.make_error_curve(config, model, mesh)(params)
   summary = {
+    "step": step,
     "num_prompts": config.eval.num_prompts,
     "error_per_dim": curve["error_per_dim"].tolist(),
     "zero_per_dim": curve["zero_per_dim"].tolist(),
@@ -375,3 +377,11 @@ def write_error_curve(config, model, params, mesh, workdir: storage.Path) -> dic
   if run_logs.is_writer():
     run_logs.write_atomically(workdir / "error_curve.json", json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def checkpoint_error_curve(config: ml_collections.ConfigDict, workdir: storage.Path) -> dict:
+  """`write_error_curve` of the latest checkpoint in `workdir` (a run evaluated part-way through training)."""
+  params, step = checkpointing.load_params(config, workdir)
+  mesh = make_mesh(jax.devices())
+  params = jax.device_put(params, train_step.replicated(mesh))
+  return write_error_curve(config, models.build_model(config.model), params, mesh, workdir, step)

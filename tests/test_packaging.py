@@ -1,6 +1,8 @@
 """What a new user meets first: the package installs from pyproject.toml, runs from any directory, refers to
 nothing outside the repository, and answers a mistyped override with one line."""
 
+import ast
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -154,3 +156,39 @@ def test_bench_runs_the_pytorch_reference_without_a_path_argument():
   assert '"name": "torch_train_step"' in result.stdout and '"name": "speedup_vs_torch"' in result.stdout
   step = json.loads(result.stdout.splitlines()[0])
   assert step["name"] == "train_step" and step["devices"] == 2  # JAX's own flags reach the benchmark.
+
+
+def _module_level_imports(path: pathlib.Path) -> set[str]:
+  """Top-level names a module imports when it is imported (not those deferred into functions)."""
+  names = set()
+
+  def visit(nodes):
+    for node in nodes:
+      if isinstance(node, ast.Import):
+        names.update(a.name.split(".")[0] for a in node.names)
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        names.add(node.module.split(".")[0])
+      elif isinstance(node, (ast.If, ast.Try, ast.With)):
+        visit(ast.iter_child_nodes(node))
+
+  visit(ast.parse(path.read_text()).body)
+  return names
+
+
+def test_the_gpu_image_and_its_wheelhouse_cover_every_module_icl_jax_imports():
+  # launch/images/gpu_cuda.txt: what the GPU machines have; gpu_cuda.wheels.txt: what launch/wheelhouse.py
+  # fetches for them (its --list-only output). Together they must hold every distribution icl_jax imports.
+  sys.path.insert(0, str(REPO / "launch"))
+  try:
+    import wheelhouse
+  finally:
+    sys.path.pop(0)
+  images = REPO / "launch" / "images"
+  have = set(wheelhouse.read_have(images / "gpu_cuda.txt")) | set(wheelhouse.read_have(images / "gpu_cuda.wheels.txt"))
+  imported = set().union(*(_module_level_imports(p) for p in (REPO / "icl_jax").rglob("*.py")))
+  imported -= set(sys.stdlib_module_names) | {"icl_jax"}
+  providers = importlib.metadata.packages_distributions()
+  uncovered = {
+    m: providers.get(m) for m in imported if not {wheelhouse.canonical(d) for d in providers.get(m, [])} & have
+  }
+  assert imported >= {"jax", "flax", "ml_collections", "tensorflow_datasets"} and not uncovered, uncovered

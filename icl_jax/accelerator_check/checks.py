@@ -12,8 +12,10 @@ In one run it records (`run_check`), into one JSON file:
     both loss curves and the ratio of their final losses (mean of the last `sizes.curve_tail` records);
   evaluation: the full evaluation of the config (`benchmarks.bench_eval`), seconds with and after compilation.
 
-`SIZES["full"]` is sized for about 8 minutes on one H100/H200-class GPU with the paper config;
-`SIZES["tiny"]` runs the same steps on a tiny config on a CPU in under two minutes (CI runs it).
+`SIZES["full"]` is sized for about 8 minutes on one H100/H200-class GPU with the paper config, `SIZES["short"]`
+for at most 3 (launch/gpu_check.py's first part: loss curves of a few hundred steps); `SIZES["tiny"]` runs the
+same steps on a tiny config on a CPU in about a minute (CI runs it). The report is rewritten after each part, so
+that a run stopped by a time limit keeps the parts it finished ("done" lists them).
 """
 
 import dataclasses
@@ -48,6 +50,18 @@ SIZES = {
     curve_steps=2000,
     curve_log_every=100,
     curve_tail=5,
+    tests=(
+      "tests/analysis/test_precision.py",
+      "tests/analysis/test_algorithms.py",
+      "tests/models/test_gpt2.py",
+      "tests/test_train.py::test_first_training_step_is_pinned",
+    ),
+  ),
+  "short": Sizes(
+    batch_sizes=(64, 1024),
+    curve_steps=300,
+    curve_log_every=25,
+    curve_tail=3,
     tests=(
       "tests/analysis/test_precision.py",
       "tests/analysis/test_algorithms.py",
@@ -147,19 +161,24 @@ def dtype_curves(config: ml_collections.ConfigDict, sizes: Sizes) -> dict:
   return {**curves, "final_loss": tail, "final_loss_ratio_bf16_to_f32": tail["bfloat16"] / tail["float32"]}
 
 
-def run_check(config: ml_collections.ConfigDict, repo: pathlib.Path, out_dir: pathlib.Path, tiny: bool) -> pathlib.Path:
-  """Runs every part (module docstring) and writes OUT_DIR/accelerator_check.json; returns its path."""
-  sizes = SIZES["tiny" if tiny else "full"]
+def run_check(config: ml_collections.ConfigDict, repo: pathlib.Path, out_dir: pathlib.Path, size: str) -> pathlib.Path:
+  """Runs every part (module docstring) at `size` (a key of SIZES) and writes OUT_DIR/accelerator_check.json
+  after each; returns its path. The tests run on the default backend except at "tiny" (a CPU's own size)."""
+  sizes = SIZES[size]
   start = time.perf_counter()
-  report = {"mode": "tiny" if tiny else "full", "provenance": run_logs.provenance(), "sizes": dataclasses.asdict(sizes)}
-  report["tests"] = run_tests(repo, sizes.tests, default_backend=not tiny)
-  steps = step_benchmarks(config, sizes)
-  report["train_step"] = steps
-  report["projection"] = projection(config, steps)
-  report["dtype_curves"] = dtype_curves(config, sizes)
-  report["evaluation"] = benchmarks.bench_eval(config)
-  report["wall_s"] = time.perf_counter() - start
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "accelerator_check.json"
-  run_logs.write_atomically(path, json.dumps(report, indent=2) + "\n")
+  report = {"mode": size, "provenance": run_logs.provenance(), "sizes": dataclasses.asdict(sizes), "done": []}
+  parts = (
+    ("tests", lambda: run_tests(repo, sizes.tests, default_backend=size != "tiny")),
+    ("train_step", lambda: step_benchmarks(config, sizes)),
+    ("projection", lambda: projection(config, report["train_step"])),
+    ("evaluation", lambda: benchmarks.bench_eval(config)),
+    ("dtype_curves", lambda: dtype_curves(config, sizes)),
+  )
+  for name, part in parts:
+    report[name] = part()
+    report["done"].append(name)
+    report["wall_s"] = time.perf_counter() - start
+    run_logs.write_atomically(path, json.dumps(report, indent=2) + "\n")
   return path

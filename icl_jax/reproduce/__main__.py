@@ -8,7 +8,10 @@ shape) and trains nothing. `--experiments=isotropic,kappa100` trains and evaluat
 rest from the summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one
 root.
 `--reanalyse` recomputes the summaries' measurements from the model outputs saved beside them. A
-SIGTERM stops at a checkpoint with exit status 75; the same command resumes.
+SIGTERM stops at a checkpoint with exit status 75; the same command resumes. `--partial` trains nothing and
+evaluates every run at its latest checkpoint into ROOT/partial/ (a report of scale SCALE-partial that gives each
+run's fraction of its steps and grades nothing): for a run stopped by a time budget, as launch/gpu_check.sh
+stops the paper scale.
 """
 
 import json
@@ -47,6 +50,12 @@ _REANALYSE = flags.DEFINE_bool(
   False,
   "Before grading, recompute every summary's measurements from its saved model outputs "
   "(ROOT/summaries/RUN.npz) with the analysis as it is now; needs no checkpoint.",
+)
+_PARTIAL = flags.DEFINE_bool(
+  "partial",
+  False,
+  "Train nothing: evaluate every run at its latest checkpoint and write ROOT/partial/ (summaries and a report "
+  "of scale SCALE-partial, with each run's fraction of its steps; no claim graded). For runs stopped early.",
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their projected cost; train nothing.")
 flags.mark_flags_as_required(["scale", "root"])
@@ -105,6 +114,7 @@ def main(argv):
       _dry_run(pipeline.selected(runs, only))
       return
     selection = [f"--experiments={','.join(only)}"] if only else []
+    selection += ["--partial"] if _PARTIAL.value else []
     command = shlex.join(
       [
         "python",
@@ -116,7 +126,7 @@ def main(argv):
         *selection,
       ]
     )
-    grades = pipeline.reproduce(runs, root, scale, seeds, command, only, _REANALYSE.value)
+    grades = pipeline.reproduce(runs, root, scale, seeds, command, only, _REANALYSE.value, _PARTIAL.value)
     if grades is None:
       logging.warning(
         "Stopped by SIGTERM with every run's checkpoint saved; exit status %d (rerun the same command to resume).",
@@ -127,7 +137,7 @@ def main(argv):
     cli.exit_with_error(e)
   for grade in grades:
     logging.info("%-8s %s/%s", grade.verdict, grade.claim.experiment, grade.claim.id)
-  logging.info("Report: %s", root / "REPORT.md")
+  logging.info("Report: %s", (root / pipeline.PARTIAL_DIR if _PARTIAL.value else root) / "REPORT.md")
 
 
 if __name__ == "__main__":

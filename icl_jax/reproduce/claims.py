@@ -12,7 +12,8 @@ the interval, never the mean alone:
 
 Tolerances are fixed here, with their sources, before any run of the scale they grade; a claim whose
 measurement the scale cannot make (e.g. layers after the fit range in a 4-layer model) is NOT RUN with the
-reason, never passed. At the smoke scale (seconds of training) every claim is measured and NOT GRADED.
+reason, never passed. At the smoke scale (seconds of training), and for runs evaluated part-way through their
+training (`--partial`), every claim is measured and NOT GRADED.
 """
 
 import dataclasses
@@ -711,9 +712,9 @@ class Grade:
   seeds_needed: int | None = None  # For INCONCLUSIVE: seeds that would settle it at the observed spread.
 
 
-def grade(claim: Claim, runs: list[dict], graded: bool = True) -> Grade:
-  """Grades `claim` on the finished runs (one per seed) of its experiment; measured but NOT GRADED unless
-  `graded`."""
+def grade(claim: Claim, runs: list[dict], ungraded: str = "") -> Grade:
+  """Grades `claim` on the runs (one per seed) of its experiment; measured but NOT GRADED, for the reason
+  `ungraded` says, when it says one (a pipeline check, a partially trained run)."""
   if not runs:
     return Grade(claim, NOT_RUN, None, "no finished run of this experiment")
   try:
@@ -721,8 +722,8 @@ def grade(claim: Claim, runs: list[dict], graded: bool = True) -> Grade:
   except NotMeasurable as e:
     return Grade(claim, NOT_RUN, None, str(e))
   details = tuple(claim.detail(run) for run in runs) if claim.detail else ()
-  if not graded:
-    return Grade(claim, NOT_GRADED, quantity, "a pipeline check: seconds of training show nothing", details)
+  if ungraded:
+    return Grade(claim, NOT_GRADED, quantity, ungraded, details)
   if not np.isfinite(quantity.mean):
     return Grade(claim, FAIL, quantity, "the measured value is not finite", details)
   verdict = claim.verdict(quantity)

@@ -3,7 +3,9 @@
 ROOT/{experiment}_seed{seed}/ is each run's workdir, with everything `python -m icl_jax.main` writes there. The
 seeds of an experiment share every shape and train together (`train.train_runs`); a finished run is skipped,
 an interrupted one resumes from its checkpoints, an evaluated one is not evaluated again. The constructions
-need no training: they are checked on fresh prompts at every call (seconds).
+need no training: they are checked on fresh prompts at every call (seconds). With `partial`, nothing trains:
+each run is evaluated at its latest checkpoint and summarised, with the report, under ROOT/partial/ (never
+ROOT/summaries/, whose summaries mark runs as finished).
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from icl_jax import checkpointing
 from icl_jax import train
 from icl_jax.analysis import algorithms
 from icl_jax.analysis import constructions
@@ -33,6 +36,7 @@ from icl_jax.runtime import workdir_lock
 from icl_jax.sweep import grid
 
 SUMMARIES_DIR = "summaries"
+PARTIAL_DIR = "partial"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Run:
   seed: int
   config: ml_collections.ConfigDict
   workdir: storage.Path
+  report_root: storage.Path  # The root whose summaries/ holds its summary: ROOT, or ROOT/partial.
 
   @property
   def results_path(self) -> storage.Path:
@@ -52,7 +57,7 @@ class Run:
   def summary_path(self) -> storage.Path:
     """ROOT/summaries/RUN.json: the few kB of results the claims read, with the run's config. A run with a
     summary is done: copied into another root (or committed), it needs neither checkpoints nor training."""
-    return self.workdir.parent / SUMMARIES_DIR / f"{self.workdir.name}.json"
+    return self.report_root / SUMMARIES_DIR / f"{self.workdir.name}.json"
 
   @property
   def predictions_path(self) -> storage.Path:
@@ -81,7 +86,7 @@ def plan(scale: str, root: storage.Path, seeds: tuple[int, ...], config_dir: pat
           probing.fit_layers(config)  # Whether the fit's layers exist, which the evaluation would find late.
       except (errors.ConfigError, distributed.DistributedFlagError) as e:
         found.append(f"{experiments.run_name(experiment, seed)}: {e}")
-      runs.append(Run(experiment, seed, config, root / experiments.run_name(experiment, seed)))
+      runs.append(Run(experiment, seed, config, root / experiments.run_name(experiment, seed), root))
   if found:
     raise errors.ConfigError(f"scale {scale!r}:\n  " + "\n  ".join(found))
   return runs
@@ -129,20 +134,43 @@ def _summary_eval(results: dict, probed: bool) -> dict:
   return found
 
 
+def _checkpoint_step(run: Run) -> int | None:
+  """The step of the run's latest checkpoint (None without one)."""
+  if not (run.workdir / "checkpoints").exists():
+    return None
+  with checkpointing.Checkpoints(run.workdir / "checkpoints", run.config.train) as checkpoints:
+    return checkpoints.latest_step()
+
+
+def _evaluated_step(results: dict) -> int | None:
+  """The checkpoint step an evaluation's results.json was computed at."""
+  return results["step"] if "step" in results else results["settings"]["checkpoint_step"]
+
+
 def evaluate_all(runs: list[Run]) -> None:
-  """Evaluates every trained run that has neither results nor a summary, and writes the missing summaries."""
+  """Evaluates every run with a checkpoint and no summary at its latest checkpoint (reusing results.json when
+  computed there), and writes the missing summaries. A run without a checkpoint is left unsummarised (NOT RUN)."""
   for run in runs:
     if run.summary_path.exists():
       continue
-    if not run.results_path.exists():
+    step = _checkpoint_step(run)
+    if step is None:
+      logging.warning("%s: no checkpoint to evaluate; its claims are NOT RUN.", run.workdir.name)
+      continue
+    if not (run.results_path.exists() and _evaluated_step(json.loads(run.results_path.read_text())) == step):
       evaluate.evaluate(run.config, run.workdir)
     results = json.loads(run.results_path.read_text())
     curve_path = run.workdir / "error_curve.json"
+    curve = json.loads(curve_path.read_text()) if curve_path.exists() else None
+    # Written at the end of training (step num_steps when it records none); computed here for a partial run.
+    if curve is None or curve.get("step", run.config.train.num_steps) != step:
+      curve = train.checkpoint_error_curve(run.config, run.workdir)
     probed = run.config.model.family != "lsa"
     summary = {
       "config": config_files.config_dict(run.config),
+      "trained_steps": step,
       "eval": _summary_eval(results, probed),
-      "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None,
+      "curve": curve,
     }
     run.summary_path.parent.mkdir(parents=True, exist_ok=True)
     if probed:
@@ -244,25 +272,32 @@ def reproduce(
   command: str,
   only: tuple[str, ...] | None = None,
   reanalysed: bool = False,
+  partial: bool = False,
 ) -> list | None:
   """Trains and evaluates what is missing of `runs` (from `plan`), grades every claim and writes the report;
   returns the grades, or None if a SIGTERM stopped the training (rerun to resume). With `only` (experiment
   names), trains and evaluates those alone and grades the others from the summaries already under ROOT (NOT
   RUN without), so that a scale too long for one machine's session is run in parts into one root. With
-  `reanalysed`, every summary of `here` with saved model outputs is recomputed first (`reanalyse`). Holds
-  ROOT's lock (each run's workdir has its own), so that two reproductions never share a root."""
+  `reanalysed`, every summary of `here` with saved model outputs is recomputed first (`reanalyse`). With
+  `partial`, trains nothing: evaluates each run at its latest checkpoint into ROOT/partial/, whose report
+  (scale SCALE-partial) gives each run's fraction of its steps and grades nothing. Holds ROOT's lock (each
+  run's workdir has its own), so that two reproductions never share a root."""
+  report_root = root / PARTIAL_DIR if partial else root
+  runs = [dataclasses.replace(r, report_root=report_root) for r in runs]
   here = selected(runs, only)
   workdir_lock.prepare(root)
   with workdir_lock.hold(root, f"reproduction ({scale})"):
-    if not train_all(here):
+    if not partial and not train_all(here):
       return None
+    report_root.mkdir(parents=True, exist_ok=True)
     evaluate_all(here)
     if reanalysed:
       logging.info("Reanalysed %d summaries from their saved model outputs.", reanalyse(here))
     results = {r.workdir.name: found for r in runs if (found := load_results(r)) is not None}
     task = runs[0].config.task
     constructions_check = check_constructions(task.n_dims, task.n_points)
-    return report.write(root, scale, seeds, runs, results, constructions_check, command)
+    label = f"{scale}-partial" if partial else scale
+    return report.write(report_root, label, seeds, runs, results, constructions_check, command)
 
 
 # Steps per dispatch while timing: two, timed once after the compiling call. A projection needs the step's

@@ -73,7 +73,7 @@ def test_a_claim_is_measured_but_not_graded_at_smoke_and_not_run_when_unmeasurab
   claim = next(c for c in claims.CLAIMS if (c.experiment, c.id) == ("isotropic", "newton_sequence"))
   run = {"eval": {"best_match": {"newton": list(claims.PAPER_NEWTON_STEPS)}}, "config": _config(20, 41)}
   assert claims.grade(claim, [run]).verdict == "PASS"
-  smoke = claims.grade(claim, [run], graded=False)
+  smoke = claims.grade(claim, [run], ungraded="a pipeline check")
   assert smoke.verdict == "NOT GRADED" and smoke.quantity.mean == 0
   small = claims.grade(claim, [{**run, "config": _config(8, 17)}])
   assert small.verdict == "NOT RUN" and "d = 8, 17 points" in small.reason

@@ -113,6 +113,38 @@ def test_the_committed_medium_report_is_what_its_summaries_grade(tmp_path, monke
   helpers.assert_grades_as_committed(helpers.regrade_committed_report(tmp_path, monkeypatch))
 
 
+def test_partial_evaluates_each_run_at_its_latest_checkpoint_apart_and_grades_nothing(tmp_path):
+  """`--partial` (a run stopped by a time budget): evaluated at its latest checkpoint into ROOT/partial/, its
+  fraction of steps reported, no claim graded; ROOT/summaries/ untouched; a later full evaluation redoes the
+  results and the error curve of the partial one, never reusing them."""
+  only, seed = ("isotropic",), (0,)
+  pipeline.reproduce(_plan(tmp_path, seeds=seed), tmp_path, "smoke", seed, "cmd", only=only)
+  full = json.loads((tmp_path / "summaries" / "isotropic_seed0.json").read_text())
+  assert full["trained_steps"] == full["curve"]["step"] == 40
+  last = tmp_path / "isotropic_seed0" / "checkpoints" / "40"
+  shutil.move(last, tmp_path / "step40")  # As if stopped at step 20 (checkpoint_every 20).
+  for path in (tmp_path / "summaries").glob("isotropic_seed0.*"):
+    path.unlink()
+  grades = pipeline.reproduce(_plan(tmp_path, seeds=seed), tmp_path, "smoke", seed, "cmd --partial", only, partial=True)
+  assert not list((tmp_path / "summaries").glob("isotropic_seed0.*"))
+  summary = json.loads((tmp_path / "partial" / "summaries" / "isotropic_seed0.json").read_text())
+  assert summary["trained_steps"] == summary["curve"]["step"] == 20
+  assert (tmp_path / "partial" / "summaries" / "isotropic_seed0.npz").exists()
+  isotropic = [g for g in grades if g.claim.experiment == "isotropic"]
+  assert {g.verdict for g in isotropic} == {"NOT GRADED", "NOT RUN"}
+  assert {g.reason for g in isotropic if g.verdict == "NOT GRADED"} == {
+    "partially trained (50.0% of its steps): the claims are about trained models"
+  }
+  markdown = (tmp_path / "partial" / "REPORT.md").read_text()
+  assert "scale `smoke-partial`" in markdown and "**Partially trained runs**: isotropic_seed0 50.0%" in markdown
+  assert "| 20 of 40 (50.0%) |" in markdown
+  shutil.move(tmp_path / "step40", last)
+  pipeline.reproduce(_plan(tmp_path, seeds=seed), tmp_path, "smoke", seed, "cmd", only=only)
+  again = json.loads((tmp_path / "summaries" / "isotropic_seed0.json").read_text())
+  assert again["trained_steps"] == again["curve"]["step"] == 40
+  assert helpers.close(again, full)
+
+
 def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeypatch):
   """A stopped group (its checkpoints saved) ends the reproduction with None: nothing later trains, nothing is
   evaluated or graded, and the same call resumes (the resumption itself: test_train)."""
