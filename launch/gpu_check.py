@@ -47,7 +47,7 @@ PLANS = {
   "gpu": {
     "check": ["--config=configs/linreg.py", "--size=short"],
     "reproduce": ["--scale=paper", "--experiments=isotropic", "--seeds=0,1,2"],
-    "budgets": {"install": 60, "check": 150, "train": 240, "evaluate": 90},
+    "budgets": {"install": 60, "check": 140, "train": 230, "evaluate": 110},
   },
   "tiny": {
     "check": ["--config=tests/tiny_config.py", "--size=tiny"],

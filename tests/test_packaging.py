@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -175,14 +177,34 @@ def _module_level_imports(path: pathlib.Path) -> set[str]:
   return names
 
 
-def test_the_gpu_image_and_its_wheelhouse_cover_every_module_icl_jax_imports():
-  # launch/images/gpu_cuda.txt: what the GPU machines have; gpu_cuda.wheels.txt: what launch/wheelhouse.py
-  # fetches for them (its --list-only output). Together they must hold every distribution icl_jax imports.
+def _wheelhouse():
   sys.path.insert(0, str(REPO / "launch"))
   try:
     import wheelhouse
   finally:
     sys.path.pop(0)
+  return wheelhouse
+
+
+def test_wheelhouse_reads_a_target_list_and_names_every_platform_tag_it_runs(tmp_path):
+  wheelhouse = _wheelhouse()
+  listing = tmp_path / "have.txt"
+  listing.write_text("# the target\njax==0.11.2\nTensorboard_Data.Server\n\n")
+  assert wheelhouse.read_have(listing) == {"jax": "0.11.2", "tensorboard-data-server": None}
+  listing.write_text("jax==0.11.2\njax >= 0.4\n")
+  with pytest.raises(SystemExit, match=r"have.txt:2: 'jax >= 0.4' is not NAME or NAME==VERSION"):
+    wheelhouse.read_have(listing)
+  tags = wheelhouse.platform_tags("x86_64", "2.28")
+  assert tags[0] == "manylinux_2_28_x86_64" and tags[11] == "manylinux_2_17_x86_64"
+  assert tags[-3:] == ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+  with pytest.raises(SystemExit, match="--glibc=2.5"):
+    wheelhouse.platform_tags("x86_64", "2.5")
+
+
+def test_the_gpu_image_and_its_wheelhouse_cover_every_module_icl_jax_imports():
+  # launch/images/gpu_cuda.txt: what the GPU machines have; gpu_cuda.wheels.txt: what launch/wheelhouse.py
+  # fetches for them (its --list-only output). Together they must hold every distribution icl_jax imports.
+  wheelhouse = _wheelhouse()
   images = REPO / "launch" / "images"
   have = set(wheelhouse.read_have(images / "gpu_cuda.txt")) | set(wheelhouse.read_have(images / "gpu_cuda.wheels.txt"))
   imported = set().union(*(_module_level_imports(p) for p in (REPO / "icl_jax").rglob("*.py")))
