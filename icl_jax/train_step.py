@@ -185,25 +185,29 @@ def make_error_curve(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Ca
   num_batches = -(-num_prompts // (local_batch * mesh.size))
   full = jnp.asarray(task.n_dims, jnp.int32)
 
-  def sums(params, batch_index):
-    # Prompt j is example j of one stream whatever the device count and batch size.
-    key = data.step_key(data.run_keys(config.seed)["eval"], 0)
-    first = (batch_index * mesh.size + jax.lax.axis_index(AXIS)) * local_batch
-    prompts = data.sample_batch(key, first, local_batch, task, full)
-    preds_BxN = model.apply({"params": params}, prompts.xs_BxNxD, prompts.ys_BxN)
-    # The last batch may run past num_prompts: those prompts get weight 0.
-    counted_B = (first + jnp.arange(local_batch)) < num_prompts
-    total = lambda v_BxN: jax.lax.psum(jnp.sum(jnp.where(counted_B[:, None], v_BxN, 0.0), axis=0), AXIS)
-    return total(jnp.square(preds_BxN - prompts.ys_BxN)), total(jnp.square(prompts.ys_BxN))
+  def sums(params):
+    def add_batch(totals_2xN, batch_index):
+      # Prompt j is example j of one stream whatever the device count and batch size.
+      key = data.step_key(data.run_keys(config.seed)["eval"], 0)
+      first = (batch_index * mesh.size + jax.lax.axis_index(AXIS)) * local_batch
+      prompts = data.sample_batch(key, first, local_batch, task, full)
+      preds_BxN = model.apply({"params": params}, prompts.xs_BxNxD, prompts.ys_BxN)
+      # The last batch may run past num_prompts: those prompts get weight 0.
+      counted_B = (first + jnp.arange(local_batch)) < num_prompts
+      total = lambda v_BxN: jax.lax.psum(jnp.sum(jnp.where(counted_B[:, None], v_BxN, 0.0), axis=0), AXIS)
+      batch_2xN = jnp.stack([total(jnp.square(preds_BxN - prompts.ys_BxN)), total(jnp.square(prompts.ys_BxN))])
+      return totals_2xN + batch_2xN, None
 
-  sharded = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P())))
+    # One program for every batch: one program per batch, dispatched one after another, left two XLA CPU
+    # devices waiting in an all-reduce's rendezvous until XLA aborted the process.
+    zeros_2xN = jnp.zeros((2, task.n_points), jnp.float32)
+    totals_2xN, _ = jax.lax.scan(add_batch, zeros_2xN, jnp.arange(num_batches, dtype=jnp.int32))
+    return totals_2xN
+
+  sharded = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=P(), out_specs=P()))
 
   def curve(params) -> dict:
-    totals = [sharded(params, jnp.asarray(i, jnp.int32)) for i in range(num_batches)]
-    scale = 1.0 / (num_prompts * task.n_dims)
-    return {
-      "error_per_dim": jax.device_get(sum(t[0] for t in totals)) * scale,
-      "zero_per_dim": jax.device_get(sum(t[1] for t in totals)) * scale,
-    }
+    totals_2xN = jax.device_get(sharded(params)) * (1.0 / (num_prompts * task.n_dims))
+    return {"error_per_dim": totals_2xN[0], "zero_per_dim": totals_2xN[1]}
 
   return curve

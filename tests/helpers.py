@@ -183,28 +183,32 @@ def gcs_emulator(bucket: str):
 
 DOCS_WORKDIR = REPO / "docs" / "workdir.md"
 COMMITTED_REPORT = REPO / "docs" / "medium_report"
+# Every committed report: each regenerates from its committed summaries (tests/reproduce/test_pipeline.py).
+COMMITTED_REPORTS = (COMMITTED_REPORT, REPO / "docs" / "large_report")
 
 
-def regrade_committed_report(root, monkeypatch) -> dict:
-  """Copies the committed medium report's summaries into `root` (a local or gs:// path) and regrades them
-  there (only=() trains and evaluates nothing; trying to would fail the test); returns root's report.json."""
+def regrade_committed_report(root, monkeypatch, committed=COMMITTED_REPORT) -> dict:
+  """Copies a committed report's summaries into `root` (a local or gs:// path) and regrades them there at the
+  report's scale and seeds (only=() trains and evaluates nothing; trying to would fail the test); returns
+  root's report.json."""
   (root / "summaries").mkdir(parents=True, exist_ok=True)
-  for summary in (COMMITTED_REPORT / "summaries").iterdir():
+  for summary in (committed / "summaries").iterdir():
     (root / "summaries" / summary.name).write_bytes(summary.read_bytes())
   monkeypatch.setattr(pipeline.train, "train_runs", lambda *args: pytest.fail("trained a summarised run"))
   monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: pytest.fail("evaluated a summarised run"))
-  seeds = tuple(json.loads((COMMITTED_REPORT / "report.json").read_text())["seeds"])
-  plan = pipeline.plan("medium", root, seeds, experiments.default_config_dir())
-  assert pipeline.reproduce(plan, root, "medium", seeds, "regrade", only=())
+  saved = json.loads((committed / "report.json").read_text())
+  seeds, scale = tuple(saved["seeds"]), saved["scale"]
+  plan = pipeline.plan(scale, root, seeds, experiments.default_config_dir())
+  assert pipeline.reproduce(plan, root, scale, seeds, "regrade", only=())
   return json.loads((root / "report.json").read_text())
 
 
-def assert_grades_as_committed(report: dict) -> None:
+def assert_grades_as_committed(report: dict, committed=COMMITTED_REPORT) -> None:
   """`report`'s claims are the committed report.json's: the constructions' errors (float32 rounding, computed
   afresh on each machine) by verdict only; every trained experiment's claim whole, its float64 statistics to a
   relative 1e-9 or an absolute 1e-12 (BLAS libraries round the least-squares fits differently: the slope of
   flat best matches is 1.6e-16 on one CPU, 5.0e-16 on another)."""
-  committed = json.loads((COMMITTED_REPORT / "report.json").read_text())
+  committed = json.loads((committed / "report.json").read_text())
   got, want = (
     [c if c["experiment"] != "constructions" else (c["id"], c["verdict"]) for c in r["claims"]]
     for r in (report, committed)

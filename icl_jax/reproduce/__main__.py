@@ -110,6 +110,12 @@ def main(argv):
   only = _experiments(_EXPERIMENTS.value)
   try:
     runs = pipeline.plan(scale, root, seeds, pathlib.Path(_CONFIG_DIR.value))
+    absent = sorted(set(only or ()) - {r.experiment.name for r in runs})
+    if absent:
+      raise app.UsageError(
+        f"--experiments: {', '.join(absent)} not of the {scale} scale, whose experiments are "
+        f"{', '.join(e.name for e in experiments.scale_experiments(scale))}"
+      )
     if _DRY_RUN.value:
       _dry_run(pipeline.selected(runs, only))
       return

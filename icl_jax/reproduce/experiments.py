@@ -8,6 +8,8 @@ An experiment is a config file of configs/ at a variant, plus overrides: the sam
 - "quick": the laptop-size variants (4-layer GPT-2, d = 5, 11 points; minutes on a 2-core CPU).
 - "medium": the 12-layer rung of configs/linreg.py:medium (d = 8, 17 points; see its docstring for how it was
   chosen), with the quick LSTM and linear self-attention at the same task where they have one.
+- "large": the papers' task (d = 20, 41 points) with the 12-layer rung of configs/linreg.py:large, isotropic
+  and κ = 100 only (about 110 minutes per seed on a 2-core CPU).
 - "paper": the papers' configurations (500k steps of a 9.5M-parameter GPT-2: an accelerator's job).
 """
 
@@ -18,7 +20,7 @@ import ml_collections
 
 from icl_jax.runtime import config_files
 
-SCALES = ("smoke", "quick", "medium", "paper")
+SCALES = ("smoke", "quick", "medium", "large", "paper")
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -56,8 +58,19 @@ VARIANTS = {
   "smoke": {"linreg.py": "quick", "linreg_ill_conditioned.py": "quick", "lstm.py": "quick", "lsa.py": "quick"},
   "quick": {"linreg.py": "quick", "linreg_ill_conditioned.py": "quick", "lstm.py": "quick", "lsa.py": "quick"},
   "medium": {"linreg.py": "medium", "linreg_ill_conditioned.py": "medium", "lstm.py": "medium", "lsa.py": "quick"},
+  "large": {"linreg.py": "large", "linreg_ill_conditioned.py": "large"},
   "paper": {"linreg.py": "paper", "linreg_ill_conditioned.py": "paper", "lstm.py": "paper", "lsa.py": "paper"},
 }
+# The experiments of a scale where not all of them: those trained at the large rung (each GPT-2 seed there is
+# about 110 minutes on a 2-core CPU), the papers' two main settings.
+SCALE_EXPERIMENTS = {"large": ("isotropic", "kappa100")}
+
+
+def scale_experiments(scale: str) -> tuple[Experiment, ...]:
+  """The experiments `scale` trains and grades (the others' claims are NOT RUN there)."""
+  names = SCALE_EXPERIMENTS.get(scale)
+  return tuple(e for e in EXPERIMENTS if names is None or e.name in names)
+
 
 # "smoke" on top of the quick variants: tiny models, tens of steps, small evaluations (seconds each).
 _SMOKE_COMMON = (

@@ -77,7 +77,7 @@ def plan(scale: str, root: storage.Path, seeds: tuple[int, ...], config_dir: pat
       f"--config_dir={config_dir}: no linreg.py there (the repository's configs/ directory)"
     )
   runs, found = [], []
-  for experiment in experiments.EXPERIMENTS:
+  for experiment in experiments.scale_experiments(scale):
     for seed in seeds:
       config = experiments.experiment_config(experiment, scale, seed, config_dir)
       try:

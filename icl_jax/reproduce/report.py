@@ -344,8 +344,11 @@ def write(
     for e in experiments.EXPERIMENTS
   }
   by_experiment["constructions"] = [{"eval": constructions}]
+  planned = {r.experiment.name for r in runs} | {"constructions"}
   grades = [
     claims_lib.grade(c, by_experiment[c.experiment], ungraded_reason(scale, by_experiment[c.experiment]))
+    if c.experiment in planned
+    else claims_lib.Grade(c, claims_lib.NOT_RUN, None, f"not an experiment of the {scale} scale")
     for c in claims_lib.CLAIMS
   ]
   separability = separability_rows(by_experiment)

@@ -82,7 +82,7 @@ def test_a_claim_is_measured_but_not_graded_at_smoke_and_not_run_when_unmeasurab
 
 def _config(d, n, **task):
   return ml_collections.ConfigDict(
-    {"task": {"n_dims": d, "n_points": n, "kappa": 1.0, "noise_std": 0.0, "spectrum": "kappa", **task}}
+    {"task": {"n_dims": d, "n_points": n, "kappa": 1.0, "noise_std": 0.0, "spectrum": "two_level", **task}}
   )
 
 
@@ -129,6 +129,11 @@ def test_garg_errors_are_graded_on_garg_task_only():
   assert claims.grade(claim, [run]).verdict == "PASS"
   small = claims.grade(claim, [{**run, "config": _config(8, 17)}])
   assert small.verdict == "NOT RUN" and "no rule written before the runs" in small.reason
+  explicit = _config(20, 41, spectrum="explicit", eigenvalues=(4.0,) + (1.0,) * 19)
+  assert claims.grade(claim, [{**run, "config": explicit}]).verdict == "NOT RUN"
+  # The configs' own isotropic task (configs/linreg.py: spectrum "two_level", κ = 1) is Garg et al.'s.
+  paper = experiments.experiment_config(experiments.EXPERIMENTS[0], "paper", 0, experiments.default_config_dir())
+  assert claims.grade(claim, [{**run, "config": paper}]).verdict == "PASS"
 
 
 def test_sources_and_tolerances_are_stated_for_every_claim():

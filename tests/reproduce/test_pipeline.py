@@ -107,10 +107,11 @@ def test_smoke_scale_trains_evaluates_grades_and_resumes(tmp_path, monkeypatch):
     pipeline.reproduce(_plan(elsewhere), elsewhere, "smoke", SEEDS, "same")
 
 
-def test_the_committed_medium_report_is_what_its_summaries_grade(tmp_path, monkeypatch):
-  """docs/medium_report/report.json is what `python -m icl_jax.reproduce` makes of the committed summaries:
-  every trained claim's verdict and numbers (see `helpers.assert_grades_as_committed`)."""
-  helpers.assert_grades_as_committed(helpers.regrade_committed_report(tmp_path, monkeypatch))
+@pytest.mark.parametrize("committed", helpers.COMMITTED_REPORTS, ids=lambda p: p.name)
+def test_each_committed_report_is_what_its_summaries_grade(tmp_path, monkeypatch, committed):
+  """docs/{medium,large}_report/report.json is what `python -m icl_jax.reproduce` makes of the committed
+  summaries: every trained claim's verdict and numbers (see `helpers.assert_grades_as_committed`)."""
+  helpers.assert_grades_as_committed(helpers.regrade_committed_report(tmp_path, monkeypatch, committed), committed)
 
 
 def test_partial_evaluates_each_run_at_its_latest_checkpoint_apart_and_grades_nothing(tmp_path):
@@ -164,7 +165,14 @@ def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeyp
 def test_every_scale_plans_valid_configs(tmp_path):
   for scale in experiments.SCALES:
     runs = _plan(tmp_path, scale, (0,))
-    assert len(runs) == len(experiments.EXPERIMENTS)
+    assert [r.experiment for r in runs] == list(experiments.scale_experiments(scale))
+  large = {r.experiment.name: r.config for r in _plan(tmp_path, "large", (0,))}
+  assert sorted(large) == ["isotropic", "kappa100"] and large["kappa100"].task.kappa == 100
+  assert (large["isotropic"].task.n_dims, large["isotropic"].task.n_points, large["isotropic"].model.width) == (
+    20,
+    41,
+    64,
+  )
   medium = {r.experiment.name: r.config for r in _plan(tmp_path, "medium", (0,))}
   assert medium["isotropic"].model.num_layers == 12 and medium["kappa100"].task.kappa == 100
   assert medium["noisy"].task.noise_std == 0.1 and medium["noisy"].eval.ridge == pytest.approx(0.01)
