@@ -44,31 +44,16 @@ class Sizes:
   tests: tuple[str, ...]  # pytest node ids, relative to the repository root.
 
 
+# The accelerator-relevant tests: analysis precision, pinned algorithm values, the model, the first step.
+ACCELERATOR_TESTS = (
+  "tests/analysis/test_precision.py",
+  "tests/analysis/test_algorithms.py",
+  "tests/models/test_gpt2.py",
+  "tests/test_train.py::test_first_training_step_is_pinned",
+)
 SIZES = {
-  "full": Sizes(
-    batch_sizes=(64, 1024),
-    curve_steps=2000,
-    curve_log_every=100,
-    curve_tail=5,
-    tests=(
-      "tests/analysis/test_precision.py",
-      "tests/analysis/test_algorithms.py",
-      "tests/models/test_gpt2.py",
-      "tests/test_train.py::test_first_training_step_is_pinned",
-    ),
-  ),
-  "short": Sizes(
-    batch_sizes=(64, 1024),
-    curve_steps=300,
-    curve_log_every=25,
-    curve_tail=3,
-    tests=(
-      "tests/analysis/test_precision.py",
-      "tests/analysis/test_algorithms.py",
-      "tests/models/test_gpt2.py",
-      "tests/test_train.py::test_first_training_step_is_pinned",
-    ),
-  ),
+  "full": Sizes(batch_sizes=(64, 1024), curve_steps=2000, curve_log_every=100, curve_tail=5, tests=ACCELERATOR_TESTS),
+  "short": Sizes(batch_sizes=(64, 1024), curve_steps=300, curve_log_every=25, curve_tail=3, tests=ACCELERATOR_TESTS),
   "tiny": Sizes(
     batch_sizes=(16, 64), curve_steps=40, curve_log_every=5, curve_tail=2, tests=("tests/analysis/test_precision.py",)
   ),
