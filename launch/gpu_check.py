@@ -172,16 +172,22 @@ def main(argv=None) -> int:
   report = {"mode": "tiny" if args.tiny else "gpu", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   steps = report["steps"] = {}
   start = time.perf_counter()
-  steps["install"] = install(log, args.wheelhouse, target, budgets["install"], env)
-  steps["imports"] = run_step(log, "imports", [sys.executable, "-c", IMPORT_CHECK], budgets["install"], env)
+
+  def step(name: str, result: dict) -> None:
+    """Records a step's result, and the report so far: a call cut short still brings back what ran."""
+    steps[name] = result
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+
+  step("install", install(log, args.wheelhouse, target, budgets["install"], env))
+  step("imports", run_step(log, "imports", [sys.executable, "-c", IMPORT_CHECK], budgets["install"], env))
   ok = steps["install"]["exit_status"] == 0 and steps["imports"]["exit_status"] == 0
   root, check_dir = scratch / "reproduction", scratch / "check"
   if ok:
     check = [sys.executable, "-m", "icl_jax.accelerator_check", *plan["check"], f"--out={check_dir}"]
-    steps["check"] = run_step(log, "check", check, budgets["check"], env)
+    step("check", run_step(log, "check", check, budgets["check"], env))
     reproduce = [sys.executable, "-m", "icl_jax.reproduce", *plan["reproduce"], f"--root={root}"]
-    steps["train"] = run_step(log, "train", reproduce, budgets["train"], env, stop=signal.SIGTERM)
-    steps["evaluate"] = run_step(log, "evaluate", [*reproduce, "--partial"], budgets["evaluate"], env)
+    step("train", run_step(log, "train", reproduce, budgets["train"], env, stop=signal.SIGTERM))
+    step("evaluate", run_step(log, "evaluate", [*reproduce, "--partial"], budgets["evaluate"], env))
     ok = (
       steps["check"]["exit_status"] == 0
       and steps["train"]["exit_status"] in (0, EXIT_PREEMPTED)

@@ -103,3 +103,21 @@ def test_the_tiny_rehearsal_installs_the_wheelhouse_stops_training_by_sigterm_an
     assert curves[dtype]["steps"] == list(range(5, 41, 5)) and len(curves[dtype]["loss"]) == 8
   assert 0.5 < curves["final_loss_ratio_bf16_to_f32"] < 2  # The same seed and data: bfloat16 rounding only.
   assert check["evaluation"]["seconds"] > 0 and check["evaluation"]["first_call_with_compilation_s"] > 0
+
+
+def test_a_wheelhouse_that_does_not_install_ends_the_run_before_any_compute_and_says_so(tmp_path):
+  (tmp_path / "wheels").mkdir()
+  (tmp_path / "wheels" / "broken-1.0-py3-none-any.whl").write_text("not a zip archive")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT")}
+  result = subprocess.run(
+    ["bash", "launch/gpu_check.sh", "--tiny", f"--wheelhouse={tmp_path / 'wheels'}", f"--out={tmp_path / 'out'}"],
+    cwd=REPO,
+    env=dict(env, PYTHON=sys.executable),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 1 and "FAILED" in result.stdout
+  report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+  assert report["steps"]["install"]["exit_status"] != 0 and "check" not in report["steps"] and not report["ok"]
