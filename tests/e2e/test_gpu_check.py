@@ -17,6 +17,20 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 MISSING = "ml-collections"
 
 
+def _gpu_check(*args: str) -> subprocess.CompletedProcess:
+  """`bash launch/gpu_check.sh --tiny ARGS` under this interpreter, on one CPU device (as one GPU)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT")}
+  return subprocess.run(
+    ["bash", "launch/gpu_check.sh", "--tiny", *args],
+    cwd=REPO,
+    env=dict(env, PYTHON=sys.executable),
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
+
+
 def test_the_tiny_rehearsal_installs_the_wheelhouse_stops_training_by_sigterm_and_packs_the_results(tmp_path):
   canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()
   have = sorted(
@@ -45,16 +59,7 @@ def test_the_tiny_rehearsal_installs_the_wheelhouse_stops_training_by_sigterm_an
   manifest = json.loads((wheels / "wheelhouse.json").read_text())
   assert [w["file"].split("-")[0] for w in manifest["wheels"]] == ["ml_collections"]  # Exactly what it lacks.
 
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT")}  # One CPU device, as one GPU.
-  result = subprocess.run(
-    ["bash", "launch/gpu_check.sh", "--tiny", f"--wheelhouse={wheels}", f"--target={target}", f"--out={out}"],
-    cwd=REPO,
-    env=dict(env, PYTHON=sys.executable),
-    capture_output=True,
-    text=True,
-    timeout=900,
-    check=False,
-  )
+  result = _gpu_check(f"--wheelhouse={wheels}", f"--target={target}", f"--out={out}")
   assert result.returncode == 0, result.stdout[-3000:] + (out / "gpu_check.log").read_text()[-5000:]
   report = json.loads((out / "gpu_check.json").read_text())
   steps = report["steps"]
@@ -65,7 +70,7 @@ def test_the_tiny_rehearsal_installs_the_wheelhouse_stops_training_by_sigterm_an
   assert 0 < trained["trained"] < trained["of"] == 6000
   imported = subprocess.run(
     [sys.executable, "-c", "import ml_collections; print(ml_collections.__file__)"],
-    env=dict(env, PYTHONPATH=str(target)),
+    env=dict(os.environ, PYTHONPATH=str(target)),
     capture_output=True,
     text=True,
     check=True,
@@ -108,16 +113,7 @@ def test_the_tiny_rehearsal_installs_the_wheelhouse_stops_training_by_sigterm_an
 def test_a_wheelhouse_that_does_not_install_ends_the_run_before_any_compute_and_says_so(tmp_path):
   (tmp_path / "wheels").mkdir()
   (tmp_path / "wheels" / "broken-1.0-py3-none-any.whl").write_text("not a zip archive")
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT")}
-  result = subprocess.run(
-    ["bash", "launch/gpu_check.sh", "--tiny", f"--wheelhouse={tmp_path / 'wheels'}", f"--out={tmp_path / 'out'}"],
-    cwd=REPO,
-    env=dict(env, PYTHON=sys.executable),
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
+  result = _gpu_check(f"--wheelhouse={tmp_path / 'wheels'}", f"--out={tmp_path / 'out'}")
   assert result.returncode == 1 and "FAILED" in result.stdout
   report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
   assert report["steps"]["install"]["exit_status"] != 0 and "check" not in report["steps"] and not report["ok"]
