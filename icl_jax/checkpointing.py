@@ -264,6 +264,15 @@ def _check_layout(saved, abstract) -> None:
     )
 
 
+def latest_step(config: ml_collections.ConfigDict, workdir: storage.Path) -> int | None:
+  """The step of the latest checkpoint in WORKDIR/checkpoints (None without one)."""
+  directory = storage.path(workdir) / "checkpoints"
+  if not directory.exists():
+    return None
+  with Checkpoints(directory, config.train) as checkpoints:
+    return checkpoints.latest_step()
+
+
 def load_params(config: ml_collections.ConfigDict, workdir: storage.Path) -> tuple[dict, int | None]:
   """The parameters of the latest checkpoint in `workdir` and its step, or of a converted Garg et al.
   checkpoint (step None), on the first local device; no optimiser state is built or read."""

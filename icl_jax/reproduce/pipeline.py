@@ -134,14 +134,6 @@ def _summary_eval(results: dict, probed: bool) -> dict:
   return found
 
 
-def _checkpoint_step(run: Run) -> int | None:
-  """The step of the run's latest checkpoint (None without one)."""
-  if not (run.workdir / "checkpoints").exists():
-    return None
-  with checkpointing.Checkpoints(run.workdir / "checkpoints", run.config.train) as checkpoints:
-    return checkpoints.latest_step()
-
-
 def _evaluated_step(results: dict) -> int | None:
   """The checkpoint step an evaluation's results.json was computed at."""
   return results["step"] if "step" in results else results["settings"]["checkpoint_step"]
@@ -153,13 +145,14 @@ def evaluate_all(runs: list[Run]) -> None:
   for run in runs:
     if run.summary_path.exists():
       continue
-    step = _checkpoint_step(run)
+    step = checkpointing.latest_step(run.config, run.workdir)
     if step is None:
       logging.warning("%s: no checkpoint to evaluate; its claims are NOT RUN.", run.workdir.name)
       continue
-    if not (run.results_path.exists() and _evaluated_step(json.loads(run.results_path.read_text())) == step):
+    results = json.loads(run.results_path.read_text()) if run.results_path.exists() else None
+    if results is None or _evaluated_step(results) != step:
       evaluate.evaluate(run.config, run.workdir)
-    results = json.loads(run.results_path.read_text())
+      results = json.loads(run.results_path.read_text())
     curve_path = run.workdir / "error_curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else None
     # Written at the end of training (step num_steps when it records none); computed here for a partial run.

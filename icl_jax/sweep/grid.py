@@ -58,10 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDic
 
 
 def is_trained(run: ml_collections.ConfigDict, workdir: storage.Path) -> bool:
-  if not (workdir / "checkpoints").exists():
-    return False
-  with checkpointing.Checkpoints(workdir / "checkpoints", run.train) as checkpoints:
-    return checkpoints.latest_step() == run.train.num_steps and (workdir / "error_curve.json").exists()
+  return checkpointing.latest_step(run, workdir) == run.train.num_steps and (workdir / "error_curve.json").exists()
 
 
 def run_sweep(config: ml_collections.ConfigDict, root: storage.Path, shard: tuple[int, int] = (0, 1)) -> bool:
