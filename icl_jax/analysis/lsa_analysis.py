@@ -175,6 +175,7 @@ def analyse(config: ml_collections.ConfigDict, params: dict, num_prompts: int = 
     "layers": layers,
     "a": [layer["a"] for layer in layers],
     "dist": [layer["dist"] for layer in layers],
+    "b": None if config.model.lsa_sparse else [layer["b"] for layer in layers],
     "a_sorted": sorted(layer["a"] for layer in layers),
     "context_lengths": list(range(n)),
     "test_loss": test_loss,

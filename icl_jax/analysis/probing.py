@@ -21,6 +21,8 @@ from icl_jax import data
 from icl_jax import datasets
 from icl_jax import models
 from icl_jax.analysis import algorithms
+from icl_jax.analysis import forgetting
+from icl_jax.analysis import linearity
 from icl_jax.analysis import probes
 from icl_jax.analysis import rates
 from icl_jax.analysis import separability
@@ -93,7 +95,12 @@ class _Programs:
       )
       return preds_LxBxNxQ
 
-    self.layer_chunk, self.sim_w_chunk = layer_chunk, sim_w_chunk
+    @highest_precision
+    @jax.jit
+    def output_chunk(params, xs_BxNxD, ys_BxN):
+      return model.apply({"params": params}, xs_BxNxD, ys_BxN)
+
+    self.layer_chunk, self.sim_w_chunk, self.output_chunk = layer_chunk, sim_w_chunk, output_chunk
 
   def prompts(self, key: jax.Array, count: int, n_points: int) -> data.Batch:
     """`count` full-size prompts of `n_points` points, made in batches of `eval.batch_size`."""
@@ -118,6 +125,16 @@ class _Programs:
     return (
       np.concatenate([np.asarray(p[0]) for p in parts], axis=1),
       np.concatenate([np.asarray(p[1]) for p in parts], axis=0),
+    )
+
+  def outputs(self, params, xs_BxNxD, ys_BxN) -> np.ndarray:
+    """The model's own output [B, N] for prompts, in batches of eval.batch_size."""
+    batch = self.config.eval.batch_size
+    return np.concatenate(
+      [
+        np.asarray(self.output_chunk(params, xs_BxNxD[i : i + batch], ys_BxN[i : i + batch]))
+        for i in range(0, ys_BxN.shape[0], batch)
+      ]
     )
 
   def sim_w_inputs(self, key: jax.Array) -> tuple[data.Batch, jax.Array]:
@@ -154,11 +171,6 @@ def _gd(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN, steps) -> jax.Array
 def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> dict[str, jax.Array]:
   """Every algorithm setting's estimate on every prefix, [B, K, T, D] (K = 1 for those without steps)."""
   e = config.eval
-  if e.online_gd == "projection":
-    online = algorithms.online_gradient_descent(xs_BxNxD, ys_BxN)
-  else:  # Fu et al.'s code: a fixed step from w_0 ~ U[0, 1)^d, drawn here once per prompt.
-    w0_BxD = jax.random.uniform(eval_keys(config.seed)["online_gd"], xs_BxNxD.shape[::2], xs_BxNxD.dtype)
-    online = algorithms.online_gradient_descent(xs_BxNxD, ys_BxN, e.online_gd_learning_rate, w0_BxD)
   gd = functools.partial(_gd, config, xs_BxNxD, ys_BxN)
   return {
     "newton": algorithms.iterative_newton(xs_BxNxD, ys_BxN, e.newton_steps, e.newton_alpha, e.ridge)[:, 1:],
@@ -168,8 +180,17 @@ def algorithm_weights(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> di
     "bfgs": algorithms.bfgs(xs_BxNxD, ys_BxN, e.bfgs_steps, e.ridge)[:, 1:],
     "lbfgs": algorithms.lbfgs(xs_BxNxD, ys_BxN, e.lbfgs_steps, e.lbfgs_memory, e.ridge)[:, 1:],
     "least_squares": algorithms.least_squares(xs_BxNxD, ys_BxN, e.ridge)[:, None],
-    "online_gd": online[:, None],
+    "online_gd": online_gd(config, xs_BxNxD, ys_BxN)[:, None],
   }
+
+
+def online_gd(config: ml_collections.ConfigDict, xs_BxNxD, ys_BxN) -> jax.Array:
+  """The evaluation's online GD (eval.online_gd) on every prefix: [B, T, D]."""
+  if config.eval.online_gd == "projection":
+    return algorithms.online_gradient_descent(xs_BxNxD, ys_BxN)
+  # Fu et al.'s code: a fixed step from w_0 ~ U[0, 1)^d, drawn here once per prompt.
+  w0_BxD = jax.random.uniform(eval_keys(config.seed)["online_gd"], xs_BxNxD.shape[::2], xs_BxNxD.dtype)
+  return algorithms.online_gradient_descent(xs_BxNxD, ys_BxN, config.eval.online_gd_learning_rate, w0_BxD)
 
 
 def check_gd_stability(config: ml_collections.ConfigDict, xs_BxNxD) -> None:
@@ -300,6 +321,9 @@ class ModelOutputs(NamedTuple):
   query_preds_LxBxNxQ: np.ndarray  # Each layer's predictions for the SimW queries of every prefix.
   probe_fit_mse_L: np.ndarray | None  # The read-outs' residual on their own fitting prompts (None: not fit).
   prompts_sha256: str  # `prompts_hash` of the evaluation prompts the predictions are for.
+  # The model's recall of example n - g after n examples, per gap g and evaluation prompt (`forgetting.prompts`);
+  # None in outputs saved before the test existed.
+  forgetting_GxB: np.ndarray | None = None
 
 
 def prompts_hash(prompts: data.Batch) -> str:
@@ -387,10 +411,15 @@ class Evaluator:
     check_finite([f"layer {i}'s read-out" for i in range(1, config.model.num_layers + 1)], layers_LxBxN)
     check_finite(["the model's output"], model_BxN[None])
     query_preds = programs.layer_query_predictions(params, readouts, *self.sim_w_inputs)
+    forgetting_GxB = None
+    if (n := forgetting.num_examples(config.task.n_dims, config.task.n_points)) is not None:
+      xs, ys = forgetting.prompts(prompts.xs_BxNxD, prompts.ys_BxN, n)
+      forgetting_GxB = programs.outputs(params, xs, ys)[:, n].reshape(n, -1)
+      check_finite(["the model's recall of earlier examples"], forgetting_GxB.reshape(1, 1, -1))
     clock.lap("model_s")
     logging.info("Evaluation: layers' predictions done (%s).", clock.progress())
     mse = None if probe_fit_mse_L is None else np.asarray(probe_fit_mse_L)
-    return ModelOutputs(layers_LxBxN, model_BxN, query_preds, mse, self.prompts_sha256)
+    return ModelOutputs(layers_LxBxN, model_BxN, query_preds, mse, self.prompts_sha256, forgetting_GxB)
 
   @highest_precision
   def analyse(self, outputs: ModelOutputs, clock: "Clock | None" = None) -> dict:
@@ -434,8 +463,11 @@ class Evaluator:
       counts_SxB,
       e.confidence,
     )
-    # How far the model's own predictions are from least squares', per context length.
+    # How far the model's own predictions and each layer's are from least squares', per context length.
     distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
+    layer_distance_LxN = np.mean(np.square(layers_LxBxN - algos["least_squares"][0][None]), axis=1) / n_dims
+    lengths = rates.figure_lengths(n_dims, config.task.n_points)
+    gd_fixed_error_KxN = np.mean(np.asarray(similarity.squared_errors(gd_fixed_KxBxN, ys_BxN, n_dims)), axis=1)
     clock.lap("metrics_s")
     logging.info("Evaluation: errors, SimE and separability done (%s); SimW.", clock.progress())
 
@@ -452,18 +484,58 @@ class Evaluator:
     logging.info("Evaluation: SimW done (%s).", clock.progress())
     results = _summarise(config, error, sim_e, sim_w, clock.laps)
     results["separability"] = separable
-    # How linear each layer's read-out is in the query (Fu et al. Fig. 27): the mean squared residual of the
-    # induced-weight fit over the SimW queries of every prefix t >= 1.
-    fitted_LxBxNxQ = np.einsum("bnqd,lbnd->lbnq", np.asarray(queries_BxNxQxD), layer_weights_LxBxNxD)
-    results["sim_w_fit_residual"] = np.mean(
-      np.square(query_preds_LxBxNxQ - fitted_LxBxNxQ)[:, :, 1:], axis=(1, 2, 3)
-    ).tolist()
+    results["linearity"] = {
+      "fit_residual": linearity.fit_residual(
+        queries_BxNxQxD, query_preds_LxBxNxQ, layer_weights_LxBxNxD, float(np.mean(np.square(sim_w_prompts.ys_BxN)))
+      ).tolist(),
+      "span_residual": _tolist(linearity.span_residual(sim_w_prompts.xs_BxNxD, layer_weights_LxBxNxD)),
+    }
     results["convergence"] = convergence
+    results["error_vs_layer"] = {
+      "context_lengths": lengths,
+      "layers": error["layers"]["mean"][:, lengths].tolist(),
+      "gd_steps": list(gd_steps),
+      "gd": gd_fixed_error_KxN[:, lengths].tolist(),
+      "least_squares": error["least_squares"]["mean"][0, lengths].tolist(),
+    }
+    results["ols_distance"] = {
+      "per_dim": layer_distance_LxN.tolist(),
+      "zero_per_dim": error["zero"]["mean"][0].tolist(),
+    }
     results["last_layer_paired"] = _last_layer_paired(cosines_w, sim_w, counts_w_SxB, e.confidence)
     results["distance_to_least_squares_per_dim"] = distance_N.tolist()
     results["probe_fit"] = _probe_fit(outputs.probe_fit_mse_L, n_dims)
+    results["forgetting"] = _forgetting_results(config, prompts, outputs.forgetting_GxB, counts_SxB)
     results["prompts_sha256"] = outputs.prompts_sha256
     return results
+
+
+def _forgetting_results(config, prompts: data.Batch, model_GxB, counts_SxB) -> dict | None:
+  """The forgetting test (analysis/forgetting.py) of the model's saved recall, beside online GD's and least
+  squares' on the same prompts; None when the outputs have no recall (saved before the test existed)."""
+  if model_GxB is None:
+    return None
+  e, d = config.eval, config.task.n_dims
+  n = forgetting.num_examples(d, config.task.n_points)
+  xs, ys = forgetting.prompts(prompts.xs_BxNxD, prompts.ys_BxN, n)
+  targets_GxB = np.asarray(ys[:, n]).reshape(n, -1)
+  query = lambda ws_BxTxD: np.asarray(jnp.einsum("bd,bd->b", ws_BxTxD[:, n], xs[:, n])).reshape(n, -1)
+  found = {
+    "model": np.asarray(model_GxB),
+    "online_gd": query(online_gd(config, xs, ys)),
+    "least_squares": query(algorithms.least_squares(xs, ys, e.ridge)),
+  }
+  errors = {k: forgetting.errors(v, targets_GxB, d) for k, v in found.items()}
+  zero_GxB = forgetting.errors(np.zeros_like(targets_GxB), targets_GxB, d)
+  return {
+    "examples": n,
+    "gaps": list(range(n)),
+    "zero_per_dim": float(np.mean(zero_GxB)),
+    "error_per_dim": {k: forgetting.curve(v, counts_SxB, e.confidence) for k, v in errors.items()},
+    "statistic": {
+      k: forgetting.forgetting_statistic(v, zero_GxB, counts_SxB, e.confidence) for k, v in errors.items()
+    },
+  }
 
 
 def _last_layer_paired(cosines_w: dict, sim_w: dict, counts_SxB, confidence: float) -> dict:

@@ -25,6 +25,12 @@ def context_lengths(n_dims: int, n_points: int) -> list[int]:
   return [n for n in scaled if n_dims < n < n_points]
 
 
+def figure_lengths(n_dims: int, n_points: int) -> list[int]:
+  """All of the paper's lengths (n <= d too), scaled by d / 20 and rounded, from 1 to the prompt's last position:
+  Fig. 2's curves."""
+  return sorted({n for n in (round(m * n_dims / PAPER_DIMS) for m in PAPER_LENGTHS) if 1 <= n < n_points})
+
+
 def window(num_layers: int) -> tuple[int, int]:
   """The paper's layers 3-8 of 12, scaled to the depth (first and last layer, 1-based)."""
   first = num_layers // 5 + 1  # The fit layers' start (probing.fit_layers): 3 of 12.

@@ -31,8 +31,22 @@ class Experiment:
   name: str  # The run directories' prefix and the report's key.
   title: str  # What it is, for the report.
   config_file: str
-  # Dotted config field -> value, applied after the variant, at every scale (the experiment's definition).
+  # Dotted config field -> value, applied after the variant, at every scale (the experiment's definition); a
+  # callable value is called with the config (e.g. a width that scales with task.n_dims).
   overrides: tuple[tuple[str, object], ...] = ()
+  # Scale -> variant of `config_file`, where the experiment's differ from VARIANTS (a variant of its own).
+  variants: tuple[tuple[str, str], ...] = ()
+
+
+# Fu et al. Fig. 6: 12-layer, 1-head GPT-2s of these hidden sizes at d = 20 (8 and 16 fail to mimic least
+# squares, 32 and 64 do). At another d the hidden size scales with d (`hidden_size`): the paper's threshold lies
+# between d and 2d, which the rule keeps.
+PAPER_HIDDEN_SIZES, PAPER_DIMS = (8, 16, 32, 64), 20
+
+
+def hidden_size(paper_width: int, n_dims: int) -> int:
+  """The paper's hidden size at d = 20 scaled to d: round(width * d / 20), at least 1."""
+  return max(1, round(paper_width * n_dims / PAPER_DIMS))
 
 
 # Noise of Fu et al.'s noisy variant (their §4, Figs. 19-21: sigma = 0.1). With w ~ N(0, I) the Bayes-optimal
@@ -50,6 +64,21 @@ EXPERIMENTS = (
   ),
   Experiment("lstm", "LSTM baseline (Fu et al. App. A.1, Table 1)", "lstm.py"),
   Experiment("lsa", "Linear self-attention (Ahn et al. §4.3)", "lsa.py"),
+  *(
+    Experiment(
+      f"width{width}",
+      f"GPT-2, 1 head, hidden size {width} x d/20 (Fu et al. Fig. 6)",
+      "linreg.py",
+      (("model.num_heads", 1), ("model.width", lambda config, width=width: hidden_size(width, config.task.n_dims))),
+    )
+    for width in PAPER_HIDDEN_SIZES
+  ),
+  Experiment(
+    "gdpp",
+    "Full-form linear self-attention, n = 10 (Ahn et al. §5.1, GD++)",
+    "lsa.py",
+    variants=(("smoke", "gdpp_quick"), ("quick", "gdpp_quick"), ("medium", "gdpp_quick"), ("paper", "gdpp")),
+  ),
 )
 
 # The variant of each config file at each scale. linreg_ill_conditioned.py follows linreg.py's variants; LSA
@@ -63,7 +92,12 @@ VARIANTS = {
 }
 # The experiments of a scale where not all of them: those trained at the large rung (each GPT-2 seed there is
 # about 110 minutes on a 2-core CPU), the papers' two main settings.
-SCALE_EXPERIMENTS = {"large": ("isotropic", "kappa100")}
+SCALE_EXPERIMENTS = {
+  "large": ("isotropic", "kappa100"),
+  # The pipeline check trains one experiment of each code path: the hidden-size and GD++ experiments are the
+  # isotropic GPT-2's and the LSA's with other fields (their configs are checked by tests/reproduce).
+  "smoke": ("isotropic", "kappa100", "noisy", "lstm", "lsa"),
+}
 
 
 def scale_experiments(scale: str) -> tuple[Experiment, ...]:
@@ -133,10 +167,10 @@ def experiment_config(
   if scale not in SCALES:
     raise ValueError(f"scale {scale!r}: allowed {SCALES}")
   module = config_files.load_file(pathlib.Path(config_dir) / experiment.config_file)
-  config = module.get_config(VARIANTS[scale][experiment.config_file])
+  config = module.get_config(dict(experiment.variants).get(scale, VARIANTS[scale][experiment.config_file]))
   smoke = SMOKE_OVERRIDES[experiment.config_file] if scale == "smoke" else ()
   for field, value in smoke + experiment.overrides:
-    _override(config, field, value)
+    _override(config, field, value(config) if callable(value) else value)
   config.seed = seed
   # Every probed run is evaluated by `reproduce` itself (once, when missing), not again at the end of training.
   config.eval.after_training = False

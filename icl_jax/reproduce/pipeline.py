@@ -119,18 +119,27 @@ SUMMARY_FIELDS = {
     "last_layer_paired",
     "separability",
     "convergence",
-    "sim_w_fit_residual",
+    "error_vs_layer",
+    "ols_distance",
+    "linearity",
+    "forgetting",
+    "grids",
     "table1",
     "prompts_sha256",
   ),
-  "lsa": ("a", "dist", "final_test_loss"),
+  "lsa": ("a", "b", "dist", "final_test_loss"),
 }
+
+
+# The grids whose SimE heatmaps the report draws (Fu et al. Figs. 8, 10): a summary keeps their SimE means.
+HEATMAP_GRIDS = ("newton", "gd", "gd_log")
 
 
 def _summary_eval(results: dict, probed: bool) -> dict:
   found = {k: results[k] for k in SUMMARY_FIELDS["probed" if probed else "lsa"]}
   if probed:
     found["model_error_per_dim"] = results["error_per_dim"]["model"]
+    found["sim_e"] = {grid: results["sim_e"][grid] for grid in HEATMAP_GRIDS}
   return found
 
 

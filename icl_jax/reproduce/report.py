@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from icl_jax.reproduce import claims as claims_lib
 from icl_jax.reproduce import experiments
+from icl_jax.reproduce import report_figures
 from icl_jax.runtime import run_logs
 from icl_jax.runtime import storage
 
@@ -143,6 +144,7 @@ def markdown(
   command: str,
   provenance: dict,
   separability: list[dict],
+  figures: list[tuple[str, str]] = (),
 ) -> str:
   counts = {v: sum(g.verdict == v for g in grades) for v in claims_lib.VERDICTS}
   tally = ", ".join(f"{counts[v]} {v}" for v in claims_lib.VERDICTS if counts[v])
@@ -200,6 +202,10 @@ def markdown(
   ]
   lines += ["", f"![Best-matching Newton and GD steps per layer](figures/{FIGURE})", ""]
   lines += _separability_markdown(separability)
+  if figures:
+    lines += ["## The papers' other figures", ""]
+    for name, caption in figures:
+      lines += [f"![{caption.split('(')[0].strip()}](figures/{name})", "", caption, ""]
   lines += [
     "## Runs",
     "",
@@ -360,7 +366,11 @@ def write(
     "git_commit": full["git_commit"],
   }
   rows = run_rows(runs, results)
-  run_logs.write_atomically(root / "REPORT.md", markdown(scale, seeds, grades, rows, command, provenance, separability))
+  drawn = {name: made for name, maker in report_figures.MAKERS.items() if (made := maker(by_experiment)) is not None}
+  captions = [(name, caption) for name, (_, caption) in drawn.items()]
+  run_logs.write_atomically(
+    root / "REPORT.md", markdown(scale, seeds, grades, rows, command, provenance, separability, captions)
+  )
   run_logs.write_atomically(
     root / "report.json",
     json.dumps(
@@ -372,13 +382,16 @@ def write(
         "claims": [grade_json(g) for g in grades],
         "runs": rows,
         "separability": separability,
+        "figures": dict(captions),
         "constructions": constructions,
       },
       indent=1,
     )
     + "\n",
   )
-  for name, fig in ((FIGURE, figure(by_experiment)), (SEPARABILITY_FIGURE, separability_figure(separability))):
+  figures = {FIGURE: figure(by_experiment), SEPARABILITY_FIGURE: separability_figure(separability)}
+  figures.update({name: fig for name, (fig, _) in drawn.items()})
+  for name, fig in figures.items():
     if fig is not None:
       (root / "figures").mkdir(exist_ok=True)
       storage.save_figure(fig, root / "figures" / name, dpi=120)

@@ -142,3 +142,94 @@ def test_sources_and_tolerances_are_stated_for_every_claim():
   known = {e.name for e in experiments.EXPERIMENTS} | {"constructions"}
   for c in claims.CLAIMS:
     assert c.experiment in known and c.paper and c.source and c.tolerance_source and str(c.verdict), c.id
+
+
+def _claim(experiment, claim_id):
+  return next(c for c in claims.CLAIMS if (c.experiment, c.id) == (experiment, claim_id))
+
+
+def test_the_late_layers_ols_claim_reads_the_layers_after_the_fit_range_from_two_examples_on():
+  distance = np.full((5, 6), 0.01)
+  distance[:, 1] = 10.0  # n = 1: not graded (the paper: "more than one example").
+  distance[:3, 3] = 10.0  # Layers inside the fit range: not graded.
+  run = {"eval": {"fits": {"layers": [1, 3]}, "ols_distance": {"per_dim": distance.tolist(), "zero_per_dim": [1.0] * 6}}}
+  grade = claims.grade(_claim("isotropic", "late_layers_match_ols"), [run])
+  assert grade.verdict == "PASS" and grade.quantity.mean == pytest.approx(0.01)
+  distance[4, 5] = 0.2
+  run["eval"]["ols_distance"]["per_dim"] = distance.tolist()
+  assert claims.grade(_claim("isotropic", "late_layers_match_ols"), [run]).verdict == "FAIL"
+
+
+def test_the_bfgs_claim_fits_layers_6_to_11_and_shows_cg_beside_it():
+  linear = [1, 1, 1, 1, 1, 3, 5, 7, 9, 11, 13, 13]
+  run = {"eval": {"best_match": {"bfgs": linear, "cg": linear}}}
+  grade = claims.grade(_claim("isotropic", "bfgs_linear"), [run])
+  assert grade.verdict == "PASS" and grade.details == ("BFGS 3, 5, 7, 9, 11, 13; CG 3, 5, 7, 9, 11, 13: equal at 6 of 6 layers",)
+  flat = {"eval": {"best_match": {"bfgs": [7] * 12, "cg": [7] * 12}}}
+  assert claims.grade(_claim("isotropic", "bfgs_linear"), [flat]).verdict == "FAIL"
+
+
+def test_forgetting_claims_read_the_statistic_and_say_when_outputs_predate_the_test():
+  statistic = {"model": {"value": 0.01, "low": 0.0, "high": 0.02}, "online_gd": {"value": 0.3, "low": 0.2, "high": 0.4}}
+  run = {"eval": {"forgetting": {"statistic": statistic}}}
+  assert claims.grade(_claim("isotropic", "no_forgetting"), [run]).verdict == "PASS"
+  assert claims.grade(_claim("isotropic", "forgetting_control"), [run]).verdict == "PASS"
+  # The same statistic, 0 inside its interval: the LSTM's claim (older examples recalled worse) is open.
+  assert claims.grade(_claim("lstm", "lstm_forgets"), [run]).verdict == "INCONCLUSIVE"
+  old = claims.grade(_claim("isotropic", "no_forgetting"), [{"eval": {"forgetting": None}}])
+  assert old.verdict == "NOT RUN" and "predate the forgetting test" in old.reason
+
+
+def test_the_linearity_claims_grade_every_layer_and_say_where_the_largest_is():
+  run = {"eval": {"linearity": {"fit_residual": [1e-3, 1e-5, 2e-5], "span_residual": [0.02, 0.05, 0.04]}}}
+  grade = claims.grade(_claim("isotropic", "read_out_linear"), [run])
+  assert grade.verdict == "FAIL" and grade.details == ("largest at layer 1; last layer 2e-05",)
+  assert claims.grade(_claim("isotropic", "induced_weights_in_span"), [run]).verdict == "PASS"
+  run["eval"]["linearity"]["span_residual"] = None
+  assert claims.grade(_claim("isotropic", "induced_weights_in_span"), [run]).verdict == "NOT RUN"
+
+
+def test_hidden_size_experiments_scale_the_width_with_d_and_grade_both_directions():
+  found = {e.name: e for e in experiments.EXPERIMENTS}
+  for scale, d, widths in (("paper", 20, (8, 16, 32, 64)), ("medium", 8, (3, 6, 13, 26))):
+    for paper, width in zip(experiments.PAPER_HIDDEN_SIZES, widths):
+      config = experiments.experiment_config(found[f"width{paper}"], scale, 0, experiments.default_config_dir())
+      assert (config.task.n_dims, config.model.width, config.model.num_heads) == (d, width, 1)
+  curve = lambda ratio: {"error_per_dim": [1.0] * 16 + [ratio] + [0.0], "zero_per_dim": [1.0] * 18}
+  config = _config(8, 18)
+  config.model = {"width": 3, "num_heads": 1}
+  for claim_id, experiment, ratio, expected in (
+    ("mimics_ols", "width64", 0.01, "PASS"),
+    ("mimics_ols", "width32", 0.2, "FAIL"),
+    ("fails_ols", "width8", 0.2, "PASS"),
+    ("fails_ols", "width16", 0.01, "FAIL"),
+  ):
+    run = {"eval": {}, "curve": curve(ratio), "config": config}
+    assert claims.grade(_claim(experiment, claim_id), [run]).verdict == expected
+
+
+def test_gdpp_claims_pass_on_a_planted_gdpp_model_and_fail_on_a_distorted_one():
+  """Ahn et al. §5.1 on a full-form LSA built with B_i = b_i I and A_i = a_i Σ^-1 (the paper's values), read off by
+  the analysis as a trained one is."""
+  import jax.numpy as jnp
+
+  from icl_jax import data
+  from icl_jax.analysis import lsa_analysis
+
+  found = {e.name: e for e in experiments.EXPERIMENTS}
+  config = experiments.experiment_config(found["gdpp"], "medium", 0, experiments.default_config_dir())
+  assert (config.model.lsa_sparse, config.task.n_points, config.task.n_dims) == (False, 11, 5)
+  sigma_inv = np.linalg.inv(np.asarray(data.covariance_matrix(config.task), np.float64))
+  b = claims.PAPER_GDPP_B + (1.0,)
+
+  def planted(scale):
+    return {
+      f"layer_{i}": {"A": jnp.asarray(scale * a * sigma_inv, jnp.float32), "B": jnp.asarray(b[i] * np.eye(5), jnp.float32)}
+      for i, a in enumerate(claims.PAPER_GDPP_A)
+    }
+
+  for scale, expected in ((1.0, "PASS"), (2.0, "FAIL")):
+    results = lsa_analysis.analyse(config, planted(scale), num_prompts=64, tune_prompts=64)
+    run = {"eval": {k: results[k] for k in ("a", "b")}, "config": config}
+    assert claims.grade(_claim("gdpp", "gdpp_step_sizes"), [run]).verdict == expected
+    assert claims.grade(_claim("gdpp", "gdpp_b"), [run]).verdict == "PASS"
