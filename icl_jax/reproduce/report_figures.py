@@ -17,6 +17,7 @@ from icl_jax.reproduce import experiments
 matplotlib.use("Agg")
 
 GPT2_EXPERIMENTS = ("isotropic", "kappa100", "noisy")
+RECALL_FLOOR = 1e-5  # Recall errors below this (least squares': float32 round-off) are drawn on it.
 HEATMAP_GRIDS = (("newton", "Iterative Newton"), ("gd", "GD"), ("gd_log", "GD, log grid"))
 
 
@@ -137,7 +138,7 @@ def ols_match(by_experiment: dict):
         color=colours[layer - 1],
         label=f"layer {layer}" if late or layer == 1 else None,
       )
-    ax.axhline(0.05, color="0.4", lw=0.8, ls="--")
+    ax.axhline(claims_lib.LEARNED_BAR, color="0.4", lw=0.8, ls="--")
     ax.set(yscale="log", xlabel="examples n", title=f"{name} ({_seeds(found)})")
     ax.legend(fontsize="small")
   axes[0].set_ylabel("distance from least squares / zero's error")
@@ -145,7 +146,7 @@ def ols_match(by_experiment: dict):
     "Per layer and context length, the mean squared distance of the read-out's prediction from least squares', "
     "over the zero predictor's error (Fu et al. Fig. 14: the late layers match OLS once given more than one "
     f"example; no number given); solid: the layers after the fit range; dashed line: `late_layers_match_ols`'s "
-    f"bound 0.05; {_scale_text(shown[0][1])}; mean over seeds."
+    f"bound {claims_lib.LEARNED_BAR:g}; {_scale_text(shown[0][1])}; mean over seeds."
   )
   return fig, caption
 
@@ -163,10 +164,10 @@ def forgetting_curves(by_experiment: dict):
   for (label, found, who), colour in zip(curves, ("black", "tab:purple", "tab:orange", "tab:red")):
     gaps = found[0]["eval"]["forgetting"]["gaps"]
     mean = _mean(found, "forgetting", "error_per_dim", who, "mean")
-    ax.plot(gaps, np.maximum(mean, 1e-9), "o-", ms=3, color=colour, label=f"{label} ({_seeds(found)})")
+    ax.plot(gaps, np.maximum(mean, RECALL_FLOOR), "o-", ms=3, color=colour, label=f"{label} ({_seeds(found)})")
   found = shown[0][1]
   n, d = found[0]["eval"]["forgetting"]["examples"], found[0]["config"].task.n_dims
-  paper = [round(g * n / forgetting.PAPER_EXAMPLES) for g in forgetting.PAPER_GAPS]
+  paper = sorted({min(n - 1, round(g * n / forgetting.PAPER_EXAMPLES)) for g in forgetting.PAPER_GAPS})
   for g in paper:
     ax.axvline(g, color="0.85", lw=0.8, zorder=0)
   ax.set(yscale="log", xlabel="gap g (query repeats example n − g)", ylabel="error / d of the recall")
@@ -174,7 +175,8 @@ def forgetting_curves(by_experiment: dict):
   caption = (
     f"The forgetting test (Fu et al. Fig. 5, App. A.6: n = 20 at d = 20, g ∈ {{19, 15, 11, 7, 3}}; this project's "
     f"reading in `icl_jax/analysis/forgetting.py`): after n = {n} examples at d = {d} the query repeats example "
-    f"n − g; error/d of the recall against g, mean over seeds; grey lines: the paper's gaps scaled to n. The paper: "
+    f"n − g; error/d of the recall against g, mean over seeds (drawn at {RECALL_FLOOR:g} when below: an exact "
+    "recall); grey lines: the paper's gaps scaled to n. The paper: "
     "the LSTM and online GD forget early examples, the Transformer does not."
   )
   return fig, caption
@@ -196,7 +198,8 @@ def hidden_size(by_experiment: dict):
     means.append(quantity.mean), lows.append(low), highs.append(high)
   means, lows, highs = map(np.asarray, (means, lows, highs))
   ax.errorbar(widths, means, yerr=[means - lows, highs - means], marker="o", capsize=3, color="black")
-  ax.axhline(0.05, color="0.4", lw=0.8, ls="--", label="bound 0.05 (mimics least squares below)")
+  bar = claims_lib.LEARNED_BAR
+  ax.axhline(bar, color="0.4", lw=0.8, ls="--", label=f"bound {bar:g} (mimics least squares below)")
   ax.set(xscale="log", yscale="log", xlabel="hidden size (1 head)", ylabel="error/d at 2d ÷ zero's")
   ax.set_xticks(widths, [str(w) for w in widths])
   ax.legend(fontsize="small")

@@ -182,11 +182,11 @@ def test_every_scale_plans_valid_configs(tmp_path):
 
 def test_an_invalid_experiment_config_is_named_before_any_compute(tmp_path, monkeypatch):
   broken = experiments.Experiment(
-    "broken", "a 2-layer model fit over layers 1-5", "linreg.py", (("eval.fit_layers", (1, 5)),)
+    "broken", "a 4-layer model fit over layers 1-5", "linreg.py", (("eval.fit_layers", (1, 5)),)
   )
   monkeypatch.setattr(experiments, "EXPERIMENTS", experiments.EXPERIMENTS + (broken,))
   with pytest.raises(errors.ConfigError, match=r"broken_seed0: config.eval.fit_layers = \(1, 5\)"):
-    _plan(tmp_path, "smoke", (0,))
+    _plan(tmp_path, "quick", (0,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
