@@ -49,6 +49,9 @@ def hidden_size(paper_width: int, n_dims: int) -> int:
   return max(1, round(paper_width * n_dims / PAPER_DIMS))
 
 
+# Ahn et al. App. D: the LSA's test loss against its depth L = 1..4 (beside L-step GD and preconditioned GD).
+APPENDIX_D_DEPTHS = (1, 2, 3, 4)
+
 # Noise of Fu et al.'s noisy variant (their §4, Figs. 19-21: sigma = 0.1). With w ~ N(0, I) the Bayes-optimal
 # estimate is ridge regression with lambda = sigma^2, so the reference algorithms get that ridge.
 NOISE_STD = 0.1
@@ -72,6 +75,16 @@ EXPERIMENTS = (
       (("model.num_heads", 1), ("model.width", lambda config, width=width: hidden_size(width, config.task.n_dims))),
     )
     for width in PAPER_HIDDEN_SIZES
+  ),
+  *(
+    Experiment(
+      f"lsa_L{layers}",
+      f"Linear self-attention, {layers} layer{'s' * (layers > 1)} (Ahn et al. App. D: loss against depth)",
+      "lsa.py",
+      (("model.num_layers", layers),),
+    )
+    for layers in APPENDIX_D_DEPTHS
+    if layers != 3  # The 3-layer model is the "lsa" experiment.
   ),
   Experiment(
     "gdpp",

@@ -127,7 +127,7 @@ SUMMARY_FIELDS = {
     "table1",
     "prompts_sha256",
   ),
-  "lsa": ("a", "b", "dist", "final_test_loss"),
+  "lsa": ("a", "b", "dist", "final_test_loss", "test_loss"),
 }
 
 

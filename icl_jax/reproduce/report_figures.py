@@ -17,7 +17,7 @@ from icl_jax.reproduce import experiments
 matplotlib.use("Agg")
 
 GPT2_EXPERIMENTS = ("isotropic", "kappa100", "noisy")
-RECALL_FLOOR = 1e-5  # Recall errors below this (least squares': float32 round-off) are drawn on it.
+RECALL_FLOOR = 1e-5  # Errors below this (least squares' float32 round-off once n >= d) are drawn on it.
 HEATMAP_GRIDS = (("newton", "Iterative Newton"), ("gd", "GD"), ("gd_log", "GD, log grid"))
 
 
@@ -242,6 +242,46 @@ def lsa_matrices(by_experiment: dict):
   return fig, caption
 
 
+def lsa_depth(by_experiment: dict):
+  """Ahn et al. App. D: the trained LSA's test loss against its depth L, beside L steps of GD and of
+  Σ⁻¹-preconditioned GD (steps tuned) and least squares; and against the context length for the 3-layer one."""
+  names = {layers: "lsa" if layers == 3 else f"lsa_L{layers}" for layers in experiments.APPENDIX_D_DEPTHS}
+  shown = {layers: found for layers, name in names.items() for _, found in _with(by_experiment, [name])}
+  if len(shown) < 2:
+    return None
+  fig = Figure(figsize=(11, 4), layout="constrained")
+  by_depth, by_length = fig.subplots(1, 2)
+  depths = sorted(shown)
+  for key, style, label in LSA_CURVES:
+    losses = [np.mean([r["eval"]["final_test_loss"][key] for r in shown[L]]) for L in depths]
+    by_depth.plot(depths, np.maximum(losses, RECALL_FLOOR), style, label=label)
+  by_depth.set(yscale="log", xlabel="layers L", ylabel="test loss at the query", title="against depth")
+  by_depth.set_xticks(depths)
+  by_depth.legend(fontsize="small")
+  three = [r for r in shown.get(3, []) if r["eval"].get("test_loss")]
+  if three:
+    for key, style, label in LSA_CURVES:
+      curve = np.mean([r["eval"]["test_loss"][key]["mean"] for r in three], axis=0)
+      by_length.plot(np.arange(len(curve)), np.maximum(curve, RECALL_FLOOR), style, label=label)
+    by_length.set(yscale="log", xlabel="examples n", title=f"3 layers, against the context length ({_seeds(three)})")
+  caption = (
+    "Ahn et al. App. D: the trained linear self-attention's test loss at the query against its depth L (mean over "
+    "seeds), beside L steps of GD and of Σ⁻¹-preconditioned GD, each with its step tuned on separate prompts, and "
+    "least squares; right: against the number of examples for L = 3 (where the summaries keep the curve); "
+    f"{_scale_text(next(iter(shown.values())))}."
+  )
+  return fig, caption
+
+
+# The LSA analysis' predictors drawn by lsa_depth: key of its test losses, line style, label.
+LSA_CURVES = (
+  ("lsa", "o-k", "trained LSA"),
+  ("preconditioned_gd", "s--", "Σ⁻¹-preconditioned GD, tuned step"),
+  ("gd", "^--", "GD, tuned step"),
+  ("least_squares", ":", "least squares"),
+)
+
+
 MAKERS = {
   "error_vs_layer.png": error_vs_layer,
   "sim_e_heatmaps.png": sim_e_heatmaps,
@@ -249,4 +289,5 @@ MAKERS = {
   "forgetting.png": forgetting_curves,
   "hidden_size.png": hidden_size,
   "lsa_matrices.png": lsa_matrices,
+  "lsa_depth.png": lsa_depth,
 }
