@@ -99,9 +99,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
   if variant == "gdpp_quick":
     config.train.num_steps = 25_000  # The halvings every 1000 steps leave the rate ~1e-8 of its start by then.
   elif variant not in ("paper", "quick", "gdpp"):
-    raise ValueError(
-      f"configs/lsa.py: unknown variant {variant!r}; allowed: 'paper', 'quick', 'gdpp', 'gdpp_quick'."
-    )
+    raise ValueError(f"configs/lsa.py: unknown variant {variant!r}; allowed: 'paper', 'quick', 'gdpp', 'gdpp_quick'.")
   return config
 
 

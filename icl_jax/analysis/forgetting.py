@@ -31,7 +31,9 @@ def prompts(xs_BxNxD, ys_BxN, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   the prompt's first n examples, then as the query example n - g (index n - 1 - g), whose label is the target."""
   xs, ys = jnp.asarray(xs_BxNxD)[:, :n], jnp.asarray(ys_BxN)[:, :n]
   source_G = n - 1 - jnp.arange(n)
-  query_xs = jnp.concatenate([jnp.broadcast_to(xs[None], (n, *xs.shape)), xs[:, source_G].swapaxes(0, 1)[:, :, None]], axis=2)
+  query_xs = jnp.concatenate(
+    [jnp.broadcast_to(xs[None], (n, *xs.shape)), xs[:, source_G].swapaxes(0, 1)[:, :, None]], axis=2
+  )
   query_ys = jnp.concatenate([jnp.broadcast_to(ys[None], (n, *ys.shape)), ys[:, source_G].T[:, :, None]], axis=2)
   return query_xs.reshape(-1, n + 1, xs.shape[-1]), query_ys.reshape(-1, n + 1)
 

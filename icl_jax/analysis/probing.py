@@ -532,9 +532,7 @@ def _forgetting_results(config, prompts: data.Batch, model_GxB, counts_SxB) -> d
     "gaps": list(range(n)),
     "zero_per_dim": float(np.mean(zero_GxB)),
     "error_per_dim": {k: forgetting.curve(v, counts_SxB, e.confidence) for k, v in errors.items()},
-    "statistic": {
-      k: forgetting.forgetting_statistic(v, zero_GxB, counts_SxB, e.confidence) for k, v in errors.items()
-    },
+    "statistic": {k: forgetting.forgetting_statistic(v, zero_GxB, counts_SxB, e.confidence) for k, v in errors.items()},
   }
 
 

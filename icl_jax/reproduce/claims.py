@@ -429,7 +429,6 @@ def _error_ratio_detail(run) -> str:
   return f"width {run['config'].model.width}, {run['config'].model.num_heads} head"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Claim:
   id: str
@@ -867,6 +866,7 @@ _LSA = (
     "a quarter either way of values read off a figure of 5 runs",
   ),
 )
+
 
 def _lsa_over_preconditioned_gd(run):
   """The trained LSA's test loss at the query over L steps of Σ⁻¹-preconditioned GD's with a tuned step."""

@@ -63,7 +63,7 @@ def error_vs_layer(by_experiment: dict):
   axes = np.atleast_1d(fig.subplots(1, len(shown) + 1, sharey=True))
   for ax, (name, found) in zip(axes, shown):
     curves = found[0]["eval"]["error_vs_layer"]
-    lengths, d = curves["context_lengths"], found[0]["config"].task.n_dims
+    lengths = curves["context_lengths"]
     colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(lengths)))
     layers_LxT = _mean(found, "error_vs_layer", "layers")
     for i, (n, colour) in enumerate(zip(lengths, colours)):

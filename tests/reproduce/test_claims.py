@@ -152,7 +152,9 @@ def test_the_late_layers_ols_claim_reads_the_layers_after_the_fit_range_from_two
   distance = np.full((5, 6), 0.01)
   distance[:, 1] = 10.0  # n = 1: not graded (the paper: "more than one example").
   distance[:3, 3] = 10.0  # Layers inside the fit range: not graded.
-  run = {"eval": {"fits": {"layers": [1, 3]}, "ols_distance": {"per_dim": distance.tolist(), "zero_per_dim": [1.0] * 6}}}
+  run = {
+    "eval": {"fits": {"layers": [1, 3]}, "ols_distance": {"per_dim": distance.tolist(), "zero_per_dim": [1.0] * 6}}
+  }
   grade = claims.grade(_claim("isotropic", "late_layers_match_ols"), [run])
   assert grade.verdict == "PASS" and grade.quantity.mean == pytest.approx(0.01)
   distance[4, 5] = 0.2
@@ -164,7 +166,9 @@ def test_the_bfgs_claim_fits_layers_6_to_11_and_shows_cg_beside_it():
   linear = [1, 1, 1, 1, 1, 3, 5, 7, 9, 11, 13, 13]
   run = {"eval": {"best_match": {"bfgs": linear, "cg": linear}}}
   grade = claims.grade(_claim("isotropic", "bfgs_linear"), [run])
-  assert grade.verdict == "PASS" and grade.details == ("BFGS 3, 5, 7, 9, 11, 13; CG 3, 5, 7, 9, 11, 13: equal at 6 of 6 layers",)
+  assert grade.verdict == "PASS" and grade.details == (
+    "BFGS 3, 5, 7, 9, 11, 13; CG 3, 5, 7, 9, 11, 13: equal at 6 of 6 layers",
+  )
   flat = {"eval": {"best_match": {"bfgs": [7] * 12, "cg": [7] * 12}}}
   assert claims.grade(_claim("isotropic", "bfgs_linear"), [flat]).verdict == "FAIL"
 
@@ -224,7 +228,10 @@ def test_gdpp_claims_pass_on_a_planted_gdpp_model_and_fail_on_a_distorted_one():
 
   def planted(scale):
     return {
-      f"layer_{i}": {"A": jnp.asarray(scale * a * sigma_inv, jnp.float32), "B": jnp.asarray(b[i] * np.eye(5), jnp.float32)}
+      f"layer_{i}": {
+        "A": jnp.asarray(scale * a * sigma_inv, jnp.float32),
+        "B": jnp.asarray(b[i] * np.eye(5), jnp.float32),
+      }
       for i, a in enumerate(claims.PAPER_GDPP_A)
     }
 
