@@ -240,3 +240,10 @@ def test_gdpp_claims_pass_on_a_planted_gdpp_model_and_fail_on_a_distorted_one():
     run = {"eval": {k: results[k] for k in ("a", "b")}, "config": config}
     assert claims.grade(_claim("gdpp", "gdpp_step_sizes"), [run]).verdict == expected
     assert claims.grade(_claim("gdpp", "gdpp_b"), [run]).verdict == "PASS"
+
+
+def test_the_lsa_steps_are_compared_in_any_order_and_gdpps_in_the_layers_order():
+  swapped = {"eval": {"a": [-0.43, -0.69, -1.71]}}  # The sparse form's commuting steps, layers 1-2 swapped.
+  assert claims.grade(_claim("lsa", "lsa_step_sizes"), [swapped]).verdict == "PASS"
+  reversed_gdpp = {"eval": {"a": list(claims.PAPER_GDPP_A[::-1]), "b": list(claims.PAPER_GDPP_B)}}
+  assert claims.grade(_claim("gdpp", "gdpp_step_sizes"), [reversed_gdpp]).verdict == "FAIL"
