@@ -15,6 +15,7 @@ are recalled worse. Interval: bootstrap over prompts.
 import jax.numpy as jnp
 import numpy as np
 
+from icl_jax.analysis import separability
 from icl_jax.analysis import similarity
 
 PAPER_EXAMPLES, PAPER_DIMS, PAPER_GAPS = 20, 20, (19, 15, 11, 7, 3)
@@ -56,5 +57,4 @@ def forgetting_statistic(errors_GxB: np.ndarray, zero_GxB: np.ndarray, counts_Sx
 
 def curve(errors_GxB: np.ndarray, counts_SxB, confidence: float) -> dict:
   """Mean error / d per gap with its bootstrap interval: lists over g = 0..G-1."""
-  found = similarity.bootstrap_mean(np.asarray(errors_GxB).T, counts_SxB, confidence)
-  return {k: np.asarray(v).tolist() for k, v in found.items()}
+  return separability.bootstrap_mean(np.asarray(errors_GxB).T, counts_SxB, confidence)

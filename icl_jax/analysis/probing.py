@@ -456,9 +456,10 @@ class Evaluator:
     sim_e = {k: similarity.bootstrap_similarity(c, counts_SxB, e.confidence) for k, c in cosines.items()}
     steps = {k: _steps(config, k) for k in algos}
     separable = separability.analyse(cosines, sim_e, algos, ys_BxN, first, steps, counts_SxB, e.confidence)
+    gd_fixed_squared_KxBxN = np.asarray(similarity.squared_errors(gd_fixed_KxBxN, ys_BxN, n_dims))
     convergence = rates.analyse(
       np.asarray(squared[: layers_LxBxN.shape[0]]),
-      np.asarray(similarity.squared_errors(gd_fixed_KxBxN, ys_BxN, n_dims)),
+      gd_fixed_squared_KxBxN,
       n_dims,
       counts_SxB,
       e.confidence,
@@ -467,7 +468,7 @@ class Evaluator:
     distance_N = np.mean(np.square(model_BxN - algos["least_squares"][0]), axis=0) / n_dims
     layer_distance_LxN = np.mean(np.square(layers_LxBxN - algos["least_squares"][0][None]), axis=1) / n_dims
     lengths = rates.figure_lengths(n_dims, config.task.n_points)
-    gd_fixed_error_KxN = np.mean(np.asarray(similarity.squared_errors(gd_fixed_KxBxN, ys_BxN, n_dims)), axis=1)
+    gd_fixed_error_KxN = gd_fixed_squared_KxBxN.mean(axis=1)
     clock.lap("metrics_s")
     logging.info("Evaluation: errors, SimE and separability done (%s); SimW.", clock.progress())
 

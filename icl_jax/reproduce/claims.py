@@ -23,6 +23,8 @@ import numpy as np
 from scipy import stats
 
 from icl_jax.analysis import lsa_analysis
+from icl_jax.analysis import rates
+from icl_jax.analysis import similarity
 from icl_jax.reproduce import experiments
 
 CONFIDENCE = 0.9
@@ -368,12 +370,12 @@ def _short(x: float) -> str:
   return f"{x:.2g}"
 
 
-# Fu et al. §4.2 / Fig. 11: BFGS's best matches are linear over layers 6-11 of 12.
-PAPER_BFGS_WINDOW, PAPER_LAYERS = (6, 11), 12
+# Fu et al. §4.2 / Fig. 11: BFGS's best matches are linear over layers 6-11 of their 12.
+PAPER_BFGS_WINDOW = (6, 11)
 
 
 def _bfgs_window(num_layers: int) -> tuple[int, int]:
-  return tuple(max(1, round(layer * num_layers / PAPER_LAYERS)) for layer in PAPER_BFGS_WINDOW)
+  return tuple(max(1, round(layer * num_layers / rates.PAPER_LAYERS)) for layer in PAPER_BFGS_WINDOW)
 
 
 def _bfgs_r2(run):
@@ -384,11 +386,8 @@ def _bfgs_r2(run):
   if last - first < 2:
     raise NotMeasurable(f"layers {first}-{last} of {len(best)}: fewer than three layers to fit")
   layers = np.arange(first, last + 1)
-  steps = best[layers - 1]
-  if np.ptp(steps) == 0:
-    return 0.0, None, None
-  residual = steps - np.polyval(np.polyfit(layers, steps, 1), layers)
-  return float(1 - np.sum(residual**2) / np.sum((steps - steps.mean()) ** 2)), None, None
+  fit = similarity.linear_fit(layers, best[layers - 1])
+  return (0.0 if fit["flat"] else fit["r2"]), None, None
 
 
 def _bfgs_detail(run) -> str:

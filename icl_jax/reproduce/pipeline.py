@@ -27,6 +27,7 @@ from icl_jax.analysis import probing
 from icl_jax.bench import benchmarks
 from icl_jax.reproduce import experiments
 from icl_jax.reproduce import report
+from icl_jax.reproduce import report_figures
 from icl_jax.runtime import config_files
 from icl_jax.runtime import distributed
 from icl_jax.runtime import errors
@@ -131,15 +132,12 @@ SUMMARY_FIELDS = {
 }
 
 
-# The grids whose SimE heatmaps the report draws (Fu et al. Figs. 8, 10): a summary keeps their SimE means.
-HEATMAP_GRIDS = ("newton", "gd", "gd_log")
-
-
 def _summary_eval(results: dict, probed: bool) -> dict:
   found = {k: results[k] for k in SUMMARY_FIELDS["probed" if probed else "lsa"]}
   if probed:
     found["model_error_per_dim"] = results["error_per_dim"]["model"]
-    found["sim_e"] = {grid: results["sim_e"][grid] for grid in HEATMAP_GRIDS}
+    # The SimE means of the grids whose heatmaps the report draws (Fu et al. Figs. 8, 10).
+    found["sim_e"] = {grid: results["sim_e"][grid] for grid, _ in report_figures.HEATMAP_GRIDS}
   return found
 
 
