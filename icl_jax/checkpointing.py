@@ -23,6 +23,7 @@ from icl_jax.runtime import errors
 from icl_jax.runtime import storage
 
 _ITEM = "default"  # The directory of the state inside a step's directory (the manager's one item).
+_COMMITTED = "commit_success.txt"  # Orbax's mark of a complete step folder on Cloud Storage (no atomic rename).
 GARG_PARAMS_DIR = "garg_params"  # A converted Garg et al. checkpoint's parameters, inside its workdir.
 
 
@@ -87,6 +88,42 @@ class Checkpoints:
     )
     # The handler named, so that `item_metadata` can read a checkpoint's shapes before a restore is tried.
     self._manager = _Manager(self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+    self._check_listing()
+
+  def _check_listing(self) -> None:
+    """CheckpointRestoreError if a committed step folder is missing from the manager's steps, read twice.
+
+    Orbax decides that a directory holds no checkpoint when gcsfs's `isdir` is false, and gcsfs answers false
+    to any OSError, a refused connection included: a run resuming through a storage error would start over
+    beside its checkpoints and write over them. This listing raises instead."""
+    try:
+      missed = self._unlisted_committed_steps()
+      if missed:
+        self._manager.reload()
+        missed = self._unlisted_committed_steps()
+      if missed:
+        raise CheckpointRestoreError(
+          f"{self.directory} holds the committed checkpoints of steps {missed}, which Orbax did not list (a "
+          "storage error while it looked?); nothing was started over: rerun once the storage answers"
+        )
+    except CheckpointRestoreError:
+      self._manager.close()
+      raise
+
+  def _unlisted_committed_steps(self) -> list[int]:
+    """Committed step folders (on gs://, with Orbax's commit_success.txt; on a disk, renamed into place) that
+    the manager does not list."""
+    known = set(self._manager.all_steps())
+    try:
+      names = [p.name for p in self.directory.iterdir()]
+      candidates = sorted(int(n) for n in names if n.isdigit() and int(n) not in known)
+      if storage.is_remote(self.directory):
+        candidates = [s for s in candidates if _COMMITTED in {p.name for p in (self.directory / str(s)).iterdir()}]
+    except FileNotFoundError:
+      return []
+    except Exception as e:  # noqa: BLE001  (gcsfs raises many types once its retries end)
+      raise CheckpointRestoreError(f"cannot list the checkpoints in {self.directory}: {errors.one_line(e)}") from e
+    return candidates
 
   def __enter__(self) -> "Checkpoints":
     return self
@@ -97,22 +134,25 @@ class Checkpoints:
       return
     try:  # An error is already leaving the block: a failure to close must not replace it, nor wait long.
       self.close(deadline_s=STOP_GRACE_S)
+    except CheckpointSaveError as close_error:
+      # A save stuck or failed, and the manager could not close: Orbax's threads are in an unknown state (after a
+      # failed save to an unreachable bucket they can hold the interpreter's shutdown for minutes), so the program
+      # must leave at once (os._exit, cli.exit_with_error), with both errors in its one line.
+      raise CheckpointSaveError(f"{errors.one_line(exc)}; then {close_error}", close_error.exit_status) from exc
     except Exception as close_error:  # noqa: BLE001
-      if isinstance(close_error, CheckpointSaveError) and self._abandoned:
-        # Orbax's threads are stuck: the program must leave at once (os._exit), not wait.
-        raise CheckpointSaveError(f"{errors.one_line(exc)}; then {close_error}", close_error.exit_status) from exc
       logging.warning(
         "Closing the checkpoints in %s after an error failed too: %s", self.directory, errors.one_line(close_error)
       )
 
   def close(self, deadline_s: float | None = None) -> None:
-    """Waits for the last asynchronous save (until the save deadline, or `deadline_s`) and closes the manager."""
+    """Waits for the last asynchronous save and closes the manager, both within the save deadline (or
+    `deadline_s`)."""
     if self._abandoned:  # Its threads are stuck: nothing more is asked of the manager.
       return
-    error = self._bounded("saving a checkpoint", deadline_s, self._manager.wait_until_finished)
+    # The manager's close waits for the last save first, and raises its error.
+    error = self._bounded("saving a checkpoint", deadline_s, self._manager.close)
     if error is not None:  # The background save of the last step failed.
       raise CheckpointSaveError(f"saving a checkpoint in {self.directory} failed: {errors.one_line(error)}")
-    self._manager.close()
     self._worker.shutdown(wait=False)
 
   def _bounded(self, what: str, deadline_s: float | None, fn, *args, **kwargs) -> BaseException | None:

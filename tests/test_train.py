@@ -97,6 +97,41 @@ def test_checkpoint_retention_keeps_the_last_k_and_every_period(tiny, tmp_path):
   assert kept == [4, 8, 10, 12]
 
 
+def test_committed_checkpoints_the_manager_misses_are_read_again_then_refused(tiny, tmp_path, monkeypatch):
+  """A listing that misses the committed steps (Orbax's, through a storage error) is read once more; if the
+  steps are still missing the resume is refused, naming them, rather than started over beside them."""
+  train.train_and_evaluate(tiny, tmp_path)  # Checkpoints at steps 4 and 8.
+  listed = checkpointing._Manager.all_steps
+  misses = iter([True])
+  monkeypatch.setattr(checkpointing._Manager, "all_steps", lambda self: [] if next(misses, False) else listed(self))
+  with checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train) as checkpoints:
+    assert checkpoints.latest_step() == 8
+  monkeypatch.setattr(checkpointing._Manager, "all_steps", lambda self: [])
+  with pytest.raises(checkpointing.CheckpointRestoreError, match=r"holds the committed checkpoints of steps \[4, 8\]"):
+    checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train)
+
+
+def test_a_save_that_failed_while_an_error_ends_the_run_joins_it_in_one_error_that_leaves_at_once(
+  tiny, tmp_path, monkeypatch
+):
+  """Orbax's close re-raises the failed background save (an unreachable bucket): its threads are left in an
+  unknown state, so the run's error and the save's become one CheckpointSaveError, which cli.exit_with_error
+  leaves on at once (os._exit) rather than wait for the interpreter's shutdown."""
+  checkpoints = checkpointing.Checkpoints(tmp_path / "checkpoints", tiny.train)
+
+  def close():
+    raise ConnectionError("Cannot connect to host 127.0.0.1")
+
+  monkeypatch.setattr(checkpoints._manager, "close", close)
+  with pytest.raises(checkpointing.CheckpointSaveError) as raised:
+    with checkpoints:
+      raise OSError("cannot write metrics.jsonl")
+  message = str(raised.value)
+  assert message.startswith("OSError: cannot write metrics.jsonl; then saving a checkpoint in ")
+  assert message.endswith("failed: ConnectionError: Cannot connect to host 127.0.0.1")
+  assert raised.value.exit_status == 1
+
+
 def test_training_chunks_of_any_length_compile_once(tiny):
   """The chunk length is a traced loop bound and the curriculum a function of the traced step: no step
   recompiles, whatever the logging and checkpoint boundaries cut the run into."""

@@ -126,8 +126,9 @@ def test_on_prompts_where_every_query_is_new_the_algorithms_coincide_and_nothing
 
 
 def test_on_gaussian_prompts_one_gd_step_and_twenty_newton_steps_are_separable():
-  """On x ~ N(0, I) prompts (d = 4, 9 points) twenty Newton steps reach least squares once t >= d, while one
-  small GD step is far from it: the families are separable at a layer that follows Newton, which it prefers."""
+  """On x ~ N(0, I) prompts (d = 4, 9 points) twenty Newton steps have converged to least squares once t >= d,
+  while one small GD step is far from it: the families are separable at a layer that follows Newton, which it
+  prefers."""
   rng = np.random.default_rng(3)
   xs = rng.normal(size=(B, N, 4))
   ys = np.einsum("bnd,bd->bn", xs, rng.normal(size=(B, 4)))

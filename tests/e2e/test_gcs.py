@@ -156,6 +156,30 @@ def test_two_runs_on_one_gs_workdir_one_is_refused(gcs):
   assert {p.name for p in workdir.iterdir()} == {"lock.json"}  # Nothing of the refused run.
 
 
+def test_a_resume_that_cannot_see_its_checkpoints_starts_nothing_over(gcs, monkeypatch):
+  """gcsfs answers `isdir` false on any OSError (a refused connection), and Orbax then lists no checkpoint: the
+  resume ends with one error naming the committed steps, and writes over none of them."""
+  from etils.epath import backend
+
+  from icl_jax import train
+
+  config = tiny_config.get_config()
+  config.train.num_steps = 4  # A checkpoint at step 4.
+  workdir = _gs("unseen")
+  train.train_and_evaluate(config, workdir)
+  before = {p.name: p.stat().mtime for p in (workdir / "checkpoints" / "4").iterdir()}
+  config.train.num_steps = 8
+  fs = backend.fsspec_backend.fs(f"gs://{BUCKET}")
+  isdir = fs.isdir
+  monkeypatch.setattr(fs, "isdir", lambda path: False if str(path).endswith("unseen/checkpoints") else isdir(path))
+  with pytest.raises(checkpointing.CheckpointRestoreError, match=r"holds the committed checkpoints of steps \[4\]"):
+    train.train_and_evaluate(config, workdir, allow_config_change=True)
+  monkeypatch.undo()
+  assert _committed_steps(workdir) == [4]
+  assert {p.name: p.stat().mtime for p in (workdir / "checkpoints" / "4").iterdir()} == before
+  assert train.train_and_evaluate(config, workdir, allow_config_change=True)["step"] == 8  # Once it answers.
+
+
 def test_a_missing_bucket_is_one_error_line(gcs):
   result = _main(gcs, "gs://no-such-bucket/run")
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -255,9 +279,10 @@ def test_a_workdir_tensorstore_cannot_write_fails_in_seconds_naming_it(gcs, tmp_
 
 
 def _committed(emulator, prefix: str) -> list[int]:
-  """Steps whose checkpoint Orbax has committed under gs://BUCKET/PREFIX/checkpoints, from the emulator."""
-  names = emulator.object_names(f"{prefix}/checkpoints/")
-  return sorted({int(n.split("/")[2]) for n in names if n.split("/")[2].isdigit() and n.endswith("commit_success.txt")})
+  """Steps whose checkpoint Orbax has committed under gs://BUCKET/PREFIX/checkpoints, from the emulator: the
+  step folder's own commit_success.txt, written after the one of the state inside it (STEP/default/)."""
+  names = [n.split("/") for n in emulator.object_names(f"{prefix}/checkpoints/")]
+  return sorted(int(n[2]) for n in names if len(n) == 4 and n[2].isdigit() and n[3] == "commit_success.txt")
 
 
 def test_an_outage_ends_the_run_within_the_save_deadline_and_a_rerun_resumes_bit_identically(tmp_path, uninterrupted):
