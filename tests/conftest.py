@@ -27,7 +27,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_unconfigure(config):
-  if _OWN_CACHE is not None and not hasattr(config, "workerinput"):
+  if _OWN_CACHE is not None:  # Only the process that made it: the others found it in their environment.
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
