@@ -90,7 +90,7 @@ EXPERIMENTS = (
     "gdpp",
     "Full-form linear self-attention, n = 10 (Ahn et al. §5.1, GD++)",
     "lsa.py",
-    variants=(("smoke", "gdpp_quick"), ("quick", "gdpp_quick"), ("medium", "gdpp_quick"), ("paper", "gdpp")),
+    variants=(("smoke", "gdpp_quick"), ("quick", "gdpp_quick"), ("medium", "gdpp_medium"), ("paper", "gdpp")),
   ),
 )
 
