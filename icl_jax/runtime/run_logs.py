@@ -274,6 +274,7 @@ class MetricsLog:
       if not error_in_flight:
         raise self._events_error(e) from e
       logging.warning("%s", self._events_error(e))
+      self._mirror.discard()  # The storage did not take the events: the local copy would outlive the process.
 
   def _events_error(self, error: Exception) -> workdir_lock.WorkdirError:
     return workdir_lock.WorkdirError(

@@ -113,7 +113,12 @@ class LocalMirror:
       try:
         self.sync(force=True)
       finally:
-        shutil.rmtree(self.local, ignore_errors=True)
+        self.discard()
+
+  def discard(self) -> None:
+    """Removes the local directory of a gs:// target without uploading it (when the upload cannot finish)."""
+    if self._remote:
+      shutil.rmtree(self.local, ignore_errors=True)
 
   def __enter__(self) -> "LocalMirror":
     return self

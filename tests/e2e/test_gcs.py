@@ -103,9 +103,10 @@ def uninterrupted(gcs, tmp_path_factory):
   return _losses(workdir)
 
 
-def test_a_gs_run_resumes_bit_identically_after_kill_9_and_sigterm(gcs, uninterrupted):
+def test_a_gs_run_resumes_bit_identically_after_kill_9_and_sigterm(gcs, uninterrupted, tmp_path):
   killed = _gs("killed")
-  process = _interrupt(gcs, killed, signal.SIGKILL)
+  # A killed process cannot remove its events' local mirror: it is left in the test's directory.
+  process = _interrupt({**gcs, "TMPDIR": str(tmp_path)}, killed, signal.SIGKILL)
   process.wait()
   assert _committed_steps(killed)[-1] < 600, "the kill came too late to test a resume"
   result = _main(gcs, killed)  # The stale lock of the killed process is taken over.
@@ -114,9 +115,11 @@ def test_a_gs_run_resumes_bit_identically_after_kill_9_and_sigterm(gcs, uninterr
   assert _losses(killed) == uninterrupted  # Bit for bit, from metrics.jsonl on the bucket.
 
   stopped = _gs("stopped")
-  process = _interrupt(gcs, stopped, signal.SIGTERM)
+  (temp := tmp_path / "stopped").mkdir()
+  process = _interrupt({**gcs, "TMPDIR": str(temp)}, stopped, signal.SIGTERM)
   _, stderr = process.communicate(timeout=240)
   assert process.returncode == errors.EXIT_PREEMPTED, stderr[-3000:]
+  assert not list(temp.glob("icl_jax_mirror_*")), "the events' local mirror outlived the stopped run"
   assert _committed_steps(stopped)[-1] < 600
   result = _main(gcs, stopped)
   assert result.returncode == 0 and "Resumed from gs://" in result.stderr, result.stderr[-3000:]
@@ -289,11 +292,12 @@ def test_an_outage_ends_the_run_within_the_save_deadline_and_a_rerun_resumes_bit
   """The storage stops answering after the first checkpoint: the run ends with one error line within the save
   deadline (train.checkpoint_timeout_s = 40 here, longer than gcsfs's own ~33 s of retries of one request) and
   the bounded cleanup after it (storage.CLEANUP_TIMEOUT_S for the events and the lock, STOP_GRACE_S for a last
-  save), and once it answers again the same command resumes from the last complete checkpoint with the
-  uninterrupted run's losses."""
+  save), leaving no local copy of its events behind, and once it answers again the same command resumes from the
+  last complete checkpoint with the uninterrupted run's losses."""
   emulator = helpers.GcsEmulator("outage", str(tmp_path / "objects"))
   emulator.start()
-  env = {**helpers.subprocess_env(), **emulator.env}
+  (temp := tmp_path / "tmp").mkdir()
+  env = {**helpers.subprocess_env(), **emulator.env, "TMPDIR": str(temp)}
   flags = [*FLAGS, "--workdir=gs://outage/run", "--config.train.checkpoint_timeout_s=40"]
   try:
     process = subprocess.Popen(
@@ -310,6 +314,7 @@ def test_an_outage_ends_the_run_within_the_save_deadline_and_a_rerun_resumes_bit
     assert process.returncode != 0 and len(errors) == 1, stderr[-3000:]
     bound = 40 + 1 + 2 * storage.CLEANUP_TIMEOUT_S + checkpointing.STOP_GRACE_S  # 0.1 MB at 1 MB/s: < 1 s.
     assert time.monotonic() - stopped <= bound, stderr[-3000:]
+    assert not list(temp.glob("icl_jax_mirror_*")), "the events' local mirror outlived the failed run"
     emulator.start()
     kept = _committed(emulator, "run")
     result = subprocess.run(
