@@ -202,6 +202,7 @@ def hidden_size(by_experiment: dict):
   ax.axhline(bar, color="0.4", lw=0.8, ls="--", label=f"bound {bar:g} (mimics least squares below)")
   ax.set(xscale="log", yscale="log", xlabel="hidden size (1 head)", ylabel="error/d at 2d ÷ zero's")
   ax.set_xticks(widths, [str(w) for w in widths])
+  ax.set_xticks([], minor=True)  # Only the trained sizes are labelled on the log axis.
   ax.legend(fontsize="small")
   caption = (
     f"Error/d with 2d examples over the zero predictor's against the hidden size of 12-layer 1-head GPT-2s (Fu et "
