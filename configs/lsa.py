@@ -31,9 +31,13 @@ from icl_jax.runtime import config_files
 
 linreg = config_files.load("linreg.py", next_to=__file__)
 
+VARIANTS = ("paper", "quick", "gdpp", "gdpp_quick", "gdpp_medium")
+
 
 def get_config(variant: str = "paper") -> config_dict.ConfigDict:
-  """The paper's configuration, or a named variant of it ("paper", "quick", "gdpp", "gdpp_quick", "gdpp_medium")."""
+  """The paper's configuration, or a named variant of it (VARIANTS)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/lsa.py: unknown variant {variant!r}; allowed: {', '.join(map(repr, VARIANTS))}.")
   config = linreg.get_config("paper")
   # Seeds the parameters, the data stream and (through task.rotation_seed) the eigenbasis U of Cov(x).
   config.seed = 0
@@ -99,12 +103,8 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     _make_quick(config)
   if variant == "gdpp_quick":
     config.train.num_steps = 25_000  # The halvings every 1000 steps leave the rate ~1e-8 of its start by then.
-  elif variant == "gdpp_medium":
+  if variant == "gdpp_medium":
     _make_gdpp_medium(config)
-  elif variant not in ("paper", "quick", "gdpp"):
-    raise ValueError(
-      f"configs/lsa.py: unknown variant {variant!r}; allowed: 'paper', 'quick', 'gdpp', 'gdpp_quick', 'gdpp_medium'."
-    )
   return config
 
 
@@ -124,16 +124,20 @@ def _make_gdpp_medium(config: config_dict.ConfigDict) -> None:
   """GD++ on §5.1's schedule (the rate halved every 4000 steps, as R2's full-form notebook) at :quick's 4x smaller
   batch, stopped after 15 halvings (60k steps: the rate is then 3e-6, below which :gdpp_quick's runs no longer
   change their loss), for a 2-core CPU; :gdpp_quick halves every 1000 steps instead."""
+  _cpu_sized(config)
   config.train.num_steps = 60_000
-  config.train.batch_size = 5000
-  config.eval.num_prompts = 2048
 
 
 def _make_quick(config: config_dict.ConfigDict) -> None:
   """CPU size: the paper's task, model and optimiser with a 4x smaller batch and 8000 steps, the learning rate
   halved every 1000 (under a minute on 2 CPU cores); the layers still converge to Sigma^-1-preconditioned steps
   (Dist(Sigma^1/2 A_i Sigma^1/2, I) < 0.1 where Dist(A_i, I) ~ 0.8)."""
+  _cpu_sized(config)
   config.train.num_steps = 8000
-  config.train.batch_size = 5000
   config.train.decay_every = 1000
+
+
+def _cpu_sized(config: config_dict.ConfigDict) -> None:
+  """The paper's batch 4x smaller and a smaller evaluation, for a 2-core CPU."""
+  config.train.batch_size = 5000
   config.eval.num_prompts = 2048

@@ -163,7 +163,7 @@ def test_lsa_model_fields_are_checked():
 
 
 def test_configs_are_valid():
-  for variant in ("paper", "quick", "gdpp", "gdpp_quick", "gdpp_medium"):
+  for variant in lsa_config.VARIANTS:
     assert evaluate.config_errors(lsa_config.get_config(variant), num_devices=8) == []
   assert evaluate.config_errors(linreg.get_config(), num_devices=8) == []
   # The new fields are optional: a config without them means their defaults.
