@@ -183,8 +183,9 @@ def gcs_emulator(bucket: str):
 
 DOCS_WORKDIR = REPO / "docs" / "workdir.md"
 COMMITTED_REPORT = REPO / "docs" / "medium_report"
-# Every committed report: each regenerates from its committed summaries (tests/reproduce/test_pipeline.py).
-COMMITTED_REPORTS = (COMMITTED_REPORT, REPO / "docs" / "large_report")
+# Every committed report (docs/SCALE_report/): each regenerates from its committed summaries
+# (tests/reproduce/test_pipeline.py).
+COMMITTED_REPORTS = tuple(sorted(p.parent for p in (REPO / "docs").glob("*_report/report.json")))
 
 
 def regrade_committed_report(root, monkeypatch, committed=COMMITTED_REPORT) -> dict:

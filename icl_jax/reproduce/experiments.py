@@ -9,7 +9,7 @@ An experiment is a config file of configs/ at a variant, plus overrides: the sam
 - "medium": the 12-layer rung of configs/linreg.py:medium (d = 8, 17 points; see its docstring for how it was
   chosen), with the quick LSTM and linear self-attention at the same task where they have one.
 - "large": the papers' task (d = 20, 41 points) with the 12-layer rung of configs/linreg.py:large, isotropic
-  and κ = 100 only (about 110 minutes per seed on a 2-core CPU).
+  and κ = 100 only (about 2 hours per seed on a 2-core CPU).
 - "paper": the papers' configurations (500k steps of a 9.5M-parameter GPT-2: an accelerator's job).
 """
 
@@ -104,7 +104,7 @@ VARIANTS = {
   "paper": {"linreg.py": "paper", "linreg_ill_conditioned.py": "paper", "lstm.py": "paper", "lsa.py": "paper"},
 }
 # The experiments of a scale where not all of them: those trained at the large rung (each GPT-2 seed there is
-# about 110 minutes on a 2-core CPU), the papers' two main settings.
+# about 2 hours on a 2-core CPU), the papers' two main settings.
 SCALE_EXPERIMENTS = {
   "large": ("isotropic", "kappa100"),
   # The pipeline check trains one experiment of each code path: the hidden-size and GD++ experiments are the
