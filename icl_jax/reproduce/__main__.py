@@ -1,17 +1,16 @@
 """Command line: `python -m icl_jax.reproduce --scale=medium --root=DIR [--seeds=0,1,2]`, the papers' claims graded.
 
-Trains (resuming, skipping finished runs, the seeds of an experiment together), evaluates and grades every
-experiment of the scale (`icl_jax/reproduce/experiments.py`) against the claims of
-`icl_jax/reproduce/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/. `--dry-run` (also
-spelt `--dry_run`) prints the runs and their projected training time on this machine (from a timed step of each
-shape) and trains nothing. `--experiments=isotropic,kappa100` trains and evaluates those alone and grades the
-rest from the summaries ROOT/summaries/ already holds: a scale too long for one session runs in parts into one
-root.
-`--reanalyse` recomputes the summaries' measurements from the model outputs saved beside them. A
-SIGTERM stops at a checkpoint with exit status 75; the same command resumes. `--partial` trains nothing and
-evaluates every run at its latest checkpoint into ROOT/partial/ (a report of scale SCALE-partial that gives each
-run's fraction of its steps and grades nothing): for a run stopped by a time budget, as launch/gpu_check.sh
-stops the paper scale.
+Trains (resuming, skipping finished runs; the seeds of an experiment together, but one after another at the
+large scale), evaluates and grades every experiment of the scale (`icl_jax/reproduce/experiments.py`) against
+the claims of `icl_jax/reproduce/claims.py`, and writes DIR/REPORT.md, DIR/report.json and DIR/figures/.
+`--dry-run` (also spelt `--dry_run`) prints the runs and their projected training time on this machine (from a
+timed step of each shape) and trains nothing. `--experiments=isotropic,kappa100` trains and evaluates those
+alone and grades the rest from the summaries ROOT/summaries/ already holds: a scale too long for one session
+runs in parts into one root. `--reanalyse` recomputes the summaries' measurements from the model outputs saved
+beside them. A SIGTERM stops at a checkpoint with exit status 75; the same command resumes. `--partial` trains
+nothing and evaluates every run at its latest checkpoint into ROOT/partial/ (a report of scale SCALE-partial
+that gives each run's fraction of its steps and grades nothing): for a run stopped by a time budget, as
+launch/gpu_check.sh stops the paper scale.
 """
 
 import json
@@ -84,16 +83,16 @@ def _experiments(values: list[str] | None) -> tuple[str, ...] | None:
   return tuple(values)
 
 
-def _dry_run(runs: list[pipeline.Run]) -> None:
+def _dry_run(runs: list[pipeline.Run], scale: str) -> None:
   rows = []
-  for row in pipeline.projected_cost(runs):
+  for row in pipeline.projected_cost(runs, scale):
     rows.append(row)
     print(json.dumps(row), flush=True)
   minutes = round(60 * sum(r["hours"] for r in rows))
   print(
     f"total: {minutes // 60} h {minutes % 60:02d} min of training on {rows[0]['devices']} x "
-    f"{rows[0]['device']} (the seeds of an experiment train vmapped, here counted as seeds x one run), plus the "
-    "evaluations"
+    f"{rows[0]['device']}: {len(rows)} programs one after another (the runs of a row train in one, vmapped, "
+    "counted as that many runs' steps), plus the evaluations"
   )
 
 
@@ -117,7 +116,7 @@ def main(argv):
         f"{', '.join(e.name for e in experiments.scale_experiments(scale))}"
       )
     if _DRY_RUN.value:
-      _dry_run(pipeline.selected(runs, only))
+      _dry_run(pipeline.selected(runs, only), scale)
       return
     selection = [f"--experiments={','.join(only)}"] if only else []
     selection += ["--partial"] if _PARTIAL.value else []

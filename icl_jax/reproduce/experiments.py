@@ -113,6 +113,12 @@ SCALE_EXPERIMENTS = {
 }
 
 
+# Scales whose runs train one after another, each its own program, rather than an experiment's seeds vmapped
+# together: two or four large-rung runs vmapped on two XLA CPU devices hang in their first step
+# (docs/large_search.md), and one such run alone keeps both cores of a 2-core CPU busy.
+ONE_RUN_AT_A_TIME = ("large",)
+
+
 def scale_experiments(scale: str) -> tuple[Experiment, ...]:
   """The experiments `scale` trains and grades (the others' claims are NOT RUN there)."""
   names = SCALE_EXPERIMENTS.get(scale)

@@ -1,11 +1,12 @@
 """Trains, evaluates and grades one scale of experiments under a root directory, resumably.
 
 ROOT/{experiment}_seed{seed}/ is each run's workdir, with everything `python -m icl_jax.main` writes there. The
-seeds of an experiment share every shape and train together (`train.train_runs`); a finished run is skipped,
-an interrupted one resumes from its checkpoints, an evaluated one is not evaluated again. The constructions
-need no training: they are checked on fresh prompts at every call (seconds). With `partial`, nothing trains:
-each run is evaluated at its latest checkpoint and summarised, with the report, under ROOT/partial/ (never
-ROOT/summaries/, whose summaries mark runs as finished).
+seeds of an experiment share every shape and train together (`train.train_runs`), except at the scales of
+`experiments.ONE_RUN_AT_A_TIME`; a finished run is skipped, an interrupted one resumes from its checkpoints, an
+evaluated one is not evaluated again. The constructions need no training: they are checked on fresh prompts at
+every call (seconds). With `partial`, nothing trains: each run is evaluated at its latest checkpoint and
+summarised, with the report, under ROOT/partial/ (never ROOT/summaries/, whose summaries mark runs as
+finished).
 """
 
 import dataclasses
@@ -93,12 +94,19 @@ def plan(scale: str, root: storage.Path, seeds: tuple[int, ...], config_dir: pat
   return runs
 
 
-def train_all(runs: list[Run]) -> bool:
-  """Trains every unfinished run without a summary, the seeds of an experiment together. False if a SIGTERM
-  stopped it (the checkpoints saved; rerun to resume), True when every run is trained."""
-  for group in train.split_into_groups([r.config for r in runs]):
-    pending = [runs[i] for i in group if not runs[i].is_trained()]
-    logging.info("%s: %d runs, %d to train.", runs[group[0]].experiment.name, len(group), len(pending))
+def training_groups(runs: list[Run], scale: str) -> list[list[Run]]:
+  """The runs that train as one program (`train.train_runs`), in order: the seeds of an experiment, or each run
+  alone at a scale of `experiments.ONE_RUN_AT_A_TIME`."""
+  groups = [[runs[i] for i in group] for group in train.split_into_groups([r.config for r in runs])]
+  return [[r] for group in groups for r in group] if scale in experiments.ONE_RUN_AT_A_TIME else groups
+
+
+def train_all(runs: list[Run], scale: str) -> bool:
+  """Trains every unfinished run without a summary, in `training_groups`. False if a SIGTERM stopped it (the
+  checkpoints saved; rerun to resume), True when every run is trained."""
+  for group in training_groups(runs, scale):
+    pending = [r for r in group if not r.is_trained()]
+    logging.info("%s: %d runs, %d to train.", ", ".join(r.workdir.name for r in group), len(group), len(pending))
     if pending:
       results = train.train_runs([r.config for r in pending], [r.workdir for r in pending])
       if any(r["preempted"] for r in results):
@@ -287,7 +295,7 @@ def reproduce(
   here = selected(runs, only)
   workdir_lock.prepare(root)
   with workdir_lock.hold(root, f"reproduction ({scale})"):
-    if not partial and not train_all(here):
+    if not partial and not train_all(here, scale):
       return None
     report_root.mkdir(parents=True, exist_ok=True)
     evaluate_all(here)
@@ -300,9 +308,10 @@ def reproduce(
     return report.write(report_root, label, seeds, runs, results, constructions_check, command)
 
 
-# Steps per dispatch while timing: two, timed once after the compiling call. A projection needs the step's
-# cost, not its last percent, and a paper-size step is over a second on a CPU.
-TIMED_CHUNK = 2
+# Steps per dispatch while timing: ten, timed once after the compiling call. A dispatch costs a fixed time
+# besides its steps, which a shorter chunk counts into each step (training dispatches config.train.
+# steps_per_dispatch steps); a projection needs the step's cost, not its last percent (docs/large_search.md).
+TIMED_CHUNK = 10
 
 
 def _shape_key(config: ml_collections.ConfigDict) -> str:
@@ -313,14 +322,13 @@ def _shape_key(config: ml_collections.ConfigDict) -> str:
   )
 
 
-def projected_cost(runs: list[Run]):
-  """Yields, per experiment as it is timed: its training's shape, steps and the hours they take on this
-  machine's devices, from a timed training step at the final curriculum size. Each distinct shape is compiled
-  and timed once (experiments of one shape share the timing); the seeds of a group run vmapped: about seeds x
-  one."""
+def projected_cost(runs: list[Run], scale: str):
+  """Yields, per group of `training_groups` as it is timed: its training's shape, steps and the hours they take
+  on this machine's devices, from a timed training step at the final curriculum size. Each distinct shape is
+  compiled and timed once (groups of one shape share the timing); a vmapped group of k runs is counted as k
+  runs' steps."""
   timings = {}
-  for group in train.split_into_groups([r.config for r in runs]):
-    members = [runs[i] for i in group]
+  for members in training_groups(runs, scale):
     config = ml_collections.ConfigDict(members[0].config.to_dict())
     config.train.steps_per_dispatch = min(config.train.steps_per_dispatch, TIMED_CHUNK)
     key = _shape_key(config)

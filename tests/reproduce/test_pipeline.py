@@ -162,6 +162,25 @@ def test_a_sigterm_during_training_stops_before_any_evaluation(tmp_path, monkeyp
   assert not (tmp_path / "REPORT.md").exists()
 
 
+def test_large_scale_trains_each_run_alone_and_other_scales_each_experiments_seeds_together(tmp_path, monkeypatch):
+  """Large-rung runs vmapped together on two XLA CPU devices hang (docs/large_search.md): `--seeds=0,1` trains
+  them one after another there, and vmapped together at the other scales."""
+  groups = []
+
+  def trained_group(configs, workdirs):
+    groups.append([w.name for w in workdirs])
+    return [{"step": c.train.num_steps, "final": None, "preempted": False} for c in configs]
+
+  monkeypatch.setattr(pipeline.train, "train_runs", trained_group)
+  assert pipeline.train_all(_plan(tmp_path, "large"), "large")
+  assert groups == [["isotropic_seed0"], ["isotropic_seed1"], ["kappa100_seed0"], ["kappa100_seed1"]]
+  medium = [r for r in _plan(tmp_path, "medium") if r.experiment.name in ("isotropic", "kappa100")]
+  assert [[r.workdir.name for r in g] for g in pipeline.training_groups(medium, "medium")] == [
+    ["isotropic_seed0", "isotropic_seed1"],
+    ["kappa100_seed0", "kappa100_seed1"],
+  ]
+
+
 def test_every_scale_plans_valid_configs(tmp_path):
   for scale in experiments.SCALES:
     runs = _plan(tmp_path, scale, (0,))
