@@ -146,7 +146,9 @@ def test_a_failed_checkpoint_save_exits_at_once_and_keeps_the_last_checkpoint(tm
 
 BLOCKED_SAVE = '''
 import asyncio
+import faulthandler
 import runpy
+import signal
 import sys
 
 from orbax.checkpoint._src.path import atomicity
@@ -163,6 +165,12 @@ async def block_step_8(make_dir, tmp_dir, **kwargs):
 
 
 atomicity._create_tmp_directory = block_step_8
+# As from a terminal: SIGINT raises KeyboardInterrupt even when the tests run in a shell's background job, which
+# starts with SIGINT ignored and passes that on (Python then installs no handler, and the Ctrl-C is never seen).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+# _finish asks a run that hangs where its threads are (into a file: a run that is ending may have closed stderr).
+STACKS = open(__file__ + ".stacks", "w")
+faulthandler.register(signal.SIGUSR1, file=STACKS, all_threads=True)
 sys.argv = ["icl_jax.main"] + sys.argv[1:]
 runpy.run_module("icl_jax.main", run_name="__main__")
 '''
@@ -192,13 +200,17 @@ def _blocked_save(tmp_path, *flags) -> tuple[subprocess.Popen, list]:
 
 
 def _finish(process, lines, timeout: float) -> str:
-  """Waits for `process` at most `timeout` s (killing it then); returns its whole stderr."""
+  """Waits for `process` at most `timeout` s (then has it print every thread's stack, and kills it); returns its
+  whole stderr."""
   try:
     _, rest = process.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
+    process.send_signal(signal.SIGUSR1)
+    time.sleep(2)
     process.kill()
     rest = process.communicate()[1]
-    pytest.fail(f"still running {timeout:g} s later:\n" + "".join(lines[-20:]) + rest[-3000:])
+    stacks = pathlib.Path(process.args[1] + ".stacks").read_text()
+    pytest.fail(f"still running {timeout:g} s later:\n" + "".join(lines[-20:]) + rest[-3000:] + "\n" + stacks)
   return "".join(lines) + rest
 
 
