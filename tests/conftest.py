@@ -7,6 +7,7 @@ XLA reads the flag when the backend starts, so it is set before anything imports
 
 import os
 import shutil
+import signal
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -24,6 +25,10 @@ import jax  # noqa: E402  (after the environment is set)
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# As from a terminal, also when the tests run in a shell's background job, which starts with SIGINT ignored:
+# Ctrl-C raises KeyboardInterrupt here, and the processes tests start begin with SIGINT at its default (exec
+# resets a handled signal, never an ignored one), so that a test's SIGINT reaches them.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config):

@@ -165,9 +165,6 @@ async def block_step_8(make_dir, tmp_dir, **kwargs):
 
 
 atomicity._create_tmp_directory = block_step_8
-# As from a terminal: SIGINT raises KeyboardInterrupt even when the tests run in a shell's background job, which
-# starts with SIGINT ignored and passes that on (Python then installs no handler, and the Ctrl-C is never seen).
-signal.signal(signal.SIGINT, signal.default_int_handler)
 # _finish asks a run that hangs where its threads are (into a file: a run that is ending may have closed stderr).
 STACKS = open(__file__ + ".stacks", "w")
 faulthandler.register(signal.SIGUSR1, file=STACKS, all_threads=True)

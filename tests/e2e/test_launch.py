@@ -460,8 +460,6 @@ def test_run_status_stop_for_real_against_a_fake_gcloud(fake):
 def test_ctrl_c_in_all_still_fetches_and_deletes(fake):
   env, paths = fake
   env["FAKE_JOB_SLEEP"] = "30"
-  # As from a terminal: SIGINT at its default, even when the tests run in a shell's background job, which
-  # starts with SIGINT ignored and would pass that on to the launcher (it would then never see the Ctrl-C).
   process = subprocess.Popen(
     [sys.executable, str(TPU), "all", *BASE, "--type=v4-8", "--poll=0.1", f"--tarball={paths['tmp'] / 'src.tar.gz'}"],
     env=env,
@@ -469,7 +467,6 @@ def test_ctrl_c_in_all_still_fetches_and_deletes(fake):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   pid_file = paths["home"] / "icl_jax" / ".launch" / "job.pid"
   deadline = time.time() + 20
