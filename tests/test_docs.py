@@ -22,15 +22,19 @@ def test_readme_is_a_front_page():
   assert len(re.findall(r"2026-", text)) <= 3
 
 
-def test_readme_results_table_is_the_committed_report():
-  """Every verdict in README's results table is the committed medium report's, and every claim the report
-  grades (anything but NOT RUN) is in the table."""
+def test_readme_results_table_is_the_committed_reports():
+  """Every verdict in README's results tables is the committed report's of its column (medium, or large where
+  the column says so), and every claim those reports grade (anything but NOT RUN) is in the tables."""
   text = (helpers.REPO / "README.md").read_text()
-  report = json.loads((helpers.COMMITTED_REPORT / "report.json").read_text())
-  verdicts = {(c["experiment"], c["id"]): c["verdict"] for c in report["claims"]}
+  verdicts = {}
+  for scale in ("medium", "large"):
+    report = json.loads((helpers.REPO / "docs" / f"{scale}_report" / "report.json").read_text())
+    verdicts |= {(scale, c["experiment"], c["id"]): c["verdict"] for c in report["claims"]}
   lines = text.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith("| claim (Fu et al."))
   columns = {"isotropic": "isotropic", "κ = 100": "kappa100", "noisy": "noisy", "LSTM": "lstm", "LSA": "lsa"}
+  large = {f"large, {name}": ("large", experiment) for name, experiment in columns.items()}
+  columns = {**{name: ("medium", experiment) for name, experiment in columns.items()}, **large}
   experiments = [columns[c.strip()] for c in lines[start].strip("|").split("|")[1:]]
   rows = [line for line in lines[start + 2 :][: lines[start:].index("") - 2]]
   shown = {}
@@ -38,13 +42,13 @@ def test_readme_results_table_is_the_committed_report():
     ids = re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])
     for experiment, cell in zip(experiments, line.strip().strip("|").split("|")[1:]):
       if cell.strip():
-        shown[experiment, ids[0]] = cell.strip()
-  # The experiments outside those columns, a row each, in a second table where there are any.
+        shown[(*experiment, ids[0])] = cell.strip()
+  # The medium rung's experiments outside those columns, a row each, in a second table where there are any.
   other = next((i for i, line in enumerate(lines) if line.startswith("| experiment | claim |")), None)
   for line in lines[other + 2 :][: lines[other:].index("") - 2] if other is not None else ():
     experiment, claim, verdict = (cell.strip() for cell in line.strip().strip("|").split("|"))
-    shown[experiment.strip("`"), re.findall(r"`([a-z_0-9]+)`", claim)[0]] = verdict
-  graded = {k: v for k, v in verdicts.items() if v != "NOT RUN" and k[0] != "constructions"}
+    shown["medium", experiment.strip("`"), re.findall(r"`([a-z_0-9]+)`", claim)[0]] = verdict
+  graded = {k: v for k, v in verdicts.items() if v != "NOT RUN" and k[1] != "constructions"}
   assert shown == graded
 
 
