@@ -17,6 +17,7 @@ import json
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -145,28 +146,47 @@ def _peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # The host's, on CPU.
 
 
-def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> dict:
-  """The jitted training step (`train_step.make_train_chunk`) at the curriculum's final size."""
-  devices = jax.devices()
-  mesh = train.make_mesh(devices)
+def train_step_timer(config) -> tuple[Callable[[int, int], float], float]:
+  """Compiles the training chunk (`train_step.make_train_chunk`) at the curriculum's final size on all devices
+  and runs one step; returns `seconds_per_step(steps, dispatches)`, which times `dispatches` calls of `steps`
+  steps each (at most `config.train.steps_per_dispatch`, the length the program is compiled for: a shorter
+  call runs the same program), and the seconds of that first call, compilation included."""
+  mesh = train.make_mesh(jax.devices())
   model = models.build_model(config.model)
   optimizer = optim.make_optimizer(config.train)
-  chunk = config.train.steps_per_dispatch
   run_chunk = train_step.make_train_chunk(config, model, optimizer, optim.learning_rate_schedule(config.train), mesh)
   state = train_step.init_state(config, model, optimizer, mesh)
   state = state.replace(
     step=jax.device_put(jnp.asarray(final_curriculum_step(config.task), jnp.int32), train_step.replicated(mesh))
   )
   start = time.perf_counter()
-  state, metrics = run_chunk(state, chunk)
+  state, metrics = run_chunk(state, 1)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
+  latest = {"state": state}  # The chunk donates its input state: each call continues from the last one's.
+
+  def seconds_per_step(steps: int, dispatches: int) -> float:
+    if not 1 <= steps <= config.train.steps_per_dispatch:
+      raise ValueError(f"steps={steps}: a call runs 1 to train.steps_per_dispatch steps")
+    state = latest["state"]
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      state, metrics = run_chunk(state, steps)
+    jax.block_until_ready(metrics)
+    latest["state"] = state
+    return (time.perf_counter() - start) / (dispatches * steps)
+
+  return seconds_per_step, first
+
+
+def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> dict:
+  """The jitted training step (`train_step_timer`) at the curriculum's final size, in dispatches of the
+  config's steps_per_dispatch steps: 3 of them, or as many as cover `timed_steps`."""
+  devices = jax.devices()
+  chunk = config.train.steps_per_dispatch
+  seconds_per_step, first = train_step_timer(config)
   dispatches = max(1, -(-timed_steps // chunk)) if timed_steps else 3
-  start = time.perf_counter()
-  for _ in range(dispatches):
-    state, metrics = run_chunk(state, chunk)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / (dispatches * chunk)
+  seconds = seconds_per_step(chunk, dispatches)
   flops = gpt2_flops_per_step(config) if config.model.family == "gpt2" else None
   device_kind = devices[0].device_kind
   dtype = config.model.get("dtype", "float32")
@@ -180,7 +200,7 @@ def bench_train_step(config, peak_flops: float = 0.0, timed_steps: int = 0) -> d
     "achieved_flops_per_s": flops / seconds if flops else None,
     "mfu": flops / seconds / peak if flops and peak else None,
     "peak_flops_per_s": peak or None,
-    "compile_s": max(first - chunk * seconds, 0.0),
+    "compile_s": max(first - seconds, 0.0),
     "peak_memory_bytes": _peak_memory_bytes(),
     "steps_per_dispatch": chunk,
     "timed_steps": dispatches * chunk,

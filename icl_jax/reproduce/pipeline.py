@@ -308,10 +308,13 @@ def reproduce(
     return report.write(report_root, label, seeds, runs, results, constructions_check, command)
 
 
-# Steps per dispatch while timing: ten, timed once after the compiling call. A dispatch costs a fixed time
-# besides its steps, which a shorter chunk counts into each step (training dispatches config.train.
-# steps_per_dispatch steps); a projection needs the step's cost, not its last percent (docs/large_search.md).
-TIMED_CHUNK = 10
+# How the dry-run times a step: in dispatches of ten steps, and, where a dispatch of training's own length
+# (config.train.steps_per_dispatch) is projected from them to take at most FULL_DISPATCH_S, in one such dispatch
+# instead. A dispatch costs more than its steps (the call, and for a cached batch (task.resample_every > 1) the
+# batch it samples first): ten-step dispatches count a tenth of that into each step, which matters only where
+# steps are cheap, where timing training's own dispatch is cheap too (docs/reproduction.md, "--dry-run").
+TIMED_STEPS = 10
+FULL_DISPATCH_S = 10.0
 
 
 def _shape_key(config: ml_collections.ConfigDict) -> str:
@@ -322,18 +325,28 @@ def _shape_key(config: ml_collections.ConfigDict) -> str:
   )
 
 
+def _timed_step(config: ml_collections.ConfigDict) -> dict:
+  """Seconds per training step of `config` at the curriculum's final size, as `TIMED_STEPS` explains."""
+  seconds_per_step, _ = benchmarks.train_step_timer(config)
+  full = config.train.steps_per_dispatch
+  steps = min(full, TIMED_STEPS)
+  seconds = seconds_per_step(steps, 1)
+  if steps < full and seconds * full <= FULL_DISPATCH_S:
+    steps, seconds = full, seconds_per_step(full, 1)
+  return {"ms_per_step": 1e3 * seconds, "timed_steps_per_dispatch": steps}
+
+
 def projected_cost(runs: list[Run], scale: str):
   """Yields, per group of `training_groups` as it is timed: its training's shape, steps and the hours they take
-  on this machine's devices, from a timed training step at the final curriculum size. Each distinct shape is
-  compiled and timed once (groups of one shape share the timing); a vmapped group of k runs is counted as k
-  runs' steps."""
+  on this machine's devices, from training steps timed at the final curriculum size (`_timed_step`). Each
+  distinct shape is compiled and timed once (groups of one shape share the timing); a vmapped group of k runs
+  is counted as k runs' steps."""
   timings = {}
   for members in training_groups(runs, scale):
-    config = ml_collections.ConfigDict(members[0].config.to_dict())
-    config.train.steps_per_dispatch = min(config.train.steps_per_dispatch, TIMED_CHUNK)
+    config = members[0].config
     key = _shape_key(config)
     if key not in timings:
-      timings[key] = benchmarks.bench_train_step(config, timed_steps=config.train.steps_per_dispatch)
+      timings[key] = _timed_step(config)
     timed = timings[key]
     trained = [r for r in members if r.is_trained()]
     remaining = [r for r in members if r not in trained]
@@ -349,8 +362,9 @@ def projected_cost(runs: list[Run], scale: str):
       "batch_size": config.train.batch_size,
       "num_steps": steps,
       "ms_per_step": timed["ms_per_step"],
-      "device": timed["device"],
-      "devices": timed["devices"],
+      "timed_steps_per_dispatch": timed["timed_steps_per_dispatch"],
+      "device": jax.devices()[0].device_kind,
+      "devices": len(jax.devices()),
       "already_trained": [r.workdir.name for r in trained],
       "hours": len(remaining) * steps * timed["ms_per_step"] / 3.6e6,
     }

@@ -237,6 +237,29 @@ def test_dry_run_prints_each_experiment_and_its_projected_cost(tmp_path):
   assert again.returncode == 0 and len([line for line in again.stdout.splitlines() if line.startswith("{")]) == 6
 
 
+@pytest.mark.parametrize("seconds_per_step,timed", [(0.05, [(10, 1), (100, 1)]), (0.2, [(10, 1)])])
+def test_dry_run_times_trainings_own_dispatch_where_it_is_cheap(monkeypatch, seconds_per_step, timed):
+  """Ten-step dispatches first; one of training's 100 steps as well where it is projected at most
+  FULL_DISPATCH_S (10 s), whose timing is then the projection's."""
+  calls = []
+
+  def timer(config):
+    def seconds(steps, dispatches):
+      calls.append((steps, dispatches))
+      return seconds_per_step * (1 + 1 / steps)
+
+    return seconds, 0.0
+
+  monkeypatch.setattr(pipeline.benchmarks, "train_step_timer", timer)
+  config = ml_collections.ConfigDict({"train": {"steps_per_dispatch": 100}})
+  got = pipeline._timed_step(config)
+  assert calls == timed
+  assert got == {
+    "ms_per_step": pytest.approx(1e3 * seconds_per_step * (1 + 1 / timed[-1][0])),
+    "timed_steps_per_dispatch": timed[-1][0],
+  }
+
+
 @pytest.mark.parametrize(
   "args,message",
   [
