@@ -308,11 +308,10 @@ def reproduce(
     return report.write(report_root, label, seeds, runs, results, constructions_check, command)
 
 
-# How the dry-run times a step: in dispatches of ten steps, and, where a dispatch of training's own length
-# (config.train.steps_per_dispatch) is projected from them to take at most FULL_DISPATCH_S, in one such dispatch
-# instead. A dispatch costs more than its steps (the call, and for a cached batch (task.resample_every > 1) the
-# batch it samples first): ten-step dispatches count a tenth of that into each step, which matters only where
-# steps are cheap, where timing training's own dispatch is cheap too (docs/reproduction.md, "--dry-run").
+# How the dry-run times a step: in a dispatch of ten steps, and, where a dispatch of training's own length
+# (config.train.steps_per_dispatch) is projected from it to take at most FULL_DISPATCH_S, in one such dispatch,
+# whose time is then the projection's. Where steps are cheap a step's cost depends on the dispatch's length
+# (docs/reproduction.md, "--dry-run"); where they are dear, a ten-step dispatch keeps the dry-run short.
 TIMED_STEPS = 10
 FULL_DISPATCH_S = 10.0
 
