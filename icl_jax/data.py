@@ -158,6 +158,14 @@ def sample_batch(
     rotation_DxD = run_rotation(task)
   indices_B = first_index + jnp.arange(batch_size)
   keys_B = jax.vmap(lambda i: jax.random.fold_in(examples_key, i))(indices_B)
+  if rotation_DxD is None and (task.spectrum == "explicit" or not _is(hyper.kappa, 1.0)):
+    # Each prompt's own eigenbasis (`_sample_prompt`'s, the same numbers), one QR after another: jaxlib's CPU
+    # kernel splits a batch of QRs that is large enough (the large rung's, not the medium's) over XLA's intra-op
+    # threads and waits on one of them, which deadlocks when every thread waits so, as with one program per CPU
+    # device on a 2-core CPU (docs/large_search.md).
+    rotation_key = lambda k: jax.random.split(k, 4)[3]
+    rotations_BxDxD = jax.lax.map(lambda k: random_rotation(rotation_key(k), task.n_dims), keys_B)
+    return jax.vmap(lambda k, r: _sample_prompt(k, r, task, n_dims, hyper))(keys_B, rotations_BxDxD)
   if rotation_DxD is None:
     return jax.vmap(lambda k: _sample_prompt(k, None, task, n_dims, hyper))(keys_B)
   # One copy of the shared eigenbasis per prompt, so that its products are batched matmuls as for "per_prompt".
