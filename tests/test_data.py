@@ -1,5 +1,8 @@
 """Prompt sampler statistics, the curriculum, and the per-example determinism of the data stream."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +180,31 @@ def test_resample_every_keeps_one_batch_per_window():
     enabled=True, dims_start=5, points_start=8, dims_interval=1, points_interval=1, dims_increment=0, points_increment=0
   )
   np.testing.assert_array_equal(helpers.chunk_losses(config, 7)[0], losses)
+
+
+TWO_DEVICE_SAMPLE = """
+import subprocess
+import sys
+
+import jax
+from jax.sharding import PartitionSpec as P
+from icl_jax import data
+from icl_jax.runtime import config_files
+
+task = config_files.load_file("configs/linreg_ill_conditioned.py").get_config("large").task
+first = lambda: jax.lax.axis_index("batch") * 32
+sample = lambda: data.sample_batch(data.step_key(jax.random.key(0), 0), first(), 32, task, task.n_dims).xs_BxNxD
+mesh = jax.make_mesh((2,), ("batch",))
+print(jax.block_until_ready(jax.jit(jax.shard_map(sample, mesh=mesh, in_specs=(), out_specs=P("batch")))()).shape)
+"""
+
+
+def test_per_prompt_eigenbases_on_two_cpu_devices_finish():
+  """Two CPU devices sampling the large rung's kappa = 100 prompts at once. Drawn as one batched QR per device,
+  jaxlib split each batch over XLA's intra-op threads and waited on one of them: on a 2-core CPU (two threads,
+  as CI's) both waited and the program never finished. With more cores than devices it finishes either way."""
+  env = {**helpers.subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  out = subprocess.run(
+    [sys.executable, "-c", TWO_DEVICE_SAMPLE], cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0 and out.stdout.split() == ["(64,", "41,", "20)"], out.stderr[-2000:]
