@@ -99,17 +99,25 @@ def random_rotation(key: jax.Array, d: int) -> jax.Array:
   return q_DxD * jnp.sign(jnp.diagonal(r_DxD))[None, :]
 
 
+def _prompt_keys(key: jax.Array) -> jax.Array:
+  """A prompt's keys: of its x, its w, its noise and its own eigenbasis."""
+  return jax.random.split(key, 4)
+
+
+def _rotated(task: ml_collections.ConfigDict, hyper: Hyper) -> bool:
+  """Whether x has a non-identity covariance, i.e. an eigenbasis (statically; a traced kappa may be 1)."""
+  return task.spectrum == "explicit" or not _is(hyper.kappa, 1.0)
+
+
 def _sample_prompt(
   key: jax.Array, rotation_DxD: jax.Array | None, task: ml_collections.ConfigDict, n_dims: jax.Array, hyper: Hyper
 ) -> Batch:
-  """One prompt: xs [N, D], ys [N], w [D]."""
-  key_x, key_w, key_noise, key_rot = jax.random.split(key, 4)
+  """One prompt: xs [N, D], ys [N], w [D]; `rotation_DxD` is its eigenbasis where `_rotated`."""
+  key_x, key_w, key_noise, _ = _prompt_keys(key)
   d, n = task.n_dims, task.n_points
   zs_NxD = jax.random.normal(key_x, (n, d))
   explicit = task.spectrum == "explicit"  # Sigma from task.eigenvalues, whatever kappa is.
-  if explicit or not _is(hyper.kappa, 1.0):
-    if rotation_DxD is None:
-      rotation_DxD = random_rotation(key_rot, d)
+  if _rotated(task, hyper):
     # x = U diag(sqrt(lambda)) z has covariance U diag(lambda) U^T.
     eig_D = covariance_spectrum(task, hyper.kappa)
     rotated_NxD = (zs_NxD * jnp.sqrt(eig_D)[None, :]) @ rotation_DxD.T
@@ -117,7 +125,7 @@ def _sample_prompt(
     zs_NxD = rotated_NxD if static else jnp.where(hyper.kappa == 1.0, zs_NxD, rotated_NxD)
   xs_NxD = jnp.where(jnp.arange(d)[None, :] < n_dims, zs_NxD, 0.0)
   w_D = jax.random.normal(key_w, (d,))
-  if task.get("w_distribution", "identity") == "inverse_covariance" and (explicit or not _is(hyper.kappa, 1.0)):
+  if task.get("w_distribution", "identity") == "inverse_covariance" and _rotated(task, hyper):
     # w = U diag(lambda)^(-1/2) g has covariance U diag(1 / lambda) U^T = Sigma^-1 (Ahn et al.'s Theorem 3 and
     # §4.3, and their code's W D^-1 U^T): then y = w.x = g.z is distributed as for isotropic data.
     rotated_w_D = rotation_DxD @ (w_D / jnp.sqrt(eig_D))
@@ -158,16 +166,15 @@ def sample_batch(
     rotation_DxD = run_rotation(task)
   indices_B = first_index + jnp.arange(batch_size)
   keys_B = jax.vmap(lambda i: jax.random.fold_in(examples_key, i))(indices_B)
-  if rotation_DxD is None and (task.spectrum == "explicit" or not _is(hyper.kappa, 1.0)):
-    # Each prompt's own eigenbasis (`_sample_prompt`'s, the same numbers), one QR after another: jaxlib's CPU
-    # kernel splits a batch of QRs that is large enough (the large rung's, not the medium's) over XLA's intra-op
-    # threads and waits on one of them, which deadlocks when every thread waits so, as with one program per CPU
-    # device on a 2-core CPU (docs/large_search.md).
-    rotation_key = lambda k: jax.random.split(k, 4)[3]
-    rotations_BxDxD = jax.lax.map(lambda k: random_rotation(rotation_key(k), task.n_dims), keys_B)
-    return jax.vmap(lambda k, r: _sample_prompt(k, r, task, n_dims, hyper))(keys_B, rotations_BxDxD)
-  if rotation_DxD is None:
+  if rotation_DxD is None and not _rotated(task, hyper):
     return jax.vmap(lambda k: _sample_prompt(k, None, task, n_dims, hyper))(keys_B)
+  if rotation_DxD is None:
+    # Each prompt's own eigenbasis, one QR after another: jaxlib's CPU kernel splits a batch of QRs that is large
+    # enough (the large rung's, not the medium's) over XLA's intra-op threads and waits on one of them, which
+    # deadlocks when every thread waits so, as with one program per CPU device on a 2-core CPU
+    # (docs/large_search.md).
+    rotations_BxDxD = jax.lax.map(lambda k: random_rotation(_prompt_keys(k)[3], task.n_dims), keys_B)
+    return jax.vmap(lambda k, r: _sample_prompt(k, r, task, n_dims, hyper))(keys_B, rotations_BxDxD)
   # One copy of the shared eigenbasis per prompt, so that its products are batched matmuls as for "per_prompt".
   # Shared, they would be one [B*N, D] matmul, which XLA's CPU kernels may round differently (last bit, seen on
   # one CI CPU) for a device's slice of the batch than for the whole batch, whose rows the slice must equal.

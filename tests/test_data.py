@@ -183,9 +183,6 @@ def test_resample_every_keeps_one_batch_per_window():
 
 
 TWO_DEVICE_SAMPLE = """
-import subprocess
-import sys
-
 import jax
 from jax.sharding import PartitionSpec as P
 from icl_jax import data
