@@ -183,25 +183,39 @@ def test_resample_every_keeps_one_batch_per_window():
 
 
 TWO_DEVICE_SAMPLE = """
+import sys
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from icl_jax import data
 from icl_jax.runtime import config_files
 
 task = config_files.load_file("configs/linreg_ill_conditioned.py").get_config("large").task
 first = lambda: jax.lax.axis_index("batch") * 32
-sample = lambda: data.sample_batch(data.step_key(jax.random.key(0), 0), first(), 32, task, task.n_dims).xs_BxNxD
+sample = lambda hyper: data.sample_batch(data.step_key(jax.random.key(0), 0), first(), 32, task, task.n_dims, hyper)
+if sys.argv[1] == "alone":
+  programme = lambda: sample(None).xs_BxNxD
+else:  # Two models trained together (train.train_runs): kappa traced, 1 and 100.
+  programme = lambda: jax.vmap(lambda k: sample(data.Hyper(k, 0.0)).xs_BxNxD, out_axes=1)(jnp.array([1.0, 100.0]))
 mesh = jax.make_mesh((2,), ("batch",))
-print(jax.block_until_ready(jax.jit(jax.shard_map(sample, mesh=mesh, in_specs=(), out_specs=P("batch")))()).shape)
+print(jax.block_until_ready(jax.jit(jax.shard_map(programme, mesh=mesh, in_specs=(), out_specs=P("batch")))()).shape)
 """
 
 
-def test_per_prompt_eigenbases_on_two_cpu_devices_finish():
-  """Two CPU devices sampling the large rung's kappa = 100 prompts at once. Drawn as one batched QR per device,
-  jaxlib split each batch over XLA's intra-op threads and waited on one of them: on a 2-core CPU (two threads,
-  as CI's) both waited and the program never finished. With more cores than devices it finishes either way."""
+@pytest.mark.parametrize("models", ["alone", "vmapped"])
+def test_per_prompt_eigenbases_on_two_cpu_devices_finish(models):
+  """Two CPU devices sampling the large rung's kappa = 100 prompts at once, for one model or two vmapped. Drawn
+  as one batched QR per device, jaxlib split each batch over XLA's intra-op threads and waited on one of them:
+  on a 2-core CPU (two threads, as CI's) both waited and the program never finished. With more cores than
+  devices it finishes either way."""
   env = {**helpers.subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = subprocess.run(
-    [sys.executable, "-c", TWO_DEVICE_SAMPLE], cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120
+    [sys.executable, "-c", TWO_DEVICE_SAMPLE, models],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
-  assert out.returncode == 0 and out.stdout.split() == ["(64,", "41,", "20)"], out.stderr[-2000:]
+  shape = ["(64,", "41,", "20)"] if models == "alone" else ["(64,", "2,", "41,", "20)"]
+  assert out.returncode == 0 and out.stdout.split() == shape, out.stderr[-2000:]

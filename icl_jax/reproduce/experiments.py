@@ -114,8 +114,8 @@ SCALE_EXPERIMENTS = {
 
 
 # Scales whose runs train one after another, each its own program, rather than an experiment's seeds vmapped
-# together: two or four large-rung runs vmapped on two XLA CPU devices hang in their first step
-# (docs/large_search.md), and one such run alone keeps both cores of a 2-core CPU busy.
+# together: one large-rung run alone keeps both cores of a 2-core CPU busy for about 2 hours, so each seed's
+# summary is written (and can be committed) when that seed ends, not when the last of a vmapped group does.
 ONE_RUN_AT_A_TIME = ("large",)
 
 
