@@ -174,11 +174,11 @@ def sample_batch(
     # deadlocks when every thread waits so, as with one program per CPU device on a 2-core CPU
     # (docs/large_search.md).
     rotations_BxDxD = jax.lax.map(lambda k: random_rotation(_prompt_keys(k)[3], task.n_dims), keys_B)
-    return jax.vmap(lambda k, r: _sample_prompt(k, r, task, n_dims, hyper))(keys_B, rotations_BxDxD)
-  # One copy of the shared eigenbasis per prompt, so that its products are batched matmuls as for "per_prompt".
-  # Shared, they would be one [B*N, D] matmul, which XLA's CPU kernels may round differently (last bit, seen on
-  # one CI CPU) for a device's slice of the batch than for the whole batch, whose rows the slice must equal.
-  rotations_BxDxD = jnp.broadcast_to(rotation_DxD, (batch_size, *rotation_DxD.shape))
+  else:
+    # One copy of the shared eigenbasis per prompt, so that its products are batched matmuls as for "per_prompt".
+    # Shared, they would be one [B*N, D] matmul, which XLA's CPU kernels may round differently (last bit, seen on
+    # one CI CPU) for a device's slice of the batch than for the whole batch, whose rows the slice must equal.
+    rotations_BxDxD = jnp.broadcast_to(rotation_DxD, (batch_size, *rotation_DxD.shape))
   return jax.vmap(lambda k, r: _sample_prompt(k, r, task, n_dims, hyper))(keys_B, rotations_BxDxD)
 
 
